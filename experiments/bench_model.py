@@ -1,0 +1,160 @@
+"""Prefill benchmark of a Llama-3-8B-shaped model (random bf16 weights): lcjax vs transformers, one GPU.
+
+    python -m experiments.bench_model [--lengths 8192 32768] [--runs 10] [--no-torch]
+
+Measures, for lcjax: compile time of the prefill function, median prefill time over `--runs` timed runs
+after a warm-up (fresh random tokens each run), and peak device memory; for transformers (torch, sdpa,
+the same weights copied over through DLPack): the same prefill time. Both compute logits for the last
+position only (transformers' `logits_to_keep=1`), as a server's prefill does. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.config import llama3_8b_config
+from lcjax.models.transformer import Transformer, _prefill
+
+
+def _median_ms(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _prefill_flops(cfg, seq: int) -> float:
+    """Matmul FLOPs of one causal prefill (weights + attention), for the TFLOP/s column."""
+    dense = 2 * seq * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size * 2) + 2 * cfg.hidden_size * cfg.vocab_size
+    attn = 4 * seq * seq / 2 * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    return dense + attn
+
+
+def bench_lcjax(model: Transformer, seq: int, runs: int, rng: np.random.Generator) -> dict:
+    vocab = model.config.vocab_size
+    lengths = jnp.full((1,), seq, jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, vocab, (1, seq)), jnp.int32)
+    t0 = time.perf_counter()
+    compiled = _prefill.lower(model, tokens, lengths, seq, "last").compile()
+    compile_s = time.perf_counter() - t0
+    device = jax.devices()[0]
+    jax.block_until_ready(compiled(model, tokens, lengths))
+
+    inputs = [jnp.asarray(rng.integers(0, vocab, (1, seq)), jnp.int32) for _ in range(runs)]
+    it = iter(inputs)
+    ms = _median_ms(lambda: jax.block_until_ready(compiled(model, next(it), lengths)), runs)
+    stats = device.memory_stats() or {}
+    logits, _ = compiled(model, inputs[0], lengths)
+    return dict(compile_s=compile_s, ms=ms, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+                logits=np.asarray(logits[0], np.float32), tokens=np.asarray(inputs[0]))
+
+
+def torch_model_from(model: Transformer):
+    """A transformers LlamaForCausalLM (sdpa, bf16, cuda) holding the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.config
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "model_type")})
+    hf_cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        tm = LlamaForCausalLM(hf_cfg).eval()
+    t = lambda a: torch.from_dlpack(a)
+    p = model.params
+    H, K, Hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    with torch.no_grad():
+        tm.model.embed_tokens.weight.copy_(t(p["embed"]))
+        tm.lm_head.weight.copy_(t(p["lm_head"]))
+        tm.model.norm.weight.copy_(t(p["final_norm"]))
+        for i, layer in enumerate(tm.model.layers):
+            lp = {k: v[i] for k, v in p["layers"].items()}
+            layer.input_layernorm.weight.copy_(t(lp["attn_norm"]))
+            layer.post_attention_layernorm.weight.copy_(t(lp["mlp_norm"]))
+            layer.self_attn.q_proj.weight.copy_(t(lp["wq"]).reshape(H * Hd, D))
+            layer.self_attn.k_proj.weight.copy_(t(lp["wk"]).reshape(K * Hd, D))
+            layer.self_attn.v_proj.weight.copy_(t(lp["wv"]).reshape(K * Hd, D))
+            layer.self_attn.o_proj.weight.copy_(t(lp["wo"]).reshape(D, H * Hd))
+            layer.mlp.gate_proj.weight.copy_(t(lp["w_gate"]))
+            layer.mlp.up_proj.weight.copy_(t(lp["w_up"]))
+            layer.mlp.down_proj.weight.copy_(t(lp["w_down"]))
+    return tm
+
+
+def bench_torch(tm, seq: int, runs: int, rng: np.random.Generator, check_tokens: np.ndarray) -> dict:
+    import torch
+
+    vocab = tm.config.vocab_size
+
+    def run(tokens):
+        with torch.no_grad():
+            out = tm(input_ids=tokens, logits_to_keep=1, use_cache=False).logits
+        torch.cuda.synchronize()
+        return out
+
+    run(torch.as_tensor(rng.integers(0, vocab, (1, seq)), device="cuda"))
+    torch.cuda.reset_peak_memory_stats()
+    inputs = [torch.as_tensor(rng.integers(0, vocab, (1, seq)), device="cuda") for _ in range(runs)]
+    it = iter(inputs)
+    ms = _median_ms(lambda: run(next(it)), runs)
+    logits = run(torch.as_tensor(check_tokens, device="cuda"))[0, -1].float().cpu().numpy()
+    return dict(ms=ms, peak_gib=torch.cuda.max_memory_allocated() / 2**30, logits=logits)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    cfg = llama3_8b_config()
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+    jax.block_until_ready(model.params)
+    print(f"init {cfg.num_params() / 1e9:.2f}B params in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].device_kind}")
+
+    rows = []
+    ours = {seq: bench_lcjax(model, seq, args.runs, rng) for seq in args.lengths}
+    theirs = {}
+    if not args.no_torch:
+        gc.collect()
+        tm = torch_model_from(model)
+        theirs = {seq: bench_torch(tm, seq, args.runs, rng, ours[seq]["tokens"]) for seq in args.lengths}
+    for seq in args.lengths:
+        o = ours[seq]
+        row = dict(seq=seq, compile_s=round(o["compile_s"], 1), lcjax_ms=round(o["ms"], 1),
+                   lcjax_tflops=round(_prefill_flops(cfg, seq) / o["ms"] / 1e9, 1),
+                   lcjax_peak_gib=round(o["peak_gib"], 1))
+        if seq in theirs:
+            t = theirs[seq]
+            ref = t["logits"]
+            row.update(hf_ms=round(t["ms"], 1), hf_peak_gib=round(t["peak_gib"], 1),
+                       speedup=round(t["ms"] / o["ms"], 2),
+                       logits_rel_diff=float(np.linalg.norm(o["logits"] - ref) / np.linalg.norm(ref)),
+                       same_argmax=bool(o["logits"].argmax() == ref.argmax()))
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(f"{row[k]:.2e}" if k == "logits_rel_diff" else str(row[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()

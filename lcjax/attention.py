@@ -1,0 +1,155 @@
+"""Attention transforms: one signature for every method, and lcjax's dense attention.
+
+An attention transform is any callable
+
+    attention(q, k, v, cache, meta) -> (out, cache)
+
+q: `[batch, q_len, heads, head_dim]`, k and v: `[batch, q_len, kv_heads, head_dim]` (this call's new
+tokens, already rotated), cache: the whole `KVCache` pytree (or None when nothing is cached, as in
+training), meta: `AttentionMeta` (layer index, positions, lengths, phase). It returns
+`out: [batch, q_len, heads, head_dim]` and the cache with this layer's new keys written. Seeing the whole
+cache and the layer index lets sparse-prefill methods (per-layer/per-head patterns) and KV-aware decode
+methods (Quest, RetrievalAttention) share this one signature; the model never branches on the method.
+
+`DenseAttention` is exact attention: a plain-XLA reference (GQA without repeating K/V, fp32 softmax,
+queries processed in chunks to bound memory) and, on GPU, cuDNN through `jax.nn.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from lcjax.cache import KVCache
+
+Phase = Literal["prefill", "extend"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMeta:
+    """What an attention transform may need besides q, k, v and the cache.
+
+    layer: int32 `[]`, the layer index (traced inside the layer scan).
+    q_positions: int32 `[batch, q_len]`, RoPE positions of the new tokens.
+    start: int32 `[batch]`, the cache slot of each sequence's first new token (0 in prefill).
+    lengths: int32 `[batch]`, valid tokens per sequence after this call counted from slot 0 (for prefill:
+      the unpadded prompt lengths; rows are right-padded).
+    phase: "prefill" (no earlier tokens: attend within this call) or "extend" (attend over the cache).
+    sliding_window: keys further back than this many tokens (query included) are masked; None = off.
+    scale: the softmax scale, usually head_dim ** -0.5.
+    """
+
+    layer: jax.Array
+    q_positions: jax.Array
+    start: jax.Array
+    lengths: jax.Array
+    phase: Phase = dataclasses.field(default="prefill", metadata=dict(static=True))
+    sliding_window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+
+class AttentionFn(Protocol):
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache | None,
+                 meta: AttentionMeta) -> tuple[jax.Array, KVCache | None]: ...
+
+
+def attention_mask(q_slots: jax.Array, kv_len: int, lengths: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+    """Boolean `[batch, q_len, kv_len]`: causal by slot, within `lengths`, inside the window.
+
+    q_slots: int32 `[batch, q_len]`, the slot each query occupies; keys sit at slots 0..kv_len-1.
+    """
+    kv_slots = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]
+    q = q_slots[:, :, None]
+    mask = (kv_slots <= q) & (kv_slots < lengths[:, None, None])
+    if sliding_window is not None:
+        mask &= q - kv_slots < sliding_window
+    return mask
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                  q_chunk: int = 1024) -> jax.Array:
+    """Masked softmax attention in plain XLA; the reference every kernel is checked against.
+
+    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`;
+    mask: bool `[batch, q_len, kv_len]`. GQA groups queries per KV head instead of repeating K/V.
+    Logits and softmax are fp32; rows with no allowed key return zeros. Queries run in chunks of
+    `q_chunk` so memory is O(q_chunk * kv_len), not O(q_len * kv_len).
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+
+    def block(q_blk, mask_blk):
+        qg = q_blk.reshape(batch, -1, kv_heads, groups, head_dim)
+        logits = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) * scale
+        m = mask_blk[:, None, None, :, :]
+        logits = jnp.where(m, logits, -jnp.inf)
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+        probs = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+        denom = jnp.sum(probs, axis=-1, keepdims=True)
+        probs = probs / jnp.where(denom == 0, 1.0, denom)
+        out = jnp.einsum("bkgqt,btkd->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out.reshape(batch, -1, heads, head_dim).astype(q.dtype)
+
+    if q_len <= q_chunk:
+        return block(q, mask)
+    num_chunks = -(-q_len // q_chunk)
+    pad = num_chunks * q_chunk - q_len
+    q_p = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    m_p = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+    q_c = q_p.reshape(batch, num_chunks, q_chunk, heads, head_dim).swapaxes(0, 1)
+    m_c = m_p.reshape(batch, num_chunks, q_chunk, -1).swapaxes(0, 1)
+    out = jax.lax.map(lambda xs: block(*xs), (q_c, m_c))
+    return out.swapaxes(0, 1).reshape(batch, num_chunks * q_chunk, heads, head_dim)[:, :q_len]
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                    sliding_window: int | None, scale: float) -> jax.Array:
+    """Causal prefill attention through cuDNN's fused kernel (GPU, bf16/fp16 only).
+
+    Shapes as `xla_attention`; keys and queries start at slot 0 and rows are right-padded to `lengths`.
+    """
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, key_value_seq_lengths=lengths, local_window_size=window,
+        implementation="cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseAttention:
+    """Exact attention; the default transform.
+
+    implementation: "xla" (reference, any device and dtype), "cudnn" (GPU prefill, bf16/fp16), or "auto"
+    (cuDNN for prefill on GPU in half precision, else XLA). Extending a cache always runs the XLA path.
+    """
+
+    implementation: Literal["auto", "xla", "cudnn"] = "auto"
+    q_chunk: int = 1024
+
+    def _use_cudnn(self, q: jax.Array, meta: AttentionMeta) -> bool:
+        if meta.phase != "prefill" or self.implementation == "xla":
+            return False
+        if self.implementation == "cudnn":
+            return True
+        return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+
+    def __call__(self, q, k, v, cache, meta):
+        if cache is not None:
+            cache = cache.update(meta.layer, k, v, meta.start)
+        if self._use_cudnn(q, meta):
+            return cudnn_attention(q, k, v, meta.lengths, meta.sliding_window, meta.scale), cache
+        if meta.phase == "prefill":
+            keys, values = k, v
+            q_slots = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+        else:
+            if cache is None:
+                raise ValueError("phase='extend' attends over a KV cache, but cache is None.")
+            keys, values = cache.layer_kv(meta.layer)
+            q_slots = meta.start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
+        mask = attention_mask(q_slots, keys.shape[1], meta.lengths, meta.sliding_window)
+        return xla_attention(q, keys, values, mask, meta.scale, self.q_chunk), cache

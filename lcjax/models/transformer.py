@@ -1,0 +1,159 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Phi-3) as a pure function of params and transforms.
+
+Why not Flax NNX modules: loading streams checkpoint tensors straight into stacked, sharded arrays; the
+layer loop is one `lax.scan` over those arrays so compile time does not grow with depth; attention,
+positions and the cache are values passed in; and training takes `jax.grad` of the same function. A
+params pytree plus a frozen config does all of that with no module state to split and merge, which is
+how jax-llm-examples writes its models. `Transformer` bundles params, config and transforms in one
+pytree whose static part (config and transforms, all hashable) keys `jax.jit`'s cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from lcjax import positions as positions_lib
+from lcjax.attention import AttentionFn, AttentionMeta, DenseAttention, Phase
+from lcjax.cache import KVCache
+from lcjax.config import ModelConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with fp32 accumulation; `x: [..., dim]` keeps its dtype."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _layer(config: ModelConfig, attention: AttentionFn, rotary: positions_lib.Rotary, meta_base: dict,
+           carry, xs):
+    h, cache = carry
+    p, layer = xs
+    c = config
+    x = rms_norm(h, p["attn_norm"], c.rms_norm_eps)
+    q = jnp.einsum("bsd,hkd->bshk", x, p["wq"])
+    k = jnp.einsum("bsd,hkd->bshk", x, p["wk"])
+    v = jnp.einsum("bsd,hkd->bshk", x, p["wv"])
+    if c.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q, k = rotary.apply(q), rotary.apply(k)
+    meta = AttentionMeta(layer=layer, **meta_base)
+    attn, cache = attention(q, k, v, cache, meta)
+    h = h + jnp.einsum("bshk,dhk->bsd", attn, p["wo"])
+    x = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
+    gate = jnp.einsum("bsd,fd->bsf", x, p["w_gate"])
+    up = jnp.einsum("bsd,fd->bsf", x, p["w_up"])
+    h = h + jnp.einsum("bsf,df->bsd", jax.nn.silu(gate) * up, p["w_down"])
+    return (h, cache), None
+
+
+def forward(params: dict, config: ModelConfig, tokens: jax.Array, q_positions: jax.Array, start: jax.Array,
+            lengths: jax.Array, cache: KVCache | None, phase: Phase, attention: AttentionFn,
+            position_transform: positions_lib.PositionTransform) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder over `tokens: int [batch, seq]`; returns final hidden states `[batch, seq, hidden]`
+    (after the final norm) and the cache with every layer's keys and values written.
+
+    q_positions: int32 `[batch, seq]`; start, lengths: int32 `[batch]` (see `AttentionMeta`).
+    """
+    h = jnp.take(params["embed"], tokens, axis=0)
+    rotary = position_transform(q_positions)
+    meta_base = dict(q_positions=q_positions, start=start, lengths=lengths, phase=phase,
+                     sliding_window=config.sliding_window, scale=config.head_dim ** -0.5)
+    step = partial(_layer, config, attention, rotary, meta_base)
+    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (h, cache), _ = jax.lax.scan(step, (h, cache), (params["layers"], layer_ids))
+    return rms_norm(h, params["final_norm"], config.rms_norm_eps), cache
+
+
+def lm_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """float32 logits `[..., vocab]` from final hidden states `[..., hidden]`."""
+    head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Transformer:
+    """Params + config + transforms. Make one with `lcjax.load_model` or `Transformer.init`."""
+
+    params: dict
+    config: ModelConfig = dataclasses.field(metadata=dict(static=True))
+    attention: AttentionFn = dataclasses.field(default=DenseAttention(), metadata=dict(static=True))
+    positions: positions_lib.PositionTransform | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def __post_init__(self):
+        if self.positions is None:
+            object.__setattr__(self, "positions", positions_lib.from_config(self.config))
+
+    @classmethod
+    def init(cls, config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, mesh=None, **transforms) -> "Transformer":
+        """A model with random weights (for tests and benchmarks)."""
+        from lcjax.models.params import init_params
+        return cls(init_params(config, key, dtype, mesh=mesh), config, **transforms)
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    def with_transforms(self, *, attention: AttentionFn | None = None,
+                        positions: positions_lib.PositionTransform | None = None) -> "Transformer":
+        """The same weights with other attention and/or position transforms."""
+        changes = {k: v for k, v in dict(attention=attention, positions=positions).items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def init_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.config
+        return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype)
+
+    def prefill(self, tokens, lengths=None, *, capacity: int | None = None,
+                logits: Literal["all", "last"] = "all") -> tuple[jax.Array, KVCache]:
+        """Encodes prompts from scratch.
+
+        tokens: int `[batch, seq]` (numpy or jax; right-padded when `lengths: [batch]` is given).
+        Returns float32 logits `[batch, seq, vocab]` (or `[batch, vocab]` at each prompt's last token with
+        `logits="last"`) and a `KVCache` holding the prompts, with room for `capacity` tokens (default seq).
+        """
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
+        batch, seq = tokens.shape
+        lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        capacity = seq if capacity is None else capacity
+        if capacity < seq:
+            raise ValueError(f"capacity {capacity} is smaller than the prompt length {seq}.")
+        return _prefill(self, tokens, lengths, capacity, logits)
+
+    def __call__(self, tokens, lengths=None) -> jax.Array:
+        """float32 logits `[batch, seq, vocab]` without a cache (training and scoring)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32) if lengths is None else lengths
+        return _logits_no_cache(self, tokens, jnp.asarray(lengths, jnp.int32))
+
+
+def _positions_for(tokens: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+@partial(jax.jit, static_argnames=("capacity", "logits"))
+def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str):
+    cache = model.init_cache(tokens.shape[0], capacity)
+    zeros = jnp.zeros_like(lengths)
+    hidden, cache = forward(model.params, model.config, tokens, _positions_for(tokens), zeros, lengths,
+                            cache, "prefill", model.attention, model.positions)
+    cache = cache.advance(lengths)
+    if logits == "last":
+        hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return lm_logits(model.params, model.config, hidden), cache
+
+
+@jax.jit
+def _logits_no_cache(model: Transformer, tokens, lengths):
+    zeros = jnp.zeros_like(lengths)
+    hidden, _ = forward(model.params, model.config, tokens, _positions_for(tokens), zeros, lengths, None,
+                        "prefill", model.attention, model.positions)
+    return lm_logits(model.params, model.config, hidden)

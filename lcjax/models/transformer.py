@@ -91,10 +91,11 @@ class Transformer:
             object.__setattr__(self, "positions", positions_lib.from_config(self.config))
 
     @classmethod
-    def init(cls, config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, mesh=None, **transforms) -> "Transformer":
-        """A model with random weights (for tests and benchmarks)."""
+    def init(cls, config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, std: float = 0.02, mesh=None,
+             **transforms) -> "Transformer":
+        """A model with random weights, normal(0, std) (for tests and benchmarks)."""
         from lcjax.models.params import init_params
-        return cls(init_params(config, key, dtype, mesh=mesh), config, **transforms)
+        return cls(init_params(config, key, dtype, std=std, mesh=mesh), config, **transforms)
 
     @property
     def dtype(self):

@@ -1,0 +1,82 @@
+"""ModelConfig from transformers config.json dicts (v4 and v5 layouts) and its error messages."""
+
+import dataclasses
+
+import pytest
+
+from lcjax.config import ModelConfig, RopeConfig
+
+LLAMA31_V4 = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}
+
+
+def test_llama31_from_transformers4_and_5_layouts_agree():
+    v4 = ModelConfig.from_hf_config(LLAMA31_V4)
+    v5_dict = {k: v for k, v in LLAMA31_V4.items() if k not in ("rope_theta", "rope_scaling")}
+    v5_dict["rope_parameters"] = dict(LLAMA31_V4["rope_scaling"], rope_theta=500000.0)
+    v5 = ModelConfig.from_hf_config(v5_dict)
+    assert v4 == v5
+    assert v4.rope.rope_type == "llama3" and v4.rope.theta == 500000.0 and v4.rope.factor == 8.0
+    assert v4.head_dim == 128 and v4.q_per_kv == 4 and v4.eos_token_ids == (128001, 128008, 128009)
+    assert abs(v4.num_params() - 8.03e9) < 0.01e9
+
+
+def test_to_hf_config_round_trips():
+    cfg = ModelConfig.from_hf_config(LLAMA31_V4)
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    phi = dataclasses.replace(cfg, family="phi3", rope=RopeConfig(
+        "longrope", 10000.0, short_factor=(1.0,) * 64, long_factor=(2.0,) * 64, original_max_position_embeddings=4096))
+    assert ModelConfig.from_hf_config(phi.to_hf_config()) == dataclasses.replace(
+        phi, rope=dataclasses.replace(phi.rope, factor=131072 / 4096))
+
+
+def test_phi3_su_and_qwen2_window_switch():
+    phi = dict(LLAMA31_V4, architectures=["Phi3ForCausalLM"], original_max_position_embeddings=4096,
+               rope_scaling={"type": "su", "short_factor": [1.0] * 64, "long_factor": [3.0] * 64})
+    cfg = ModelConfig.from_hf_config(phi)
+    assert cfg.family == "phi3" and cfg.rope.rope_type == "longrope"
+    assert cfg.rope.original_max_position_embeddings == 4096 and cfg.rope.factor == 32.0
+    qwen = dict(LLAMA31_V4, architectures=["Qwen2ForCausalLM"], rope_scaling=None, sliding_window=4096,
+                use_sliding_window=False)
+    q = ModelConfig.from_hf_config(qwen)
+    assert q.sliding_window is None and q.qkv_bias
+
+
+def test_unknown_architecture_lists_supported():
+    with pytest.raises(ValueError, match=r"Unsupported architecture.*GPT2.*LlamaForCausalLM.*Phi3ForCausalLM"):
+        ModelConfig.from_hf_config(dict(LLAMA31_V4, architectures=["GPT2LMHeadModel"], model_type="gpt2"))
+
+
+def test_unknown_rope_type_lists_supported():
+    with pytest.raises(ValueError, match=r"Unsupported rope type 'mrope'.*longrope"):
+        ModelConfig.from_hf_config(dict(LLAMA31_V4, rope_scaling={"rope_type": "mrope"}))
+
+
+def test_missing_rope_parameter_is_named():
+    with pytest.raises(ValueError, match="low_freq_factor"):
+        ModelConfig.from_hf_config(dict(LLAMA31_V4, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+
+
+def test_longrope_factor_length_must_match_rotary_dim():
+    phi = dict(LLAMA31_V4, architectures=["Phi3ForCausalLM"], original_max_position_embeddings=4096,
+               rope_scaling={"type": "longrope", "short_factor": [1.0] * 10, "long_factor": [3.0] * 10})
+    with pytest.raises(ValueError, match="needs 64"):
+        ModelConfig.from_hf_config(phi)
+
+
+def test_bad_gqa_ratio():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ModelConfig.from_hf_config(dict(LLAMA31_V4, num_key_value_heads=5))
+
+
+def test_missing_key_in_file_is_named(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 8}')
+    with pytest.raises(ValueError, match=r"config.json lacks the key 'num_attention_heads'"):
+        ModelConfig.from_json_file(path)

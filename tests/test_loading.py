@@ -1,0 +1,124 @@
+"""Checkpoint loading: round trip through safetensors shards, mesh placement, and errors that name the problem."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import lcjax
+from lcjax.config import ModelConfig, RopeConfig
+from lcjax.loading.export import save_checkpoint
+from lcjax.loading.safetensors import CheckpointError
+from lcjax.models.transformer import Transformer
+from lcjax.sharding import make_mesh
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=8, max_position_embeddings=128)
+
+
+def tiny_model(family="llama", **kw) -> Transformer:
+    cfg = ModelConfig(family=family, **dict(TINY, **kw))
+    return Transformer.init(cfg, jax.random.key(1), dtype=jnp.float32, std=0.3)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = tiny_model()
+    save_checkpoint(model.params, model.config, tmp_path / "ckpt", max_shard_bytes=20_000)
+    return model, tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("qwen2", {"qkv_bias": True, "tie_word_embeddings": True}),
+                                       ("phi3", {}), ("mistral", {"sliding_window": 5})])
+def test_round_trip_through_sharded_safetensors(tmp_path, family, kw):
+    model = tiny_model(family, **kw)
+    if model.config.qkv_bias:  # zero-initialised biases would not prove they load
+        layers = dict(model.params["layers"], bq=model.params["layers"]["wq"][..., 0] + 0.5)
+        model = Transformer(dict(model.params, layers=layers), model.config)
+    shards = save_checkpoint(model.params, model.config, tmp_path, max_shard_bytes=20_000)
+    assert len(shards) > 1
+    loaded, tokenizer = lcjax.load_model(tmp_path, dtype="float32")
+    assert tokenizer is None and loaded.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
+    tokens = np.arange(20).reshape(2, 10) % TINY["vocab_size"]
+    np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-6)
+
+
+def test_bfloat16_load_casts(checkpoint):
+    model, path = checkpoint
+    loaded, _ = lcjax.load_model(path)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(loaded.params))
+    np.testing.assert_allclose(np.asarray(loaded.params["embed"], np.float32), model.params["embed"], rtol=1e-2)
+
+
+def test_load_onto_mesh_shards_by_logical_axes(checkpoint):
+    model, path = checkpoint
+    mesh = make_mesh(data=2, model=4)
+    loaded, _ = lcjax.load_model(path, dtype="float32", mesh=mesh)
+    layers = loaded.params["layers"]
+    assert layers["wq"].sharding.spec == P(None, "model", None, None)  # 4 q heads over 4 devices
+    assert layers["wk"].sharding.spec == P(None, None, None, None)     # 2 kv heads: replicated, not an error
+    assert layers["w_gate"].sharding.spec == P(None, "model", None)
+    assert loaded.params["embed"].sharding.spec == P("model", None)
+    tokens = np.arange(24).reshape(2, 12) % TINY["vocab_size"]
+    np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-5)
+
+
+def test_missing_shard_is_named(checkpoint):
+    _, path = checkpoint
+    shard = sorted(path.glob("*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        lcjax.load_model(path)
+
+
+def test_truncated_shard_is_named(checkpoint):
+    _, path = checkpoint
+    shard = sorted(path.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*truncated"):
+        lcjax.load_model(path)
+
+
+def test_wrong_shape_names_file_and_tensor(checkpoint):
+    _, path = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 64
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape"):
+        lcjax.load_model(path)
+
+
+def test_unexpected_tensor_is_named(checkpoint):
+    _, path = checkpoint
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.1\."):
+        lcjax.load_model(path)
+
+
+def test_missing_tensor_is_named(checkpoint, tmp_path):
+    model, path = checkpoint
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"missing \d+ parameter\(s\): .*\[layer 2\]"):
+        lcjax.load_model(path)
+    assert index["weight_map"]
+
+
+def test_missing_path_and_builtin_messages(tmp_path):
+    with pytest.raises(FileNotFoundError, match="built-in name"):
+        lcjax.load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        lcjax.load_model(tmp_path / "empty")
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        lcjax.load_model(tmp_path, dtype="int8")

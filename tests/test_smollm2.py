@@ -1,0 +1,44 @@
+"""The built-in real model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers loading the same file."""
+
+import json
+
+import numpy as np
+import pytest
+
+import lcjax
+from lcjax.generate import generate
+
+from conftest import FIXTURES
+
+REF = FIXTURES / "smollm2"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return lcjax.load_model("smollm2-135m", dtype="float32")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_same_argmax_as_transformers_at_every_position(smollm2):
+    model, _ = smollm2
+    ref = np.load(REF / "reference.npz")
+    logits = np.asarray(model(ref["prompt_ids"]))[0]
+    np.testing.assert_array_equal(logits.argmax(-1), ref["argmax"])
+    top5 = np.take_along_axis(logits, ref["top5_ids"], axis=-1)
+    np.testing.assert_allclose(top5, ref["top5_logits"], atol=2e-3)
+    np.testing.assert_allclose(logits[-1], ref["last_logits"], atol=2e-3)
+
+
+def test_greedy_answer_matches_transformers(smollm2):
+    model, tokenizer = smollm2
+    ref = np.load(REF / "reference.npz")
+    (tokens,), _ = generate(model, ref["prompt_ids"][0], ref["greedy_ids"].shape[1])
+    assert tokens == ref["greedy_ids"][0].tolist()
+    expected = json.loads((REF / "tokenizer_reference.json").read_text())
+    assert "Paris" in tokenizer.decode(tokens)
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        add_generation_prompt=True) == ref["prompt_ids"][0].tolist()
+    assert expected["chat_template"]

@@ -62,15 +62,15 @@ def bench_lcjax(model: Transformer, seq: int, runs: int, rng: np.random.Generato
                 logits=np.asarray(logits[0], np.float32), tokens=np.asarray(inputs[0]))
 
 
-def torch_model_from(model: Transformer):
-    """A transformers LlamaForCausalLM (sdpa, bf16, cuda) holding the same weights."""
+def torch_model_from(model: Transformer, dtype=None):
+    """A transformers LlamaForCausalLM (sdpa, cuda, bf16 unless `dtype`) holding the same weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = model.config
     hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "model_type")})
     hf_cfg._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype or torch.bfloat16)
     with torch.device("cuda"):
         tm = LlamaForCausalLM(hf_cfg).eval()
     t = lambda a: torch.from_dlpack(a)
@@ -136,6 +136,37 @@ def check_cudnn_attention(rng: np.random.Generator) -> list[str]:
     return lines
 
 
+def check_bf16_noise(rng: np.random.Generator, layers: int = 4, seq: int = 1024) -> list[str]:
+    """Both bf16 implementations against transformers in fp32 on a shallow 8B-shaped model: is the
+    lcjax-vs-transformers difference in bf16 just bf16 rounding (each as far from fp32 as the other)?"""
+    import dataclasses
+    import torch
+
+    cfg = dataclasses.replace(llama3_8b_config(), num_layers=layers)
+    tokens = rng.integers(0, cfg.vocab_size, (1, seq))
+    ours32 = Transformer.init(cfg, jax.random.key(1), dtype=jnp.float32)
+    ours16 = Transformer(jax.tree.map(lambda a: a.astype(jnp.bfloat16), ours32.params), cfg)
+
+    def hf_logits(model, dtype):
+        # a fresh module per dtype: `.to(bfloat16)` would also round RoPE's inv_freq buffer
+        tm = torch_model_from(model, dtype)
+        with torch.no_grad():
+            out = tm(input_ids=torch.as_tensor(tokens, device="cuda")).logits[0].float().cpu().numpy()
+        del tm
+        torch.cuda.empty_cache()
+        return out
+
+    ref, hf16 = hf_logits(ours32, torch.float32), hf_logits(ours16, torch.bfloat16)
+    with jax.default_matmul_precision("highest"):  # JAX's GPU default for fp32 matmuls is TF32
+        ours32_logits = np.asarray(ours32(tokens))[0]
+    rel = lambda x: float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+    lines = [f"{layers}-layer 8B-shaped model, {seq} tokens, logits vs transformers fp32: "
+             f"lcjax fp32 {rel(ours32_logits):.1e}, lcjax bf16 {rel(np.asarray(ours16(tokens))[0]):.1e}, "
+             f"transformers bf16 {rel(hf16):.1e}"]
+    torch.set_default_dtype(torch.bfloat16)
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
@@ -151,7 +182,7 @@ def main(argv=None) -> None:
     jax.block_until_ready(model.params)
     print(f"init {cfg.num_params() / 1e9:.2f}B params in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].device_kind}")
 
-    checks = check_cudnn_attention(rng)
+    checks = check_cudnn_attention(rng) + ([] if args.no_torch else check_bf16_noise(rng))
     rows = []
     ours = {seq: bench_lcjax(model, seq, args.runs, rng) for seq in args.lengths}
     theirs = {}

@@ -167,7 +167,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_gguf(cls, path: str | os.PathLike, reader=None) -> "Tokenizer":
         """Builds the tokenizer stored in a GGUF file's `tokenizer.*` metadata.
 
         Supports `tokenizer.ggml.model == "gpt2"` (byte-level BPE) with pre-tokenizers smollm/starcoder,
@@ -178,7 +178,7 @@ class Tokenizer:
         from lcjax.loading.gguf import gguf_field, open_gguf  # the GGUF reader pulls in numpy/gguf
 
         path = Path(path)
-        reader = open_gguf(path)
+        reader = reader or open_gguf(path)
 
         def field(key: str, default: Any = None) -> Any:
             return gguf_field(reader, f"tokenizer.{key}", default)

@@ -80,7 +80,7 @@ def hf_weights(arch: str, seed: int = 0, bias: bool = False, tied: bool = False)
 
 
 def write_gguf(path: Path, arch: str, weights: dict, qtypes: dict | None = None, metadata=None,
-               extra_tensors: dict | None = None, permute: bool = True) -> Path:
+               extra_tensors: dict | None = None, permute: bool = True, theta: float = 50000.0) -> Path:
     """Writes `weights` (transformers names/layout) as llama.cpp would: GGUF names, Llama q/k permuted."""
     qtypes = qtypes or {}
     w = gguf.GGUFWriter(str(path), arch)
@@ -92,7 +92,7 @@ def write_gguf(path: Path, arch: str, weights: dict, qtypes: dict | None = None,
     w.add_head_count_kv(TINY["kv_heads"])
     w.add_rope_dimension_count(TINY["head_dim"])
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(50000.0)
+    w.add_rope_freq_base(theta)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     if metadata:
@@ -190,7 +190,7 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path, theta, original, high
             factors.append(1 / ((1 - smooth) / factor + smooth))
     assert sum(1 < f < factor for f in factors) == ramp
     path = write_gguf(tmp_path / "m.gguf", "llama", hf_weights("llama"),
-                      metadata=lambda w: w.add_rope_freq_base(theta),
+                      theta=theta,
                       extra_tensors={"rope_freqs.weight": np.array(factors, np.float32)})
     scaling = read_gguf_config(path)["rope_scaling"]
     assert scaling["rope_type"] == "llama3" and scaling["original_max_position_embeddings"] == original

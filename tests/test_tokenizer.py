@@ -237,3 +237,20 @@ def test_smollm2_matches_transformers_reference(smollm2):
         == ref["prompt_ids"]
     assert smollm2.decode(ref["greedy_ids"][:ref["greedy_first_eos"]]) == ref["greedy_decoded_until_eos"]
     assert smollm2.decode(ref["greedy_ids"], skip_special_tokens=False) == ref["greedy_decoded"]
+
+
+def test_hf_fixture_dirs_match_transformers_reference():
+    """Every fixture checkpoint with a tokenizer encodes and renders chats as transformers did."""
+    dirs = [d for d in sorted((Path(__file__).parent / "fixtures" / "hf").glob("*"))
+            if (d / "tokenizer.json").exists() and (d / "tokenizer_reference.json").exists()]
+    if not dirs:
+        pytest.skip("no tests/fixtures/hf/*/ with tokenizer.json and tokenizer_reference.json")
+    for d in dirs:
+        ref = json.loads((d / "tokenizer_reference.json").read_text())
+        t = Tokenizer.from_hf_dir(d)
+        for text, ids, ids_plain in zip(ref["strings"], ref["ids"], ref["ids_no_special"]):
+            assert t.encode(text) == ids, (d.name, text)
+            assert t.encode(text, add_special_tokens=False) == ids_plain, (d.name, text)
+        kw = dict(add_generation_prompt=ref["add_generation_prompt"])
+        assert t.apply_chat_template(ref["conversation"], tokenize=False, **kw) == ref["chat_rendered"], d.name
+        assert t.apply_chat_template(ref["conversation"], **kw) == ref["chat_ids"], d.name

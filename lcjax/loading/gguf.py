@@ -22,7 +22,9 @@ from typing import Any, Iterator
 import gguf
 import numpy as np
 
+from lcjax.config import ModelConfig
 from lcjax.loading.safetensors import CheckpointError
+from lcjax.models.params import checkpoint_shape
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
@@ -116,7 +118,7 @@ def _hf_shape(tensor) -> tuple[int, ...]:
 
 # ---- config -----------------------------------------------------------------------------------------
 
-def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_gguf_config(path: str | os.PathLike, reader: gguf.GGUFReader | None = None) -> dict[str, Any]:
     """A transformers `config.json`-style dict for the model in a GGUF file (llama, qwen2 or phi3).
 
     Sizes come from metadata, `vocab_size` from the `token_embd` shape, `tie_word_embeddings` from the
@@ -124,7 +126,7 @@ def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
     `*.rope.scaling.*` keys or the `rope_freqs` (Llama 3) / `rope_factors_*` (Phi-3 LongRoPE) tensors.
     """
     path = Path(path)
-    return _read_config(open_gguf(path), path)
+    return _read_config(reader or open_gguf(path), path)
 
 
 def _read_config(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
@@ -332,29 +334,6 @@ def gguf_to_hf_name(name: str, arch: str) -> str | None:
     return f"model.layers.{m.group(1)}.{rest}"
 
 
-def expected_hf_shape(config: dict[str, Any], hf_name: str) -> tuple[int, ...] | None:
-    """The transformers-layout shape of `hf_name` under a `read_gguf_config` dict (None: unknown name)."""
-    H, K = config["num_attention_heads"], config["num_key_value_heads"]
-    Hd, D, F, V = config["head_dim"], config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (V, D)
-    if hf_name == "model.norm.weight":
-        return (D,)
-    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
-    if not m or int(m.group(1)) >= config["num_hidden_layers"]:
-        return None
-    return {
-        "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-        "self_attn.q_proj.weight": (H * Hd, D), "self_attn.k_proj.weight": (K * Hd, D),
-        "self_attn.v_proj.weight": (K * Hd, D), "self_attn.o_proj.weight": (D, H * Hd),
-        "self_attn.o_proj.bias": (D,),
-        "self_attn.q_proj.bias": (H * Hd,), "self_attn.k_proj.bias": (K * Hd,), "self_attn.v_proj.bias": (K * Hd,),
-        "self_attn.qkv_proj.weight": ((H + 2 * K) * Hd, D), "self_attn.qkv_proj.bias": ((H + 2 * K) * Hd,),
-        "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D), "mlp.down_proj.weight": (D, F),
-        "mlp.gate_up_proj.weight": (2 * F, D),
-    }.get(m.group(2))
-
-
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undoes llama.cpp's q/k row permutation (interleaved RoPE pairs -> transformers' rotate-half halves).
 
@@ -366,7 +345,8 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+def iter_gguf_tensors(path: str | os.PathLike,
+                      reader: gguf.GGUFReader | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields `(transformers name, float32 array)` for each weight in a GGUF file, in file order.
 
     Arrays are in transformers layout (`[out_features, in_features]` for matrices; Llama q/k rows
@@ -376,8 +356,9 @@ def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
     the metadata, or a type lcjax cannot dequantise.
     """
     path = Path(path)
-    reader = open_gguf(path)
+    reader = reader or open_gguf(path)
     config = _read_config(reader, path)
+    model_config = ModelConfig.from_hf_config(config)
     arch = config["model_type"]
     if reader.byte_order != "I":
         raise CheckpointError(f"{path}: the file's byte order differs from this machine's; lcjax reads only "
@@ -386,7 +367,7 @@ def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray
         if tensor.name in _ROPE_TENSORS:
             continue
         hf_name = gguf_to_hf_name(tensor.name, arch)
-        expected = None if hf_name is None else expected_hf_shape(config, hf_name)
+        expected = None if hf_name is None else checkpoint_shape(model_config, hf_name)
         if expected is None:
             raise CheckpointError(f"{path}: tensor {tensor.name!r} has no transformers counterpart in a "
                                   f"{arch} model with {config['num_hidden_layers']} layers; lcjax cannot "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -52,7 +53,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16
     dtype: "bfloat16" (default), "float32" or "float16" for the weights.
     mesh: an optional `jax.sharding.Mesh`; params are placed with NamedShardings from `rules`.
     transforms: `attention=` / `positions=` overrides (see `Transformer.with_transforms`).
-    The tokenizer is None for a directory without tokenizer files.
+    The tokenizer is None for a directory without tokenizer files, and (with a warning) for a GGUF whose
+    tokenizer type lcjax cannot rebuild yet (SentencePiece).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}.")
@@ -66,10 +68,15 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16
         has_tokenizer = (path / "tokenizer.json").exists()
         tokenizer = Tokenizer.from_hf_dir(path) if has_tokenizer else None
     elif path.suffix == ".gguf":
-        from lcjax.loading.gguf import iter_gguf_tensors, read_gguf_config
-        config = ModelConfig.from_hf_config(read_gguf_config(path))
-        tensors = ((name, array, path) for name, array in iter_gguf_tensors(path))
-        tokenizer = Tokenizer.from_gguf(path)
+        from lcjax.loading.gguf import iter_gguf_tensors, open_gguf, read_gguf_config
+        reader = open_gguf(path)  # parsing the metadata takes seconds: do it once
+        config = ModelConfig.from_hf_config(read_gguf_config(path, reader))
+        tensors = ((name, array, path) for name, array in iter_gguf_tensors(path, reader))
+        try:
+            tokenizer = Tokenizer.from_gguf(path, reader)
+        except NotImplementedError as e:  # e.g. SentencePiece GGUFs: the weights still load
+            warnings.warn(f"{e} Returning the model without a tokenizer.", stacklevel=2)
+            tokenizer = None
     else:
         raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file.")
     params = assemble_params(config, tensors, _DTYPES[dtype], mesh=mesh, rules=rules)

@@ -180,7 +180,7 @@ def checkpoint_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
     if name == "model.norm.weight":
         return (D,)
     m = _LAYER_RE.match(name)
-    if not m:
+    if not m or int(m.group(1)) >= c.num_layers:
         return None
     return {
         "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),

@@ -1,10 +1,12 @@
 # Two entry points for a fresh machine:
 #   make demo   creates .venv (Python 3.12) and runs the main job on the built-in model
 #   make test   creates .venv if needed and runs the test suite
-# Python 3.12 is found on PATH, else in pyenv (`pyenv root`/versions/3.12.*), else set PYTHON=...
+# Python 3.12 is found in pyenv (`pyenv root`/versions/3.12.*), else on PATH (a pyenv shim that does not
+# run 3.12 is skipped); or set PYTHON=/path/to/python3.12
 
-PYTHON ?= $(shell command -v python3.12 2>/dev/null || \
-	ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -n 1)
+PYTHON ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)/versions/3.12.*/bin/python \
+	2>/dev/null | sort -V -r) $$(command -v python3.12); do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p && break; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2

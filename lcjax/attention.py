@@ -71,23 +71,26 @@ def attention_mask(q_slots: jax.Array, kv_len: int, lengths: jax.Array,
     return mask
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                  q_chunk: int = 1024) -> jax.Array:
-    """Masked softmax attention in plain XLA; the reference every kernel is checked against.
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_fn, scale: float,
+                     q_chunk: int = 1024) -> jax.Array:
+    """Softmax attention in plain XLA under a mask computed chunk by chunk; the reference for every kernel.
 
-    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`;
-    mask: bool `[batch, q_len, kv_len]`. GQA groups queries per KV head instead of repeating K/V.
-    Logits and softmax are fp32; rows with no allowed key return zeros. Queries run in chunks of
-    `q_chunk` so memory is O(q_chunk * kv_len), not O(q_len * kv_len).
+    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`.
+    mask_fn(rows) -> bool `[batch, 1 or heads, len(rows), kv_len]`, rows: int32 `[chunk]` query indices
+    (0-based within q), so per-head sparse patterns never materialise a full `[q_len, kv_len]` mask.
+    GQA groups queries per KV head instead of repeating K/V. Logits and softmax are fp32; rows with no
+    allowed key return zeros. Queries run in chunks of `q_chunk`: memory is O(q_chunk * kv_len).
     """
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
 
-    def block(q_blk, mask_blk):
+    def block(q_blk, rows):
         qg = q_blk.reshape(batch, -1, kv_heads, groups, head_dim)
         logits = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) * scale
-        m = mask_blk[:, None, None, :, :]
+        m = mask_fn(rows)
+        m = m.reshape(batch, -1, 1, *m.shape[2:]) if m.shape[1] == 1 else m.reshape(
+            batch, kv_heads, groups, *m.shape[2:])
         logits = jnp.where(m, logits, -jnp.inf)
         row_max = jnp.max(logits, axis=-1, keepdims=True)
         probs = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
@@ -97,15 +100,29 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
         return out.reshape(batch, -1, heads, head_dim).astype(q.dtype)
 
     if q_len <= q_chunk:
-        return block(q, mask)
+        return block(q, jnp.arange(q_len, dtype=jnp.int32))
     num_chunks = -(-q_len // q_chunk)
     pad = num_chunks * q_chunk - q_len
-    q_p = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    m_p = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
-    q_c = q_p.reshape(batch, num_chunks, q_chunk, heads, head_dim).swapaxes(0, 1)
-    m_c = m_p.reshape(batch, num_chunks, q_chunk, -1).swapaxes(0, 1)
-    out = jax.lax.map(lambda xs: block(*xs), (q_c, m_c))
+    q_c = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(batch, num_chunks, q_chunk, heads, head_dim)
+    rows = jnp.arange(num_chunks * q_chunk, dtype=jnp.int32).reshape(num_chunks, q_chunk)
+    out = jax.lax.map(lambda xs: block(*xs), (q_c.swapaxes(0, 1), rows))
     return out.swapaxes(0, 1).reshape(batch, num_chunks * q_chunk, heads, head_dim)[:, :q_len]
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                  q_chunk: int = 1024) -> jax.Array:
+    """`masked_attention` with a precomputed mask: bool `[batch, q_len, kv_len]` or `[batch, heads, q_len, kv_len]`.
+
+    Shapes and numerics as `masked_attention`.
+    """
+    q_len = q.shape[1]
+    full = mask[:, None] if mask.ndim == 3 else mask
+
+    def mask_fn(rows):
+        # rows past q_len (chunk padding) read a clamped row; their outputs are dropped
+        return jnp.take(full, jnp.minimum(rows, q_len - 1), axis=2)
+
+    return masked_attention(q, k, v, mask_fn, scale, q_chunk)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,

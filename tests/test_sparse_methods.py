@@ -1,0 +1,193 @@
+"""Sparse-prefill methods (A-shape, Tri-shape, MInference vertical-slash and block-sparse): exact pattern
+semantics against a float64 numpy reference, index estimation on planted patterns, full budgets equal dense,
+MInference's JSON config format, and composition with every position transform."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lcjax
+from lcjax.methods.a_shape import AShape, TriShape
+from lcjax.methods.minference import (MInference, MInferenceConfig, block_sparse, estimate_blocks,
+                                      estimate_vertical_slash, vertical_slash)
+from lcjax.methods.sparse_pattern import SparsePattern, pattern_attention_reference
+
+from conftest import FIXTURES
+
+
+def numpy_pattern_attention(q, k, v, allowed, scale):
+    """float64 reference with an explicit per-head mask allowed[b, h, i, j]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    logits = np.einsum("bihd,bjhd->bhij", q, k) * scale
+    logits = np.where(allowed, logits, -np.inf)
+    mx = logits.max(-1, keepdims=True)
+    p = np.exp(logits - np.where(np.isfinite(mx), mx, 0))
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+    return np.einsum("bhij,bjhd->bihd", np.where(allowed, p, 0), v)
+
+
+def numpy_allowed(pattern, seq, lengths, window=None):
+    """The pattern's mask built by loops over its index lists (independent of the XLA version)."""
+    vert, slash = np.asarray(pattern.vertical), np.asarray(pattern.slash)
+    b, h = vert.shape[:2]
+    allowed = np.zeros((b, h, seq, seq), bool)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(seq):
+                for j in range(min(i + 1, lengths[bi])):
+                    ok = j in vert[bi, hi] or (i - j) in slash[bi, hi]
+                    if pattern.blocks is not None:
+                        ok |= (j // pattern.block_size) in np.asarray(pattern.blocks)[bi, hi, i // pattern.block_size]
+                    if pattern.dense_from is not None:
+                        ok |= i >= int(pattern.dense_from[bi])
+                    if window is not None:
+                        ok &= i - j < window
+                    allowed[bi, hi, i, j] = ok
+    return allowed
+
+
+@pytest.mark.parametrize("heads,kv_heads,with_blocks,window", [(4, 4, False, None), (8, 2, True, None),
+                                                              (4, 1, True, 7)])
+def test_pattern_reference_matches_float64(heads, kv_heads, with_blocks, window):
+    rng = np.random.default_rng(heads + kv_heads)
+    b, seq, d, bs = 2, 37, 16, 8
+    q = rng.standard_normal((b, seq, heads, d)).astype(np.float32)
+    k = rng.standard_normal((b, seq, kv_heads, d)).astype(np.float32)
+    v = rng.standard_normal((b, seq, kv_heads, d)).astype(np.float32)
+    vert = rng.integers(-1, seq, (b, heads, 5)).astype(np.int32)      # -1 slots, duplicates allowed
+    vert[0, 0] = -1                                                     # a head with no verticals
+    slash = rng.integers(-1, seq, (b, heads, 4)).astype(np.int32)
+    blocks = rng.integers(-1, 5, (b, heads, 5, 2)).astype(np.int32) if with_blocks else None
+    pattern = SparsePattern(jnp.asarray(vert), jnp.asarray(slash), None if blocks is None else jnp.asarray(blocks),
+                            block_size=bs)
+    lengths = np.array([seq, 29])
+    out = pattern_attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pattern,
+                                      jnp.asarray(lengths), d ** -0.5, q_chunk=16, sliding_window=window)
+    allowed = numpy_allowed(pattern, seq, lengths, window)
+    ref = numpy_pattern_attention(q, k, v, allowed, d ** -0.5)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=3e-5)
+    empty_rows = ~allowed.any(-1)                                       # [b, h, i]
+    assert empty_rows.any() and np.all(np.asarray(out).transpose(0, 2, 1, 3)[empty_rows] == 0)
+
+
+def planted(seq=96, d=32, heads=2, seed=0, column=17, offset=9):
+    """Keys are random unit vectors; the last queries point at key `column` (head 0) and at key i - `offset`
+    (head 1), so the estimators must find that vertical line and that diagonal."""
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((1, seq, 1, d))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    q = rng.standard_normal((1, seq, heads, d)) * 0.05
+    q[0, :, 0] += 8 * k[0, column, 0]
+    for i in range(offset, seq):
+        q[0, i, 1] += 8 * k[0, i - offset, 0]
+    return jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32)
+
+
+def test_vertical_slash_estimate_finds_planted_line_and_diagonal():
+    q, k = planted()
+    lengths = jnp.array([96])
+    vert, slash = estimate_vertical_slash(q, k, lengths, n_vertical=31, n_slash=101, last_q=16, scale=1.0)
+    vert, slash = np.asarray(vert), np.asarray(slash)
+    assert set(range(30)) <= set(vert[0, 0]) and 17 in vert[0, 0]      # 30 forced columns + the planted one
+    assert 9 in slash[0, 1][:100]                                       # nearest 100 forced; 9 among them
+    vert2, slash2 = estimate_vertical_slash(q, k, lengths, n_vertical=31, n_slash=101, last_q=16, scale=1.0)
+    np.testing.assert_array_equal(vert, np.asarray(vert2))              # deterministic
+
+
+def test_slash_estimate_ranks_far_planted_diagonal_first_after_forced():
+    q, k = planted(seq=256, offset=150)
+    vert, slash = estimate_vertical_slash(q, k, jnp.array([256]), n_vertical=30, n_slash=101, last_q=16, scale=1.0)
+    assert int(slash[0, 1, 100]) == 150                                 # the first slot after the 100 forced ones
+
+
+def test_block_estimate_finds_planted_block_and_keeps_diagonal():
+    q, k = planted(seq=128, column=5)
+    blocks = np.asarray(estimate_blocks(q, k, jnp.array([128]), top_k=2, block_size=16))
+    assert blocks.shape == (1, 2, 8, 2)
+    for qb in range(8):
+        assert qb in blocks[0, 0, qb]                                    # diagonal always kept
+        if qb > 0:
+            assert 0 in blocks[0, 0, qb]                                 # the block holding key 5
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, _ = lcjax.load_model(FIXTURES / "hf" / "llama", dtype="float32")
+    ids = np.load(FIXTURES / "hf" / "llama" / "reference.npz")["input_ids"]
+    return model, ids
+
+
+@pytest.mark.parametrize("method", [
+    AShape(n_init=0, n_local=64, backend="xla"),
+    TriShape(n_init=4, n_local=4, n_last=64, backend="xla"),
+    "vertical_slash_full", "block_sparse_full", "mixed_full"])
+def test_full_budgets_give_exactly_the_dense_logits(llama, method):
+    model, ids = llama
+    L, H = model.config.num_layers, model.config.num_heads
+    if method == "vertical_slash_full":
+        method = vertical_slash(L, H, vertical_size=64, slash_size=64, backend="xla")
+    elif method == "block_sparse_full":
+        method = dataclasses.replace(block_sparse(L, H, top_k=64, backend="xla"),
+                                     config=dataclasses.replace(block_sparse(L, H, 64).config, block_size=8))
+    elif method == "mixed_full":
+        kinds = ["vertical_and_slash", "stream_llm", "block_sparse", "vertical_and_slash"]
+        layers = [{str(h): [kinds[(h + l) % 4], 64, 64, 0.0] for h in range(H)} for l in range(L)]
+        method = MInference(dataclasses.replace(MInferenceConfig.from_json(layers), block_size=8), "xla")
+    dense, _ = model.prefill(ids)
+    sparse, _ = model.with_transforms(attention=method).prefill(ids)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), atol=2e-5)
+
+
+def test_small_budgets_change_logits_but_decode_stays_dense(llama):
+    model, ids = llama
+    sparse = model.with_transforms(attention=AShape(n_init=2, n_local=4, backend="xla"))
+    dense_logits, _ = model.prefill(ids)
+    sparse_logits, _ = sparse.prefill(ids)
+    assert np.abs(np.asarray(sparse_logits) - np.asarray(dense_logits)).max() > 1e-2
+    from lcjax.generate import generate
+    (a,), cache_a = generate(model, ids[0, :4], 6)                     # 4-token prompt: A-shape is exact
+    (b,), cache_b = generate(sparse, ids[0, :4], 6)
+    assert a == b
+
+
+def test_minference_json_round_trip_and_errors(tmp_path):
+    layers = [{"0": ["vertical_and_slash", 1000, 6096, 0.33], "1": ["stream_llm", 100, 800, 0.9]},
+              {"0": ["block_sparse", 100, 0, 0.5], "1": ["vertical_and_slash", 30, 800, 0.7]}]
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(layers))
+    cfg = MInferenceConfig.from_json(path)
+    assert cfg.patterns[0][1].kind == "stream_llm" and cfg.patterns[1][0].v == 100
+    assert cfg.to_json() == layers
+    cfg.check(2, 2)
+    with pytest.raises(ValueError, match="2 layers x 2 heads; the model has 3 x 2"):
+        cfg.check(3, 2)
+    with pytest.raises(ValueError, match="Unknown MInference pattern 'dilated'"):
+        MInferenceConfig.from_json([{"0": ["dilated", 1, 2, 0.0]}])
+    with pytest.raises(ValueError, match="lacks head 1"):
+        MInferenceConfig.from_json([{"0": ["stream_llm", 1, 2, 0.0], "2": ["stream_llm", 1, 2, 0.0]}])
+
+
+@pytest.mark.parametrize("rope_name", ["default", "linear", "dynamic", "yarn", "llama3", "longrope"])
+def test_every_method_composes_with_every_position_transform(llama, rope_name):
+    model, ids = llama
+    dim, theta = model.config.rotary_dim, 10000.0
+    transform = {
+        "default": lcjax.positions.rope(dim, theta),
+        "linear": lcjax.positions.linear(dim, theta, 2.0),
+        "dynamic": lcjax.positions.dynamic_ntk(dim, theta, 2.0, 32),
+        "yarn": lcjax.positions.yarn(dim, theta, 4.0, 32),
+        "llama3": lcjax.positions.llama3(dim, theta, 8.0, 1.0, 4.0, 32),
+        "longrope": lcjax.positions.longrope(dim, theta, [1.0] * (dim // 2), [2.0] * (dim // 2), 32, 128),
+    }[rope_name]
+    base = model.with_transforms(positions=transform)
+    dense, _ = base.prefill(ids)
+    L, H = model.config.num_layers, model.config.num_heads
+    for method in (AShape(n_init=0, n_local=64, backend="xla"), vertical_slash(L, H, 64, 64, backend="xla")):
+        out, _ = base.with_transforms(attention=method).prefill(ids)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-5)

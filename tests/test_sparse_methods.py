@@ -191,3 +191,25 @@ def test_every_method_composes_with_every_position_transform(llama, rope_name):
     for method in (AShape(n_init=0, n_local=64, backend="xla"), vertical_slash(L, H, 64, 64, backend="xla")):
         out, _ = base.with_transforms(attention=method).prefill(ids)
         np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-5)
+
+
+def test_pattern_search_picks_per_head_patterns_and_writes_minference_json(llama, tmp_path):
+    from lcjax.methods.minference_search import search_patterns
+    model, ids = llama
+    cands = (MInferenceConfig.uniform(1, 1, "stream_llm", 4, 8).patterns[0][0],
+             MInferenceConfig.uniform(1, 1, "vertical_and_slash", 30, 50).patterns[0][0])
+    cfg, raw = search_patterns(model, ids[0], candidates=cands, tile_budget=1.0, min_row=16, tile=8)
+    L, H = model.config.num_layers, model.config.num_heads
+    assert raw["recall"].shape == (L, H, 2) and np.all(raw["recall"] <= 1 + 1e-5) and np.all(raw["recall"] > 0)
+    # vertical-slash with 30 columns + 50 diagonals covers all 48 causal keys: recall 1, the full cost
+    np.testing.assert_allclose(raw["recall"][..., 1], 1.0, atol=1e-5)
+    np.testing.assert_allclose(raw["cost"][..., 1], 1.0)
+    assert np.all(raw["recall"][..., 0] < 0.999)                            # sinks + window lose mass
+    assert all(p.kind == "vertical_and_slash" for layer in cfg.patterns for p in layer)
+    # with a budget that only the window pattern meets, the search must take it
+    assert raw["cost"][..., 0].max() < 1.0
+    cheap, _ = search_patterns(model, ids[0], candidates=cands, tile_budget=float(raw["cost"][..., 0].max()),
+                               min_row=16, tile=8)
+    assert all(p.kind == "stream_llm" for layer in cheap.patterns for p in layer)
+    cfg.save(tmp_path / "p.json")
+    assert MInferenceConfig.from_json(tmp_path / "p.json").patterns == cfg.patterns  # JSON holds patterns only

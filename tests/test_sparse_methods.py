@@ -211,5 +211,8 @@ def test_pattern_search_picks_per_head_patterns_and_writes_minference_json(llama
     cheap, _ = search_patterns(model, ids[0], candidates=cands, tile_budget=float(raw["cost"][..., 0].max()),
                                min_row=16, tile=8)
     assert all(p.kind == "stream_llm" for layer in cheap.patterns for p in layer)
+    # with a low recall target the cheaper pattern wins wherever it reaches it
+    lax, _ = search_patterns(model, ids[0], candidates=cands, min_recall=0.0, min_row=16, tile=8)
+    assert all(p.kind == "stream_llm" for layer in cheap.patterns for p in layer)
     cfg.save(tmp_path / "p.json")
     assert MInferenceConfig.from_json(tmp_path / "p.json").patterns == cfg.patterns  # JSON holds patterns only

@@ -1,0 +1,36 @@
+"""Long-context methods as transforms, one file each; `ATTENTION_METHODS` builds them by SCBench's names."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from lcjax.attention import DenseAttention
+from lcjax.config import ModelConfig
+from lcjax.methods.a_shape import AShape, TriShape
+from lcjax.methods.minference import MInference, MInferenceConfig, block_sparse, vertical_slash
+
+
+def _minference(config: ModelConfig, pattern_config: str | None = None, backend: str = "auto", **kw):
+    if pattern_config is None:
+        return vertical_slash(config.num_layers, config.num_heads, backend=backend, **kw)
+    cfg = MInferenceConfig.from_json(pattern_config)
+    cfg.check(config.num_layers, config.num_heads)
+    return MInference(cfg, backend)
+
+
+# SCBench's --attn_type names -> builder(model config, **hyperparameters)
+ATTENTION_METHODS: dict[str, Callable[..., object]] = {
+    "dense": lambda config, **kw: DenseAttention(**kw),
+    "a_shape": lambda config, **kw: AShape(**kw),
+    "tri_shape": lambda config, **kw: TriShape(**kw),
+    "minference": _minference,
+    "vertical_slash": lambda config, **kw: vertical_slash(config.num_layers, config.num_heads, **kw),
+    "block_sparse": lambda config, **kw: block_sparse(config.num_layers, config.num_heads, **kw),
+}
+
+
+def attention_method(name: str, config: ModelConfig, **hyperparameters):
+    """Builds the attention transform SCBench calls `name` for a model with `config`."""
+    if name not in ATTENTION_METHODS:
+        raise ValueError(f"Unknown attention method {name!r}; available: {', '.join(ATTENTION_METHODS)}.")
+    return ATTENTION_METHODS[name](config, **hyperparameters)

@@ -8,8 +8,9 @@ prompt:
 - cost: the 64x64 tiles the sparse kernel must visit (a tile with any allowed pair is computed whole),
   as a fraction of the causal tiles: this is what makes the search kernel-aware, since pair counts
   under-state what scattered lines cost a tiled kernel.
-Each head takes the highest-recall candidate whose cost is within `tile_budget`, and the result is written
-in MInference's JSON format (`MInferenceConfig.save`). The search is itself an attention transform that
+Each head takes the cheapest candidate (by tile cost, within `tile_budget`) whose recall reaches
+`min_recall`, or the highest-recall one when none does; so heads whose attention is easy to cover get cheap
+patterns. The result is written in MInference's JSON format (`MInferenceConfig.save`). The search is itself an attention transform that
 threads a score table through the model's layer scan in place of a KV cache, so it needs no hooks.
 """
 
@@ -110,13 +111,13 @@ class _SearchAttention:
 
 
 def search_patterns(model: Transformer, tokens, *, candidates: tuple[HeadPattern, ...] | None = None,
-                    tile_budget: float = 0.3, min_row: int | None = None,
+                    min_recall: float = 0.9, tile_budget: float = 1.0, min_row: int | None = None,
                     tile: int = 64) -> tuple[MInferenceConfig, dict]:
     """Searches one pattern per (layer, head) on calibration `tokens: int [seq]` (one prompt).
 
     Returns the config (MInference's JSON via `.save`) and the raw `recall`/`cost` tables
-    `[layers, heads, candidates]` for reports. `tile_budget`: the largest fraction of causal 64x64 tiles a
-    head may cost; `min_row`: recall counts rows from here (default: the last 3/4 of the prompt); `tile`:
+    `[layers, heads, candidates]` for reports. `min_recall`: the attention mass a head's pattern should
+    keep; `tile_budget`: the largest fraction of causal tiles a head may cost; `min_row`: recall counts rows from here (default: the last 3/4 of the prompt); `tile`:
     the kernel's tile (and block-sparse block) size.
     """
     tokens = jnp.asarray(tokens, jnp.int32).reshape(1, -1)
@@ -141,9 +142,11 @@ def search_patterns(model: Transformer, tokens, *, candidates: tuple[HeadPattern
     for li in range(cfg.num_layers):
         heads = []
         for hi in range(cfg.num_heads):
-            affordable = np.flatnonzero(cost[li, hi] <= tile_budget)
-            pool = affordable if affordable.size else np.array([int(np.argmin(cost[li, hi]))])
-            best = pool[np.argmax(recall[li, hi, pool])]
+            r, c_ = recall[li, hi], cost[li, hi]
+            affordable = np.flatnonzero(c_ <= tile_budget)
+            pool = affordable if affordable.size else np.array([int(np.argmin(c_))])
+            good = pool[r[pool] >= min_recall]
+            best = good[np.argmin(c_[good])] if good.size else pool[np.argmax(r[pool])]
             c = candidates[best]
             heads.append(HeadPattern(c.kind, c.v, c.s, float(recall[li, hi, best])))
         layers.append(tuple(heads))

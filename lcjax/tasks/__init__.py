@@ -1,0 +1,1 @@
+"""Synthetic long-context tasks with answers correct by construction."""

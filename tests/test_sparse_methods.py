@@ -201,8 +201,10 @@ def test_pattern_search_picks_per_head_patterns_and_writes_minference_json(llama
     cfg, raw = search_patterns(model, ids[0], candidates=cands, tile_budget=1.0, min_row=16, tile=8)
     L, H = model.config.num_layers, model.config.num_heads
     assert raw["recall"].shape == (L, H, 2) and np.all(raw["recall"] <= 1 + 1e-5) and np.all(raw["recall"] > 0)
-    # vertical-slash with 30 columns + 50 diagonals covers all 48 causal keys: recall 1, the full cost
+    # vertical-slash with 30 columns + 50 diagonals covers all 48 causal keys: recall 1, no error, full cost
     np.testing.assert_allclose(raw["recall"][..., 1], 1.0, atol=1e-5)
+    np.testing.assert_allclose(raw["error"][..., 1], 0.0, atol=1e-5)
+    assert np.all(raw["error"][..., 0] > 1e-3)
     np.testing.assert_allclose(raw["cost"][..., 1], 1.0)
     assert np.all(raw["recall"][..., 0] < 0.999)                            # sinks + window lose mass
     assert all(p.kind == "vertical_and_slash" for layer in cfg.patterns for p in layer)
@@ -212,7 +214,8 @@ def test_pattern_search_picks_per_head_patterns_and_writes_minference_json(llama
                                min_row=16, tile=8)
     assert all(p.kind == "stream_llm" for layer in cheap.patterns for p in layer)
     # with a low recall target the cheaper pattern wins wherever it reaches it
-    lax, _ = search_patterns(model, ids[0], candidates=cands, min_recall=0.0, min_row=16, tile=8)
+    lax, _ = search_patterns(model, ids[0], candidates=cands, max_error=1.0, min_row=16, tile=8)
+    assert all(p.kind == "stream_llm" for layer in lax.patterns for p in layer)
     assert all(p.kind == "stream_llm" for layer in cheap.patterns for p in layer)
     cfg.save(tmp_path / "p.json")
     assert MInferenceConfig.from_json(tmp_path / "p.json").patterns == cfg.patterns  # JSON holds patterns only

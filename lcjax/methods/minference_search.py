@@ -3,13 +3,14 @@
 For every (layer, head) and every candidate pattern, the search runs the candidate's *online* index
 estimate (exactly what `MInference` will run), then measures on the dense attention of the calibration
 prompt:
-- recall: the attention mass the pattern keeps, averaged over query rows from `min_row` on (MInference's
-  criterion);
+- error: the relative error of the head's attention output on the query rows from `min_row` on, against
+  dense attention (MInference's released configs were fitted this way: "fit_o"); recall, the attention
+  mass kept, is reported too;
 - cost: the 64x64 tiles the sparse kernel must visit (a tile with any allowed pair is computed whole),
   as a fraction of the causal tiles: this is what makes the search kernel-aware, since pair counts
   under-state what scattered lines cost a tiled kernel.
-Each head takes the cheapest candidate (by tile cost, within `tile_budget`) whose recall reaches
-`min_recall`, or the highest-recall one when none does; so heads whose attention is easy to cover get cheap
+Each head takes the cheapest candidate (by tile cost, within `tile_budget`) whose error is at most
+`max_error`, or the most accurate one when none is; so heads whose attention is easy to cover get cheap
 patterns. The result is written in MInference's JSON format (`MInferenceConfig.save`). The search is itself an attention transform that
 threads a score table through the model's layer scan in place of a KV cache, so it needs no hooks.
 """
@@ -39,12 +40,14 @@ def default_candidates(seq_len: int) -> tuple[HeadPattern, ...]:
     return (
         HeadPattern("stream_llm", 64, max(64, n // 8)),
         HeadPattern("stream_llm", 64, max(64, n // 4)),
-        HeadPattern("vertical_and_slash", 30, max(50, n // 16)),
+        HeadPattern("stream_llm", 64, max(64, n // 2)),
         HeadPattern("vertical_and_slash", max(30, n // 16), max(50, n // 16)),
         HeadPattern("vertical_and_slash", max(30, n // 8), max(100, n // 32)),
         HeadPattern("vertical_and_slash", max(30, n // 32), max(50, n // 8)),
+        HeadPattern("vertical_and_slash", max(30, n // 8), max(100, n // 4)),
         HeadPattern("block_sparse", max(1, blocks // 8), 0),
         HeadPattern("block_sparse", max(1, blocks // 4), 0),
+        HeadPattern("block_sparse", max(1, blocks // 2), 0),
     )
 
 
@@ -52,6 +55,7 @@ def default_candidates(seq_len: int) -> tuple[HeadPattern, ...]:
 @dataclasses.dataclass(frozen=True)
 class _Scores:
     recall: jax.Array   # float32 [layers, heads, candidates]
+    error: jax.Array    # float32 [layers, heads, candidates]
     cost: jax.Array     # float32 [layers, heads, candidates]
 
 
@@ -74,57 +78,63 @@ class _SearchAttention:
         for cand in self.candidates:
             single = MInference(MInferenceConfig(((cand,) * h,) * self.num_layers, block_size=self.tile))
             masks.append(pattern_mask_fn(single.pattern(q, k, meta), seq, lengths, meta.sliding_window))
-        # chunks hold whole 64-row tiles; keys are padded to whole tiles
+        # chunks hold whole tiles; keys are padded to whole tiles
         chunk = min(self.chunk, -(-seq // self.tile) * self.tile)
-        num_chunks = -(-seq // chunk)
         nkb = -(-seq // self.tile)
         key_pad = nkb * self.tile - seq
 
-        def per_chunk(c):
-            rows = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        def rows_of(c):
+            return c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+
+        def tiles_of_chunk(c):
+            # a tile is computed if any pair in it is allowed
+            rows = rows_of(c)
+            ok = causal(rows) & (rows < seq)[None, None, :, None]
+            counts = []
+            for mask_fn in masks:
+                mp = jnp.pad(mask_fn(rows) & ok, ((0, 0), (0, 0), (0, 0), (0, key_pad)))
+                cells = mp.reshape(b, h, chunk // self.tile, self.tile, nkb, self.tile).any(axis=(0, 3, 5))
+                counts.append(cells.sum(axis=(1, 2)))
+            return jnp.stack(counts, -1)
+
+        def quality_of_chunk(c):
+            # recall and output error on the counted rows (those at or past min_row)
+            rows = rows_of(c)
             qr = jnp.take(q, jnp.minimum(rows, seq - 1), axis=1).reshape(b, chunk, kvh, h // kvh, d)
             logits = jnp.einsum("bqkgd,btkd->bkgqt", qr, k, preferred_element_type=jnp.float32) * meta.scale
             logits = logits.reshape(b, h, chunk, seq)
-            ok = causal(rows) & (rows < seq)[None, None, :, None]
-            probs = jax.nn.softmax(jnp.where(ok, logits, -jnp.inf), axis=-1)
-            probs = jnp.where(ok, probs, 0.0)
-            counted = (rows >= self.min_row)[None, None, :, None]
-            recall, tiles = [], []
+            counted = (rows >= self.min_row) & (rows < seq)
+            ok = causal(rows) & counted[None, None, :, None]
+            probs = jnp.where(ok, jax.nn.softmax(jnp.where(ok, logits, -jnp.inf), axis=-1), 0.0)
+            ref = jnp.take(out, jnp.minimum(rows, seq - 1), axis=1).astype(jnp.float32)   # [b, chunk, h, d]
+            ref = jnp.where(counted[None, :, None, None], ref, 0.0)
+            vg = jnp.repeat(v.astype(jnp.float32), h // kvh, axis=2)                       # small: [b, seq, h, d]
+            recall, err = [], []
             for mask_fn in masks:
                 m = mask_fn(rows) & ok
-                recall.append(jnp.sum(jnp.where(counted, probs * m, 0.0), axis=(0, 2, 3)))
-                # a tile is computed if any pair in it is allowed
-                mp = jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, key_pad)))
-                cells = mp.reshape(b, h, chunk // self.tile, self.tile, nkb, self.tile).any(axis=(0, 3, 5))
-                tiles.append(cells.sum(axis=(1, 2)))
-            return jnp.stack(recall, -1), jnp.stack(tiles, -1)
+                recall.append(jnp.sum(probs * m, axis=(0, 2, 3)))
+                p = jnp.where(m, jax.nn.softmax(jnp.where(m, logits, -jnp.inf), axis=-1), 0.0)
+                approx = jnp.einsum("bhqt,bthd->bqhd", p, vg)
+                err.append(jnp.sum((approx - ref) ** 2, axis=(0, 1, 3)))
+            return jnp.stack(recall, -1), jnp.stack(err, -1), jnp.sum(ref ** 2, axis=(0, 1, 3))
 
-        recall, tiles = jax.lax.map(per_chunk, jnp.arange(num_chunks))
+        tiles = jax.lax.map(tiles_of_chunk, jnp.arange(-(-seq // chunk)))
+        first = self.min_row // chunk
+        recall, err, norm = jax.lax.map(quality_of_chunk, jnp.arange(first, -(-seq // chunk)))
         rows_counted = jnp.maximum(jnp.sum(jnp.maximum(lengths - self.min_row, 0)), 1)
-        recall = recall.sum(0) / rows_counted                                   # [h, C]
-        tile_count = tiles.sum(0)                                               # [h, C]
+        recall = recall.sum(0) / rows_counted                                              # [h, C]
+        error = jnp.sqrt(err.sum(0) / jnp.maximum(norm.sum(0), 1e-30)[:, None])           # relative, [h, C]
         causal_tiles = nkb * (nkb + 1) / 2
         layer = meta.layer
-        scores = _Scores(recall=scores.recall.at[layer].set(recall),
-                         cost=scores.cost.at[layer].set(tile_count / causal_tiles))
+        scores = _Scores(recall=scores.recall.at[layer].set(recall), error=scores.error.at[layer].set(error),
+                         cost=scores.cost.at[layer].set(tiles.sum(0) / causal_tiles))
         return out, scores
 
 
-def search_patterns(model: Transformer, tokens, *, candidates: tuple[HeadPattern, ...] | None = None,
-                    min_recall: float = 0.9, tile_budget: float = 1.0, min_row: int | None = None,
-                    tile: int = 64) -> tuple[MInferenceConfig, dict]:
-    """Searches one pattern per (layer, head) on calibration `tokens: int [seq]` (one prompt).
-
-    Returns the config (MInference's JSON via `.save`) and the raw `recall`/`cost` tables
-    `[layers, heads, candidates]` for reports. `min_recall`: the attention mass a head's pattern should
-    keep; `tile_budget`: the largest fraction of causal tiles a head may cost; `min_row`: recall counts rows from here (default: the last 3/4 of the prompt); `tile`:
-    the kernel's tile (and block-sparse block) size.
-    """
-    tokens = jnp.asarray(tokens, jnp.int32).reshape(1, -1)
+def _score_prompt(model: Transformer, tokens: jax.Array, candidates, min_row: int | None, tile: int) -> _Scores:
     seq = tokens.shape[1]
     cfg = model.config
-    candidates = candidates or default_candidates(seq)
-    min_row = seq // 4 if min_row is None else min_row
+    min_row = seq - max(64, seq // 16) if min_row is None else min_row
     search = _SearchAttention(tuple(candidates), cfg.num_layers, min_row, tile=tile)
     zeros = jnp.zeros((cfg.num_layers, cfg.num_heads, len(candidates)), jnp.float32)
 
@@ -133,21 +143,46 @@ def search_patterns(model: Transformer, tokens, *, candidates: tuple[HeadPattern
         lengths = jnp.full((1,), seq, jnp.int32)
         positions = jnp.arange(seq, dtype=jnp.int32)[None]
         _, scores = forward(params, cfg, tokens, positions, jnp.zeros((1,), jnp.int32), lengths,
-                            _Scores(zeros, zeros), "prefill", search, model.positions)
+                            _Scores(zeros, zeros, zeros), "prefill", search, model.positions)
         return scores
 
-    scores = run(model.params, tokens)
-    recall, cost = np.asarray(scores.recall), np.asarray(scores.cost)
+    return jax.tree.map(np.asarray, run(model.params, tokens))
+
+
+def search_patterns(model: Transformer, prompts, *, candidates: tuple[HeadPattern, ...] | None = None,
+                    max_error: float = 0.05, tile_budget: float = 1.0, min_row: int | None = None,
+                    tile: int = 64) -> tuple[MInferenceConfig, dict]:
+    """Searches one pattern per (layer, head) on calibration prompts (`int [seq]` each, or one prompt).
+
+    A head's score over several prompts is its worst case (largest error and cost, smallest recall), so a
+    retrieval head that needs far-away keys in one prompt keeps a pattern that reaches them.
+    Returns the config (MInference's JSON via `.save`) and the raw `recall`/`error`/`cost` tables
+    `[layers, heads, candidates]` for reports. `max_error`: the largest relative error of a head's
+    attention output (on the counted rows) a pattern may cause; `tile_budget`: the largest fraction of
+    causal tiles a head may cost; `min_row`: recall and error count rows from here (default: the last
+    1/16 of each prompt, where a task's question sits: the rows whose view of the whole context decides
+    the answer); `tile`: the kernel's tile (and block-sparse block) size.
+    """
+    prompts = [prompts] if np.ndim(prompts[0]) == 0 else list(prompts)
+    seq = min(len(p) for p in prompts)
+    candidates = candidates or default_candidates(seq)
+    scores = [_score_prompt(model, jnp.asarray(p, jnp.int32).reshape(1, -1), candidates, min_row, tile)
+              for p in prompts]
+    recall = np.min([s.recall for s in scores], axis=0)
+    error = np.max([s.error for s in scores], axis=0)
+    cost = np.max([s.cost for s in scores], axis=0)
+    cfg = model.config
     layers = []
     for li in range(cfg.num_layers):
         heads = []
         for hi in range(cfg.num_heads):
-            r, c_ = recall[li, hi], cost[li, hi]
+            e, c_ = error[li, hi], cost[li, hi]
             affordable = np.flatnonzero(c_ <= tile_budget)
             pool = affordable if affordable.size else np.array([int(np.argmin(c_))])
-            good = pool[r[pool] >= min_recall]
-            best = good[np.argmin(c_[good])] if good.size else pool[np.argmax(r[pool])]
+            good = pool[e[pool] <= max_error]
+            best = good[np.argmin(c_[good])] if good.size else pool[np.argmin(e[pool])]
             c = candidates[best]
             heads.append(HeadPattern(c.kind, c.v, c.s, float(recall[li, hi, best])))
         layers.append(tuple(heads))
-    return MInferenceConfig(tuple(layers), block_size=tile), dict(recall=recall, cost=cost, candidates=candidates)
+    return MInferenceConfig(tuple(layers), block_size=tile), dict(recall=recall, error=error, cost=cost,
+                                                                 candidates=candidates)

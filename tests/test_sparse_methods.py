@@ -44,8 +44,8 @@ def numpy_allowed(pattern, seq, lengths, window=None):
                     ok = j in vert[bi, hi] or (i - j) in slash[bi, hi]
                     if pattern.blocks is not None:
                         ok |= (j // pattern.block_size) in np.asarray(pattern.blocks)[bi, hi, i // pattern.block_size]
-                    if pattern.dense_from is not None:
-                        ok |= i >= int(pattern.dense_from[bi])
+                    if pattern.dense_last:
+                        ok |= i >= lengths[bi] - pattern.dense_last
                     if window is not None:
                         ok &= i - j < window
                     allowed[bi, hi, i, j] = ok
@@ -65,7 +65,7 @@ def test_pattern_reference_matches_float64(heads, kv_heads, with_blocks, window)
     slash = rng.integers(-1, seq, (b, heads, 4)).astype(np.int32)
     blocks = rng.integers(-1, 5, (b, heads, 5, 2)).astype(np.int32) if with_blocks else None
     pattern = SparsePattern(jnp.asarray(vert), jnp.asarray(slash), None if blocks is None else jnp.asarray(blocks),
-                            block_size=bs)
+                            block_size=bs, dense_last=3 if with_blocks else 0)
     lengths = np.array([seq, 29])
     out = pattern_attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pattern,
                                       jnp.asarray(lengths), d ** -0.5, q_chunk=16, sliding_window=window)
@@ -219,3 +219,24 @@ def test_pattern_search_picks_per_head_patterns_and_writes_minference_json(llama
     assert all(p.kind == "stream_llm" for layer in cheap.patterns for p in layer)
     cfg.save(tmp_path / "p.json")
     assert MInferenceConfig.from_json(tmp_path / "p.json").patterns == cfg.patterns  # JSON holds patterns only
+
+
+@pytest.mark.parametrize("dense_last", [0, 5])
+def test_pallas_path_equals_reference_in_interpret_mode(dense_last):
+    """The Pallas route (vertical-slash kernel + block kernel + dense tail) computes the same function as the
+    XLA reference on a pattern mixing per-head kinds, on fresh random inputs."""
+    from lcjax.methods.sparse_prefill import pallas_pattern_attention
+    rng = np.random.default_rng(7 + dense_last)
+    b, seq, h, kvh, d, bs = 1, 70, 4, 2, 64, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((b, seq, n, d)), jnp.float32) for n in (h, kvh, kvh))
+    vert = rng.integers(0, seq, (b, h, 6)).astype(np.int32)
+    slash = rng.integers(0, seq, (b, h, 5)).astype(np.int32)
+    blocks = rng.integers(0, 5, (b, h, 5, 3)).astype(np.int32)
+    vert[:, 2:], slash[:, 2:] = -1, -1          # heads 2, 3: blocks only
+    blocks[:, :2] = -1                          # heads 0, 1: lines only
+    pattern = SparsePattern(jnp.asarray(vert), jnp.asarray(slash), jnp.asarray(blocks), block_size=bs,
+                            dense_last=dense_last)
+    lengths = jnp.array([seq])
+    ref = pattern_attention_reference(q, k, v, pattern, lengths, d ** -0.5)
+    out = pallas_pattern_attention(q, k, v, pattern, lengths, d ** -0.5, interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4, rtol=1e-3)

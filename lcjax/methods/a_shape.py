@@ -18,12 +18,12 @@ from lcjax.methods.sparse_prefill import Backend, sparse_prefill
 
 
 def a_shape_pattern(batch: int, heads: int, n_init: int, n_local: int, q_len: int,
-                    dense_from=None) -> SparsePattern:
+                    dense_last: int = 0) -> SparsePattern:
     """Verticals 0..n_init-1 and slashes 0..n_local-1 for every head (clipped to q_len)."""
     n_init, n_local = min(n_init, q_len), min(n_local, q_len)
     vertical = jnp.broadcast_to(jnp.arange(n_init, dtype=jnp.int32), (batch, heads, n_init))
     slash = jnp.broadcast_to(jnp.arange(n_local, dtype=jnp.int32), (batch, heads, n_local))
-    return SparsePattern(vertical=vertical, slash=slash, dense_from=dense_from)
+    return SparsePattern(vertical=vertical, slash=slash, dense_last=min(dense_last, q_len))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,5 @@ class TriShape:
 
     def __call__(self, q, k, v, cache, meta):
         def make(q, k, meta):
-            dense_from = jnp.maximum(meta.lengths - self.n_last, 0)
-            return a_shape_pattern(q.shape[0], q.shape[2], self.n_init, self.n_local, q.shape[1], dense_from)
+            return a_shape_pattern(q.shape[0], q.shape[2], self.n_init, self.n_local, q.shape[1], self.n_last)
         return sparse_prefill(q, k, v, cache, meta, make, self.backend)

@@ -26,15 +26,15 @@ class SparsePattern:
     vertical: int32 `[batch, heads, n_vertical]` key columns.
     slash: int32 `[batch, heads, n_slash]` diagonal offsets d >= 0 (query i sees key i - d).
     blocks: int32 `[batch, heads, num_q_blocks, n_blocks]` key-block ids per query block, or None.
-    dense_from: int32 `[batch]`: queries at or past this row see every causal key (Tri-shape), or None.
     block_size: query/key block size of `blocks`.
+    dense_last: each sequence's last `dense_last` queries see every causal key (Tri-shape); 0 = none.
     """
 
     vertical: jax.Array
     slash: jax.Array
     blocks: jax.Array | None = None
-    dense_from: jax.Array | None = None
     block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
+    dense_last: int = dataclasses.field(default=0, metadata=dict(static=True))
 
 
 def _table(indices: jax.Array, size: int) -> jax.Array:
@@ -73,8 +73,9 @@ def pattern_mask_fn(pattern: SparsePattern, kv_len: int, lengths: jax.Array, sli
             qb = jnp.minimum(rows // pattern.block_size, blocks.shape[2] - 1)
             kb = keys // pattern.block_size
             allowed |= blocks[:, :, qb][:, :, :, kb]
-        if pattern.dense_from is not None:
-            allowed |= (rows[None, :] >= pattern.dense_from[:, None])[:, None, :, None]
+        if pattern.dense_last:
+            dense_from = lengths - pattern.dense_last
+            allowed |= (rows[None, :] >= dense_from[:, None])[:, None, :, None]
         return causal & allowed
 
     return mask_fn

@@ -20,13 +20,61 @@ Backend = Literal["auto", "xla", "pallas"]
 
 def run_pattern(q: jax.Array, k: jax.Array, v: jax.Array, pattern: SparsePattern, meta: AttentionMeta,
                 backend: Backend = "auto") -> jax.Array:
-    """Attention of `q [batch, seq, heads, head_dim]` over `k, v [batch, seq, kv_heads, head_dim]` under `pattern`."""
+    """Attention of `q [batch, seq, heads, head_dim]` over `k, v [batch, seq, kv_heads, head_dim]` under `pattern`.
+
+    The Pallas kernels do not model a sliding window (Mistral), so such models run the XLA reference.
+    """
     use_pallas = backend == "pallas" or (backend == "auto" and jax.default_backend() == "gpu")
-    if use_pallas:
-        from lcjax.pallas.pattern_attention import pattern_attention  # GPU-only import path
-        return pattern_attention(q, k, v, pattern, meta.lengths, meta.scale, meta.sliding_window)
+    if use_pallas and meta.sliding_window is None:
+        return pallas_pattern_attention(q, k, v, pattern, meta.lengths, meta.scale,
+                                        interpret=jax.default_backend() == "cpu")
     return pattern_attention_reference(q, k, v, pattern, meta.lengths, meta.scale,
                                        sliding_window=meta.sliding_window)
+
+
+def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array, scale: float,
+                             interpret: bool = False) -> jax.Array:
+    """`pattern` through the Pallas kernels: vertical-slash lines in one kernel, blocks in the other.
+
+    Each head must use lines or blocks, not both (MInference assigns one kind per head): a head whose
+    block list is non-empty takes the block kernel's output. Tri-shape's dense tail is recomputed exactly.
+    Rows past a sequence's length are garbage (as they are for dense attention).
+    """
+    from lcjax.pallas.block_sparse_attention import block_sparse_attention
+    from lcjax.pallas.vertical_slash_attention import vertical_slash_attention
+    from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
+
+    seq = q.shape[1]
+    bs = pattern.block_size
+    index = build_vertical_slash_index(pattern.vertical, pattern.slash, seq, bs, bs)
+    out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=interpret)
+    if pattern.blocks is not None:
+        counts = (pattern.blocks >= 0).sum(-1).astype(jnp.int32)
+        blocks = jnp.sort(jnp.where(pattern.blocks >= 0, pattern.blocks, jnp.iinfo(jnp.int32).max), axis=-1)
+        by_blocks = block_sparse_attention(q, k, v, blocks, counts, scale=scale, block_q=bs, block_k=bs,
+                                           interpret=interpret)
+        block_head = (counts > 0).any(axis=2)                                  # [batch, heads]
+        out = jnp.where(block_head[:, None, :, None], by_blocks, out)
+    if pattern.dense_last:
+        out = _dense_tail(q, k, v, out, lengths, pattern.dense_last, scale)
+    return out
+
+
+def _dense_tail(q, k, v, out, lengths, n_last: int, scale: float):
+    """Overwrites each sequence's last `n_last` rows of `out` with exact causal attention."""
+    from lcjax.attention import masked_attention
+
+    seq = q.shape[1]
+    rows = jnp.clip(lengths[:, None] - n_last + jnp.arange(n_last, dtype=jnp.int32)[None, :], 0, seq - 1)
+    q_tail = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
+    keys = jnp.arange(seq, dtype=jnp.int32)
+
+    def mask_fn(t):
+        r = rows[:, jnp.minimum(t, n_last - 1)]                                # [batch, chunk]
+        return ((keys[None, None, :] <= r[:, :, None]) & (keys[None, None, :] < lengths[:, None, None]))[:, None]
+
+    tail = masked_attention(q_tail, k, v, mask_fn, scale)
+    return out.at[jnp.arange(out.shape[0])[:, None], rows].set(tail)
 
 
 def sparse_prefill(q, k, v, cache, meta: AttentionMeta, make_pattern: Callable[..., SparsePattern],

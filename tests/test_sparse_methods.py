@@ -240,3 +240,13 @@ def test_pallas_path_equals_reference_in_interpret_mode(dense_last):
     ref = pattern_attention_reference(q, k, v, pattern, lengths, d ** -0.5)
     out = pallas_pattern_attention(q, k, v, pattern, lengths, d ** -0.5, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4, rtol=1e-3)
+
+
+def test_tile_costs_count_visited_tiles(llama):
+    from lcjax.methods.sparse_prefill import tile_costs
+    model, ids = llama
+    full = tile_costs(model, AShape(n_init=0, n_local=64, backend="xla"), ids[0], tile=8)
+    np.testing.assert_allclose(full, 1.0)
+    # a 1-token window visits exactly the diagonal tiles: 6 of the 21 causal 8x8 tiles of 48 tokens
+    diag = tile_costs(model, AShape(n_init=0, n_local=1, backend="xla"), ids[0], tile=8)
+    np.testing.assert_allclose(diag, 6 / 21)

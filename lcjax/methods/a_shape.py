@@ -34,10 +34,11 @@ class AShape:
     n_local: int = 3968
     backend: Backend = "auto"
 
+    def pattern(self, q, k, meta) -> SparsePattern:
+        return a_shape_pattern(q.shape[0], q.shape[2], self.n_init, self.n_local, q.shape[1])
+
     def __call__(self, q, k, v, cache, meta):
-        def make(q, k, meta):
-            return a_shape_pattern(q.shape[0], q.shape[2], self.n_init, self.n_local, q.shape[1])
-        return sparse_prefill(q, k, v, cache, meta, make, self.backend)
+        return sparse_prefill(q, k, v, cache, meta, self.pattern, self.backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,8 @@ class TriShape:
     n_last: int = 100
     backend: Backend = "auto"
 
+    def pattern(self, q, k, meta) -> SparsePattern:
+        return a_shape_pattern(q.shape[0], q.shape[2], self.n_init, self.n_local, q.shape[1], self.n_last)
+
     def __call__(self, q, k, v, cache, meta):
-        def make(q, k, meta):
-            return a_shape_pattern(q.shape[0], q.shape[2], self.n_init, self.n_local, q.shape[1], self.n_last)
-        return sparse_prefill(q, k, v, cache, meta, make, self.backend)
+        return sparse_prefill(q, k, v, cache, meta, self.pattern, self.backend)

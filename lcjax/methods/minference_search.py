@@ -25,7 +25,7 @@ import numpy as np
 
 from lcjax.attention import attention_mask, masked_attention
 from lcjax.methods.minference import HeadPattern, MInference, MInferenceConfig
-from lcjax.methods.sparse_pattern import pattern_mask_fn
+from lcjax.methods.sparse_pattern import pattern_mask_fn, tile_fraction
 from lcjax.models.transformer import Transformer, forward
 
 
@@ -78,24 +78,10 @@ class _SearchAttention:
         for cand in self.candidates:
             single = MInference(MInferenceConfig(((cand,) * h,) * self.num_layers, block_size=self.tile))
             masks.append(pattern_mask_fn(single.pattern(q, k, meta), seq, lengths, meta.sliding_window))
-        # chunks hold whole tiles; keys are padded to whole tiles
-        chunk = min(self.chunk, -(-seq // self.tile) * self.tile)
-        nkb = -(-seq // self.tile)
-        key_pad = nkb * self.tile - seq
+        chunk = min(self.chunk, -(-seq // self.tile) * self.tile)  # whole tiles per chunk
 
         def rows_of(c):
             return c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-
-        def tiles_of_chunk(c):
-            # a tile is computed if any pair in it is allowed
-            rows = rows_of(c)
-            ok = causal(rows) & (rows < seq)[None, None, :, None]
-            counts = []
-            for mask_fn in masks:
-                mp = jnp.pad(mask_fn(rows) & ok, ((0, 0), (0, 0), (0, 0), (0, key_pad)))
-                cells = mp.reshape(b, h, chunk // self.tile, self.tile, nkb, self.tile).any(axis=(0, 3, 5))
-                counts.append(cells.sum(axis=(1, 2)))
-            return jnp.stack(counts, -1)
 
         def quality_of_chunk(c):
             # recall and output error on the counted rows (those at or past min_row)
@@ -118,16 +104,15 @@ class _SearchAttention:
                 err.append(jnp.sum((approx - ref) ** 2, axis=(0, 1, 3)))
             return jnp.stack(recall, -1), jnp.stack(err, -1), jnp.sum(ref ** 2, axis=(0, 1, 3))
 
-        tiles = jax.lax.map(tiles_of_chunk, jnp.arange(-(-seq // chunk)))
+        cost = jnp.stack([tile_fraction(m, seq, lengths, self.tile, chunk) for m in masks], -1)   # [h, C]
         first = self.min_row // chunk
         recall, err, norm = jax.lax.map(quality_of_chunk, jnp.arange(first, -(-seq // chunk)))
         rows_counted = jnp.maximum(jnp.sum(jnp.maximum(lengths - self.min_row, 0)), 1)
         recall = recall.sum(0) / rows_counted                                              # [h, C]
         error = jnp.sqrt(err.sum(0) / jnp.maximum(norm.sum(0), 1e-30)[:, None])           # relative, [h, C]
-        causal_tiles = nkb * (nkb + 1) / 2
         layer = meta.layer
         scores = _Scores(recall=scores.recall.at[layer].set(recall), error=scores.error.at[layer].set(error),
-                         cost=scores.cost.at[layer].set(tiles.sum(0) / causal_tiles))
+                         cost=scores.cost.at[layer].set(cost))
         return out, scores
 
 

@@ -96,3 +96,23 @@ def pattern_density(pattern: SparsePattern, q_len: int, lengths: jax.Array) -> j
     allowed = mask_fn(jnp.arange(q_len, dtype=jnp.int32)).sum(axis=(2, 3))
     causal = (lengths * (lengths + 1) // 2)[:, None]
     return allowed / causal
+
+
+def tile_fraction(mask_fn, q_len: int, lengths: jax.Array, tile: int = 64, chunk: int = 256) -> jax.Array:
+    """float32 `[heads]`: the share of causal `tile` x `tile` tiles with at least one allowed pair (a tiled
+    kernel computes such a tile whole), summed over the batch. mask_fn as `pattern_mask_fn` returns."""
+    chunk = min(chunk, -(-q_len // tile) * tile) // tile * tile
+    nkb = -(-q_len // tile)
+    key_pad = nkb * tile - q_len
+    keys = jnp.arange(q_len, dtype=jnp.int32)
+
+    def per_chunk(c):
+        rows = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        ok = (keys[None, :] <= rows[:, None]) & (rows < q_len)[:, None]
+        m = jnp.pad(mask_fn(rows) & ok[None, None], ((0, 0), (0, 0), (0, 0), (0, key_pad)))
+        b, h = m.shape[:2]
+        return m.reshape(b, h, chunk // tile, tile, nkb, tile).any(axis=(3, 5)).sum(axis=(0, 2, 3))
+
+    counts = jax.lax.map(per_chunk, jnp.arange(-(-q_len // chunk))).sum(0)
+    causal_tiles = jnp.sum((-(-lengths // tile)) * (-(-lengths // tile) + 1) // 2)
+    return counts / causal_tiles

@@ -7,13 +7,16 @@ GPU kernels in `lcjax.pallas`; "auto": pallas on GPU, xla elsewhere).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcjax.attention import AttentionMeta, DenseAttention
-from lcjax.methods.sparse_pattern import SparsePattern, pattern_attention_reference
+from lcjax.methods.sparse_pattern import (SparsePattern, pattern_attention_reference, pattern_mask_fn,
+                                          tile_fraction)
 
 Backend = Literal["auto", "xla", "pallas"]
 
@@ -97,3 +100,38 @@ def budget_mask(indices: jax.Array, budgets: jax.Array) -> jax.Array:
 def last_rows(lengths: jax.Array, last_q: int) -> jax.Array:
     """int32 `[batch, last_q]`: the last `last_q` query rows of each right-padded sequence (clipped at 0)."""
     return jnp.maximum(lengths[:, None] - last_q + jnp.arange(last_q, dtype=jnp.int32)[None, :], 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TileCostProbe:
+    """Runs a sparse method and records, per layer and head, the share of causal tiles its pattern visits
+    (threaded through the layer scan in place of a KV cache)."""
+
+    method: object
+    tile: int = 64
+
+    def __call__(self, q, k, v, costs, meta):
+        pattern = self.method.pattern(q, k, meta)
+        out = run_pattern(q, k, v, pattern, meta, getattr(self.method, "backend", "auto"))
+        mask_fn = pattern_mask_fn(pattern, q.shape[1], meta.lengths, meta.sliding_window)
+        return out, costs.at[meta.layer].set(tile_fraction(mask_fn, q.shape[1], meta.lengths, self.tile))
+
+
+def tile_costs(model, method, tokens, tile: int = 64) -> np.ndarray:
+    """float32 `[layers, heads]`: the share of causal `tile`-square tiles `method` computes when prefilling
+    `tokens: int [seq]` (what a tiled sparse kernel's time scales with; dense is 1)."""
+    from lcjax.models.transformer import forward
+
+    tokens = jnp.asarray(tokens, jnp.int32).reshape(1, -1)
+    cfg = model.config
+    seq = tokens.shape[1]
+
+    @jax.jit
+    def run(params, tokens):
+        costs = jnp.zeros((cfg.num_layers, cfg.num_heads), jnp.float32)
+        _, costs = forward(params, cfg, tokens, jnp.arange(seq, dtype=jnp.int32)[None], jnp.zeros((1,), jnp.int32),
+                           jnp.full((1,), seq, jnp.int32), costs, "prefill", _TileCostProbe(method, tile),
+                           model.positions)
+        return costs
+
+    return np.asarray(run(model.params, tokens))

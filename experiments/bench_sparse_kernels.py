@@ -1,0 +1,304 @@
+"""GPU benchmark: lcjax's block-sparse and vertical-slash Pallas kernels against cuDNN dense attention.
+
+Causal prefill, batch 1, 32 query heads, 8 KV heads, head_dim 128, bf16. In order: (a) correctness against
+the XLA references on a small size with fresh random inputs and NaN-poisoned outputs; (b) a sweep of tile
+sizes / warps / pipeline stages at one length; (c) per length: cuDNN, block-sparse at 1/5/10/25 % of the
+causal tiles and dense (all causal tiles), vertical-slash (1000 verticals / 6096 slashes) on the ideal
+nearest-diagonals index set and on random indices. Times are medians of >= 10 samples after warm-up;
+TFLOP/s count the FLOPs of the tiles each kernel computes (4 * tile_q * tile_k * head_dim per tile; cuDNN:
+4 * heads * L^2 / 2 * head_dim). A markdown table comes last; full results go to $OUT/bench_sparse.json.
+
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+    PYTHONPATH=. python3 -m experiments.bench_sparse_kernels [--lengths 8192,32768,131072] [--sweep after]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.pallas.block_sparse_attention import (
+    _pallas_forward as block_sparse_forward, block_sparse_attention, block_sparse_attention_canonical,
+    block_sparse_attention_reference, canonicalize_block_indices)
+from lcjax.pallas.vertical_slash_attention import (
+    _pallas_forward as vertical_slash_forward, build_vertical_slash_index, vertical_slash_attention,
+    vertical_slash_attention_reference)
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+SCALE = HEAD_DIM ** -0.5
+DENSITIES = (0.01, 0.05, 0.10, 0.25)
+N_VERTICAL, N_SLASH = 1000, 6096
+# block_q, block_k, num_warps, num_stages, heads_fastest (grid order); the first is the default
+# (earlier sweeps, NOTES.md: 64x64 tiles on 8 warps, 64x128 tiles, 128-wide vertical-slash tiles on 4 warps and
+# 3 stages for 64-wide vertical-slash tiles were all slower; heads_fastest=1 lost to 0 on every pair tried)
+BS_CONFIGS = [(128, 64, 4, 2, 0), (128, 64, 4, 2, 1), (128, 64, 4, 3, 0), (128, 64, 8, 2, 0),
+              (128, 128, 8, 2, 0)]
+VS_CONFIGS = [(128, 8, 2, 0), (128, 8, 3, 0), (64, 4, 2, 0)]  # block, warps, stages, heads_fastest
+START = time.perf_counter()
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - START:6.1f}s]", *a, flush=True)
+
+
+def timeit(fn, *args, samples: int = 10, min_sample_s: float = 0.005) -> float:
+    """Median seconds per call: compile, one warm-up, then `samples` samples of back-to-back calls."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    reps = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def qkv(key, length):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (1, length, HEADS, HEAD_DIM), jnp.bfloat16),
+            jax.random.normal(kk, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16),
+            jax.random.normal(kv, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16))
+
+
+def random_block_lists(key, length: int, block_q: int, block_k: int, density: float | None):
+    """Per (head, query block i): round(density * causal blocks) distinct key blocks drawn among the causal
+    ones, the diagonal always kept; density None = every causal block."""
+    nqb, nkb = -(-length // block_q), -(-length // block_k)
+    last = (np.arange(nqb) * block_q + block_q - 1) // block_k  # last causal key block per query block
+    if density is None:
+        counts = np.broadcast_to(last + 1, (1, HEADS, nqb))
+        return jnp.broadcast_to(jnp.arange(nkb, dtype=jnp.int32), (1, HEADS, nqb, nkb)), jnp.asarray(counts)
+    want = np.maximum(1, np.round(density * (last + 1))).astype(np.int32)
+    max_blocks = int(want.max())
+    scores = jax.random.uniform(key, (1, HEADS, nqb, nkb))
+    j = jnp.arange(nkb)
+    scores = jnp.where(j == jnp.asarray(last)[:, None], -1.0, jnp.where(j <= jnp.asarray(last)[:, None], scores, 2.0))
+    idx = jnp.argsort(scores, axis=-1)[..., :max_blocks].astype(jnp.int32)
+    return idx, jnp.asarray(np.broadcast_to(want, (1, HEADS, nqb)))
+
+
+def vs_pattern(key, length: int, kind: str):
+    nv, ns = min(N_VERTICAL, length), min(N_SLASH, length)
+    if kind == "nearest":  # MInference's ideal case: first columns, nearest diagonals
+        v = jnp.broadcast_to(jnp.arange(nv, dtype=jnp.int32), (1, HEADS, nv))
+        s = jnp.broadcast_to(jnp.arange(ns, dtype=jnp.int32), (1, HEADS, ns))
+        return v, s
+    kv_, ks = jax.random.split(key)
+    perm = lambda k, n: jax.vmap(lambda kk: jax.random.permutation(kk, length)[:n])(jax.random.split(k, HEADS))
+    return perm(kv_, nv)[None].astype(jnp.int32), perm(ks, ns)[None].astype(jnp.int32)
+
+
+def rel_err(out, ref):
+    """‖out - ref‖ / ‖ref‖ and a verdict (bf16 operands: under 1e-2, every element finite)."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    finite = bool(np.isfinite(out).all())
+    return err, f"finite={finite} {'OK' if finite and err < 1e-2 else 'FAIL'}"
+
+
+def check_correctness(key, lengths=(2048, 1000)) -> list[str]:
+    """Kernels vs the XLA references (fp32 inputs upcast, highest matmul precision); poisoned outputs."""
+    lines = []
+    for length in lengths:
+        key, kx, ki = jax.random.split(key, 3)
+        q, k, v = qkv(kx, length)
+        up = [x.astype(jnp.float32) for x in (q, k, v)]
+        for density in (0.1, None):
+            idx, counts = random_block_lists(ki, length, 64, 64, density)
+            out = block_sparse_attention(q, k, v, idx, counts, scale=SCALE)
+            with jax.default_matmul_precision("highest"):
+                ref = block_sparse_attention_reference(*up, idx, counts, scale=SCALE)
+            err, verdict = rel_err(out.astype(jnp.float32), ref)
+            lines.append(f"block_sparse L={length} density={density or 'dense'}: rel_err={err:.2e} {verdict}")
+            if length % 64 == 0:
+                ci, sc = canonicalize_block_indices(idx, counts, q_len=length, kv_len=length, block_q=64,
+                                                    block_k=64, causal=True)
+                poisoned = block_sparse_forward(q, k, v, ci, sc, kv_len=length, scale=SCALE, causal=True,
+                                                block_q=64, block_k=64, interpret=False, num_warps=None,
+                                                num_stages=None, out_init=jnp.full(q.shape, jnp.nan, q.dtype))
+                same = bool(jnp.array_equal(poisoned, out))
+                lines.append(f"  poisoned output: all written and equal to the plain call: {same}")
+        for kind in ("nearest", "random"):
+            key, kp = jax.random.split(key)
+            verticals, slashes = vs_pattern(kp, length, kind)
+            verticals, slashes = verticals[..., :100], slashes[..., :300]
+            index = build_vertical_slash_index(verticals, slashes, length)
+            out = vertical_slash_attention(q, k, v, index, scale=SCALE)
+            with jax.default_matmul_precision("highest"):
+                ref = vertical_slash_attention_reference(*up, verticals, slashes, SCALE)
+            err, verdict = rel_err(out.astype(jnp.float32), ref)
+            lines.append(f"vertical_slash L={length} {kind} (100 v / 300 s): rel_err={err:.2e} {verdict}")
+            if length % 64 == 0:
+                poisoned = vertical_slash_forward(q, k, v, index, scale=SCALE, interpret=False, num_warps=None,
+                                                  num_stages=None, out_init=jnp.full(q.shape, jnp.nan, q.dtype))
+                lines.append(f"  poisoned output: all written and equal: {bool(jnp.array_equal(poisoned, out))}")
+    for line in lines:
+        log(line)
+    return lines
+
+
+def block_sparse_case(q, k, v, idx, counts, cfg):
+    """Times the canonicalising pre-pass and the kernel on canonical lists; returns a result dict."""
+    bq, bk, warps, stages, heads_fastest = cfg
+    length = q.shape[1]
+    canon = jax.jit(lambda i, c: canonicalize_block_indices(i, c, q_len=length, kv_len=length, block_q=bq,
+                                                            block_k=bk, causal=True))
+    ci, sc = canon(idx, counts)
+    tiles = int(jnp.sum(sc[..., 1]))
+    kern = jax.jit(lambda q, k, v, i, s: block_sparse_attention_canonical(
+        q, k, v, i, s, scale=SCALE, block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
+        heads_fastest=bool(heads_fastest)))
+    t_kernel = timeit(kern, q, k, v, ci, sc)
+    t_prep = timeit(canon, idx, counts)
+    causal_tiles = HEADS * sum(min(((i * bq + bq - 1) // bk) + 1, -(-length // bk)) for i in range(-(-length // bq)))
+    flops = 4 * bq * bk * HEAD_DIM * tiles
+    return dict(kernel_ms=t_kernel * 1e3, prep_ms=t_prep * 1e3, tflops=flops / t_kernel / 1e12,
+                tile_frac=tiles / causal_tiles, flops=flops)
+
+
+def vertical_slash_case(q, k, v, verticals, slashes, cfg):
+    block, warps, stages, heads_fastest = cfg
+    length = q.shape[1]
+    build = jax.jit(lambda vv, ss: build_vertical_slash_index(vv, ss, length, block, block))
+    index = build(verticals, slashes)
+    tiles = int(jnp.sum(index.plain_counts) + jnp.sum(index.masked_counts))
+    chunks = int(jnp.sum((index.column_counts + block - 1) // block))
+    kern = jax.jit(lambda q, k, v, ix: vertical_slash_attention(q, k, v, ix, scale=SCALE, num_warps=warps,
+                                                                 num_stages=stages, heads_fastest=bool(heads_fastest)))
+    t_kernel = timeit(kern, q, k, v, index)
+    t_build = timeit(build, verticals, slashes)
+    nqb = -(-length // block)
+    flops = 4 * block * block * HEAD_DIM * (tiles + chunks)
+    return dict(kernel_ms=t_kernel * 1e3, prep_ms=t_build * 1e3, tflops=flops / t_kernel / 1e12,
+                tile_frac=(tiles + chunks) / (HEADS * nqb * (nqb + 1) / 2), flops=flops,
+                masked_tiles=int(jnp.sum(index.masked_counts)), column_chunks=chunks)
+
+
+def cudnn_case(q, k, v):
+    fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=SCALE, is_causal=True,
+                                                              implementation="cudnn"))
+    t = timeit(fn, q, k, v)
+    flops = 4 * HEADS * q.shape[1] ** 2 / 2 * HEAD_DIM
+    return dict(kernel_ms=t * 1e3, prep_ms=0.0, tflops=flops / t / 1e12, tile_frac=1.0, flops=flops)
+
+
+def sweep(key, length: int, budget_s: float):
+    """Tries each config on dense and 10 % block lists and on the nearest-diagonals vertical-slash set."""
+    q, k, v = qkv(key, length)
+    best_bs, best_vs, rows = None, None, []
+    for cfg in BS_CONFIGS:
+        if time.perf_counter() - START > budget_s:
+            break
+        try:
+            total = 0.0
+            for density in (None, 0.1):
+                idx, counts = random_block_lists(key, length, cfg[0], cfg[1], density)
+                r = block_sparse_case(q, k, v, idx, counts, cfg)
+                total += r["kernel_ms"]
+                rows.append(("block_sparse", cfg, density or "dense", r))
+                log(f"sweep block_sparse {cfg} {density or 'dense'}: {r['kernel_ms']:.2f} ms {r['tflops']:.0f} TFLOP/s")
+            if best_bs is None or total < best_bs[1]:
+                best_bs = (cfg, total)
+        except Exception as e:  # a config Triton cannot compile (e.g. out of shared memory) is skipped
+            log(f"sweep block_sparse {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+    verticals, slashes = vs_pattern(key, length, "nearest")
+    for cfg in VS_CONFIGS:
+        if time.perf_counter() - START > budget_s:
+            break
+        try:
+            r = vertical_slash_case(q, k, v, verticals, slashes, cfg)
+            rows.append(("vertical_slash", cfg, "nearest", r))
+            log(f"sweep vertical_slash {cfg}: {r['kernel_ms']:.2f} ms {r['tflops']:.0f} TFLOP/s")
+            if best_vs is None or r["kernel_ms"] < best_vs[1]:
+                best_vs = (cfg, r["kernel_ms"])
+        except Exception as e:
+            log(f"sweep vertical_slash {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+    return (best_bs or (BS_CONFIGS[0],))[0], (best_vs or (VS_CONFIGS[0],))[0], rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--sweep-length", type=int, default=32768)
+    parser.add_argument("--sweep", choices=("before", "after", "none"), default="before",
+                        help="before: pick the configs by the sweep; after: use the defaults (or --bs-config, "
+                             "--vs-config) for the table and sweep afterwards")
+    parser.add_argument("--bs-config", default=None, help="block_q,block_k,num_warps,num_stages,heads_fastest")
+    parser.add_argument("--vs-config", default=None, help="block,num_warps,num_stages,heads_fastest")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="stop starting new cases after this")
+    args = parser.parse_args()
+    log(f"{datetime.datetime.now().isoformat(timespec='seconds')} jax {jax.__version__} "
+        f"device {jax.devices()[0].device_kind}")
+    key = jax.random.key(int(time.time()))  # fresh inputs every run
+    results = dict(correctness=check_correctness(key))
+    bs_cfg, vs_cfg = BS_CONFIGS[0], VS_CONFIGS[0]
+    if args.bs_config:
+        bs_cfg = tuple(int(x) for x in args.bs_config.split(","))
+    if args.vs_config:
+        vs_cfg = tuple(int(x) for x in args.vs_config.split(","))
+    if args.sweep == "before":
+        bs_cfg, vs_cfg, rows = sweep(jax.random.fold_in(key, 1), args.sweep_length, args.budget_s * 0.5)
+        results["sweep"] = [(a, list(c), str(d), r) for a, c, d, r in rows]
+    log(f"using block_sparse {bs_cfg} (block_q, block_k, warps, stages), vertical_slash {vs_cfg}")
+    table = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        q, k, v = qkv(jax.random.fold_in(key, length), length)
+        cases = [("cudnn dense", lambda: cudnn_case(q, k, v))]
+        for density in (None,) + DENSITIES:
+            cases.append((f"block_sparse {'dense' if density is None else f'{density:.0%}'}",
+                          lambda d=density: block_sparse_case(
+                              q, k, v, *random_block_lists(jax.random.fold_in(key, 7), length, bs_cfg[0],
+                                                           bs_cfg[1], d), bs_cfg)))
+        for kind in ("nearest", "random"):
+            cases.append((f"vertical_slash {kind}", lambda kd=kind: vertical_slash_case(
+                q, k, v, *vs_pattern(jax.random.fold_in(key, 9), length, kd), vs_cfg)))
+        for name, case in cases:
+            if time.perf_counter() - START > args.budget_s:
+                log(f"budget spent: skipping {name} at {length}")
+                continue
+            try:
+                r = case()
+            except Exception as e:
+                log(f"{name} at {length} failed: {type(e).__name__}: {str(e)[:400]}")
+                continue
+            table.append((length, name, r))
+            log(f"L={length} {name}: kernel {r['kernel_ms']:.3f} ms, prep {r['prep_ms']:.3f} ms, "
+                f"{r['tflops']:.0f} TFLOP/s, tiles {r['tile_frac']:.1%}")
+        del q, k, v
+    if args.sweep == "after":
+        best_bs, best_vs, rows = sweep(jax.random.fold_in(key, 1), args.sweep_length, args.budget_s)
+        results["sweep"] = [(a, list(c), str(d), r) for a, c, d, r in rows]
+        log(f"sweep after the table: best block_sparse {best_bs}, vertical_slash {best_vs}")
+    results["table"] = [(n, name, r) for n, name, r in table]
+    results["configs"] = dict(block_sparse=list(bs_cfg), vertical_slash=list(vs_cfg))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_sparse.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    cudnn = {n: r["kernel_ms"] for n, name, r in table if name == "cudnn dense"}
+    print(f"\nblock_sparse {bs_cfg} (block_q, block_k, warps, stages, heads_fastest); vertical_slash {vs_cfg} "
+          f"(block, warps, stages, heads_fastest); {jax.devices()[0].device_kind}; B=1 H=32 KVH=8 D=128 bf16 "
+          "causal; prep = canonicalising pre-pass / index build\n")
+    print("| L | variant | tiles computed | kernel ms | prep ms | TFLOP/s (computed) "
+          "| speedup vs cuDNN (kernel / +prep) |")
+    print("|---|---|---|---|---|---|---|")
+    for n, name, r in table:
+        base = cudnn.get(n)
+        sp = (f"{base / r['kernel_ms']:.2f}x / {base / (r['kernel_ms'] + r['prep_ms']):.2f}x" if base else "-")
+        print(f"| {n // 1024}K | {name} | {r['tile_frac']:.1%} | {r['kernel_ms']:.2f} | {r['prep_ms']:.2f} | "
+              f"{r['tflops']:.0f} | {sp} |")
+
+
+if __name__ == "__main__":
+    main()

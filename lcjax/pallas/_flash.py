@@ -1,0 +1,107 @@
+"""Online-softmax pieces shared by lcjax's Triton-lowered Pallas attention kernels (used inside kernels).
+
+The state of one query tile is (acc fp32 `[rows, head_dim]`, m fp32 `[rows]`, l fp32 `[rows]`): the
+unnormalised output, the running max of the logits and the running sum of exp(logit - m). Logits are
+multiplied by `scale * log2(e)` once, so each element costs one exp2.
+
+Masked logits are -inf, but the running max starts at a finite floor (-1e30) instead of -inf: a row whose
+keys in a tile are all masked then gets alpha = exp2(0) = 1 and p = exp2(-inf) = 0, never NaN; a row that
+never meets an allowed key ends with l = 0 and `finish` writes zeros for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+LOG2E = math.log2(math.e)
+M_FLOOR = -1e30
+SUPPORTED_HEAD_DIMS = (64, 96, 128)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+State = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def init_state(rows: int, head_dim: int) -> State:
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), M_FLOOR, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, qk_scale: float,
+           mask: jax.Array | None = None) -> State:
+    """One tile: q `[rows, d]`, k and v `[cols, d]`, mask bool `[rows, cols]` (None: all allowed)."""
+    acc, m, l = state
+    s = plgpu.dot(q, k, trans_b=True) * qk_scale
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+
+def finish(state: State, dtype) -> jax.Array:
+    acc, _, l = state
+    return (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(dtype)
+
+
+def check_inputs(name: str, q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    """Shape/dtype checks shared by the kernels' wrappers; errors say what is supported."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"{name} wants q [batch, q_len, heads, head_dim] and k, v [batch, kv_len, kv_heads, "
+                         f"head_dim]; got q {q.shape}, k {k.shape}, v {v.shape}.")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{name}: q {q.shape}, k {k.shape}, v {v.shape} disagree on batch or head_dim.")
+    head_dim = q.shape[3]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim={head_dim} is not supported by {name}; supported: "
+                         f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}.")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{name}: heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}.")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name} takes q, k, v of one dtype among bfloat16, float16, float32; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}.")
+
+
+def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pads `axis` of x up to `size` (no copy when it already has that size)."""
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Triton tiles need power-of-two sizes: head_dim 96 runs as 128 with zero-padded q, k, v."""
+    return 1 << (head_dim - 1).bit_length()
+
+
+def launch_grid(heads: int, num_q_blocks: int, batch: int, heads_fastest: bool):
+    """The grid, a BlockSpec maker taking index maps of (head, query block, batch), and the grid axis of the
+    query block. Query blocks run last first: under a causal mask they hold the most tiles, so the long
+    programs start early and the short ones fill the tail. heads_fastest: programs of all heads for one query
+    block launch together (the 4-8 query heads of a GQA group then read one K/V head at the same time);
+    otherwise all query blocks of one head launch together."""
+    last = num_q_blocks - 1
+    if heads_fastest:
+        grid, ids, q_axis = (heads, num_q_blocks, batch), (lambda h, i, b: (h, last - i, b)), 1
+    else:
+        grid, ids, q_axis = (num_q_blocks, heads, batch), (lambda i, h, b: (h, last - i, b)), 0
+
+    def spec(block_shape, index_map):
+        return pl.BlockSpec(block_shape, lambda *g: index_map(*ids(*g)))
+
+    return grid, spec, q_axis
+
+
+def default_warps(block_k: int) -> int:
+    """Measured on H100, head_dim 128 (NOTES.md): 64-key tiles ran best on 4 warps (8 took 44-47 % longer
+    at 64 and 128 query rows); 128 x 128 vertical-slash tiles on 8 (4 took twice as long)."""
+    return 8 if block_k >= 128 else 4

@@ -1,0 +1,162 @@
+"""MInference's vertical-slash sparse prefill attention: a Triton-lowered Pallas kernel and its XLA reference.
+
+Query i attends key j iff j <= i and (j is a vertical column or i - j is a slash offset), exactly: unlike
+MInference's kernel, which attends every key of a covered range, tiles that are not wholly on slashes apply
+that mask elementwise. Per query block the kernel runs one online softmax over (1) the plain tiles from
+`build_vertical_slash_index`, unmasked, (2) its masked tiles, (3) the remaining vertical columns, gathered in
+chunks of `block` keys. GQA reads kv head h // (heads // kv_heads); head_dim 96 runs zero-padded to 128.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from lcjax.attention import masked_attention
+from lcjax.pallas import _flash
+from lcjax.pallas.vertical_slash_index import VerticalSlashIndex, build_vertical_slash_index
+
+__all__ = ["VerticalSlashIndex", "build_vertical_slash_index", "vertical_slash_attention",
+           "vertical_slash_attention_reference", "vertical_slash_mask_fn"]
+
+
+def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, vert_ref, slash_ref, *out_refs,
+            num_q_blocks: int, block: int, qk_scale: float, q_axis: int):
+    o_ref = out_refs[-1]  # with a poisoned buffer aliased in, its input ref comes first
+    qb = num_q_blocks - 1 - pl.program_id(q_axis)  # see _flash.launch_grid
+    q = q_ref[...]
+    lane = jnp.arange(block, dtype=jnp.int32)
+    rows = qb * block + lane
+
+    def kv_tile(t):
+        start = pl.multiple_of((qb - t) * block, block)
+        return start, k_ref[pl.ds(start, block), :], v_ref[pl.ds(start, block), :]
+
+    def plain_tile(n, state):
+        _, k, v = kv_tile(plain_ref[n])
+        return _flash.update(state, q, k, v, qk_scale)
+
+    def masked_tile(n, state):
+        t = masked_ref[n]
+        start, k, v = kv_tile(t)
+        offset = t * block + lane[:, None] - lane[None, :]  # query - key
+        on_slash = slash_ref[jnp.maximum(offset, 0)] != 0
+        on_vertical = vert_ref[pl.ds(start, block)] != 0
+        mask = (offset >= 0) & (on_slash | on_vertical[None, :])
+        return _flash.update(state, q, k, v, qk_scale, mask)
+
+    def column_chunk(n, state):
+        first = pl.multiple_of(n * block, block)
+        cols = cols_ref[pl.ds(first, block)]
+        k, v = k_ref[cols, :], v_ref[cols, :]
+        mask = ((first + lane) < counts_ref[2])[None, :] & (cols[None, :] <= rows[:, None])
+        return _flash.update(state, q, k, v, qk_scale, mask)
+
+    state = _flash.init_state(block, q.shape[-1])
+    state = jax.lax.fori_loop(0, counts_ref[0], plain_tile, state)
+    state = jax.lax.fori_loop(0, counts_ref[1], masked_tile, state)
+    state = jax.lax.fori_loop(0, jax.lax.div(counts_ref[2] + block - 1, block), column_chunk, state)
+    o_ref[...] = _flash.finish(state, o_ref.dtype)
+
+
+def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpret: bool,
+                    num_warps: int | None, num_stages: int | None, heads_fastest: bool = False,
+                    out_init: jax.Array | None = None):
+    """The kernel on padded arrays: q `[b, L, h, d]`, k, v `[b, L, kvh, d]`, L = nqb * block, d a power of
+    two. `out_init` (testing): a buffer of q's shape aliased to the output, to prove every element is written."""
+    batch, padded, heads, head_dim = q.shape
+    groups = heads // k.shape[2]
+    block = index.block
+    nqb = padded // block
+    counts = jnp.stack([index.plain_counts, index.masked_counts, index.column_counts,
+                        jnp.zeros_like(index.column_counts)], axis=-1)
+    grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
+    kernel = functools.partial(_kernel, num_q_blocks=nqb, block=block, qk_scale=scale * _flash.LOG2E,
+                               q_axis=q_axis)
+    q_spec = spec((None, block, None, head_dim), lambda h, i, b: (b, i, h, 0))
+    kv_spec = spec((None, padded, None, head_dim), lambda h, i, b: (b, 0, h // groups, 0))
+    per_head = spec((None, None, nqb), lambda h, i, b: (b, h, 0))
+    per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
+    per_key = spec((None, None, padded), lambda h, i, b: (b, h, 0))
+    in_specs = [q_spec, kv_spec, kv_spec, per_head, per_head, per_block(4),
+                per_block(index.column_indices.shape[-1]), per_key, per_key]
+    args = [q, k, v, index.diag_plain, index.diag_masked, counts, index.column_indices, index.is_vertical,
+            index.is_slash]
+    aliases = {}
+    if out_init is not None:
+        in_specs.append(q_spec)
+        args.append(out_init)
+        aliases = {len(args) - 1: 0}
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or _flash.default_warps(block),
+                                             num_stages=num_stages or 2),
+        interpret=interpret,
+        name="vertical_slash_attention",
+    )(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest"))
+def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashIndex, *,
+                             scale: float, interpret: bool = False, num_warps: int | None = None,
+                             num_stages: int | None = None, heads_fastest: bool = False) -> jax.Array:
+    """Causal prefill attention over a vertical-slash pattern.
+
+    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]` (keys and queries both
+    from position 0); bfloat16, float16 or float32; head_dim 64, 96 or 128. index: from
+    `build_vertical_slash_index(..., q_len)` for the same batch and heads. Returns `[batch, q_len, heads,
+    head_dim]` in q's dtype; rows with no allowed key are zeros. num_warps, num_stages (Triton) and
+    heads_fastest (grid order, see `_flash.launch_grid`) tune speed only.
+    """
+    name = "vertical_slash_attention"
+    _flash.check_inputs(name, q, k, v)
+    batch, q_len, heads, head_dim = q.shape
+    if k.shape[1] != q_len or index.q_len != q_len:
+        raise ValueError(f"{name} is causal prefill: q_len={q_len}, kv_len={k.shape[1]} and the index's "
+                         f"q_len={index.q_len} must agree.")
+    if index.plain_counts.shape[:2] != (batch, heads):
+        raise ValueError(f"{name}: the index is for [batch, heads]={index.plain_counts.shape[:2]}, q has "
+                         f"{(batch, heads)}.")
+    padded = index.is_slash.shape[-1]
+    d_pad = _flash.padded_head_dim(head_dim)
+    q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
+    out = _pallas_forward(q_p, k_p, v_p, index, scale=scale, interpret=interpret, num_warps=num_warps,
+                          num_stages=num_stages, heads_fastest=heads_fastest)
+    return out[:, :q_len, :, :head_dim]
+
+
+def vertical_slash_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int):
+    """mask_fn(rows) -> bool `[batch, heads, len(rows), q_len]`, exactly causal & (key in verticals |
+    query - key in slashes), for `lcjax.attention.masked_attention`; entries outside [0, q_len) match nothing."""
+    def table(x):  # bool [batch, heads, q_len]; negatives must not wrap around in .at[]
+        x = jnp.where((x >= 0) & (x < q_len), x, q_len)
+        b = jnp.arange(x.shape[0])[:, None, None]
+        h = jnp.arange(x.shape[1])[None, :, None]
+        return jnp.zeros((*x.shape[:2], q_len + 1), bool).at[b, h, x].set(True)[..., :q_len]
+
+    is_vertical, is_slash = table(vertical_indices), table(slash_offsets)
+    keys = jnp.arange(q_len, dtype=jnp.int32)
+
+    def mask_fn(rows):
+        offset = rows[:, None] - keys[None, :]
+        on_slash = jnp.take(is_slash, jnp.clip(offset, 0, q_len - 1), axis=-1)  # [batch, heads, rows, keys]
+        return (offset >= 0) & (on_slash | is_vertical[:, :, None, :])
+
+    return mask_fn
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def vertical_slash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, vertical_indices: jax.Array,
+                                       slash_offsets: jax.Array, scale: float) -> jax.Array:
+    """`vertical_slash_attention` in plain XLA: masked softmax attention under the exact per-head mask."""
+    return masked_attention(q, k, v, vertical_slash_mask_fn(vertical_indices, slash_offsets, q.shape[1]), scale,
+                            q_chunk=512)

@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
 import lcjax
+import lcjax.methods
 from lcjax.generate import generate
 from lcjax.methods import attention_method
+from lcjax.methods.minference import SHIPPED_CONFIGS
 from lcjax.methods.sparse_prefill import tile_costs
 from lcjax.tasks.passkey import passkey_sample, passkey_score
-
-SHIPPED = {"smollm2-135m": "lcjax/methods/configs/smollm2_135m.json"}
 
 
 def main(argv=None) -> None:
@@ -43,7 +44,8 @@ def main(argv=None) -> None:
     length = args.length or model.config.max_position_embeddings - 192
     samples = [passkey_sample(tokenizer, length, d / max(1, args.depths - 1), seed)
                for seed in range(args.seeds) for d in range(args.depths)]
-    pattern_config = args.pattern_config or SHIPPED.get(args.model)
+    shipped = Path(lcjax.methods.__file__).parent / "configs" / SHIPPED_CONFIGS.get(str(args.model), "-")
+    pattern_config = args.pattern_config or (str(shipped) if shipped.exists() else None)
     rows = []
     for name in args.methods:
         kw = {} if name == "dense" else {"backend": args.backend}

@@ -250,3 +250,13 @@ def test_tile_costs_count_visited_tiles(llama):
     # a 1-token window visits exactly the diagonal tiles: 6 of the 21 causal 8x8 tiles of 48 tokens
     diag = tile_costs(model, AShape(n_init=0, n_local=1, backend="xla"), ids[0], tile=8)
     np.testing.assert_allclose(diag, 6 / 21)
+
+
+def test_shipped_smollm2_config_fits_the_builtin_model():
+    from lcjax.methods.minference import shipped_config
+    cfg = shipped_config("smollm2-135m")
+    cfg.check(30, 9)                                   # SmolLM2-135M: 30 layers x 9 query heads
+    kinds = {p.kind for layer in cfg.patterns for p in layer}
+    assert kinds <= {"vertical_and_slash", "stream_llm", "block_sparse"} and len(kinds) > 1
+    with pytest.raises(ValueError, match="No shipped MInference config for 'llama-70b'"):
+        shipped_config("llama-70b")

@@ -219,6 +219,17 @@ class MInference:
         return sparse_prefill(q, k, v, cache, meta, self.pattern, self.backend)
 
 
+SHIPPED_CONFIGS = {"smollm2-135m": "smollm2_135m.json"}
+
+
+def shipped_config(model_name: str) -> MInferenceConfig:
+    """A pattern config lcjax ships, searched by `experiments.minference_search` (see README)."""
+    if model_name not in SHIPPED_CONFIGS:
+        raise ValueError(f"No shipped MInference config for {model_name!r}; shipped: {', '.join(SHIPPED_CONFIGS)}. "
+                         "Run `python -m experiments.minference_search --model ...` to make one.")
+    return MInferenceConfig.from_json(Path(__file__).parent / "configs" / SHIPPED_CONFIGS[model_name])
+
+
 def vertical_slash(num_layers: int, num_heads: int, vertical_size: int = 1000, slash_size: int = 6096,
                    backend: Backend = "auto") -> MInference:
     """MInference with every head vertical-slash (SCBench's `minference` defaults: 1000 / 6096)."""

@@ -8,27 +8,18 @@ import pytest
 from lcjax.attention import AttentionMeta, DenseAttention, attention_mask, xla_attention
 from lcjax.cache import KVCache
 
+from reference import attention_f64
 
-def numpy_attention(q, k, v, q_slots, lengths, window, scale):
-    """float64 reference; repeats K/V per group the obvious way."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    b, sq, h, d = q.shape
-    group = h // k.shape[2]
-    k = np.repeat(k, group, axis=2)
-    v = np.repeat(v, group, axis=2)
-    out = np.zeros_like(q)
+
+def loop_mask(q_slots, kv_len, lengths, window, heads):
+    """bool [b, h, q, kv] built by explicit loops: causal by slot, within lengths, inside the window."""
+    b, sq = q_slots.shape
+    m = np.zeros((b, heads, sq, kv_len), bool)
     for bi in range(b):
         for i in range(sq):
-            qi = q_slots[bi, i]
-            keys = [j for j in range(k.shape[1]) if j <= qi and j < lengths[bi] and (window is None or qi - j < window)]
-            if not keys:
-                continue
-            for hi in range(h):
-                logits = np.array([q[bi, i, hi] @ k[bi, j, hi] for j in keys]) * scale
-                p = np.exp(logits - logits.max())
-                p /= p.sum()
-                out[bi, i, hi] = sum(pj * v[bi, j, hi] for pj, j in zip(p, keys))
-    return out
+            for j in range(kv_len):
+                m[bi, :, i, j] = j <= q_slots[bi, i] and j < lengths[bi] and (window is None or q_slots[bi, i] - j < window)
+    return m
 
 
 @pytest.mark.parametrize("heads,kv_heads,window,q_chunk", [(4, 4, None, 1024), (8, 2, None, 5), (8, 1, 6, 1024),
@@ -43,7 +34,7 @@ def test_xla_attention_matches_float64_reference(heads, kv_heads, window, q_chun
     slots = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
     mask = attention_mask(jnp.asarray(slots), s, jnp.asarray(lengths), window)
     out = xla_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, d ** -0.5, q_chunk=q_chunk)
-    ref = numpy_attention(q, k, v, slots, lengths, window, d ** -0.5)
+    ref = attention_f64(q, k, v, loop_mask(slots, s, lengths, window, heads), d ** -0.5)
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-4)
 
 

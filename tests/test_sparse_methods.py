@@ -17,19 +17,7 @@ from lcjax.methods.minference import (MInference, MInferenceConfig, block_sparse
 from lcjax.methods.sparse_pattern import SparsePattern, pattern_attention_reference
 
 from conftest import FIXTURES
-
-
-def numpy_pattern_attention(q, k, v, allowed, scale):
-    """float64 reference with an explicit per-head mask allowed[b, h, i, j]."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    g = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    logits = np.einsum("bihd,bjhd->bhij", q, k) * scale
-    logits = np.where(allowed, logits, -np.inf)
-    mx = logits.max(-1, keepdims=True)
-    p = np.exp(logits - np.where(np.isfinite(mx), mx, 0))
-    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
-    return np.einsum("bhij,bjhd->bihd", np.where(allowed, p, 0), v)
+from reference import attention_f64
 
 
 def numpy_allowed(pattern, seq, lengths, window=None):
@@ -70,7 +58,7 @@ def test_pattern_reference_matches_float64(heads, kv_heads, with_blocks, window)
     out = pattern_attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pattern,
                                       jnp.asarray(lengths), d ** -0.5, q_chunk=16, sliding_window=window)
     allowed = numpy_allowed(pattern, seq, lengths, window)
-    ref = numpy_pattern_attention(q, k, v, allowed, d ** -0.5)
+    ref = attention_f64(q, k, v, allowed, d ** -0.5)
     np.testing.assert_allclose(np.asarray(out), ref, atol=3e-5)
     empty_rows = ~allowed.any(-1)                                       # [b, h, i]
     assert empty_rows.any() and np.all(np.asarray(out).transpose(0, 2, 1, 3)[empty_rows] == 0)

@@ -105,3 +105,28 @@ def default_warps(block_k: int) -> int:
     """Measured on H100, head_dim 128 (NOTES.md): 64-key tiles ran best on 4 warps (8 took 44-47 % longer
     at 64 and 128 query rows); 128 x 128 vertical-slash tiles on 8 (4 took twice as long)."""
     return 8 if block_k >= 128 else 4
+
+
+def launch(kernel, *, grid, in_specs: list, args: list, out_spec, out_like: jax.Array, tile_k: int,
+           num_warps: int | None, num_stages: int | None, interpret: bool, name: str,
+           out_init: jax.Array | None = None) -> jax.Array:
+    """`pl.pallas_call` of a kernel writing one output shaped like `out_like` with `out_spec`.
+
+    `out_init` (testing): a buffer aliased to the output, e.g. NaNs, to prove every element is written.
+    """
+    aliases = {}
+    if out_init is not None:
+        in_specs, args = [*in_specs, out_spec], [*args, out_init]
+        aliases = {len(args) - 1: 0}
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or default_warps(tile_k),
+                                             num_stages=num_stages or 2),
+        interpret=interpret,
+        name=name,
+    )(*args)

@@ -22,7 +22,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from lcjax.attention import masked_attention
 from lcjax.pallas import _flash
@@ -114,23 +113,9 @@ def _pallas_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     in_specs = [q_spec, kv_spec, kv_spec, spec((None, None, None, indices.shape[-1]), lambda h, i, b: (b, h, i, 0)),
                 spec((None, None, None, 2), lambda h, i, b: (b, h, i, 0))]
     args = [q, k, v, indices, schedule]
-    aliases = {}
-    if out_init is not None:
-        in_specs.append(q_spec)
-        args.append(out_init)
-        aliases = {len(args) - 1: 0}
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or _flash.default_warps(block_k),
-                                             num_stages=num_stages or 2),
-        interpret=interpret,
-        name="block_sparse_attention",
-    )(*args)
+    return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
+                         tile_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                         name="block_sparse_attention", out_init=out_init)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps",

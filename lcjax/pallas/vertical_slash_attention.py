@@ -14,7 +14,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from lcjax.attention import masked_attention
 from lcjax.pallas import _flash
@@ -86,23 +85,9 @@ def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpr
                 per_block(index.column_indices.shape[-1]), per_key, per_key]
     args = [q, k, v, index.diag_plain, index.diag_masked, counts, index.column_indices, index.is_vertical,
             index.is_slash]
-    aliases = {}
-    if out_init is not None:
-        in_specs.append(q_spec)
-        args.append(out_init)
-        aliases = {len(args) - 1: 0}
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or _flash.default_warps(block),
-                                             num_stages=num_stages or 2),
-        interpret=interpret,
-        name="vertical_slash_attention",
-    )(*args)
+    return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
+                         tile_k=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                         name="vertical_slash_attention", out_init=out_init)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest"))

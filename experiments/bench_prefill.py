@@ -1,0 +1,368 @@
+"""GPU benchmark: vertical-slash sparse prefill end to end (estimate + index build + kernel) vs cuDNN dense,
+and lcjax's kernel vs MInference's own Triton kernel on the same indices.
+
+Causal, batch 1, 32 q heads / 8 KV heads, head_dim 128, bf16; MInference's default budgets (1000 verticals,
+6096 slashes, estimated from the last 64 queries). Index sets, named in the table:
+  * "structured": a synthetic head built so attention concentrates on a local band plus ~50 vertical key
+    columns per KV head (q/k share a slowly varying sinusoidal "RoPE-like" vector -> locality; 50 random
+    "sink" keys carry a strong component every query of the group also carries). The indices are
+    lcjax's online estimate (`estimate_vertical_slash`) of that head, so they are what MInference would pick.
+  * "nearest": MInference's ideal set, verticals 0..999 and slashes 0..6095 (no estimation).
+Sections: (1) lcjax per length: cuDNN dense, estimate, index build, kernel (blocks 128 and 64), end to end
+(one jit: estimate + build + kernel); (2) MInference's Triton kernel (PyTorch) on the same q/k/v and
+indices, validated against lcjax at 4K, when a peer module is present (see `load_peer`); (3) optional: Llama-3-8B-shaped random-weight prefill, dense vs
+`vertical_slash(32, 32, backend="pallas")`.
+Times are medians of >= 10 samples after warm-up (the slowest rows fewer, as printed). TFLOP/s count the
+tiles each kernel computes (4 * b * b * head_dim per tile or column chunk). A markdown table comes last.
+
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
+    PYTHONPATH=. python3 -m experiments.bench_prefill [--lengths 131072,262144,524288] [--model] [--json]
+    python -m experiments.bench_prefill --cpu-smoke      # tiny lengths, interpret mode, no torch
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.methods.minference import estimate_vertical_slash
+from lcjax.pallas.vertical_slash_attention import vertical_slash_attention, vertical_slash_attention_reference
+from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+SCALE = HEAD_DIM ** -0.5
+N_VERTICAL, N_SLASH, LAST_Q = 1000, 6096, 64
+N_SINKS = 50
+PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".carry", "minference_peer.py")
+START = time.perf_counter()
+INTERPRET = False
+ROWS: list[dict] = []
+NOTES: list[str] = []
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - START:6.1f}s]", *a, flush=True)
+
+
+def elapsed() -> float:
+    return time.perf_counter() - START
+
+
+def timeit(fn, *args, samples: int = 10) -> tuple[float, int]:
+    """Median seconds per call after compile + one warm-up; (median, samples)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), samples
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def structured_qkv(key, length: int):
+    """Structured synthetic head: local band + N_SINKS vertical columns per KV head (see module doc)."""
+    kq, kk, kv, ks = jax.random.split(key, 4)
+    pos = jnp.arange(length, dtype=jnp.float32)
+    freqs = jnp.geomspace(1 / 8192, 1 / 16, 32)
+    ang = pos[:, None] * freqs[None, :]
+    amp = 2.3                                                   # peak local logit ~ amp^2 * 32 / sqrt(128) = 15
+    loc = amp * jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)          # [L, 64]
+    q = 0.5 * jax.random.normal(kq, (1, length, HEADS, HEAD_DIM), jnp.float32)
+    k = 0.5 * jax.random.normal(kk, (1, length, KV_HEADS, HEAD_DIM), jnp.float32)
+    v = jax.random.normal(kv, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    q = q.at[..., :64].add(loc[None, :, None, :])
+    k = k.at[..., :64].add(loc[None, :, None, :])
+    # one unit direction u_h in dims 64..127 per KV head; sink keys carry 12.6 u_h, every query of the group 12.6 u_h
+    ku, kp = jax.random.split(ks)
+    u = jax.random.normal(ku, (KV_HEADS, 64))
+    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+    sinks = jax.vmap(lambda kk_: jax.random.choice(kk_, length, (N_SINKS,), replace=False))(
+        jax.random.split(kp, KV_HEADS))                                         # [KV_HEADS, N_SINKS]
+    strength = 12.6
+    sink_add = jnp.zeros((length, KV_HEADS, 64)).at[sinks, jnp.arange(KV_HEADS)[:, None]].set(
+        strength * jnp.broadcast_to(u[:, None, :], (KV_HEADS, N_SINKS, 64)))
+    k = k.at[0, :, :, 64:].add(sink_add)
+    q = q.at[0, :, :, 64:].add(strength * jnp.repeat(u, HEADS // KV_HEADS, axis=0)[None])
+    return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v
+
+
+def nearest_indices(length: int):
+    nv, ns = min(N_VERTICAL, length), min(N_SLASH, length)
+    return (jnp.broadcast_to(jnp.arange(nv, dtype=jnp.int32), (1, HEADS, nv)),
+            jnp.broadcast_to(jnp.arange(ns, dtype=jnp.int32), (1, HEADS, ns)))
+
+
+# ---- lcjax pieces ---------------------------------------------------------------------------------------
+
+@jax.jit
+def estimate(q, k):
+    lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    return estimate_vertical_slash(q, k, lengths, N_VERTICAL, N_SLASH, LAST_Q, SCALE)
+
+
+def make_fns(length: int, block: int):
+    b = jax.jit(lambda vi, so: build_vertical_slash_index(vi, so, length, block, block))
+    kern = jax.jit(lambda q, k, v, ix: vertical_slash_attention(q, k, v, ix, scale=SCALE, interpret=INTERPRET))
+
+    @jax.jit
+    def e2e(q, k, v):
+        vi, so = estimate(q, k)
+        return vertical_slash_attention(q, k, v, build_vertical_slash_index(vi, so, length, block, block),
+                                        scale=SCALE, interpret=INTERPRET)
+
+    @jax.jit
+    def build_kernel(q, k, v, vi, so):
+        return vertical_slash_attention(q, k, v, build_vertical_slash_index(vi, so, length, block, block),
+                                        scale=SCALE, interpret=INTERPRET)
+    return b, kern, e2e, build_kernel
+
+
+def tile_count(index, block: int, length: int) -> tuple[int, float]:
+    tiles = int(jnp.sum(index.plain_counts) + jnp.sum(index.masked_counts))
+    chunks = int(jnp.sum((index.column_counts + block - 1) // block))
+    nqb = -(-length // block)
+    return tiles + chunks, (tiles + chunks) / (HEADS * nqb * (nqb + 1) / 2)
+
+
+def dense(q, k, v):
+    impl = None if INTERPRET else "cudnn"
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=SCALE, implementation=impl)
+
+
+dense_jit = jax.jit(dense)
+
+
+def add_row(**r):
+    ROWS.append(r)
+    log("ROW", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def lcjax_section(length: int, key, samples: int, slow_samples: int, blocks=(128, 64)):
+    """Returns (q, k, v, structured indices) for the torch section."""
+    q, k, v = jax.block_until_ready(structured_qkv(key, length))
+    dense_flops = 4 * HEADS * length * length / 2 * HEAD_DIM
+    slow = length >= 262144
+    t, n = timeit(dense_jit, q, k, v, samples=slow_samples if slow else samples)
+    t_dense = t
+    add_row(L=length, impl="cuDNN dense", index_set="-", block=0, tile_frac=1.0, est_ms=0.0, build_ms=0.0,
+            kernel_ms=t * 1e3, e2e_ms=t * 1e3, tflops=dense_flops / t / 1e12, speedup_e2e=1.0, samples=n)
+    t_est, n_est = timeit(estimate, q, k, samples=samples)
+    vi, so = estimate(q, k)
+    sets = {"structured (est.)": (vi, so), "nearest": nearest_indices(length)}
+    for name, (vv, ss) in sets.items():
+        for block in blocks:
+            b, kern, e2e, bk = make_fns(length, block)
+            t_build, _ = timeit(b, vv, ss, samples=samples)
+            index = b(vv, ss)
+            tiles, frac = tile_count(index, block, length)
+            t_kern, n_k = timeit(kern, q, k, v, index, samples=samples)
+            if name == "nearest":
+                t_e2e, _ = timeit(bk, q, k, v, vv, ss, samples=samples)
+                est_ms = 0.0
+            else:
+                t_e2e, _ = timeit(e2e, q, k, v, samples=samples)
+                est_ms = t_est * 1e3
+            add_row(L=length, impl=f"lcjax pallas b{block}", index_set=name, block=block, tile_frac=frac,
+                    est_ms=est_ms, build_ms=t_build * 1e3, kernel_ms=t_kern * 1e3, e2e_ms=t_e2e * 1e3,
+                    tflops=4 * block * block * HEAD_DIM * tiles / t_kern / 1e12, speedup_e2e=t_dense / t_e2e,
+                    samples=n_k)
+            del index
+    return q, k, v, (vi, so), t_dense, t_est
+
+
+# ---- MInference's kernel (a peer the repository does not carry) ------------------------------------------
+
+def load_peer():
+    """The side-by-side run of MInference's own kernel lives in `.carry/minference_peer.py`, which is not part
+    of lcjax: it runs MInference's source, which lcjax neither ships nor builds. It gets this module as
+    `bench` and provides load_minference(), validate(mod, key) and torch_section(mod, ...)."""
+    if not os.path.exists(PEER):
+        return None
+    spec = importlib.util.spec_from_file_location("minference_peer", PEER)
+    peer = importlib.util.module_from_spec(spec)
+    peer.bench = sys.modules[__name__]
+    spec.loader.exec_module(peer)
+    return peer
+
+
+def check_reference(key, length: int):
+    """CPU smoke: lcjax kernel (interpret) vs the XLA reference on the structured head."""
+    q, k, v = structured_qkv(key, length)
+    vi, so = estimate(q, k)
+    ix = build_vertical_slash_index(vi, so, length, 64, 64)
+    ours = np.asarray(vertical_slash_attention(q, k, v, ix, scale=SCALE, interpret=True).astype(jnp.float32))
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = np.asarray(vertical_slash_attention_reference(*up, vi, so, scale=SCALE))
+    NOTES.append(f"smoke L={length}: lcjax interpret vs reference rel L2 "
+                 f"{np.linalg.norm(ours - ref) / np.linalg.norm(ref):.2e}")
+    log(NOTES[-1])
+
+
+# ---- model ----------------------------------------------------------------------------------------------
+
+def model_section(seq: int, runs: int):
+    from lcjax.config import llama3_8b_config
+    from lcjax.methods.minference import vertical_slash
+    from lcjax.models.transformer import Transformer, _prefill
+    cfg = llama3_8b_config()
+    model = Transformer.init(cfg, jax.random.key(7), dtype=jnp.bfloat16)
+    rng = np.random.default_rng(int(time.time()))
+    lengths = jnp.full((1,), seq, jnp.int32)
+    res = {}
+    for name, m in (("dense (cuDNN)", model),
+                    ("vertical_slash(32,32,pallas)", model.with_transforms(
+                        attention=vertical_slash(cfg.num_layers, cfg.num_heads, backend="pallas")))):
+        toks = [jnp.asarray(rng.integers(0, cfg.vocab_size, (1, seq)), jnp.int32) for _ in range(runs + 1)]
+        t0 = time.perf_counter()
+        compiled = _prefill.lower(m, toks[0], lengths, seq, "last").compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(compiled(m, toks[0], lengths))
+        times = []
+        for t in toks[1:]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(m, t, lengths))
+            times.append(time.perf_counter() - t0)
+        res[name] = statistics.median(times) * 1e3
+        line = f"model Llama-3-8B-shaped random weights, {seq} tokens, {name}: {res[name]:.0f} ms " \
+               f"(median of {runs}, compile {compile_s:.0f} s)"
+        NOTES.append(line)
+        log(line)
+        del compiled
+        gc.collect()
+    names = list(res)
+    NOTES.append(f"model speedup sparse vs dense: {res[names[0]] / res[names[1]]:.2f}x (random weights: the "
+                 "online estimate picks near-dense indices)")
+    log(NOTES[-1])
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+
+def table() -> str:
+    head = ("| L | implementation | index set | tiles computed | est ms | build ms | kernel ms | e2e ms | "
+            "TFLOP/s (computed tiles) | e2e speedup vs cuDNN | ours b128 / theirs kernel | samples |")
+    lines = [head, "|" + "---|" * 12]
+    for r in ROWS:
+        ratio = r.get("ours_b128_over_theirs_kernel")
+        lines.append(f"| {r["L"] // 1024 if r["L"] >= 1024 else r["L"]}{"K" if r["L"] >= 1024 else ""} | {r['impl']} | {r['index_set']} | {r['tile_frac']:.1%} | "
+                     f"{r['est_ms']:.2f} | {r['build_ms']:.2f} | {r['kernel_ms']:.2f} | {r['e2e_ms']:.2f} | "
+                     f"{r['tflops']:.0f} | {r['speedup_e2e']:.2f}x | {'' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{r['samples']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    global INTERPRET
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="131072,262144,524288")
+    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--slow-samples", type=int, default=5, help="samples for cuDNN >= 256K and theirs at 512K")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--model", action="store_true", help="section 3: 8B-shaped prefill at --model-len")
+    p.add_argument("--model-only", action="store_true")
+    p.add_argument("--model-len", type=int, default=131072)
+    p.add_argument("--model-runs", type=int, default=3)
+    p.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this many seconds")
+    p.add_argument("--json", action="store_true", help="write $OUT/bench_prefill.json")
+    p.add_argument("--cpu-smoke", action="store_true")
+    a = p.parse_args(argv)
+    seed = int(time.time())
+    key = jax.random.key(seed)
+    log(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, seed {seed}")
+    if a.cpu_smoke:
+        INTERPRET = True
+        lengths, a.no_torch, a.samples, a.slow_samples = [256, 512], True, 2, 2
+        check_reference(key, 256)
+    else:
+        lengths = [int(x) for x in a.lengths.split(",") if x]
+    mod, validated = None, False
+    peer = None if a.no_torch else load_peer()
+    if peer is None and not a.no_torch:
+        NOTES.append(f"no MInference peer at {PEER}: lcjax and cuDNN only")
+        a.no_torch = True
+    if not a.model_only:
+        for length in lengths:
+            if elapsed() > a.deadline_s:
+                NOTES.append(f"L={length}: skipped, past --deadline-s")
+                log(NOTES[-1])
+                continue
+            key, sub = jax.random.split(key)
+            try:
+                q, k, v, (vi, so), t_dense, t_est = lcjax_section(length, sub, a.samples, a.slow_samples)
+            except Exception as e:  # noqa: BLE001 (OOM at the longest lengths: skip with a message)
+                NOTES.append(f"L={length}: lcjax section skipped: {type(e).__name__}: {str(e)[:300]}")
+                log(NOTES[-1])
+                gc.collect()
+                continue
+            if mod is None and not a.no_torch:
+                import torch
+                log(f"torch {torch.__version__}, loading the MInference peer")
+                try:
+                    mod = peer.load_minference()
+                except Exception as e:  # noqa: BLE001
+                    a.no_torch = True
+                    NOTES.append(f"MInference extension failed to load: {type(e).__name__}: {str(e)[:300]}")
+                    log(NOTES[-1])
+            if mod is not None and not validated:
+                validated = True
+                log("MInference loaded")
+                try:
+                    peer.validate(mod, key)
+                except Exception as e:  # noqa: BLE001
+                    NOTES.append(f"validation failed: {type(e).__name__}: {str(e)[:300]}")
+                    log(NOTES[-1])
+            if mod is not None:
+                try:
+                    peer.torch_section(mod, length, q, k, v, vi, so, t_dense, t_est, a.samples, a.slow_samples)
+                except Exception as e:  # noqa: BLE001
+                    NOTES.append(f"L={length}: MInference section skipped: {type(e).__name__}: {str(e)[:300]}")
+                    log(NOTES[-1])
+                    import torch
+                    torch.cuda.empty_cache()
+            del q, k, v, vi, so
+            gc.collect()
+            if a.json:
+                dump(a)
+    if (a.model or a.model_only) and not a.cpu_smoke:
+        if elapsed() > a.deadline_s:
+            NOTES.append("model section skipped, past --deadline-s")
+        else:
+            try:
+                model_section(a.model_len, a.model_runs)
+            except Exception as e:  # noqa: BLE001
+                NOTES.append(f"model section failed: {type(e).__name__}: {str(e)[:300]}")
+                log(NOTES[-1])
+    if a.json:
+        dump(a)
+    print()
+    print(f"date {datetime.date.today()}, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    for n in NOTES:
+        print("-", n)
+    print()
+    print(table())
+
+
+def dump(a):
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "bench_prefill.json"), "w") as f:
+        json.dump(dict(args=vars(a), device=jax.devices()[0].device_kind, jax=jax.__version__, rows=ROWS,
+                       notes=NOTES), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("--length", type=int, default=None)
     p.add_argument("--max-error", type=float, default=0.05)
     p.add_argument("--tile-budget", type=float, default=1.0)
+    p.add_argument("--question-rows", type=int, default=64, help="judge patterns on each prompt's last N rows")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                    help="needle depths of the calibration prompts (seeds 1000+, unused by the benchmark)")
     p.add_argument("--out", default=None)
@@ -35,6 +36,7 @@ def main(argv=None) -> None:
     length = args.length or model.config.max_position_embeddings - 192
     samples = [passkey_sample(tokenizer, length, depth=d, seed=1000 + i) for i, d in enumerate(args.depths)]
     config, raw = search_patterns(model, [s.prompt_ids for s in samples], max_error=args.max_error,
+                                  question_rows=args.question_rows,
                                   tile_budget=args.tile_budget)
     kinds = collections.Counter((pt.kind, pt.v, pt.s) for layer in config.patterns for pt in layer)
     chosen = np.array([[pt.score for pt in layer] for layer in config.patterns])

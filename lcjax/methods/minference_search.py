@@ -116,10 +116,12 @@ class _SearchAttention:
         return out, scores
 
 
-def _score_prompt(model: Transformer, tokens: jax.Array, candidates, min_row: int | None, tile: int) -> _Scores:
+def _score_prompt(model: Transformer, tokens: jax.Array, candidates, min_row: int | None,
+                  question_rows: int | None, tile: int) -> _Scores:
     seq = tokens.shape[1]
     cfg = model.config
-    min_row = seq - max(64, seq // 16) if min_row is None else min_row
+    if min_row is None:
+        min_row = seq - min(question_rows, seq)
     search = _SearchAttention(tuple(candidates), cfg.num_layers, min_row, tile=tile)
     zeros = jnp.zeros((cfg.num_layers, cfg.num_heads, len(candidates)), jnp.float32)
 
@@ -136,7 +138,7 @@ def _score_prompt(model: Transformer, tokens: jax.Array, candidates, min_row: in
 
 def search_patterns(model: Transformer, prompts, *, candidates: tuple[HeadPattern, ...] | None = None,
                     max_error: float = 0.05, tile_budget: float = 1.0, min_row: int | None = None,
-                    tile: int = 64) -> tuple[MInferenceConfig, dict]:
+                    question_rows: int = 64, tile: int = 64) -> tuple[MInferenceConfig, dict]:
     """Searches one pattern per (layer, head) on calibration prompts (`int [seq]` each, or one prompt).
 
     A head's score over several prompts is its worst case (largest error and cost, smallest recall), so a
@@ -144,14 +146,16 @@ def search_patterns(model: Transformer, prompts, *, candidates: tuple[HeadPatter
     Returns the config (MInference's JSON via `.save`) and the raw `recall`/`error`/`cost` tables
     `[layers, heads, candidates]` for reports. `max_error`: the largest relative error of a head's
     attention output (on the counted rows) a pattern may cause; `tile_budget`: the largest fraction of
-    causal tiles a head may cost; `min_row`: recall and error count rows from here (default: the last
-    1/16 of each prompt, where a task's question sits: the rows whose view of the whole context decides
-    the answer); `tile`: the kernel's tile (and block-sparse block) size.
+    causal tiles a head may cost; `question_rows`: recall and error count each prompt's last that many
+    rows, where a task's question sits: the rows whose view of the whole context decides the answer (64,
+    as MInference's online estimate; judging on the last 1/16 instead picked window patterns that dropped
+    the needle: 30-50% vs 80% passkey accuracy on SmolLM2); `min_row`: an absolute first row instead;
+    `tile`: the kernel's tile (and block-sparse block) size.
     """
     prompts = [prompts] if np.ndim(prompts[0]) == 0 else list(prompts)
     seq = min(len(p) for p in prompts)
     candidates = candidates or default_candidates(seq)
-    scores = [_score_prompt(model, jnp.asarray(p, jnp.int32).reshape(1, -1), candidates, min_row, tile)
+    scores = [_score_prompt(model, jnp.asarray(p, jnp.int32).reshape(1, -1), candidates, min_row, question_rows, tile)
               for p in prompts]
     recall = np.min([s.recall for s in scores], axis=0)
     error = np.max([s.error for s in scores], axis=0)

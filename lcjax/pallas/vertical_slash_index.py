@@ -60,6 +60,18 @@ def _indicator(x: jax.Array, length: int, padded: int) -> jax.Array:
     return jnp.zeros((batch, heads, padded + 1), jnp.int8).at[b, h, x].set(1)[..., :padded]
 
 
+def line_indicators(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int, block: int):
+    """(query blocks, padded length, is_vertical, is_slash): the int8 `[batch, heads, padded]` indicators of
+    the sanitised columns and offsets that both vertical-slash schedules start from."""
+    if vertical_indices.shape[:2] != slash_offsets.shape[:2]:
+        raise ValueError(f"vertical_indices {vertical_indices.shape} and slash_offsets {slash_offsets.shape} "
+                         "must share [batch, heads].")
+    nqb = -(-q_len // block)
+    padded = nqb * block
+    return (nqb, padded, _indicator(vertical_indices.astype(jnp.int32), q_len, padded),
+            _indicator(slash_offsets.astype(jnp.int32), q_len, padded))
+
+
 def _sorted_unique(x: jax.Array, length: int) -> jax.Array:
     """x `[..., n]` sorted, duplicates and entries outside [0, length) replaced by `length` (at the end)."""
     s = jnp.sort(jnp.where((x >= 0) & (x < length), x, length), axis=-1)
@@ -88,14 +100,8 @@ def build_vertical_slash_index(vertical_indices: jax.Array, slash_offsets: jax.A
     if block_q != block_k:
         raise ValueError(f"build_vertical_slash_index needs square tiles: block_q={block_q} != "
                          f"block_k={block_k}.")
-    if vertical_indices.shape[:2] != slash_offsets.shape[:2]:
-        raise ValueError(f"vertical_indices {vertical_indices.shape} and slash_offsets {slash_offsets.shape} "
-                         "must share [batch, heads].")
     b = block_q
-    nqb = -(-q_len // b)
-    padded = nqb * b
-    is_vertical = _indicator(vertical_indices.astype(jnp.int32), q_len, padded)
-    is_slash = _indicator(slash_offsets.astype(jnp.int32), q_len, padded)
+    nqb, padded, is_vertical, is_slash = line_indicators(vertical_indices, slash_offsets, q_len, b)
 
     # slashes in each tile diagonal's window [(t-1)b+1, (t+1)b-1], by prefix sums over the offsets
     prefix = jnp.pad(jnp.cumsum(is_slash, axis=-1, dtype=jnp.int32), ((0, 0), (0, 0), (1, 0)))

@@ -1,0 +1,283 @@
+"""Vertical-slash attention over unaligned key ranges (MInference's schedule, lcjax's exact semantics).
+
+Same pattern and result as `vertical_slash_attention` (query i attends key j iff j <= i and (j is a vertical
+column or i - j is a slash offset), exactly), but slashes are covered the way MInference's kernel covers them:
+for query block rows [r0, r0 + b) a run of slash offsets [d0, d1] needs the contiguous keys
+[r0 - d1, r0 + b - 1 - d0], loaded in chunks of b keys from the (unaligned) range start.
+
+Schedule (`build_vertical_slash_ranges`, plain jnp):
+- Per head the sorted slash offsets are merged into *groups*: maximal chains whose consecutive offsets differ
+  by at most b. Two runs [d0, d1] < [d0', d1'] give overlapping or touching key ranges in every query block
+  iff d0' - d1 <= b, so this merge is the same for every query block, and the groups' key ranges
+  [max(0, r0 - D1), r0 + b - 1 - D0] are disjoint. So a head needs one list of groups (D0, D1) ascending, and
+  query block qb uses the prefix with D0 <= r0 + b - 1 (`group_counts`); no per-query-block range lists.
+  Group starts are >= b + 1 apart, so a head has at most min(n_slash, (q_len - 1) // (b + 1) + 1) groups.
+- The kernel walks each group's range in chunks [s, s + b) from its start. A chunk runs unmasked when it lies
+  inside the range and its window of 2b - 1 offsets (r0 - s - b + 1 .. r0 - s + b - 1) is all slashes
+  (decided in the kernel from two loads of the per-head slash prefix sum; then causality holds too); otherwise
+  it applies causal & in-range & (slash[i - j] | vertical[j]). Chunk loads start at min(s, L - b) so they stay
+  inside the padded K/V; keys before s are masked off.
+- Vertical columns inside a visited range are counted by the chunk; the others (at or before the block's
+  last row) are gathered in chunks of b as in `vertical_slash_attention`.
+Every allowed pair thus lies in exactly one chunk or gathered column, and the masks admit nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from lcjax.pallas import _flash
+from lcjax.pallas.vertical_slash_attention import vertical_slash_attention_reference
+from lcjax.pallas.vertical_slash_index import _sorted_unique, line_indicators
+
+__all__ = ["VerticalSlashRanges", "build_vertical_slash_ranges", "vertical_slash_attention_ranges",
+           "vertical_slash_attention_reference", "range_schedule_tiles", "max_groups"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VerticalSlashRanges:
+    """What `vertical_slash_attention_ranges` runs; nqb = ceil(q_len / block), padded length L = nqb * block.
+
+    group_start, group_end: int32 `[batch, heads, G]`, G = `max_groups(n_slash, q_len, block)`: merged slash
+      offset groups [D0, D1] ascending (zero-padded).
+    group_counts: int32 `[batch, heads, nqb]`: query block qb uses the first that many groups (D0 <= r0 + b - 1).
+    column_indices: int32 `[batch, heads, nqb, max_columns]`, ascending vertical columns outside every range of
+      the block and <= its last query; column_counts: int32 `[batch, heads, nqb]`.
+    is_vertical, is_slash: int8 `[batch, heads, L]`; slash_prefix: int32 `[batch, heads, L + 1]`, the number of
+      slash offsets below each position; slash_next, slash_prev: int32 `[batch, heads, L]`, the first slash
+      offset >= / last <= each position (4 L / -4 L if none).
+    """
+
+    group_start: jax.Array
+    group_end: jax.Array
+    group_counts: jax.Array
+    column_indices: jax.Array
+    column_counts: jax.Array
+    is_vertical: jax.Array
+    is_slash: jax.Array
+    slash_prefix: jax.Array
+    slash_next: jax.Array
+    slash_prev: jax.Array
+    q_len: int = dataclasses.field(metadata=dict(static=True))
+    block: int = dataclasses.field(metadata=dict(static=True))
+
+
+def max_groups(n_slash: int, q_len: int, block: int) -> int:
+    """Static bound on a head's merged slash groups (starts are >= block + 1 apart); at least 1."""
+    return max(1, min(n_slash, (q_len - 1) // (block + 1) + 1))
+
+
+def _prefix(x: jax.Array) -> jax.Array:
+    """int32 `[..., n + 1]`: sums of x over [0, p)."""
+    return jnp.pad(jnp.cumsum(x, axis=-1, dtype=jnp.int32), [(0, 0)] * (x.ndim - 1) + [(1, 0)])
+
+
+def _list_positions(selected: jax.Array, size: int) -> jax.Array:
+    """Positions of the True entries of bool `[batch, heads, n]`, ascending, in `size` slots (zero-padded)."""
+    batch, heads, n = selected.shape
+    slot = jnp.where(selected, jnp.cumsum(selected, axis=-1, dtype=jnp.int32) - 1, size)
+    bi = jnp.arange(batch)[:, None, None]
+    hi = jnp.arange(heads)[None, :, None]
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), selected.shape)
+    return jnp.zeros((batch, heads, size), jnp.int32).at[bi, hi, slot].set(pos, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("q_len", "block"))
+def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int,
+                                block: int = 64) -> VerticalSlashRanges:
+    """The range schedule for causal prefill of `q_len` tokens (same inputs as `build_vertical_slash_index`:
+    `[batch, heads, n]` int32 columns / offsets, any order; duplicates and values outside [0, q_len) dropped)."""
+    b = block
+    nqb, padded, is_vertical, is_slash = line_indicators(vertical_indices, slash_offsets, q_len, b)
+
+    # offsets inside a group: between (or on) two consecutive slashes at most b apart
+    pos = jnp.arange(padded, dtype=jnp.int32)
+    far = 4 * padded
+    prev = jax.lax.cummax(jnp.where(is_slash != 0, pos, -far), axis=2)
+    nxt = jax.lax.cummin(jnp.where(is_slash != 0, pos, far), axis=2, reverse=True)
+    covered = (nxt - prev) <= b
+    pad_f = jnp.zeros_like(covered[..., :1])
+    starts = covered & ~jnp.concatenate([pad_f, covered[..., :-1]], axis=-1)
+    ends = covered & ~jnp.concatenate([covered[..., 1:], pad_f], axis=-1)
+    n_groups = max_groups(slash_offsets.shape[-1], q_len, b)
+    group_start = _list_positions(starts, n_groups)
+    group_end = _list_positions(ends, n_groups)
+    last_rows = jnp.arange(nqb, dtype=jnp.int32) * b + b - 1
+    group_counts = jnp.cumsum(starts, axis=-1, dtype=jnp.int32)[..., last_rows]
+
+    # vertical column j meets a range of block qb iff offsets [r0 - j, r0 + b - 1 - j] meet a group
+    verticals = _sorted_unique(vertical_indices.astype(jnp.int32), q_len)  # [batch, heads, n_vertical]
+    cov_prefix = _prefix(covered.astype(jnp.int32))
+    r0 = (jnp.arange(nqb, dtype=jnp.int32) * b)[:, None]
+    j = verticals[:, :, None, :]  # [batch, heads, 1, n_vertical]
+    lo = jnp.clip(r0 - j, 0, padded)
+    hi = jnp.clip(r0 + b - j, 0, padded)  # exclusive
+    flat = lambda x: jnp.broadcast_to(x, (*verticals.shape[:2], nqb, verticals.shape[-1])).reshape(
+        *verticals.shape[:2], -1)
+    meets = (jnp.take_along_axis(cov_prefix, flat(hi), axis=-1)
+             - jnp.take_along_axis(cov_prefix, flat(lo), axis=-1)).reshape(lo.shape) > 0
+    keep = (j < q_len) & (j <= r0 + b - 1) & ~meets
+    n_vertical = verticals.shape[-1]
+    max_columns = max(b, -(-n_vertical // b) * b)
+    slot = jnp.where(keep, jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1, max_columns)
+    batch, heads = verticals.shape[:2]
+    bi = jnp.arange(batch)[:, None, None, None]
+    hi_ = jnp.arange(heads)[None, :, None, None]
+    qi = jnp.arange(nqb)[None, None, :, None]
+    column_indices = jnp.zeros((batch, heads, nqb, max_columns), jnp.int32).at[bi, hi_, qi, slot].set(
+        jnp.broadcast_to(j, keep.shape), mode="drop")
+    return VerticalSlashRanges(group_start=group_start, group_end=group_end, group_counts=group_counts,
+                               column_indices=column_indices,
+                               column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), is_vertical=is_vertical,
+                               is_slash=is_slash, slash_prefix=_prefix(is_slash.astype(jnp.int32)), slash_next=nxt,
+                               slash_prev=prev, q_len=q_len, block=b)
+
+
+def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_ref, slash_ref, prefix_ref,
+            next_ref, prev_ref, *out_refs, num_q_blocks: int, block: int, qk_scale: float, q_axis: int):
+    o_ref = out_refs[-1]  # with a poisoned buffer aliased in, its input ref comes first
+    qb = num_q_blocks - 1 - pl.program_id(q_axis)  # see _flash.launch_grid
+    padded = num_q_blocks * block
+    q = q_ref[...]
+    lane = jnp.arange(block, dtype=jnp.int32)
+    r0 = qb * block
+    rows = r0 + lane
+
+    def chunk(c, carry):
+        lo, hi, state = carry
+        start = lo + c * block
+        first = jnp.minimum(start, padded - block)  # the load stays inside the padded K/V
+        k, v = k_ref[pl.ds(first, block), :], v_ref[pl.ds(first, block), :]
+        window_hi = r0 - start + block  # exclusive end of the chunk's 2b - 1 offsets
+        window_lo = jnp.maximum(window_hi - 2 * block + 1, 0)
+        n_slash = prefix_ref[window_hi] - prefix_ref[window_lo]
+        plain = (start + block - 1 <= hi) & (n_slash == 2 * block - 1)
+        first_slash, last_slash = next_ref[window_lo], prev_ref[window_hi - 1]
+        band = (last_slash - first_slash + 1 == n_slash) | (n_slash == 0)  # the window's slashes are one run
+        branch = jnp.where(plain, 0, jnp.where(band, 1, 2))
+        keys = first + lane
+        offset = rows[:, None] - keys[None, :]  # query - key
+        in_range = (keys >= start) & (keys <= hi)
+
+        def unmasked(state):
+            return _flash.update(state, q, k, v, qk_scale)
+
+        def banded(state):  # slash pairs are first_slash <= offset <= last_slash: compares, no gather
+            on_vertical = in_range & (vert_ref[pl.ds(first, block)] != 0)
+            mask = (((offset >= first_slash) & (offset <= last_slash) & in_range[None, :])
+                    | ((offset >= 0) & on_vertical[None, :]))
+            return _flash.update(state, q, k, v, qk_scale, mask)
+
+        def masked(state):
+            on_slash = slash_ref[jnp.maximum(offset, 0)] != 0
+            on_vertical = vert_ref[pl.ds(first, block)] != 0
+            mask = (offset >= 0) & in_range[None, :] & (on_slash | on_vertical[None, :])
+            return _flash.update(state, q, k, v, qk_scale, mask)
+
+        return lo, hi, jax.lax.switch(branch, (unmasked, banded, masked), state)
+
+    def group(n, state):
+        lo = jnp.maximum(r0 - end_ref[n], 0)
+        hi = r0 + block - 1 - start_ref[n]
+        n_chunks = jax.lax.div(hi - lo + block, block)
+        return jax.lax.fori_loop(0, n_chunks, chunk, (lo, hi, state))[2]
+
+    def column_chunk(n, state):
+        first = pl.multiple_of(n * block, block)
+        cols = cols_ref[pl.ds(first, block)]
+        k, v = k_ref[cols, :], v_ref[cols, :]
+        mask = ((first + lane) < counts_ref[1])[None, :] & (cols[None, :] <= rows[:, None])
+        return _flash.update(state, q, k, v, qk_scale, mask)
+
+    state = _flash.init_state(block, q.shape[-1])
+    state = jax.lax.fori_loop(0, counts_ref[0], group, state)
+    state = jax.lax.fori_loop(0, jax.lax.div(counts_ref[1] + block - 1, block), column_chunk, state)
+    o_ref[...] = _flash.finish(state, o_ref.dtype)
+
+
+def _pallas_forward(q, k, v, index: VerticalSlashRanges, *, scale: float, interpret: bool,
+                    num_warps: int | None, num_stages: int | None, heads_fastest: bool = False,
+                    out_init: jax.Array | None = None):
+    """The kernel on padded arrays: q `[b, L, h, d]`, k, v `[b, L, kvh, d]`, L = nqb * block, d a power of
+    two. `out_init` (testing): a buffer of q's shape aliased to the output, to prove every element is written."""
+    batch, padded, heads, head_dim = q.shape
+    groups = heads // k.shape[2]
+    block = index.block
+    nqb = padded // block
+    counts = jnp.stack([index.group_counts, index.column_counts] + [jnp.zeros_like(index.column_counts)] * 2,
+                       axis=-1)
+    grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
+    kernel = functools.partial(_kernel, num_q_blocks=nqb, block=block, qk_scale=scale * _flash.LOG2E,
+                               q_axis=q_axis)
+    q_spec = spec((None, block, None, head_dim), lambda h, i, b: (b, i, h, 0))
+    kv_spec = spec((None, padded, None, head_dim), lambda h, i, b: (b, 0, h // groups, 0))
+    per_head = lambda n: spec((None, None, n), lambda h, i, b: (b, h, 0))
+    per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
+    n_groups = index.group_start.shape[-1]
+    in_specs = [q_spec, kv_spec, kv_spec, per_head(n_groups), per_head(n_groups), per_block(4),
+                per_block(index.column_indices.shape[-1]), per_head(padded), per_head(padded),
+                per_head(padded + 1), per_head(padded), per_head(padded)]
+    args = [q, k, v, index.group_start, index.group_end, counts, index.column_indices, index.is_vertical,
+            index.is_slash, index.slash_prefix, index.slash_next, index.slash_prev]
+    return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
+                         tile_k=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                         name="vertical_slash_attention_ranges", out_init=out_init)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest"))
+def vertical_slash_attention_ranges(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashRanges, *,
+                                    scale: float, interpret: bool = False, num_warps: int | None = None,
+                                    num_stages: int | None = None, heads_fastest: bool = False) -> jax.Array:
+    """`vertical_slash_attention` with the range schedule of `build_vertical_slash_ranges` (same shapes, dtypes,
+    GQA, head_dims and result: exact mask, rows with no allowed key are zeros)."""
+    name = "vertical_slash_attention_ranges"
+    _flash.check_inputs(name, q, k, v)
+    batch, q_len, heads, head_dim = q.shape
+    if k.shape[1] != q_len or index.q_len != q_len:
+        raise ValueError(f"{name} is causal prefill: q_len={q_len}, kv_len={k.shape[1]} and the index's "
+                         f"q_len={index.q_len} must agree.")
+    if index.group_counts.shape[:2] != (batch, heads):
+        raise ValueError(f"{name}: the index is for [batch, heads]={index.group_counts.shape[:2]}, q has "
+                         f"{(batch, heads)}.")
+    padded = index.is_slash.shape[-1]
+    d_pad = _flash.padded_head_dim(head_dim)
+    q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
+    out = _pallas_forward(q_p, k_p, v_p, index, scale=scale, interpret=interpret, num_warps=num_warps,
+                          num_stages=num_stages, heads_fastest=heads_fastest)
+    return out[:, :q_len, :, :head_dim]
+
+
+def range_schedule_tiles(index: VerticalSlashRanges) -> dict[str, np.ndarray]:
+    """Host-side (numpy) schedule statistics, per (batch, head): `chunks` (range chunks), of them `plain`
+    (unmasked) and `band` (masked by compares, no gather; the rest gather from `is_slash`), and `columns`
+    (gathered column chunks). Each is one b x b tile-equivalent of work."""
+    b, nqb = index.block, index.group_counts.shape[-1]
+    d0, d1 = np.asarray(index.group_start), np.asarray(index.group_end)
+    counts, prefix = np.asarray(index.group_counts), np.asarray(index.slash_prefix)
+    nxt, prev = np.asarray(index.slash_next), np.asarray(index.slash_prev)
+    r0 = (np.arange(nqb) * b)[:, None]
+    out = {name: np.zeros(counts.shape[:2], np.int64) for name in ("chunks", "plain", "band", "columns")}
+    out["columns"] = ((np.asarray(index.column_counts) + b - 1) // b).sum(-1)
+    for bh in np.ndindex(*counts.shape[:2]):
+        valid = np.arange(d0.shape[-1])[None, :] < counts[bh][:, None]  # [nqb, G]
+        lo = np.maximum(r0 - d1[bh][None, :], 0)
+        hi = r0 + b - 1 - d0[bh][None, :]
+        n = np.where(valid, (hi - lo + b) // b, 0)
+        out["chunks"][bh] = n.sum()
+        for c in range(int(n.max(initial=0))):
+            start = lo + c * b
+            top = np.clip(r0 - start + b, 0, prefix.shape[-1] - 1)
+            bot = np.clip(top - 2 * b + 1, 0, None)
+            cnt = prefix[bh][top] - prefix[bh][bot]
+            plain = (c < n) & (start + b - 1 <= hi) & (cnt == 2 * b - 1)
+            band = (c < n) & ~plain & ((prev[bh][np.maximum(top - 1, 0)] - nxt[bh][bot] + 1 == cnt) | (cnt == 0))
+            out["plain"][bh] += plain.sum()
+            out["band"][bh] += band.sum()
+    return out

@@ -40,6 +40,8 @@ import numpy as np
 from lcjax.methods.minference import estimate_vertical_slash
 from lcjax.pallas.vertical_slash_attention import vertical_slash_attention, vertical_slash_attention_reference
 from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
+from lcjax.pallas.vertical_slash_ranges import (build_vertical_slash_ranges, range_schedule_tiles,
+                                                vertical_slash_attention_ranges)
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SCALE = HEAD_DIM ** -0.5
@@ -116,28 +118,39 @@ def estimate(q, k):
     return estimate_vertical_slash(q, k, lengths, N_VERTICAL, N_SLASH, LAST_Q, SCALE)
 
 
-def make_fns(length: int, block: int):
-    b = jax.jit(lambda vi, so: build_vertical_slash_index(vi, so, length, block, block))
-    kern = jax.jit(lambda q, k, v, ix: vertical_slash_attention(q, k, v, ix, scale=SCALE, interpret=INTERPRET))
+def make_fns(length: int, block: int, schedule: str = "diagonal"):
+    """(build, kernel, estimate+build+kernel, build+kernel) for the "diagonal" (square tiles by tile
+    diagonal) or "ranges" (merged slash groups as unaligned key ranges) vertical-slash schedule."""
+    if schedule == "ranges":
+        build_fn = lambda vi, so: build_vertical_slash_ranges(vi, so, length, block)
+        attend = lambda q, k, v, ix: vertical_slash_attention_ranges(q, k, v, ix, scale=SCALE, interpret=INTERPRET)
+    else:
+        build_fn = lambda vi, so: build_vertical_slash_index(vi, so, length, block, block)
+        attend = lambda q, k, v, ix: vertical_slash_attention(q, k, v, ix, scale=SCALE, interpret=INTERPRET)
+    b, kern = jax.jit(build_fn), jax.jit(attend)
 
     @jax.jit
     def e2e(q, k, v):
         vi, so = estimate(q, k)
-        return vertical_slash_attention(q, k, v, build_vertical_slash_index(vi, so, length, block, block),
-                                        scale=SCALE, interpret=INTERPRET)
+        return attend(q, k, v, build_fn(vi, so))
 
     @jax.jit
     def build_kernel(q, k, v, vi, so):
-        return vertical_slash_attention(q, k, v, build_vertical_slash_index(vi, so, length, block, block),
-                                        scale=SCALE, interpret=INTERPRET)
+        return attend(q, k, v, build_fn(vi, so))
     return b, kern, e2e, build_kernel
 
 
 def tile_count(index, block: int, length: int) -> tuple[int, float]:
-    tiles = int(jnp.sum(index.plain_counts) + jnp.sum(index.masked_counts))
-    chunks = int(jnp.sum((index.column_counts + block - 1) // block))
+    """Tile-equivalents the kernel computes (tiles or range chunks, plus column chunks) and their share of
+    the causal tiles."""
     nqb = -(-length // block)
-    return tiles + chunks, (tiles + chunks) / (HEADS * nqb * (nqb + 1) / 2)
+    if hasattr(index, "group_counts"):  # range schedule
+        stats = range_schedule_tiles(index)
+        total = int(stats["chunks"].sum() + stats["columns"].sum())
+    else:
+        tiles = int(jnp.sum(index.plain_counts) + jnp.sum(index.masked_counts))
+        total = tiles + int(jnp.sum((index.column_counts + block - 1) // block))
+    return total, total / (HEADS * nqb * (nqb + 1) / 2)
 
 
 def dense(q, k, v):
@@ -153,7 +166,8 @@ def add_row(**r):
     log("ROW", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def lcjax_section(length: int, key, samples: int, slow_samples: int, blocks=(128, 64)):
+def lcjax_section(length: int, key, samples: int, slow_samples: int, blocks=(128, 64),
+                  schedules=("diagonal",)):
     """Returns (q, k, v, structured indices) for the torch section."""
     q, k, v = jax.block_until_ready(structured_qkv(key, length))
     dense_flops = 4 * HEADS * length * length / 2 * HEAD_DIM
@@ -166,8 +180,8 @@ def lcjax_section(length: int, key, samples: int, slow_samples: int, blocks=(128
     vi, so = estimate(q, k)
     sets = {"structured (est.)": (vi, so), "nearest": nearest_indices(length)}
     for name, (vv, ss) in sets.items():
-        for block in blocks:
-            b, kern, e2e, bk = make_fns(length, block)
+        for block, schedule in [(b_, s_) for s_ in schedules for b_ in blocks]:
+            b, kern, e2e, bk = make_fns(length, block, schedule)
             t_build, _ = timeit(b, vv, ss, samples=samples)
             index = b(vv, ss)
             tiles, frac = tile_count(index, block, length)
@@ -178,7 +192,8 @@ def lcjax_section(length: int, key, samples: int, slow_samples: int, blocks=(128
             else:
                 t_e2e, _ = timeit(e2e, q, k, v, samples=samples)
                 est_ms = t_est * 1e3
-            add_row(L=length, impl=f"lcjax pallas b{block}", index_set=name, block=block, tile_frac=frac,
+            impl = f"lcjax pallas b{block}" + ("" if schedule == "diagonal" else " ranges")
+            add_row(L=length, impl=impl, index_set=name, block=block, tile_frac=frac,
                     est_ms=est_ms, build_ms=t_build * 1e3, kernel_ms=t_kern * 1e3, e2e_ms=t_e2e * 1e3,
                     tflops=4 * block * block * HEAD_DIM * tiles / t_kern / 1e12, speedup_e2e=t_dense / t_e2e,
                     samples=n_k)
@@ -199,6 +214,24 @@ def load_peer():
     peer.bench = sys.modules[__name__]
     spec.loader.exec_module(peer)
     return peer
+
+
+def check_schedules(key, schedules, blocks, length: int = 4096, nv: int = 128, ns: int = 512):
+    """Each schedule's kernel vs the exact-mask fp32 reference on the structured head's estimated indices
+    (budgets small enough that the pattern is sparse at this length); fresh inputs, every element finite."""
+    q, k, v = structured_qkv(key, length)
+    vi, so = estimate_vertical_slash(q, k, jnp.full((1,), length, jnp.int32), nv, ns, LAST_Q, SCALE)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    with jax.default_matmul_precision("highest"):
+        ref = np.asarray(vertical_slash_attention_reference(*up, vi, so, scale=SCALE))
+    for schedule in schedules:
+        for block in blocks:
+            b, kern, _, _ = make_fns(length, block, schedule)
+            out = np.asarray(kern(q, k, v, b(vi, so)).astype(jnp.float32))
+            err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+            NOTES.append(f"check L={length} {schedule} b{block} ({nv} v / {ns} s, estimated): rel L2 vs exact "
+                         f"reference {err:.2e}, finite={np.isfinite(out).all()}")
+            log(NOTES[-1])
 
 
 def check_reference(key, length: int):
@@ -280,6 +313,8 @@ def main(argv=None):
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this many seconds")
     p.add_argument("--json", action="store_true", help="write $OUT/bench_prefill.json")
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--schedules", default="diagonal", help="vertical-slash schedules: diagonal,ranges")
+    p.add_argument("--blocks", default="128,64")
     a = p.parse_args(argv)
     seed = int(time.time())
     key = jax.random.key(seed)
@@ -291,6 +326,8 @@ def main(argv=None):
     else:
         lengths = [int(x) for x in a.lengths.split(",") if x]
     mod, validated = None, False
+    if not a.model_only and not a.cpu_smoke:
+        check_schedules(key, a.schedules.split(","), [int(x) for x in a.blocks.split(",")])
     peer = None if a.no_torch else load_peer()
     if peer is None and not a.no_torch:
         NOTES.append(f"no MInference peer at {PEER}: lcjax and cuDNN only")
@@ -303,7 +340,9 @@ def main(argv=None):
                 continue
             key, sub = jax.random.split(key)
             try:
-                q, k, v, (vi, so), t_dense, t_est = lcjax_section(length, sub, a.samples, a.slow_samples)
+                q, k, v, (vi, so), t_dense, t_est = lcjax_section(
+                    length, sub, a.samples, a.slow_samples, blocks=tuple(int(x) for x in a.blocks.split(",")),
+                    schedules=tuple(a.schedules.split(",")))
             except Exception as e:  # noqa: BLE001 (OOM at the longest lengths: skip with a message)
                 NOTES.append(f"L={length}: lcjax section skipped: {type(e).__name__}: {str(e)[:300]}")
                 log(NOTES[-1])

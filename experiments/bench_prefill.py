@@ -166,8 +166,8 @@ def add_row(**r):
     log("ROW", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def lcjax_section(length: int, key, samples: int, slow_samples: int, blocks=(128, 64),
-                  schedules=("diagonal",)):
+def lcjax_section(length: int, key, samples: int, slow_samples: int, variants=(("diagonal", 128),
+                                                                          ("diagonal", 64))):
     """Returns (q, k, v, structured indices) for the torch section."""
     q, k, v = jax.block_until_ready(structured_qkv(key, length))
     dense_flops = 4 * HEADS * length * length / 2 * HEAD_DIM
@@ -180,7 +180,7 @@ def lcjax_section(length: int, key, samples: int, slow_samples: int, blocks=(128
     vi, so = estimate(q, k)
     sets = {"structured (est.)": (vi, so), "nearest": nearest_indices(length)}
     for name, (vv, ss) in sets.items():
-        for block, schedule in [(b_, s_) for s_ in schedules for b_ in blocks]:
+        for schedule, block in variants:
             b, kern, e2e, bk = make_fns(length, block, schedule)
             t_build, _ = timeit(b, vv, ss, samples=samples)
             index = b(vv, ss)
@@ -224,14 +224,24 @@ def check_schedules(key, schedules, blocks, length: int = 4096, nv: int = 128, n
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     with jax.default_matmul_precision("highest"):
         ref = np.asarray(vertical_slash_attention_reference(*up, vi, so, scale=SCALE))
+    ok = []
     for schedule in schedules:
         for block in blocks:
             b, kern, _, _ = make_fns(length, block, schedule)
-            out = np.asarray(kern(q, k, v, b(vi, so)).astype(jnp.float32))
+            try:
+                out = np.asarray(kern(q, k, v, b(vi, so)).astype(jnp.float32))
+            except Exception as e:  # noqa: BLE001 (a variant that fails to compile is reported, not fatal)
+                msg = str(e).split("\n")
+                NOTES.append(f"check L={length} {schedule} b{block}: FAILED {type(e).__name__}: "
+                             + " | ".join(line[:200] for line in msg[:6]))
+                log(NOTES[-1])
+                continue
+            ok.append((schedule, block))
             err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
             NOTES.append(f"check L={length} {schedule} b{block} ({nv} v / {ns} s, estimated): rel L2 vs exact "
                          f"reference {err:.2e}, finite={np.isfinite(out).all()}")
             log(NOTES[-1])
+    return ok
 
 
 def check_reference(key, length: int):
@@ -326,8 +336,9 @@ def main(argv=None):
     else:
         lengths = [int(x) for x in a.lengths.split(",") if x]
     mod, validated = None, False
+    variants = [(s_, int(b_)) for s_ in a.schedules.split(",") for b_ in a.blocks.split(",")]
     if not a.model_only and not a.cpu_smoke:
-        check_schedules(key, a.schedules.split(","), [int(x) for x in a.blocks.split(",")])
+        variants = check_schedules(key, a.schedules.split(","), [int(x) for x in a.blocks.split(",")])
     peer = None if a.no_torch else load_peer()
     if peer is None and not a.no_torch:
         NOTES.append(f"no MInference peer at {PEER}: lcjax and cuDNN only")
@@ -340,9 +351,8 @@ def main(argv=None):
                 continue
             key, sub = jax.random.split(key)
             try:
-                q, k, v, (vi, so), t_dense, t_est = lcjax_section(
-                    length, sub, a.samples, a.slow_samples, blocks=tuple(int(x) for x in a.blocks.split(",")),
-                    schedules=tuple(a.schedules.split(",")))
+                q, k, v, (vi, so), t_dense, t_est = lcjax_section(length, sub, a.samples, a.slow_samples,
+                                                                  variants=tuple(variants))
             except Exception as e:  # noqa: BLE001 (OOM at the longest lengths: skip with a message)
                 NOTES.append(f"L={length}: lcjax section skipped: {type(e).__name__}: {str(e)[:300]}")
                 log(NOTES[-1])

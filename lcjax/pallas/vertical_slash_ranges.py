@@ -161,7 +161,8 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_
         plain = (start + block - 1 <= hi) & (n_slash == 2 * block - 1)
         first_slash, last_slash = next_ref[window_lo], prev_ref[window_hi - 1]
         band = (last_slash - first_slash + 1 == n_slash) | (n_slash == 0)  # the window's slashes are one run
-        branch = jnp.where(plain, 0, jnp.where(band, 1, 2))
+        # 0 unmasked, 1 band, 2 gather; int32 arithmetic (a jnp.where of Python ints lowers to i1 in Triton)
+        branch = 2 - 2 * plain.astype(jnp.int32) - (band & ~plain).astype(jnp.int32)
         keys = first + lane
         offset = rows[:, None] - keys[None, :]  # query - key
         in_range = (keys >= start) & (keys <= hi)

@@ -1,0 +1,36 @@
+"""The runnable jobs still run: tiny settings of the MInference search and accuracy experiments on the built-in
+model (their real settings run on the GPU; see BENCHMARKS.md)."""
+
+import json
+
+import pytest
+
+from lcjax.methods.minference import MInferenceConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def builtin_model():
+    import lcjax
+    try:
+        lcjax.loading.model.resolve_model_path("smollm2-135m")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_search_then_accuracy_on_the_builtin_model(tmp_path, capsys):
+    from experiments import minference_accuracy, minference_search
+    config_path = tmp_path / "cfg.json"
+    minference_search.main(["--length", "300", "--depths", "0.5", "--question-rows", "32", "--dtype", "float32",
+                            "--out", str(config_path)])
+    config = MInferenceConfig.from_json(config_path)
+    config.check(30, 9)
+    rows_path = tmp_path / "rows.json"
+    minference_accuracy.main(["--length", "300", "--depths", "2", "--methods", "dense", "a_shape", "minference",
+                              "--pattern-config", str(config_path), "--backend", "xla", "--dtype", "float32",
+                              "--json", str(rows_path)])
+    rows = {r["method"]: r for r in json.loads(rows_path.read_text())}
+    assert set(rows) == {"dense", "a_shape", "minference"}
+    assert rows["dense"]["tile_cost"] == 1.0 and rows["dense"]["n"] == 2
+    # at 300 tokens SCBench's A-shape (128 + 3968) covers every key: same answers as dense, every tile
+    assert rows["a_shape"]["accuracy"] == rows["dense"]["accuracy"] and rows["a_shape"]["tile_cost"] == 1.0
+    assert "| minference |" in capsys.readouterr().out

@@ -259,7 +259,9 @@ def check_reference(key, length: int):
 
 # ---- model ----------------------------------------------------------------------------------------------
 
-def model_section(seq: int, runs: int):
+def model_section(seq: int, runs: int, keep_cache: bool = True, mlp_chunk: int | None = None):
+    """Llama-3-8B-shaped prefill, dense vs vertical-slash. For 512K: keep_cache=False (the cache alone would
+    be 68 GiB) and mlp_chunk (e.g. 32768) so the MLP intermediates stay small."""
     from lcjax.config import llama3_8b_config
     from lcjax.methods.minference import vertical_slash
     from lcjax.models.transformer import Transformer, _prefill
@@ -273,7 +275,7 @@ def model_section(seq: int, runs: int):
                         attention=vertical_slash(cfg.num_layers, cfg.num_heads, backend="pallas")))):
         toks = [jnp.asarray(rng.integers(0, cfg.vocab_size, (1, seq)), jnp.int32) for _ in range(runs + 1)]
         t0 = time.perf_counter()
-        compiled = _prefill.lower(m, toks[0], lengths, seq, "last").compile()
+        compiled = _prefill.lower(m, toks[0], lengths, seq if keep_cache else 0, "last", mlp_chunk).compile()
         compile_s = time.perf_counter() - t0
         jax.block_until_ready(compiled(m, toks[0], lengths))
         times = []
@@ -283,7 +285,7 @@ def model_section(seq: int, runs: int):
             times.append(time.perf_counter() - t0)
         res[name] = statistics.median(times) * 1e3
         line = f"model Llama-3-8B-shaped random weights, {seq} tokens, {name}: {res[name]:.0f} ms " \
-               f"(median of {runs}, compile {compile_s:.0f} s)"
+               f"(median of {runs}, compile {compile_s:.0f} s, cache kept: {keep_cache}, mlp_chunk {mlp_chunk})"
         NOTES.append(line)
         log(line)
         del compiled
@@ -320,6 +322,8 @@ def main(argv=None):
     p.add_argument("--model-only", action="store_true")
     p.add_argument("--model-len", type=int, default=131072)
     p.add_argument("--model-runs", type=int, default=3)
+    p.add_argument("--model-no-cache", action="store_true", help="prefill without keeping a KV cache (512K)")
+    p.add_argument("--model-mlp-chunk", type=int, default=None, help="MLP in sequence chunks (512K: 32768)")
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this many seconds")
     p.add_argument("--json", action="store_true", help="write $OUT/bench_prefill.json")
     p.add_argument("--cpu-smoke", action="store_true")
@@ -392,7 +396,7 @@ def main(argv=None):
             NOTES.append("model section skipped, past --deadline-s")
         else:
             try:
-                model_section(a.model_len, a.model_runs)
+                model_section(a.model_len, a.model_runs, not a.model_no_cache, a.model_mlp_chunk)
             except Exception as e:  # noqa: BLE001
                 NOTES.append(f"model section failed: {type(e).__name__}: {str(e)[:300]}")
                 log(NOTES[-1])

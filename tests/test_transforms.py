@@ -52,3 +52,15 @@ def test_position_transform_swaps_without_touching_the_model(llama):
     # Llama-3.1 scaling only rescales long wavelengths, so short-range logits stay close but not equal
     a, b = np.asarray(model(ids)), np.asarray(plain(ids))
     assert 0 < np.abs(a - b).max()
+
+
+def test_long_prompt_options_keep_the_logits(llama):
+    """`mlp_chunk` (MLP over sequence chunks, ragged last chunk) and `capacity=0` (no cache) change memory,
+    not results."""
+    model, ids = llama
+    full, cache = model.prefill(ids, logits="last")
+    chunked, no_cache = model.prefill(ids, logits="last", capacity=0, mlp_chunk=7)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-5)
+    assert no_cache is None and cache is not None
+    with pytest.raises(ValueError, match="capacity 5 is smaller"):
+        model.prefill(ids, capacity=5)

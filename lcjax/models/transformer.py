@@ -30,8 +30,28 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def _mlp(p: dict, x: jax.Array) -> jax.Array:
+    """SwiGLU MLP, `x: [batch, seq, hidden]`."""
+    gate = jnp.einsum("bsd,fd->bsf", x, p["w_gate"])
+    up = jnp.einsum("bsd,fd->bsf", x, p["w_up"])
+    return jnp.einsum("bsf,df->bsd", jax.nn.silu(gate) * up, p["w_down"])
+
+
+def _chunked(fn, x: jax.Array, chunk: int | None) -> jax.Array:
+    """fn over `x: [batch, seq, ...]` in sequence chunks of `chunk` (None: at once), so a long prompt's MLP
+    intermediates (`[seq, intermediate]`, 44 GiB at 512K for Llama-3-8B) never exist whole."""
+    seq = x.shape[1]
+    if chunk is None or seq <= chunk:
+        return fn(x)
+    n = -(-seq // chunk)
+    xp = jnp.pad(x, ((0, 0), (0, n * chunk - seq)) + ((0, 0),) * (x.ndim - 2))
+    xs = xp.reshape(x.shape[0], n, chunk, *x.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(fn, xs)
+    return out.swapaxes(0, 1).reshape(x.shape[0], n * chunk, *out.shape[3:])[:, :seq]
+
+
 def _layer(config: ModelConfig, attention: AttentionFn, rotary: positions_lib.Rotary, meta_base: dict,
-           carry, xs):
+           mlp_chunk: int | None, carry, xs):
     h, cache = carry
     p, layer = xs
     c = config
@@ -46,25 +66,25 @@ def _layer(config: ModelConfig, attention: AttentionFn, rotary: positions_lib.Ro
     attn, cache = attention(q, k, v, cache, meta)
     h = h + jnp.einsum("bshk,dhk->bsd", attn, p["wo"])
     x = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
-    gate = jnp.einsum("bsd,fd->bsf", x, p["w_gate"])
-    up = jnp.einsum("bsd,fd->bsf", x, p["w_up"])
-    h = h + jnp.einsum("bsf,df->bsd", jax.nn.silu(gate) * up, p["w_down"])
+    h = h + _chunked(partial(_mlp, p), x, mlp_chunk)
     return (h, cache), None
 
 
 def forward(params: dict, config: ModelConfig, tokens: jax.Array, q_positions: jax.Array, start: jax.Array,
             lengths: jax.Array, cache: KVCache | None, phase: Phase, attention: AttentionFn,
-            position_transform: positions_lib.PositionTransform) -> tuple[jax.Array, KVCache | None]:
+            position_transform: positions_lib.PositionTransform,
+            mlp_chunk: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder over `tokens: int [batch, seq]`; returns final hidden states `[batch, seq, hidden]`
     (after the final norm) and the cache with every layer's keys and values written.
 
-    q_positions: int32 `[batch, seq]`; start, lengths: int32 `[batch]` (see `AttentionMeta`).
+    q_positions: int32 `[batch, seq]`; start, lengths: int32 `[batch]` (see `AttentionMeta`); mlp_chunk: run
+    the MLP over the sequence in chunks of this many tokens (long prompts), or at once (None).
     """
     h = jnp.take(params["embed"], tokens, axis=0)
     rotary = position_transform(q_positions)
     meta_base = dict(q_positions=q_positions, start=start, lengths=lengths, phase=phase,
                      sliding_window=config.sliding_window, scale=config.head_dim ** -0.5)
-    step = partial(_layer, config, attention, rotary, meta_base)
+    step = partial(_layer, config, attention, rotary, meta_base, mlp_chunk)
     layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
     (h, cache), _ = jax.lax.scan(step, (h, cache), (params["layers"], layer_ids))
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), cache
@@ -112,12 +132,14 @@ class Transformer:
         return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype)
 
     def prefill(self, tokens, lengths=None, *, capacity: int | None = None,
-                logits: Literal["all", "last"] = "all") -> tuple[jax.Array, KVCache]:
+                logits: Literal["all", "last"] = "all", mlp_chunk: int | None = None) -> tuple[jax.Array, KVCache]:
         """Encodes prompts from scratch.
 
         tokens: int `[batch, seq]` (numpy or jax; right-padded when `lengths: [batch]` is given).
         Returns float32 logits `[batch, seq, vocab]` (or `[batch, vocab]` at each prompt's last token with
         `logits="last"`) and a `KVCache` holding the prompts, with room for `capacity` tokens (default seq).
+        `capacity=0` keeps no cache and returns None for it (a Llama-3-8B cache at 512K tokens is 68 GiB);
+        `mlp_chunk` runs the MLP over the sequence in chunks of that many tokens to bound its memory.
         """
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 2:
@@ -125,9 +147,9 @@ class Transformer:
         batch, seq = tokens.shape
         lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
         capacity = seq if capacity is None else capacity
-        if capacity < seq:
+        if 0 < capacity < seq:
             raise ValueError(f"capacity {capacity} is smaller than the prompt length {seq}.")
-        return _prefill(self, tokens, lengths, capacity, logits)
+        return _prefill(self, tokens, lengths, capacity, logits, mlp_chunk)
 
     def __call__(self, tokens, lengths=None) -> jax.Array:
         """float32 logits `[batch, seq, vocab]` without a cache (training and scoring)."""
@@ -140,13 +162,13 @@ def _positions_for(tokens: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
-@partial(jax.jit, static_argnames=("capacity", "logits"))
-def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str):
-    cache = model.init_cache(tokens.shape[0], capacity)
+@partial(jax.jit, static_argnames=("capacity", "logits", "mlp_chunk"))
+def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str, mlp_chunk: int | None = None):
+    cache = model.init_cache(tokens.shape[0], capacity) if capacity else None
     zeros = jnp.zeros_like(lengths)
     hidden, cache = forward(model.params, model.config, tokens, _positions_for(tokens), zeros, lengths,
-                            cache, "prefill", model.attention, model.positions)
-    cache = cache.advance(lengths)
+                            cache, "prefill", model.attention, model.positions, mlp_chunk)
+    cache = None if cache is None else cache.advance(lengths)
     if logits == "last":
         hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return lm_logits(model.params, model.config, hidden), cache

@@ -25,6 +25,13 @@ def tiny_model(family="llama", **kw) -> Transformer:
     return Transformer.init(cfg, jax.random.key(1), dtype=jnp.float32, std=0.3)
 
 
+def edit_config(path, **changes):
+    """Rewrites the checkpoint's config.json with `changes`, so it no longer matches the weights."""
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     model = tiny_model()
@@ -87,18 +94,14 @@ def test_truncated_shard_is_named(checkpoint):
 
 def test_wrong_shape_names_file_and_tensor(checkpoint):
     _, path = checkpoint
-    config = json.loads((path / "config.json").read_text())
-    config["intermediate_size"] = 64
-    (path / "config.json").write_text(json.dumps(config))
+    edit_config(path, intermediate_size=64)
     with pytest.raises(CheckpointError, match=r"safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape"):
         lcjax.load_model(path)
 
 
 def test_unexpected_tensor_is_named(checkpoint):
     _, path = checkpoint
-    config = json.loads((path / "config.json").read_text())
-    config["num_hidden_layers"] = 1
-    (path / "config.json").write_text(json.dumps(config))
+    edit_config(path, num_hidden_layers=1)
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.1\."):
         lcjax.load_model(path)
 
@@ -106,9 +109,7 @@ def test_unexpected_tensor_is_named(checkpoint):
 def test_missing_tensor_is_named(checkpoint, tmp_path):
     model, path = checkpoint
     index = json.loads((path / "model.safetensors.index.json").read_text())
-    config = json.loads((path / "config.json").read_text())
-    config["num_hidden_layers"] = 3
-    (path / "config.json").write_text(json.dumps(config))
+    edit_config(path, num_hidden_layers=3)
     with pytest.raises(CheckpointError, match=r"missing \d+ parameter\(s\): .*\[layer 2\]"):
         lcjax.load_model(path)
     assert index["weight_map"]

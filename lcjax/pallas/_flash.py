@@ -130,3 +130,27 @@ def launch(kernel, *, grid, in_specs: list, args: list, out_spec, out_like: jax.
         interpret=interpret,
         name=name,
     )(*args)
+
+
+def qkv_specs(spec, block_q: int, kv_len: int, head_dim: int, groups: int):
+    """BlockSpecs of one query tile and of the whole K/V of its KV head (query head h reads kv head
+    h // groups: GQA without repeating K/V), for a grid made by `launch_grid`."""
+    q_spec = spec((None, block_q, None, head_dim), lambda h, i, b: (b, i, h, 0))
+    kv_spec = spec((None, kv_len, None, head_dim), lambda h, i, b: (b, 0, h // groups, 0))
+    return q_spec, kv_spec
+
+
+def gather_columns(state: State, q: jax.Array, k_ref, v_ref, cols_ref, count, rows: jax.Array, block: int,
+                   qk_scale: float) -> State:
+    """Attends the first `count` key columns listed in `cols_ref`, gathered `block` at a time, causally
+    (a column after the query row is masked). rows: int32 `[block]`, the tile's query positions."""
+    lane = jnp.arange(block, dtype=jnp.int32)
+
+    def chunk(n, state):
+        first = pl.multiple_of(n * block, block)
+        cols = cols_ref[pl.ds(first, block)]
+        k, v = k_ref[cols, :], v_ref[cols, :]
+        mask = ((first + lane) < count)[None, :] & (cols[None, :] <= rows[:, None])
+        return update(state, q, k, v, qk_scale, mask)
+
+    return jax.lax.fori_loop(0, jax.lax.div(count + block - 1, block), chunk, state)

@@ -108,8 +108,7 @@ def _pallas_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
     kernel = functools.partial(_kernel, num_q_blocks=nqb, block_q=block_q, block_k=block_k, kv_len=kv_len,
                                causal=causal, qk_scale=scale * _flash.LOG2E, q_axis=q_axis)
-    q_spec = spec((None, block_q, None, head_dim), lambda h, i, b: (b, i, h, 0))
-    kv_spec = spec((None, kv_pad, None, head_dim), lambda h, i, b: (b, 0, h // groups, 0))
+    q_spec, kv_spec = _flash.qkv_specs(spec, block_q, kv_pad, head_dim, groups)
     in_specs = [q_spec, kv_spec, kv_spec, spec((None, None, None, indices.shape[-1]), lambda h, i, b: (b, h, i, 0)),
                 spec((None, None, None, 2), lambda h, i, b: (b, h, i, 0))]
     args = [q, k, v, indices, schedule]

@@ -48,17 +48,10 @@ def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, ve
         mask = (offset >= 0) & (on_slash | on_vertical[None, :])
         return _flash.update(state, q, k, v, qk_scale, mask)
 
-    def column_chunk(n, state):
-        first = pl.multiple_of(n * block, block)
-        cols = cols_ref[pl.ds(first, block)]
-        k, v = k_ref[cols, :], v_ref[cols, :]
-        mask = ((first + lane) < counts_ref[2])[None, :] & (cols[None, :] <= rows[:, None])
-        return _flash.update(state, q, k, v, qk_scale, mask)
-
     state = _flash.init_state(block, q.shape[-1])
     state = jax.lax.fori_loop(0, counts_ref[0], plain_tile, state)
     state = jax.lax.fori_loop(0, counts_ref[1], masked_tile, state)
-    state = jax.lax.fori_loop(0, jax.lax.div(counts_ref[2] + block - 1, block), column_chunk, state)
+    state = _flash.gather_columns(state, q, k_ref, v_ref, cols_ref, counts_ref[2], rows, block, qk_scale)
     o_ref[...] = _flash.finish(state, o_ref.dtype)
 
 
@@ -76,8 +69,7 @@ def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpr
     grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
     kernel = functools.partial(_kernel, num_q_blocks=nqb, block=block, qk_scale=scale * _flash.LOG2E,
                                q_axis=q_axis)
-    q_spec = spec((None, block, None, head_dim), lambda h, i, b: (b, i, h, 0))
-    kv_spec = spec((None, padded, None, head_dim), lambda h, i, b: (b, 0, h // groups, 0))
+    q_spec, kv_spec = _flash.qkv_specs(spec, block, padded, head_dim, groups)
     per_head = spec((None, None, nqb), lambda h, i, b: (b, h, 0))
     per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
     per_key = spec((None, None, padded), lambda h, i, b: (b, h, 0))
@@ -102,21 +94,26 @@ def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: Ve
     head_dim]` in q's dtype; rows with no allowed key are zeros. num_warps, num_stages (Triton) and
     heads_fastest (grid order, see `_flash.launch_grid`) tune speed only.
     """
-    name = "vertical_slash_attention"
+    return run_schedule("vertical_slash_attention", _pallas_forward, q, k, v, index, index.plain_counts,
+                        scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                        heads_fastest=heads_fastest)
+
+
+def run_schedule(name: str, forward, q, k, v, index, per_block_counts: jax.Array, **kernel_args) -> jax.Array:
+    """Checks shapes, pads q/k/v to the index's padded length and a power-of-two head_dim, runs a
+    vertical-slash schedule's `forward` and crops. per_block_counts: any `[batch, heads, nqb]` index field."""
     _flash.check_inputs(name, q, k, v)
     batch, q_len, heads, head_dim = q.shape
     if k.shape[1] != q_len or index.q_len != q_len:
         raise ValueError(f"{name} is causal prefill: q_len={q_len}, kv_len={k.shape[1]} and the index's "
                          f"q_len={index.q_len} must agree.")
-    if index.plain_counts.shape[:2] != (batch, heads):
-        raise ValueError(f"{name}: the index is for [batch, heads]={index.plain_counts.shape[:2]}, q has "
+    if per_block_counts.shape[:2] != (batch, heads):
+        raise ValueError(f"{name}: the index is for [batch, heads]={per_block_counts.shape[:2]}, q has "
                          f"{(batch, heads)}.")
     padded = index.is_slash.shape[-1]
     d_pad = _flash.padded_head_dim(head_dim)
     q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
-    out = _pallas_forward(q_p, k_p, v_p, index, scale=scale, interpret=interpret, num_warps=num_warps,
-                          num_stages=num_stages, heads_fastest=heads_fastest)
-    return out[:, :q_len, :, :head_dim]
+    return forward(q_p, k_p, v_p, index, **kernel_args)[:, :q_len, :, :head_dim]
 
 
 def vertical_slash_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int):

@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from lcjax.pallas import _flash
-from lcjax.pallas.vertical_slash_attention import vertical_slash_attention_reference
+from lcjax.pallas.vertical_slash_attention import run_schedule, vertical_slash_attention_reference
 from lcjax.pallas.vertical_slash_index import _sorted_unique, line_indicators
 
 __all__ = ["VerticalSlashRanges", "build_vertical_slash_ranges", "vertical_slash_attention_ranges",
@@ -190,16 +190,9 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_
         n_chunks = jax.lax.div(hi - lo + block, block)
         return jax.lax.fori_loop(0, n_chunks, chunk, (lo, hi, state))[2]
 
-    def column_chunk(n, state):
-        first = pl.multiple_of(n * block, block)
-        cols = cols_ref[pl.ds(first, block)]
-        k, v = k_ref[cols, :], v_ref[cols, :]
-        mask = ((first + lane) < counts_ref[1])[None, :] & (cols[None, :] <= rows[:, None])
-        return _flash.update(state, q, k, v, qk_scale, mask)
-
     state = _flash.init_state(block, q.shape[-1])
     state = jax.lax.fori_loop(0, counts_ref[0], group, state)
-    state = jax.lax.fori_loop(0, jax.lax.div(counts_ref[1] + block - 1, block), column_chunk, state)
+    state = _flash.gather_columns(state, q, k_ref, v_ref, cols_ref, counts_ref[1], rows, block, qk_scale)
     o_ref[...] = _flash.finish(state, o_ref.dtype)
 
 
@@ -217,8 +210,7 @@ def _pallas_forward(q, k, v, index: VerticalSlashRanges, *, scale: float, interp
     grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
     kernel = functools.partial(_kernel, num_q_blocks=nqb, block=block, qk_scale=scale * _flash.LOG2E,
                                q_axis=q_axis)
-    q_spec = spec((None, block, None, head_dim), lambda h, i, b: (b, i, h, 0))
-    kv_spec = spec((None, padded, None, head_dim), lambda h, i, b: (b, 0, h // groups, 0))
+    q_spec, kv_spec = _flash.qkv_specs(spec, block, padded, head_dim, groups)
     per_head = lambda n: spec((None, None, n), lambda h, i, b: (b, h, 0))
     per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
     n_groups = index.group_start.shape[-1]
@@ -238,21 +230,9 @@ def vertical_slash_attention_ranges(q: jax.Array, k: jax.Array, v: jax.Array, in
                                     num_stages: int | None = None, heads_fastest: bool = False) -> jax.Array:
     """`vertical_slash_attention` with the range schedule of `build_vertical_slash_ranges` (same shapes, dtypes,
     GQA, head_dims and result: exact mask, rows with no allowed key are zeros)."""
-    name = "vertical_slash_attention_ranges"
-    _flash.check_inputs(name, q, k, v)
-    batch, q_len, heads, head_dim = q.shape
-    if k.shape[1] != q_len or index.q_len != q_len:
-        raise ValueError(f"{name} is causal prefill: q_len={q_len}, kv_len={k.shape[1]} and the index's "
-                         f"q_len={index.q_len} must agree.")
-    if index.group_counts.shape[:2] != (batch, heads):
-        raise ValueError(f"{name}: the index is for [batch, heads]={index.group_counts.shape[:2]}, q has "
-                         f"{(batch, heads)}.")
-    padded = index.is_slash.shape[-1]
-    d_pad = _flash.padded_head_dim(head_dim)
-    q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
-    out = _pallas_forward(q_p, k_p, v_p, index, scale=scale, interpret=interpret, num_warps=num_warps,
-                          num_stages=num_stages, heads_fastest=heads_fastest)
-    return out[:, :q_len, :, :head_dim]
+    return run_schedule("vertical_slash_attention_ranges", _pallas_forward, q, k, v, index, index.group_counts,
+                        scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                        heads_fastest=heads_fastest)
 
 
 def range_schedule_tiles(index: VerticalSlashRanges) -> dict[str, np.ndarray]:

@@ -34,3 +34,31 @@ def assert_matches_reference(out, ref, mask, dtype):
     assert err < TOL[dtype], err
     assert np.abs(out - ref).max() < 30 * TOL[dtype] * np.abs(ref).max()
     return empty
+
+
+def cover_mask(verticals, slashes, q_len, block):
+    """numpy, MInference's range semantics: slash offsets merged into groups (consecutive offsets at most
+    `block` apart); query i of block r0 attends key j <= i iff j is vertical or r0 - D1 <= j <= r0 + block - 1
+    - D0 for a group [D0, D1]."""
+    verticals, slashes = np.asarray(verticals), np.asarray(slashes)
+    batch, heads = verticals.shape[:2]
+    mask = np.zeros((batch, heads, q_len, q_len), bool)
+    rows = np.arange(q_len)
+    for b in range(batch):
+        for h in range(heads):
+            groups = []
+            for d in sorted({int(d) for d in slashes[b, h] if 0 <= d < q_len}):
+                if groups and d - groups[-1][1] <= block:
+                    groups[-1][1] = d
+                else:
+                    groups.append([d, d])
+            for i in rows:
+                r0 = i // block * block
+                for d0, d1 in groups:
+                    lo, hi = max(0, r0 - d1), min(i, r0 + block - 1 - d0)
+                    if lo <= hi:  # (a negative slice end would wrap around)
+                        mask[b, h, i, lo:hi + 1] = True
+                for j in verticals[b, h]:
+                    if 0 <= j <= i:
+                        mask[b, h, i, j] = True
+    return mask

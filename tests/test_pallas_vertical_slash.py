@@ -6,9 +6,11 @@ import pytest
 import jax.numpy as jnp
 
 from lcjax.pallas.vertical_slash_attention import (
-    _pallas_forward, build_vertical_slash_index, vertical_slash_attention, vertical_slash_attention_reference)
+    SLASH_MASKS, _pallas_forward, build_vertical_slash_index, vertical_slash_attention,
+    vertical_slash_attention_reference)
+from lcjax.pallas.vertical_slash_index import slash_words
 
-from reference import TOL, assert_matches_reference, attention_f64
+from reference import TOL, assert_matches_reference, attention_f64, cover_mask
 
 
 def pattern_mask(verticals, slashes, q_len):
@@ -83,12 +85,14 @@ CASES = [  # q_len, heads, kv_heads, head_dim, dtype, block, n_vertical, n_slash
     (170, 8, 2, 64, jnp.bfloat16, 16, 5, 70, "nearest"),
     (130, 4, 1, 64, jnp.float32, 32, 0, 6, "random"),
     (120, 4, 2, 128, jnp.float32, 16, 12, 0, "random"),
+    (300, 4, 2, 64, jnp.float32, 64, 10, 120, "random"),  # 64-wide tiles: 4 slash words per window
 ]
 
 
+@pytest.mark.parametrize("slash_mask", SLASH_MASKS)
 @pytest.mark.parametrize("q_len,heads,kv_heads,head_dim,dtype,block,n_vertical,n_slash,pattern", CASES)
 def test_vertical_slash_matches_float64_reference(q_len, heads, kv_heads, head_dim, dtype, block, n_vertical,
-                                                  n_slash, pattern):
+                                                  n_slash, pattern, slash_mask):
     rng = np.random.default_rng(q_len * 7 + heads)
     q, k, v = random_inputs(rng, q_len, heads, kv_heads, head_dim, dtype)
     if pattern == "random":
@@ -97,7 +101,7 @@ def test_vertical_slash_matches_float64_reference(q_len, heads, kv_heads, head_d
         verticals, slashes = nearest_diagonals(1, heads, n_vertical, n_slash)
     index = build_vertical_slash_index(verticals, slashes, q_len, block, block)
     scale = head_dim ** -0.5
-    out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=True)
+    out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=True, slash_mask=slash_mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     mask = pattern_mask(verticals, slashes, q_len)
     ref = attention_f64(q, k, v, mask, scale)
@@ -150,6 +154,20 @@ def test_index_planted_vertical_line_and_diagonal():
     assert list(np.asarray(index.diag_masked)[0, 0, :2]) == [1, 2]
     assert list(np.asarray(index.column_counts)[0, 0]) == [0, 0, 1, 0, 0, 1, 1, 1]
     assert int(np.asarray(index.plain_counts).max()) == 0
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_slash_words_hold_each_offsets_bit(block):
+    rng = np.random.default_rng()
+    length = 203
+    is_slash = rng.integers(0, 2, (2, 3, length)).astype(np.int8)
+    words = np.asarray(slash_words(jnp.asarray(is_slash), block)).view(np.uint32)
+    assert words.shape == (2, 3, length + 2 * block + 1)
+    for p in range(words.shape[-1]):
+        for t in range(32):
+            offset = p - 2 * block + t
+            want = is_slash[..., offset] if 0 <= offset < length else 0
+            np.testing.assert_array_equal((words[..., p] >> np.uint32(t)) & 1, want)
 
 
 def test_vertical_slash_xla_reference_matches_float64():
@@ -248,6 +266,7 @@ RANGE_CASES = [  # q_len, heads, kv_heads, head_dim, dtype, block, pattern
     (170, 8, 2, 64, jnp.bfloat16, 16, "nearest"),
     (130, 4, 1, 128, jnp.float32, 32, "no_verticals"),
     (120, 4, 4, 64, jnp.bfloat16, 16, "no_slashes"),
+    (330, 4, 2, 64, jnp.float32, 64, "runs"),  # 64-key chunks: 4 slash words per window
 ]
 
 
@@ -264,15 +283,16 @@ def range_case_pattern(rng, pattern, heads, q_len):
     return random_pattern(rng, 1, heads, q_len, 12, 0)
 
 
+@pytest.mark.parametrize("slash_mask", SLASH_MASKS)
 @pytest.mark.parametrize("q_len,heads,kv_heads,head_dim,dtype,block,pattern", RANGE_CASES)
 def test_vertical_slash_ranges_matches_float64_reference(q_len, heads, kv_heads, head_dim, dtype, block,
-                                                         pattern):
+                                                         pattern, slash_mask):
     rng = np.random.default_rng()  # fresh inputs every run
     q, k, v = random_inputs(rng, q_len, heads, kv_heads, head_dim, dtype)
     verticals, slashes = range_case_pattern(rng, pattern, heads, q_len)
     index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block)
     scale = head_dim ** -0.5
-    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=True)
+    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=True, slash_mask=slash_mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     mask = pattern_mask(verticals, slashes, q_len)
     ref = attention_f64(q, k, v, mask, scale)
@@ -351,3 +371,22 @@ def test_range_schedule_visits_fewer_tiles_on_runs():
     range_tiles = int(stats["chunks"].sum() + stats["columns"].sum())
     assert range_tiles < diag_tiles
     assert stats["plain"].sum() + stats["band"].sum() > 0.8 * stats["chunks"].sum()
+
+
+@pytest.mark.parametrize("q_len,heads,kv_heads,head_dim,dtype,block,pattern", RANGE_CASES)
+def test_vertical_slash_ranges_cover_semantics_matches_float64_reference(q_len, heads, kv_heads, head_dim, dtype,
+                                                                         block, pattern):
+    rng = np.random.default_rng()
+    q, k, v = random_inputs(rng, q_len, heads, kv_heads, head_dim, dtype)
+    verticals, slashes = range_case_pattern(rng, pattern, heads, q_len)
+    mask = cover_mask(verticals, slashes, q_len, block)
+    assert (mask >= pattern_mask(verticals, slashes, q_len)).all()  # a superset of the exact pattern
+    index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block)
+    scale = head_dim ** -0.5
+    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=True, semantics="cover")
+    assert_matches_reference(out, attention_f64(q, k, v, mask, scale), mask, dtype)
+    fn_mask = np.asarray(vsr.cover_mask_fn(verticals, slashes, q_len, block)(jnp.arange(q_len)))
+    np.testing.assert_array_equal(fn_mask, mask)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = vsr.vertical_slash_cover_reference(*up, verticals, slashes, q_len=q_len, block=block, scale=scale)
+    np.testing.assert_allclose(np.asarray(ref), attention_f64(q, k, v, mask, scale), rtol=2e-3, atol=2e-4)

@@ -17,7 +17,7 @@ from lcjax.methods.minference import (MInference, MInferenceConfig, block_sparse
 from lcjax.methods.sparse_pattern import SparsePattern, pattern_attention_reference
 
 from conftest import FIXTURES
-from reference import attention_f64
+from reference import attention_f64, cover_mask
 
 
 def numpy_allowed(pattern, seq, lengths, window=None):
@@ -114,12 +114,14 @@ def llama():
 @pytest.mark.parametrize("method", [
     AShape(n_init=0, n_local=64, backend="xla"),
     TriShape(n_init=4, n_local=4, n_last=64, backend="xla"),
-    "vertical_slash_full", "block_sparse_full", "mixed_full"])
+    "vertical_slash_full", "vertical_slash_cover_full", "block_sparse_full", "mixed_full"])
 def test_full_budgets_give_exactly_the_dense_logits(llama, method):
     model, ids = llama
     L, H = model.config.num_layers, model.config.num_heads
     if method == "vertical_slash_full":
         method = vertical_slash(L, H, vertical_size=64, slash_size=64, backend="xla")
+    elif method == "vertical_slash_cover_full":
+        method = vertical_slash(L, H, vertical_size=64, slash_size=64, backend="xla", slash_semantics="cover")
     elif method == "block_sparse_full":
         method = dataclasses.replace(block_sparse(L, H, top_k=64, backend="xla"),
                                      config=dataclasses.replace(block_sparse(L, H, 64).config, block_size=8))
@@ -209,8 +211,8 @@ def test_pattern_search_picks_per_head_patterns_and_writes_minference_json(llama
     assert MInferenceConfig.from_json(tmp_path / "p.json").patterns == cfg.patterns  # JSON holds patterns only
 
 
-@pytest.mark.parametrize("dense_last", [0, 5])
-def test_pallas_path_equals_reference_in_interpret_mode(dense_last):
+@pytest.mark.parametrize("dense_last,semantics", [(0, "exact"), (5, "exact"), (5, "cover")])
+def test_pallas_path_equals_reference_in_interpret_mode(dense_last, semantics):
     """The Pallas route (vertical-slash kernel + block kernel + dense tail) computes the same function as the
     XLA reference on a pattern mixing per-head kinds, on fresh random inputs."""
     from lcjax.methods.sparse_prefill import pallas_pattern_attention
@@ -223,9 +225,14 @@ def test_pallas_path_equals_reference_in_interpret_mode(dense_last):
     vert[:, 2:], slash[:, 2:] = -1, -1          # heads 2, 3: blocks only
     blocks[:, :2] = -1                          # heads 0, 1: lines only
     pattern = SparsePattern(jnp.asarray(vert), jnp.asarray(slash), jnp.asarray(blocks), block_size=bs,
-                            dense_last=dense_last)
+                            dense_last=dense_last, slash_semantics=semantics)
     lengths = jnp.array([seq])
     ref = pattern_attention_reference(q, k, v, pattern, lengths, d ** -0.5)
+    if semantics == "cover":  # the reference's cover mask on the line heads, against the numpy one
+        mask = cover_mask(vert[:, :2], slash[:, :2], seq, bs)
+        mask[..., seq - dense_last:, :] = np.tril(np.ones((seq, seq), bool))[seq - dense_last:]
+        np.testing.assert_allclose(np.asarray(ref)[:, :, :2], attention_f64(q[:, :, :2], k[:, :, :1], v[:, :, :1],
+                                                                            mask, d ** -0.5), atol=2e-5)
     out = pallas_pattern_attention(q, k, v, pattern, lengths, d ** -0.5, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4, rtol=1e-3)
 

@@ -10,12 +10,14 @@ from lcjax.methods.a_shape import AShape, TriShape
 from lcjax.methods.minference import MInference, MInferenceConfig, block_sparse, vertical_slash
 
 
-def _minference(config: ModelConfig, pattern_config: str | None = None, backend: str = "auto", **kw):
+def _minference(config: ModelConfig, pattern_config: str | None = None, backend: str = "auto",
+                slash_semantics: str = "exact", **kw):
     if pattern_config is None:
-        return vertical_slash(config.num_layers, config.num_heads, backend=backend, **kw)
+        return vertical_slash(config.num_layers, config.num_heads, backend=backend, slash_semantics=slash_semantics,
+                              **kw)
     cfg = MInferenceConfig.from_json(pattern_config)
     cfg.check(config.num_layers, config.num_heads)
-    return MInference(cfg, backend)
+    return MInference(cfg, backend, slash_semantics)
 
 
 # SCBench's --attn_type names -> builder(model config, **hyperparameters)

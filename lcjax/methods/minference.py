@@ -179,10 +179,16 @@ def estimate_blocks(q: jax.Array, k: jax.Array, lengths: jax.Array, top_k: int,
 
 @dataclasses.dataclass(frozen=True)
 class MInference:
-    """MInference sparse prefill with a per-(layer, head) `MInferenceConfig`; decode stays dense."""
+    """MInference sparse prefill with a per-(layer, head) `MInferenceConfig`; decode stays dense.
+
+    slash_semantics: "exact" (lcjax's default: a slash offset d admits key i - d only) or "cover" (what
+    MInference's own kernel computes: every key of the 64-key ranges around its slashes; faster on
+    scattered estimated slashes, see BENCHMARKS.md).
+    """
 
     config: MInferenceConfig
     backend: Backend = "auto"
+    slash_semantics: str = "exact"
 
     def pattern(self, q: jax.Array, k: jax.Array, meta) -> SparsePattern:
         b, seq, h, _ = q.shape
@@ -213,7 +219,8 @@ class MInference:
             est = estimate_blocks(q, k, meta.lengths, top_k, self.config.block_size)
             est = jnp.where(jnp.arange(est.shape[-1])[None, None, None, :] < v[None, :, None, None], est, -1)
             blocks = jnp.where(block[None, :, None, None], est, -1)
-        return SparsePattern(vertical, slash, blocks, block_size=self.config.block_size)
+        return SparsePattern(vertical, slash, blocks, block_size=self.config.block_size,
+                             slash_semantics=self.slash_semantics)
 
     def __call__(self, q, k, v, cache, meta):
         return sparse_prefill(q, k, v, cache, meta, self.pattern, self.backend)
@@ -231,10 +238,10 @@ def shipped_config(model_name: str) -> MInferenceConfig:
 
 
 def vertical_slash(num_layers: int, num_heads: int, vertical_size: int = 1000, slash_size: int = 6096,
-                   backend: Backend = "auto") -> MInference:
+                   backend: Backend = "auto", slash_semantics: str = "exact") -> MInference:
     """MInference with every head vertical-slash (SCBench's `minference` defaults: 1000 / 6096)."""
     return MInference(MInferenceConfig.uniform(num_layers, num_heads, "vertical_and_slash", vertical_size,
-                                               slash_size), backend)
+                                               slash_size), backend, slash_semantics)
 
 
 def block_sparse(num_layers: int, num_heads: int, top_k: int = 100, backend: Backend = "auto") -> MInference:

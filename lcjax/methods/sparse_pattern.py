@@ -28,6 +28,9 @@ class SparsePattern:
     blocks: int32 `[batch, heads, num_q_blocks, n_blocks]` key-block ids per query block, or None.
     block_size: query/key block size of `blocks`.
     dense_last: each sequence's last `dense_last` queries see every causal key (Tri-shape); 0 = none.
+    slash_semantics: "exact" (query i sees key i - d for each slash offset d) or "cover" (MInference's
+      kernel semantics, a superset: a query block of `block_size` rows sees every key of the ranges its
+      slash groups cover, see `lcjax.pallas.vertical_slash_ranges.cover_mask_fn`).
     """
 
     vertical: jax.Array
@@ -35,6 +38,14 @@ class SparsePattern:
     blocks: jax.Array | None = None
     block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
     dense_last: int = dataclasses.field(default=0, metadata=dict(static=True))
+    slash_semantics: str = dataclasses.field(default="exact", metadata=dict(static=True))
+
+    def __post_init__(self):
+        if self.slash_semantics not in SLASH_SEMANTICS:
+            raise ValueError(f"slash_semantics={self.slash_semantics!r}; choose one of {SLASH_SEMANTICS}.")
+
+
+SLASH_SEMANTICS = ("exact", "cover")
 
 
 def _table(indices: jax.Array, size: int) -> jax.Array:
@@ -61,6 +72,10 @@ def pattern_mask_fn(pattern: SparsePattern, kv_len: int, lengths: jax.Array, sli
         nkb = -(-kv_len // pattern.block_size)
         blocks = _table(pattern.blocks, nkb)               # [b, h, nqb, nkb]
     keys = jnp.arange(kv_len, dtype=jnp.int32)
+    cover = None
+    if pattern.slash_semantics == "cover":
+        from lcjax.pallas.vertical_slash_ranges import cover_mask_fn
+        cover = cover_mask_fn(pattern.vertical, pattern.slash, kv_len, pattern.block_size)
 
     def mask_fn(rows):
         i = rows[:, None]
@@ -68,7 +83,10 @@ def pattern_mask_fn(pattern: SparsePattern, kv_len: int, lengths: jax.Array, sli
         causal = (offset >= 0)[None, None] & (keys < lengths[:, None])[:, None, None, :]
         if sliding_window is not None:
             causal &= (offset < sliding_window)[None, None]
-        allowed = vertical[:, :, None, :] | jnp.take(slash, jnp.clip(offset, 0, kv_len - 1), axis=2)
+        if cover is not None:
+            allowed = cover(rows)
+        else:
+            allowed = vertical[:, :, None, :] | jnp.take(slash, jnp.clip(offset, 0, kv_len - 1), axis=2)
         if blocks is not None:
             qb = jnp.minimum(rows // pattern.block_size, blocks.shape[2] - 1)
             kb = keys // pattern.block_size

@@ -46,11 +46,16 @@ def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array
     from lcjax.pallas.block_sparse_attention import block_sparse_attention
     from lcjax.pallas.vertical_slash_attention import vertical_slash_attention
     from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
+    from lcjax.pallas.vertical_slash_ranges import build_vertical_slash_ranges, vertical_slash_attention_ranges
 
     seq = q.shape[1]
     bs = pattern.block_size
-    index = build_vertical_slash_index(pattern.vertical, pattern.slash, seq, bs, bs)
-    out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=interpret)
+    if pattern.slash_semantics == "cover":  # MInference's semantics: the range schedule, no per-element test
+        ranges = build_vertical_slash_ranges(pattern.vertical, pattern.slash, seq, bs)
+        out = vertical_slash_attention_ranges(q, k, v, ranges, scale=scale, interpret=interpret, semantics="cover")
+    else:
+        index = build_vertical_slash_index(pattern.vertical, pattern.slash, seq, bs, bs)
+        out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=interpret)
     if pattern.blocks is not None:
         counts = (pattern.blocks >= 0).sum(-1).astype(jnp.int32)
         blocks = jnp.sort(jnp.where(pattern.blocks >= 0, pattern.blocks, jnp.iinfo(jnp.int32).max), axis=-1)

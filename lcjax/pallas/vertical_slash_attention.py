@@ -17,14 +17,16 @@ from jax.experimental import pallas as pl
 
 from lcjax.attention import masked_attention
 from lcjax.pallas import _flash
-from lcjax.pallas.vertical_slash_index import VerticalSlashIndex, build_vertical_slash_index
+from lcjax.pallas.vertical_slash_index import VerticalSlashIndex, build_vertical_slash_index, slash_window_mask
 
 __all__ = ["VerticalSlashIndex", "build_vertical_slash_index", "vertical_slash_attention",
            "vertical_slash_attention_reference", "vertical_slash_mask_fn"]
 
+SLASH_MASKS = ("bits", "gather")
 
-def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, vert_ref, slash_ref, *out_refs,
-            num_q_blocks: int, block: int, qk_scale: float, q_axis: int):
+
+def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, vert_ref, slash_ref, words_ref,
+            *out_refs, num_q_blocks: int, block: int, qk_scale: float, q_axis: int, slash_mask: str):
     o_ref = out_refs[-1]  # with a poisoned buffer aliased in, its input ref comes first
     qb = num_q_blocks - 1 - pl.program_id(q_axis)  # see _flash.launch_grid
     q = q_ref[...]
@@ -43,7 +45,11 @@ def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, ve
         t = masked_ref[n]
         start, k, v = kv_tile(t)
         offset = t * block + lane[:, None] - lane[None, :]  # query - key
-        on_slash = slash_ref[jnp.maximum(offset, 0)] != 0
+        if slash_mask == "bits":  # the tile's offsets are t*b - b + 1 + [0, 2b - 1)
+            base = t * block - block + 1
+            on_slash = slash_window_mask(words_ref, base, offset - base, block)
+        else:
+            on_slash = slash_ref[jnp.maximum(offset, 0)] != 0
         on_vertical = vert_ref[pl.ds(start, block)] != 0
         mask = (offset >= 0) & (on_slash | on_vertical[None, :])
         return _flash.update(state, q, k, v, qk_scale, mask)
@@ -57,7 +63,7 @@ def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, ve
 
 def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpret: bool,
                     num_warps: int | None, num_stages: int | None, heads_fastest: bool = False,
-                    out_init: jax.Array | None = None):
+                    slash_mask: str = "bits", out_init: jax.Array | None = None):
     """The kernel on padded arrays: q `[b, L, h, d]`, k, v `[b, L, kvh, d]`, L = nqb * block, d a power of
     two. `out_init` (testing): a buffer of q's shape aliased to the output, to prove every element is written."""
     batch, padded, heads, head_dim = q.shape
@@ -68,35 +74,45 @@ def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpr
                         jnp.zeros_like(index.column_counts)], axis=-1)
     grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
     kernel = functools.partial(_kernel, num_q_blocks=nqb, block=block, qk_scale=scale * _flash.LOG2E,
-                               q_axis=q_axis)
+                               q_axis=q_axis, slash_mask=check_slash_mask(slash_mask))
     q_spec, kv_spec = _flash.qkv_specs(spec, block, padded, head_dim, groups)
     per_head = spec((None, None, nqb), lambda h, i, b: (b, h, 0))
     per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
     per_key = spec((None, None, padded), lambda h, i, b: (b, h, 0))
     in_specs = [q_spec, kv_spec, kv_spec, per_head, per_head, per_block(4),
-                per_block(index.column_indices.shape[-1]), per_key, per_key]
+                per_block(index.column_indices.shape[-1]), per_key, per_key,
+                spec((None, None, index.slash_words.shape[-1]), lambda h, i, b: (b, h, 0))]
     args = [q, k, v, index.diag_plain, index.diag_masked, counts, index.column_indices, index.is_vertical,
-            index.is_slash]
+            index.is_slash, index.slash_words]
     return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
                          tile_k=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                          name="vertical_slash_attention", out_init=out_init)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest",
+                                             "slash_mask"))
 def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashIndex, *,
                              scale: float, interpret: bool = False, num_warps: int | None = None,
-                             num_stages: int | None = None, heads_fastest: bool = False) -> jax.Array:
+                             num_stages: int | None = None, heads_fastest: bool = False,
+                             slash_mask: str = "bits") -> jax.Array:
     """Causal prefill attention over a vertical-slash pattern.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]` (keys and queries both
     from position 0); bfloat16, float16 or float32; head_dim 64, 96 or 128. index: from
     `build_vertical_slash_index(..., q_len)` for the same batch and heads. Returns `[batch, q_len, heads,
-    head_dim]` in q's dtype; rows with no allowed key are zeros. num_warps, num_stages (Triton) and
-    heads_fastest (grid order, see `_flash.launch_grid`) tune speed only.
+    head_dim]` in q's dtype; rows with no allowed key are zeros. num_warps, num_stages (Triton),
+    heads_fastest (grid order, see `_flash.launch_grid`) and slash_mask (how masked tiles find their slash
+    pairs: "bits" from `index.slash_words`, or "gather" from `index.is_slash` per element) tune speed only.
     """
     return run_schedule("vertical_slash_attention", _pallas_forward, q, k, v, index, index.plain_counts,
                         scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                        heads_fastest=heads_fastest)
+                        heads_fastest=heads_fastest, slash_mask=slash_mask)
+
+
+def check_slash_mask(slash_mask: str) -> str:
+    if slash_mask not in SLASH_MASKS:
+        raise ValueError(f"slash_mask={slash_mask!r}; choose one of {SLASH_MASKS}.")
+    return slash_mask
 
 
 def run_schedule(name: str, forward, q, k, v, index, per_block_counts: jax.Array, **kernel_args) -> jax.Array:

@@ -37,6 +37,8 @@ class VerticalSlashIndex:
       tile and <= the block's last query; max_columns is n_vertical rounded up to a multiple of block.
     column_counts: int32 `[batch, heads, nqb]`.
     is_vertical, is_slash: int8 `[batch, heads, L]`: 1 at the (sanitised) vertical columns / slash offsets.
+    slash_words: int32 `[batch, heads, L + 2 * block + 1]`, `slash_words(is_slash, block)`: the kernel's
+      masked tiles read their slash mask from these bits instead of gathering `is_slash` per element.
     """
 
     diag_plain: jax.Array
@@ -47,6 +49,7 @@ class VerticalSlashIndex:
     column_counts: jax.Array
     is_vertical: jax.Array
     is_slash: jax.Array
+    slash_words: jax.Array
     q_len: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))
 
@@ -70,6 +73,37 @@ def line_indicators(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len
     padded = nqb * block
     return (nqb, padded, _indicator(vertical_indices.astype(jnp.int32), q_len, padded),
             _indicator(slash_offsets.astype(jnp.int32), q_len, padded))
+
+
+WORD_BITS = 32
+
+
+def slash_words(is_slash: jax.Array, block: int) -> jax.Array:
+    """int32 `[..., L + 2 * block + 1]` from int8 `is_slash` `[..., L]`: bit t of entry p says whether offset
+    p - 2 * block + t is a slash (offsets outside [0, L) are not). `slash_window_mask` reads a tile's window of
+    2 * block - 1 offsets from 2 * block / 32 of these words: scalar loads and shifts instead of a
+    `[block, block]` gather (an offset window of a tile starts at >= -2 * block + 2 and ends < L)."""
+    pad = 2 * block
+    x = jnp.pad(is_slash.astype(jnp.int32), [(0, 0)] * (is_slash.ndim - 1) + [(pad, WORD_BITS + 1)])
+    n = is_slash.shape[-1] + pad + 1
+    words = jnp.zeros(is_slash.shape[:-1] + (n,), jnp.int32)
+    for t in range(WORD_BITS):  # int32 wrap-around at bit 31 is what we want: the bit pattern
+        words = words | jax.lax.shift_left(x[..., t:t + n], jnp.int32(t))
+    return words
+
+
+def slash_window_mask(words_ref, base: jax.Array, idx: jax.Array, block: int) -> jax.Array:
+    """Inside a kernel: bool, idx's shape, whether offset `base + idx` is a slash, for idx in
+    [0, 2 * block - 1) (other idx give some bit; callers mask them). `base` is a scalar >= -2 * block."""
+    n_words = 2 * block // WORD_BITS
+    at = base + 2 * block
+    words = [words_ref[at + WORD_BITS * w] for w in range(n_words)]
+    which = jax.lax.shift_right_logical(idx, jnp.int32(5))
+    word = jnp.full(idx.shape, words[-1], jnp.int32)
+    for w in range(n_words - 1):
+        word = jnp.where(which == w, words[w], word)
+    bit = jax.lax.shift_right_arithmetic(word, idx & (WORD_BITS - 1))
+    return (bit & 1) != 0
 
 
 def _sorted_unique(x: jax.Array, length: int) -> jax.Array:
@@ -133,4 +167,4 @@ def build_vertical_slash_index(vertical_indices: jax.Array, slash_offsets: jax.A
     return VerticalSlashIndex(diag_plain=diag_plain, diag_masked=diag_masked, plain_counts=plain_counts,
                               masked_counts=masked_counts, column_indices=column_indices,
                               column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), is_vertical=is_vertical,
-                              is_slash=is_slash, q_len=q_len, block=b)
+                              is_slash=is_slash, slash_words=slash_words(is_slash, b), q_len=q_len, block=b)

@@ -32,12 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from lcjax.attention import masked_attention
 from lcjax.pallas import _flash
-from lcjax.pallas.vertical_slash_attention import run_schedule, vertical_slash_attention_reference
-from lcjax.pallas.vertical_slash_index import _sorted_unique, line_indicators
+from lcjax.pallas.vertical_slash_attention import (check_slash_mask, run_schedule,
+                                                   vertical_slash_attention_reference)
+from lcjax.pallas.vertical_slash_index import _sorted_unique, line_indicators, slash_window_mask, slash_words
 
 __all__ = ["VerticalSlashRanges", "build_vertical_slash_ranges", "vertical_slash_attention_ranges",
-           "vertical_slash_attention_reference", "range_schedule_tiles", "max_groups"]
+           "vertical_slash_attention_reference", "range_schedule_tiles", "max_groups", "cover_mask_fn",
+           "vertical_slash_cover_reference", "SEMANTICS"]
 
 
 @jax.tree_util.register_dataclass
@@ -53,6 +56,7 @@ class VerticalSlashRanges:
     is_vertical, is_slash: int8 `[batch, heads, L]`; slash_prefix: int32 `[batch, heads, L + 1]`, the number of
       slash offsets below each position; slash_next, slash_prev: int32 `[batch, heads, L]`, the first slash
       offset >= / last <= each position (4 L / -4 L if none).
+    slash_words: int32 `[batch, heads, L + 2 * block + 1]`, `vertical_slash_index.slash_words(is_slash, block)`.
     """
 
     group_start: jax.Array
@@ -65,6 +69,7 @@ class VerticalSlashRanges:
     slash_prefix: jax.Array
     slash_next: jax.Array
     slash_prev: jax.Array
+    slash_words: jax.Array
     q_len: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))
 
@@ -137,11 +142,12 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
                                column_indices=column_indices,
                                column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), is_vertical=is_vertical,
                                is_slash=is_slash, slash_prefix=_prefix(is_slash.astype(jnp.int32)), slash_next=nxt,
-                               slash_prev=prev, q_len=q_len, block=b)
+                               slash_prev=prev, slash_words=slash_words(is_slash, b), q_len=q_len, block=b)
 
 
 def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_ref, slash_ref, prefix_ref,
-            next_ref, prev_ref, *out_refs, num_q_blocks: int, block: int, qk_scale: float, q_axis: int):
+            next_ref, prev_ref, words_ref, *out_refs, num_q_blocks: int, block: int, qk_scale: float, q_axis: int,
+            slash_mask: str, semantics: str):
     o_ref = out_refs[-1]  # with a poisoned buffer aliased in, its input ref comes first
     qb = num_q_blocks - 1 - pl.program_id(q_axis)  # see _flash.launch_grid
     padded = num_q_blocks * block
@@ -155,17 +161,15 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_
         start = lo + c * block
         first = jnp.minimum(start, padded - block)  # the load stays inside the padded K/V
         k, v = k_ref[pl.ds(first, block), :], v_ref[pl.ds(first, block), :]
+        keys = first + lane
+        offset = rows[:, None] - keys[None, :]  # query - key
+        in_range = (keys >= start) & (keys <= hi)
+        if semantics == "cover":  # MInference's: every key of the range, causal; compares only, no branch
+            return lo, hi, _flash.update(state, q, k, v, qk_scale, (offset >= 0) & in_range[None, :])
         window_hi = r0 - start + block  # exclusive end of the chunk's 2b - 1 offsets
         window_lo = jnp.maximum(window_hi - 2 * block + 1, 0)
         n_slash = prefix_ref[window_hi] - prefix_ref[window_lo]
         plain = (start + block - 1 <= hi) & (n_slash == 2 * block - 1)
-        first_slash, last_slash = next_ref[window_lo], prev_ref[window_hi - 1]
-        band = (last_slash - first_slash + 1 == n_slash) | (n_slash == 0)  # the window's slashes are one run
-        # 0 unmasked, 1 band, 2 gather; int32 arithmetic (a jnp.where of Python ints lowers to i1 in Triton)
-        branch = 2 - 2 * plain.astype(jnp.int32) - (band & ~plain).astype(jnp.int32)
-        keys = first + lane
-        offset = rows[:, None] - keys[None, :]  # query - key
-        in_range = (keys >= start) & (keys <= hi)
 
         def unmasked(state):
             return _flash.update(state, q, k, v, qk_scale)
@@ -182,13 +186,37 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_
             mask = (offset >= 0) & in_range[None, :] & (on_slash | on_vertical[None, :])
             return _flash.update(state, q, k, v, qk_scale, mask)
 
+        def bits(state):  # the window's offsets are base + [0, 2b - 1); keys before start are out of range
+            base = window_hi - 2 * block + 1
+            on_slash = slash_window_mask(words_ref, base, offset - base, block)
+            on_vertical = vert_ref[pl.ds(first, block)] != 0
+            mask = (offset >= 0) & in_range[None, :] & (on_slash | on_vertical[None, :])
+            return _flash.update(state, q, k, v, qk_scale, mask)
+
+        if slash_mask == "bits":  # two branches: unmasked, or the mask from the window's bits
+            return lo, hi, jax.lax.switch(1 - plain.astype(jnp.int32), (unmasked, bits), state)
+        first_slash, last_slash = next_ref[window_lo], prev_ref[window_hi - 1]
+        band = (last_slash - first_slash + 1 == n_slash) | (n_slash == 0)  # the window's slashes are one run
+        # 0 unmasked, 1 band, 2 gather; int32 arithmetic (a jnp.where of Python ints lowers to i1 in Triton)
+        branch = 2 - 2 * plain.astype(jnp.int32) - (band & ~plain).astype(jnp.int32)
         return lo, hi, jax.lax.switch(branch, (unmasked, banded, masked), state)
+
+    def whole_chunk(c, carry):  # inside the range and below the block's first row: no mask
+        lo, hi, state = carry
+        start = lo + c * block
+        k, v = k_ref[pl.ds(start, block), :], v_ref[pl.ds(start, block), :]
+        return lo, hi, _flash.update(state, q, k, v, qk_scale)
 
     def group(n, state):
         lo = jnp.maximum(r0 - end_ref[n], 0)
         hi = r0 + block - 1 - start_ref[n]
         n_chunks = jax.lax.div(hi - lo + block, block)
-        return jax.lax.fori_loop(0, n_chunks, chunk, (lo, hi, state))[2]
+        first_masked = 0
+        if semantics == "cover":  # the leading chunks that end at or before min(hi, r0) need no mask; two
+            # branch-free loops let Triton pipeline both (a per-chunk branch would not)
+            first_masked = jnp.maximum(jax.lax.div(jnp.minimum(hi, r0) - lo + 1, block), 0)
+            state = jax.lax.fori_loop(0, first_masked, whole_chunk, (lo, hi, state))[2]
+        return jax.lax.fori_loop(first_masked, n_chunks, chunk, (lo, hi, state))[2]
 
     state = _flash.init_state(block, q.shape[-1])
     state = jax.lax.fori_loop(0, counts_ref[0], group, state)
@@ -198,7 +226,7 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_
 
 def _pallas_forward(q, k, v, index: VerticalSlashRanges, *, scale: float, interpret: bool,
                     num_warps: int | None, num_stages: int | None, heads_fastest: bool = False,
-                    out_init: jax.Array | None = None):
+                    slash_mask: str = "bits", semantics: str = "exact", out_init: jax.Array | None = None):
     """The kernel on padded arrays: q `[b, L, h, d]`, k, v `[b, L, kvh, d]`, L = nqb * block, d a power of
     two. `out_init` (testing): a buffer of q's shape aliased to the output, to prove every element is written."""
     batch, padded, heads, head_dim = q.shape
@@ -209,30 +237,79 @@ def _pallas_forward(q, k, v, index: VerticalSlashRanges, *, scale: float, interp
                        axis=-1)
     grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
     kernel = functools.partial(_kernel, num_q_blocks=nqb, block=block, qk_scale=scale * _flash.LOG2E,
-                               q_axis=q_axis)
+                               q_axis=q_axis, slash_mask=check_slash_mask(slash_mask),
+                               semantics=check_semantics(semantics))
     q_spec, kv_spec = _flash.qkv_specs(spec, block, padded, head_dim, groups)
     per_head = lambda n: spec((None, None, n), lambda h, i, b: (b, h, 0))
     per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
     n_groups = index.group_start.shape[-1]
     in_specs = [q_spec, kv_spec, kv_spec, per_head(n_groups), per_head(n_groups), per_block(4),
                 per_block(index.column_indices.shape[-1]), per_head(padded), per_head(padded),
-                per_head(padded + 1), per_head(padded), per_head(padded)]
+                per_head(padded + 1), per_head(padded), per_head(padded), per_head(index.slash_words.shape[-1])]
     args = [q, k, v, index.group_start, index.group_end, counts, index.column_indices, index.is_vertical,
-            index.is_slash, index.slash_prefix, index.slash_next, index.slash_prev]
+            index.is_slash, index.slash_prefix, index.slash_next, index.slash_prev, index.slash_words]
     return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
                          tile_k=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                          name="vertical_slash_attention_ranges", out_init=out_init)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest",
+                                             "slash_mask", "semantics"))
 def vertical_slash_attention_ranges(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashRanges, *,
                                     scale: float, interpret: bool = False, num_warps: int | None = None,
-                                    num_stages: int | None = None, heads_fastest: bool = False) -> jax.Array:
+                                    num_stages: int | None = None, heads_fastest: bool = False,
+                                    slash_mask: str = "bits", semantics: str = "exact") -> jax.Array:
     """`vertical_slash_attention` with the range schedule of `build_vertical_slash_ranges` (same shapes, dtypes,
-    GQA, head_dims and result: exact mask, rows with no allowed key are zeros)."""
+    GQA, head_dims; rows with no allowed key are zeros).
+
+    semantics "exact": the same result as `vertical_slash_attention` (the exact vertical-slash mask); then
+    slash_mask "bits": a chunk is unmasked or masked from `index.slash_words`, "gather": unmasked, band
+    (compares) or an `is_slash` gather. semantics "cover": MInference's kernel semantics, a superset of
+    exact: query block qb attends, causally, every key of its groups' ranges [r0 - D1, r0 + block - 1 - D0]
+    (`cover_mask_fn` is its reference) plus the vertical columns.
+    """
     return run_schedule("vertical_slash_attention_ranges", _pallas_forward, q, k, v, index, index.group_counts,
                         scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                        heads_fastest=heads_fastest)
+                        heads_fastest=heads_fastest, slash_mask=slash_mask, semantics=semantics)
+
+
+SEMANTICS = ("exact", "cover")
+
+
+def check_semantics(semantics: str) -> str:
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics={semantics!r}; choose one of {SEMANTICS}.")
+    return semantics
+
+
+def cover_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int, block: int):
+    """mask_fn(rows) -> bool `[batch, heads, len(rows), q_len]` of the "cover" semantics, for
+    `lcjax.attention.masked_attention`: query i (block r0 = i // block * block) attends key j <= i iff j is a
+    vertical column or the offsets [r0 - j, r0 + block - 1 - j] meet a slash group (a chain of slash offsets
+    at most `block` apart, gaps included). Entries outside [0, q_len) match nothing."""
+    _, _, is_vertical, is_slash = line_indicators(vertical_indices, slash_offsets, q_len, 1)
+    pos = jnp.arange(q_len, dtype=jnp.int32)
+    prev = jax.lax.cummax(jnp.where(is_slash != 0, pos, -4 * q_len), axis=2)
+    nxt = jax.lax.cummin(jnp.where(is_slash != 0, pos, 4 * q_len), axis=2, reverse=True)
+    covered_prefix = _prefix(((nxt - prev) <= block).astype(jnp.int32))  # [batch, heads, q_len + 1]
+    keys = pos
+
+    def mask_fn(rows):
+        r0 = (rows // block * block)[:, None]
+        lo = jnp.clip(r0 - keys[None, :], 0, q_len)
+        hi = jnp.clip(r0 + block - keys[None, :], 0, q_len)
+        meets = (jnp.take(covered_prefix, hi, axis=-1) - jnp.take(covered_prefix, lo, axis=-1)) > 0
+        return (keys[None, :] <= rows[:, None]) & (meets | (is_vertical[:, :, None, :] != 0))
+
+    return mask_fn
+
+
+@functools.partial(jax.jit, static_argnames=("q_len", "block", "scale"))
+def vertical_slash_cover_reference(q: jax.Array, k: jax.Array, v: jax.Array, vertical_indices: jax.Array,
+                                   slash_offsets: jax.Array, q_len: int, block: int, scale: float) -> jax.Array:
+    """`vertical_slash_attention_ranges(..., semantics="cover")` in plain XLA (masked softmax attention)."""
+    return masked_attention(q, k, v, cover_mask_fn(vertical_indices, slash_offsets, q_len, block), scale,
+                            q_chunk=512)
 
 
 def range_schedule_tiles(index: VerticalSlashRanges) -> dict[str, np.ndarray]:
@@ -240,8 +317,9 @@ def range_schedule_tiles(index: VerticalSlashRanges) -> dict[str, np.ndarray]:
     (unmasked) and `band` (masked by compares, no gather; the rest gather from `is_slash`), and `columns`
     (gathered column chunks). Each is one b x b tile-equivalent of work."""
     b, nqb = index.block, index.group_counts.shape[-1]
-    d0, d1 = np.asarray(index.group_start), np.asarray(index.group_end)
     counts, prefix = np.asarray(index.group_counts), np.asarray(index.slash_prefix)
+    used = max(1, int(counts.max(initial=0)))  # G is a static bound (2017 at 128K, b=64); heads use ~1-100
+    d0, d1 = np.asarray(index.group_start)[..., :used], np.asarray(index.group_end)[..., :used]
     nxt, prev = np.asarray(index.slash_next), np.asarray(index.slash_prev)
     r0 = (np.arange(nqb) * b)[:, None]
     out = {name: np.zeros(counts.shape[:2], np.int64) for name in ("chunks", "plain", "band", "columns")}

@@ -140,3 +140,21 @@ def test_block_sparse_names_unsupported_head_dim_and_dtype():
         block_sparse_attention(q.astype(jnp.float32), q.astype(jnp.float32), q.astype(jnp.float32), *lists,
                                scale=1.0, block_q=24, block_k=16)
 
+
+
+def test_block_sparse_past_the_int32_offset_limit_runs_in_kv_head_groups(monkeypatch):
+    """Calls whose q would reach 2^31 elements split by KV-head groups (forced with a small limit here)."""
+    from lcjax.pallas import _flash
+    from lcjax.pallas import block_sparse_attention as bsa
+    rng = np.random.default_rng()
+    batch, q_len, heads, kv_heads, block = 1, 88, 6, 3, 16
+    q, k, v = random_inputs(rng, batch, q_len, q_len, heads, kv_heads, 64, jnp.float32)
+    idx, counts = random_lists(rng, batch, heads, 6, 6, 4)
+    monkeypatch.setattr(_flash, "MAX_KERNEL_ELEMENTS", 96 * 2 * 64 + 1)  # one KV group (2 q heads) per call
+    calls = []
+    real = bsa._pallas_forward
+    monkeypatch.setattr(bsa, "_pallas_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    out = block_sparse_attention(q, k, v, idx, counts, scale=0.125, block_q=block, block_k=block, interpret=True)
+    assert calls == [(1, 96, 2, 64)] * kv_heads
+    mask = blocks_to_mask(idx, counts, q_len, q_len, block, block, True)
+    assert_matches_reference(out, attention_f64(q, k, v, mask, 0.125), mask, jnp.float32)

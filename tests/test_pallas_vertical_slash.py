@@ -390,3 +390,26 @@ def test_vertical_slash_ranges_cover_semantics_matches_float64_reference(q_len, 
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = vsr.vertical_slash_cover_reference(*up, verticals, slashes, q_len=q_len, block=block, scale=scale)
     np.testing.assert_allclose(np.asarray(ref), attention_f64(q, k, v, mask, scale), rtol=2e-3, atol=2e-4)
+
+
+def test_calls_past_the_int32_offset_limit_run_in_kv_head_groups(monkeypatch):
+    """At 1M tokens x 32 heads q has 2^32 elements, past Triton's int32 offsets: the wrappers then split the
+    call by whole KV-head groups. Forced here with a small limit; the result must not change."""
+    from lcjax.pallas import _flash
+    rng = np.random.default_rng()
+    q_len, heads, kv_heads = 72, 8, 4
+    q, k, v = random_inputs(rng, q_len, heads, kv_heads, 64, jnp.float32)
+    verticals, slashes = random_pattern(rng, 1, heads, q_len, 5, 9)
+    mask = pattern_mask(verticals, slashes, q_len)
+    index = build_vertical_slash_index(verticals, slashes, q_len, 16, 16)
+    ranges = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, 16)
+    monkeypatch.setattr(_flash, "MAX_KERNEL_ELEMENTS", 80 * 2 * 64 + 1)  # one KV group (2 q heads) per call
+    calls = []
+    real = vsr._pallas_forward
+    monkeypatch.setattr(vsr, "_pallas_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    out = vertical_slash_attention(q, k, v, index, scale=0.125, interpret=True)
+    out_r = vsr.vertical_slash_attention_ranges(q, k, v, ranges, scale=0.125, interpret=True)
+    assert calls == [(1, 80, 2, 64)] * kv_heads
+    ref = attention_f64(q, k, v, mask, 0.125)
+    assert_matches_reference(out, ref, mask, jnp.float32)
+    assert_matches_reference(out_r, ref, mask, jnp.float32)

@@ -108,20 +108,19 @@ class MInferenceConfig:
 
 # ---- online estimation --------------------------------------------------------------------------------
 
-def _last_query_probs(q, k, lengths, last_q: int, scale: float):
-    """Softmax attention of each sequence's last `last_q` queries over its keys: fp32 `[b, h, last_q, kv]`,
-    with the row positions `[b, last_q]`."""
-    b, seq, h, d = q.shape
-    kvh = k.shape[2]
-    rows = last_rows(lengths, last_q)
-    q_last = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)             # [b, last_q, h, d]
-    qg = q_last.reshape(b, last_q, kvh, h // kvh, d)
-    logits = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = logits.reshape(b, h, last_q, seq)
+def _line_scores(q_last: jax.Array, k: jax.Array, rows: jax.Array, lengths: jax.Array, scale: float):
+    """Column and diagonal mass of the last queries' softmax attention, for one KV head's query group.
+
+    q_last `[b, last_q, g, d]`, k `[b, seq, d]`, rows `[b, last_q]` (their positions). Returns fp32
+    vertical `[b, g, seq]` (column sums) and slash `[b, g, seq]` (offset o collects probs[t, row_t - o])."""
+    seq = k.shape[1]
+    logits = jnp.einsum("bqgd,btd->bgqt", q_last, k, preferred_element_type=jnp.float32) * scale
     keys = jnp.arange(seq)
     ok = (keys[None, None, :] <= rows[:, :, None]) & (keys[None, None, :] < lengths[:, None, None])
-    logits = jnp.where(ok[:, None], logits, -jnp.inf)
-    return jax.nn.softmax(logits, axis=-1), rows
+    probs = jax.nn.softmax(jnp.where(ok[:, None], logits, -jnp.inf), axis=-1)  # [b, g, last_q, seq]
+    key_at = rows[:, :, None] - keys[None, None, :]                            # [b, last_q, offsets]
+    gathered = jnp.take_along_axis(probs, jnp.clip(key_at, 0, seq - 1)[:, None], axis=3)
+    return probs.sum(axis=2), jnp.where((key_at >= 0)[:, None], gathered, 0.0).sum(axis=2)
 
 
 def estimate_vertical_slash(q: jax.Array, k: jax.Array, lengths: jax.Array, n_vertical: int, n_slash: int,
@@ -130,20 +129,25 @@ def estimate_vertical_slash(q: jax.Array, k: jax.Array, lengths: jax.Array, n_ve
 
     q `[batch, seq, heads, head_dim]`, k `[batch, seq, kv_heads, head_dim]` (rotated), lengths `[batch]`.
     Returns vertical `[batch, heads, n_vertical]` key indices and slash `[batch, heads, n_slash]` offsets,
-    best first; slots beyond a sequence's length are -1.
+    best first; slots beyond a sequence's length are -1. One KV head's query group at a time (`lax.map`),
+    so the fp32 `[last_q, seq]` score rows of only heads / kv_heads heads are alive at once (at 1M tokens and
+    32 heads all at once would be 8 GiB per intermediate).
     """
-    seq = q.shape[1]
+    b, seq, h, d = q.shape
+    kvh = k.shape[2]
     last_q = min(last_q, seq)
-    probs, rows = _last_query_probs(q, k, lengths, last_q, scale)
+    rows = last_rows(lengths, last_q)
+    q_last = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).reshape(b, last_q, kvh, h // kvh, d)
+
+    def one_group(i):
+        return _line_scores(jnp.take(q_last, i, axis=2), jnp.take(k, i, axis=2), rows, lengths, scale)
+
+    vertical, slash = jax.lax.map(one_group, jnp.arange(kvh))                    # [kvh, b, g, seq] each
+    vertical, slash = (jnp.moveaxis(x, 0, 1).reshape(b, h, seq) for x in (vertical, slash))
     keys = jnp.arange(seq)
     valid_key = keys[None, None, :] < lengths[:, None, None]
-    vertical = probs.sum(axis=2)
     vertical = jnp.where(keys < ALWAYS_VERTICAL, jnp.inf, vertical)
     vertical = jnp.where(valid_key, vertical, -jnp.inf)
-    # diagonal mass: offset o collects probs[t, row_t - o]
-    key_at = rows[:, :, None] - keys[None, None, :]                            # [b, last_q, offsets]
-    gathered = jnp.take_along_axis(probs, jnp.clip(key_at, 0, seq - 1)[:, None], axis=3)
-    slash = jnp.where((key_at >= 0)[:, None], gathered, 0.0).sum(axis=2)
     slash = jnp.where(keys < ALWAYS_SLASH, jnp.inf, slash)
     slash = jnp.where(valid_key, slash, -jnp.inf)                              # offsets < length
     v_score, v_idx = jax.lax.top_k(vertical, min(n_vertical, seq))

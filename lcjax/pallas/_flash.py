@@ -26,6 +26,33 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 State = tuple[jax.Array, jax.Array, jax.Array]
 
 
+# Triton-lowered Pallas computes element offsets in int32: an operand of 2^31 elements or more (q at 1M
+# tokens x 32 heads x 128) makes out-of-bounds addresses. Wrappers split such calls by KV-head groups.
+MAX_KERNEL_ELEMENTS = 2**31 - 1
+
+
+def by_head_groups(run, q: jax.Array, k: jax.Array, v: jax.Array, per_head, *, padded_len: int,
+                   padded_head_dim: int):
+    """`run(q, k, v, per_head)` in slices of whole KV-head groups, each small enough that its padded q, k and
+    v stay under `MAX_KERNEL_ELEMENTS`; outputs concatenated along heads. q `[batch, q_len, heads, d]`,
+    k, v `[batch, kv_len, kv_heads, d]`; per_head: a pytree of arrays `[batch, heads, ...]` (or None)."""
+    batch, _, heads, _ = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    # elements of one group's q (or of its k, padded by at most one tile)
+    per_group = batch * max(padded_len * group, k.shape[1] + 128) * padded_head_dim
+    groups_per_call = max(1, MAX_KERNEL_ELEMENTS // per_group)
+    if groups_per_call >= kv_heads:
+        return run(q, k, v, per_head)
+    outs = []
+    for g0 in range(0, kv_heads, groups_per_call):
+        g1 = min(kv_heads, g0 + groups_per_call)
+        heads_slice = lambda x: x[:, g0 * group:g1 * group]  # per-head arrays: [batch, heads, ...]
+        outs.append(run(q[:, :, g0 * group:g1 * group], k[:, :, g0:g1], v[:, :, g0:g1],
+                        jax.tree.map(heads_slice, per_head)))
+    return jnp.concatenate(outs, axis=2)
+
+
 def init_state(rows: int, head_dim: int) -> State:
     return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), M_FLOOR, jnp.float32),
             jnp.zeros((rows,), jnp.float32))

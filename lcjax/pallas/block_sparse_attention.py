@@ -133,13 +133,18 @@ def block_sparse_attention_canonical(q: jax.Array, k: jax.Array, v: jax.Array, i
         raise ValueError(f"causal block_sparse_attention is prefill from position 0: q_len={q_len} must equal "
                          f"kv_len={kv_len}.")
     d_pad = _flash.padded_head_dim(head_dim)
-    q_p = _flash.pad_to(_flash.pad_to(q, 1, _cdiv(q_len, block_q) * block_q), 3, d_pad)
-    k_p = _flash.pad_to(_flash.pad_to(k, 1, _cdiv(kv_len, block_k) * block_k), 3, d_pad)
-    v_p = _flash.pad_to(_flash.pad_to(v, 1, _cdiv(kv_len, block_k) * block_k), 3, d_pad)
-    out = _pallas_forward(q_p, k_p, v_p, indices, schedule, kv_len=kv_len, scale=scale, causal=causal,
-                          block_q=block_q, block_k=block_k, interpret=interpret, num_warps=num_warps,
-                          num_stages=num_stages, heads_fastest=heads_fastest)
-    return out[:, :q_len, :, :head_dim]
+
+    def run(q, k, v, lists):
+        q_p = _flash.pad_to(_flash.pad_to(q, 1, _cdiv(q_len, block_q) * block_q), 3, d_pad)
+        k_p = _flash.pad_to(_flash.pad_to(k, 1, _cdiv(kv_len, block_k) * block_k), 3, d_pad)
+        v_p = _flash.pad_to(_flash.pad_to(v, 1, _cdiv(kv_len, block_k) * block_k), 3, d_pad)
+        out = _pallas_forward(q_p, k_p, v_p, *lists, kv_len=kv_len, scale=scale, causal=causal,
+                              block_q=block_q, block_k=block_k, interpret=interpret, num_warps=num_warps,
+                              num_stages=num_stages, heads_fastest=heads_fastest)
+        return out[:, :q_len, :, :head_dim]
+
+    return _flash.by_head_groups(run, q, k, v, (indices, schedule), padded_len=_cdiv(q_len, block_q) * block_q,
+                                 padded_head_dim=d_pad)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps",

@@ -63,7 +63,7 @@ def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, ve
 
 def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpret: bool,
                     num_warps: int | None, num_stages: int | None, heads_fastest: bool = False,
-                    slash_mask: str = "bits", out_init: jax.Array | None = None):
+                    slash_mask: str = "gather", out_init: jax.Array | None = None):
     """The kernel on padded arrays: q `[b, L, h, d]`, k, v `[b, L, kvh, d]`, L = nqb * block, d a power of
     two. `out_init` (testing): a buffer of q's shape aliased to the output, to prove every element is written."""
     batch, padded, heads, head_dim = q.shape
@@ -94,7 +94,7 @@ def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpr
 def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashIndex, *,
                              scale: float, interpret: bool = False, num_warps: int | None = None,
                              num_stages: int | None = None, heads_fastest: bool = False,
-                             slash_mask: str = "bits") -> jax.Array:
+                             slash_mask: str = "gather") -> jax.Array:
     """Causal prefill attention over a vertical-slash pattern.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]` (keys and queries both
@@ -102,7 +102,8 @@ def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: Ve
     `build_vertical_slash_index(..., q_len)` for the same batch and heads. Returns `[batch, q_len, heads,
     head_dim]` in q's dtype; rows with no allowed key are zeros. num_warps, num_stages (Triton),
     heads_fastest (grid order, see `_flash.launch_grid`) and slash_mask (how masked tiles find their slash
-    pairs: "bits" from `index.slash_words`, or "gather" from `index.is_slash` per element) tune speed only.
+    pairs: "gather" from `index.is_slash` per element, or "bits" from `index.slash_words`; gather measured
+    faster here on the H100, see NOTES.md) tune speed only.
     """
     return run_schedule("vertical_slash_attention", _pallas_forward, q, k, v, index, index.plain_counts,
                         scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
@@ -128,8 +129,12 @@ def run_schedule(name: str, forward, q, k, v, index, per_block_counts: jax.Array
                          f"{(batch, heads)}.")
     padded = index.is_slash.shape[-1]
     d_pad = _flash.padded_head_dim(head_dim)
-    q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
-    return forward(q_p, k_p, v_p, index, **kernel_args)[:, :q_len, :, :head_dim]
+
+    def run(q, k, v, index):
+        q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
+        return forward(q_p, k_p, v_p, index, **kernel_args)[:, :q_len, :, :head_dim]
+
+    return _flash.by_head_groups(run, q, k, v, index, padded_len=padded, padded_head_dim=d_pad)
 
 
 def vertical_slash_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int):

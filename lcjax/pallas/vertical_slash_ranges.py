@@ -36,7 +36,8 @@ from lcjax.attention import masked_attention
 from lcjax.pallas import _flash
 from lcjax.pallas.vertical_slash_attention import (check_slash_mask, run_schedule,
                                                    vertical_slash_attention_reference)
-from lcjax.pallas.vertical_slash_index import _sorted_unique, line_indicators, slash_window_mask, slash_words
+from lcjax.pallas.vertical_slash_index import (_sorted_unique, compact_columns, line_indicators, slash_window_mask,
+                                               slash_words)
 
 __all__ = ["VerticalSlashRanges", "build_vertical_slash_ranges", "vertical_slash_attention_ranges",
            "vertical_slash_attention_reference", "range_schedule_tiles", "max_groups", "cover_mask_fn",
@@ -131,13 +132,7 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
     keep = (j < q_len) & (j <= r0 + b - 1) & ~meets
     n_vertical = verticals.shape[-1]
     max_columns = max(b, -(-n_vertical // b) * b)
-    slot = jnp.where(keep, jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1, max_columns)
-    batch, heads = verticals.shape[:2]
-    bi = jnp.arange(batch)[:, None, None, None]
-    hi_ = jnp.arange(heads)[None, :, None, None]
-    qi = jnp.arange(nqb)[None, None, :, None]
-    column_indices = jnp.zeros((batch, heads, nqb, max_columns), jnp.int32).at[bi, hi_, qi, slot].set(
-        jnp.broadcast_to(j, keep.shape), mode="drop")
+    column_indices = compact_columns(j, keep, max_columns)
     return VerticalSlashRanges(group_start=group_start, group_end=group_end, group_counts=group_counts,
                                column_indices=column_indices,
                                column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), is_vertical=is_vertical,

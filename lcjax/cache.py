@@ -51,7 +51,8 @@ class KVCache:
     def update(self, layer: jax.Array, k_new: jax.Array, v_new: jax.Array, start: jax.Array) -> "KVCache":
         """Writes `k_new, v_new: [batch, seq, kv_heads, head_dim]` into `layer` at slots `start[b] + t`.
 
-        Slots past capacity are dropped: callers check capacity before writing (see `lcjax.model`).
+        Slots past capacity are dropped here (inside jit nothing can raise): `Transformer.extend` and
+        `generate` check capacity first, and `generate` grows the cache (`with_capacity`) when needed.
         `lengths`/`positions` are not changed here; `advance` does that once for all layers.
         """
         batch, seq = k_new.shape[:2]
@@ -68,6 +69,24 @@ class KVCache:
     def advance(self, num_new: jax.Array) -> "KVCache":
         """Marks `num_new: [batch]` more slots (and positions) as filled."""
         return dataclasses.replace(self, lengths=self.lengths + num_new, positions=self.positions + num_new)
+
+    def fork(self, n: int) -> "KVCache":
+        """Each sequence repeated n times (sequence b becomes rows b*n .. b*n + n - 1), for n requests that
+        share one prefilled context. The prefix is copied: the new cache takes n times the memory of this one
+        (a copy at memory bandwidth, ~3 ms per GiB on an H100), and the forks then diverge freely."""
+        if n < 1:
+            raise ValueError(f"fork needs n >= 1, got {n}.")
+        rep = lambda x, axis: jnp.repeat(x, n, axis=axis)
+        return KVCache(k=rep(self.k, 1), v=rep(self.v, 1), lengths=rep(self.lengths, 0),
+                       positions=rep(self.positions, 0))
+
+    def with_capacity(self, capacity: int) -> "KVCache":
+        """The same cache in `capacity` slots per sequence (a copy; growing pads with empty slots)."""
+        if capacity < self.capacity:
+            raise ValueError(f"with_capacity({capacity}) would cut a cache of capacity {self.capacity}; "
+                             "use crop() to forget tokens.")
+        pad = [(0, 0), (0, 0), (0, capacity - self.capacity), (0, 0), (0, 0)]
+        return dataclasses.replace(self, k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad))
 
     def crop(self, max_length: int) -> "KVCache":
         """Forgets every slot at or past `max_length` (transformers' `DynamicCache.crop`)."""

@@ -1,13 +1,14 @@
-"""Greedy generation: one prefill, then one jitted `lax.while_loop` that decodes until every sequence stops.
-
-This is the foundation's decoder (greedy, stop tokens, ragged batches); samplers, streaming and cache
-reuse across turns build on the same loop.
+"""Generation: one prefill (or an appended turn), then one jitted `lax.while_loop` that decodes until every
+sequence stops. Greedy by default; any `lcjax.sampling` sampler; stop tokens, ragged batches, early exit when
+all sequences have stopped, optional streaming of each step's tokens to a callback, and multi-turn use by
+passing the returned cache back in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,9 @@ import numpy as np
 
 from lcjax.cache import KVCache
 from lcjax.models.transformer import Transformer, forward, lm_logits
+from lcjax.sampling import Greedy, Sampler
+
+CAPACITY_BUCKET = 256  # caches are sized in multiples of this, so nearby lengths reuse one compiled loop
 
 
 @jax.tree_util.register_dataclass
@@ -27,17 +31,21 @@ class _DecodeState:
     cache: KVCache
 
 
-def decode_step(model: Transformer, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Feeds `tokens: int32 [batch]` (one per sequence) and returns their logits `[batch, vocab]`."""
+def decode_step(model: Transformer, tokens: jax.Array, cache: KVCache,
+                active: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Feeds `tokens: int32 [batch]` (one per sequence) and returns their logits `[batch, vocab]`. Sequences
+    where `active: bool [batch]` is False compute but do not advance their cache (their slot is rewritten)."""
     start = cache.lengths
     hidden, cache = forward(model.params, model.config, tokens[:, None], cache.positions[:, None], start,
                             start + 1, cache, "extend", model.attention, model.positions)
-    return lm_logits(model.params, model.config, hidden[:, 0]), cache.advance(jnp.ones_like(start))
+    step = jnp.ones_like(start) if active is None else active.astype(jnp.int32)
+    return lm_logits(model.params, model.config, hidden[:, 0]), cache.advance(step)
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "stop_tokens"), donate_argnames=("cache",))
-def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, max_new_tokens: int,
-                 stop_tokens: tuple[int, ...]) -> _DecodeState:
+@partial(jax.jit, static_argnames=("max_new_tokens", "stop_tokens", "sampler", "stream"),
+         donate_argnames=("cache",))
+def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, key: jax.Array, max_new_tokens: int,
+                 stop_tokens: tuple[int, ...], sampler: Sampler, stream: Callable | None) -> _DecodeState:
     batch = first.shape[0]
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
@@ -45,10 +53,13 @@ def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, max_new_t
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: _DecodeState):
-        tokens = s.tokens.at[:, s.step].set(jnp.where(s.done, -1, s.last))
+        emitted = jnp.where(s.done, -1, s.last)
+        if stream is not None:
+            jax.debug.callback(stream, s.step, emitted, ordered=True)
+        tokens = s.tokens.at[:, s.step].set(emitted)
+        logits, cache = decode_step(model, s.last, s.cache, active=~s.done)
         done = s.done | jnp.isin(s.last, stops)
-        logits, cache = decode_step(model, s.last, s.cache)
-        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        nxt = sampler(logits, jax.random.fold_in(key, s.step + 1))
         return _DecodeState(s.step + 1, tokens, nxt, done, cache)
 
     init = _DecodeState(jnp.int32(0), jnp.full((batch, max_new_tokens), -1, jnp.int32), first,
@@ -56,23 +67,43 @@ def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, max_new_t
     return jax.lax.while_loop(cond, body, init)
 
 
-def generate(model: Transformer, prompt, max_new_tokens: int, *, lengths=None,
-             stop_tokens: tuple[int, ...] = ()) -> tuple[list[list[int]], KVCache]:
-    """Greedy continuation of `prompt: int [batch, seq]` (right-padded to `lengths`), or one list of ids.
+def _bucket(n: int) -> int:
+    return -(-n // CAPACITY_BUCKET) * CAPACITY_BUCKET
 
-    Returns, per sequence, the new tokens up to and including the first stop token (at most
-    `max_new_tokens`), and the cache after the last decoded token.
+
+def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache | None = None, lengths=None,
+             sampler: Sampler = Greedy(), seed: int | jax.Array = 0, stop_tokens: tuple[int, ...] = (),
+             stream: Callable[[int, np.ndarray], None] | None = None) -> tuple[list[list[int]], KVCache]:
+    """Continues `prompt: int [batch, seq]` (right-padded to `lengths: [batch]`), or one list of ids.
+
+    cache: None prefills the prompt from scratch; a `KVCache` from an earlier call appends the prompt to it
+    as the next turn (the cache is grown, by a copy, when the turn and `max_new_tokens` do not fit).
+    sampler: `Greedy()` (default), `Temperature`, `TopK`, `TopP` from `lcjax.sampling`; seed: int or PRNG key.
+    stream: called as `stream(step, tokens)` after each step with int `[batch]` tokens (-1 where a sequence
+    has stopped), in order, from inside the compiled loop.
+    Returns, per sequence, the new tokens up to and including the first stop token (at most `max_new_tokens`)
+    and the cache holding the prompt and every returned token.
     """
     prompt = np.asarray(prompt, np.int32)
     if prompt.ndim == 1:
         prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be a non-empty list of ids or [batch, seq], got shape {prompt.shape}.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    logits, cache = model.prefill(prompt, lengths, capacity=prompt.shape[1] + max_new_tokens, logits="last")
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    state = _decode_loop(model, first, cache, max_new_tokens, tuple(int(t) for t in stop_tokens))
-    out = []
-    for row in np.asarray(state.tokens):
-        row = [int(t) for t in row if t >= 0]
-        out.append(row)
-    return out, state.cache
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    if cache is None:
+        logits, cache = model.prefill(prompt, lengths, capacity=_bucket(prompt.shape[1] + max_new_tokens),
+                                      logits="last")
+    else:
+        if cache.batch != prompt.shape[0]:
+            raise ValueError(f"the cache holds {cache.batch} sequences, the prompt {prompt.shape[0]}; "
+                             "fork the cache (cache.fork(n)) to continue one context several ways.")
+        need = int(jnp.max(cache.lengths)) + prompt.shape[1] + max_new_tokens
+        if need > cache.capacity:
+            cache = cache.with_capacity(_bucket(need))
+        logits, cache = model.extend(prompt, cache, lengths)
+    first = sampler(logits, jax.random.fold_in(key, 0))
+    state = _decode_loop(model, first, cache, key, max_new_tokens, tuple(int(t) for t in stop_tokens), sampler,
+                         stream)
+    return [[int(t) for t in row if t >= 0] for row in np.asarray(state.tokens)], state.cache

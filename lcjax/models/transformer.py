@@ -151,6 +151,27 @@ class Transformer:
             raise ValueError(f"capacity {capacity} is smaller than the prompt length {seq}.")
         return _prefill(self, tokens, lengths, capacity, logits, mlp_chunk)
 
+    def extend(self, tokens, cache: KVCache, lengths=None, *,
+               logits: Literal["all", "last"] = "last") -> tuple[jax.Array, KVCache]:
+        """Appends a new turn to `cache`: tokens int `[batch, seq]` (right-padded when `lengths: [batch]`, the
+        new tokens per sequence, is given) attend over everything cached before them and are added to it.
+
+        Returns float32 logits (`"last"`: `[batch, vocab]` at each sequence's last new token; `"all"`:
+        `[batch, seq, vocab]`) and the extended cache. Raises ValueError when the turn does not fit the
+        cache's capacity (`KVCache.with_capacity` makes room).
+        """
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2 or tokens.shape[0] != cache.batch:
+            raise ValueError(f"tokens must be [batch={cache.batch}, seq], got shape {tokens.shape}.")
+        batch, seq = tokens.shape
+        lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        need = int(jnp.max(cache.lengths)) + seq
+        if need > cache.capacity:
+            raise ValueError(f"extend: {seq} new tokens after {int(jnp.max(cache.lengths))} cached need "
+                             f"{need} slots, but the cache holds {cache.capacity}; grow it with "
+                             f"cache.with_capacity(n) first.")
+        return _extend(self, tokens, lengths, cache, logits=logits)
+
     def __call__(self, tokens, lengths=None) -> jax.Array:
         """float32 logits `[batch, seq, vocab]` without a cache (training and scoring)."""
         tokens = jnp.asarray(tokens, jnp.int32)
@@ -172,6 +193,17 @@ def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str, ml
     if logits == "last":
         hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return lm_logits(model.params, model.config, hidden), cache
+
+
+@partial(jax.jit, static_argnames=("logits",))
+def _extend(model: Transformer, tokens, lengths, cache: KVCache, logits: str):
+    start = cache.lengths
+    q_positions = cache.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    hidden, cache = forward(model.params, model.config, tokens, q_positions, start, start + lengths, cache,
+                            "extend", model.attention, model.positions)
+    if logits == "last":
+        hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return lm_logits(model.params, model.config, hidden), cache.advance(lengths)
 
 
 @jax.jit

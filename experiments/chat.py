@@ -1,6 +1,9 @@
 """Chat with a model: `python -m experiments.chat [--model smollm2-135m] [--prompt ...]`.
 
-The built-in default answers one question with the real SmolLM2-135M-Instruct weights, on CPU or GPU.
+The built-in default holds a two-turn conversation with the real SmolLM2-135M-Instruct weights, on CPU or GPU.
+The conversation lives in one KV cache: each turn feeds only the tokens the cache does not hold yet (the
+chat template is rendered in full, the cache is cropped to the longest prefix it shares with it, and the rest
+is appended), so earlier turns are never recomputed.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=lcjax.DEFAULT_MODEL,
                         help="built-in name, transformers checkpoint directory, or .gguf file")
     parser.add_argument("--prompt", action="append",
-                        help="user message (repeatable: one answer each); default: two built-in questions")
+                        help="user message (repeatable: one turn each); default: two built-in turns")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    prompts = args.prompt or ["What is the capital of France?", "Write a haiku about the sea."]
+    prompts = args.prompt or ["What is the capital of France?", "Write a haiku about that city."]
 
     t0 = time.perf_counter()
     model, tokenizer = lcjax.load_model(args.model, dtype=args.dtype)
@@ -29,14 +32,33 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.model} has no tokenizer files; chat needs one.")
     print(f"loaded {args.model} ({model.config.family}, {model.config.num_params() / 1e6:.0f}M params, "
           f"{args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    messages, cached, cache = [], [], None
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        messages.append({"role": "user", "content": prompt})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        reused = shared_prefix(cached, ids)
+        if cache is not None and reused < len(cached):
+            cache = cache.crop(reused)
         t0 = time.perf_counter()
-        (new,), _ = generate(model, ids, args.max_new_tokens, stop_tokens=tokenizer.eos_token_ids)
+        (new,), cache = generate(model, ids[reused:], args.max_new_tokens, cache=cache,
+                                 stop_tokens=tokenizer.eos_token_ids)
         seconds = time.perf_counter() - t0
-        print(f"\nuser> {prompt}\nassistant> {tokenizer.decode(new).strip()}")
-        print(f"   ({len(ids)} prompt tokens, {len(new)} new tokens, {seconds:.1f}s incl. compile)")
+        answer = tokenizer.decode(new).strip()
+        messages.append({"role": "assistant", "content": answer})
+        cached = list(ids) + list(new)
+        print(f"\nuser> {prompt}\nassistant> {answer}")
+        print(f"   ({len(ids)} prompt tokens, {reused} of them reused from the cache, {len(new)} new tokens, "
+              f"{seconds:.1f}s incl. compile)")
 
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 if __name__ == "__main__":
     main()

@@ -27,17 +27,13 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0 (use Greedy() for argmax), got {temperature}.")
 
 
-@dataclasses.dataclass(frozen=True)
-class Temperature:
-    """Samples from softmax(logits / temperature)."""
+class _Sampling:
+    """Shared draw: scale by `self.temperature`, keep `self.keep(scaled)`, sample from the softmax."""
 
-    temperature: float = 1.0
-
-    def __post_init__(self):
-        _check_temperature(self.temperature)
+    temperature: float
 
     def keep(self, logits: jax.Array) -> jax.Array:
-        """bool `[batch, vocab]`: the tokens this sampler may draw."""
+        """bool `[batch, vocab]`: the tokens this sampler may draw (logits already scaled)."""
         return jnp.isfinite(logits)
 
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -46,7 +42,17 @@ class Temperature:
 
 
 @dataclasses.dataclass(frozen=True)
-class TopK(Temperature):
+class Temperature(_Sampling):
+    """Samples from softmax(logits / temperature)."""
+
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _check_temperature(self.temperature)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(_Sampling):
     """Samples among the k most likely tokens (ties at the k-th logit are all kept)."""
 
     k: int = 50
@@ -63,7 +69,7 @@ class TopK(Temperature):
 
 
 @dataclasses.dataclass(frozen=True)
-class TopP(Temperature):
+class TopP(_Sampling):
     """Nucleus sampling: the most likely tokens until their probability reaches p."""
 
     p: float = 0.9

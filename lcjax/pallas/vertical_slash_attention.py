@@ -17,7 +17,8 @@ from jax.experimental import pallas as pl
 
 from lcjax.attention import masked_attention
 from lcjax.pallas import _flash
-from lcjax.pallas.vertical_slash_index import VerticalSlashIndex, build_vertical_slash_index, slash_window_mask
+from lcjax.pallas.vertical_slash_index import (VerticalSlashIndex, build_vertical_slash_index, slash_window_mask,
+                                               words_for)
 
 __all__ = ["VerticalSlashIndex", "build_vertical_slash_index", "vertical_slash_attention",
            "vertical_slash_attention_reference", "vertical_slash_mask_fn"]
@@ -79,11 +80,12 @@ def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpr
     per_head = spec((None, None, nqb), lambda h, i, b: (b, h, 0))
     per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
     per_key = spec((None, None, padded), lambda h, i, b: (b, h, 0))
+    words = words_for(index, slash_mask)
     in_specs = [q_spec, kv_spec, kv_spec, per_head, per_head, per_block(4),
                 per_block(index.column_indices.shape[-1]), per_key, per_key,
-                spec((None, None, index.slash_words.shape[-1]), lambda h, i, b: (b, h, 0))]
+                spec((None, None, words.shape[-1]), lambda h, i, b: (b, h, 0))]
     args = [q, k, v, index.diag_plain, index.diag_masked, counts, index.column_indices, index.is_vertical,
-            index.is_slash, index.slash_words]
+            index.is_slash, words]
     return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
                          tile_k=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                          name="vertical_slash_attention", out_init=out_init)
@@ -102,7 +104,7 @@ def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: Ve
     `build_vertical_slash_index(..., q_len)` for the same batch and heads. Returns `[batch, q_len, heads,
     head_dim]` in q's dtype; rows with no allowed key are zeros. num_warps, num_stages (Triton),
     heads_fastest (grid order, see `_flash.launch_grid`) and slash_mask (how masked tiles find their slash
-    pairs: "gather" from `index.is_slash` per element, or "bits" from `index.slash_words`; gather measured
+    pairs: "gather" from `index.is_slash` per element, or "bits" from `slash_words(index.is_slash)`; gather measured
     faster here on the H100, see NOTES.md) tune speed only.
     """
     return run_schedule("vertical_slash_attention", _pallas_forward, q, k, v, index, index.plain_counts,

@@ -37,8 +37,6 @@ class VerticalSlashIndex:
       tile and <= the block's last query; max_columns is n_vertical rounded up to a multiple of block.
     column_counts: int32 `[batch, heads, nqb]`.
     is_vertical, is_slash: int8 `[batch, heads, L]`: 1 at the (sanitised) vertical columns / slash offsets.
-    slash_words: int32 `[batch, heads, L + 2 * block + 1]`, `slash_words(is_slash, block)`: the kernel's
-      masked tiles read their slash mask from these bits instead of gathering `is_slash` per element.
     """
 
     diag_plain: jax.Array
@@ -49,7 +47,6 @@ class VerticalSlashIndex:
     column_counts: jax.Array
     is_vertical: jax.Array
     is_slash: jax.Array
-    slash_words: jax.Array
     q_len: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))
 
@@ -90,6 +87,14 @@ def slash_words(is_slash: jax.Array, block: int) -> jax.Array:
     for t in range(WORD_BITS):  # int32 wrap-around at bit 31 is what we want: the bit pattern
         words = words | jax.lax.shift_left(x[..., t:t + n], jnp.int32(t))
     return words
+
+
+def words_for(index, slash_mask: str, needed: bool = True) -> jax.Array:
+    """The kernels' slash-word operand: `slash_words(index.is_slash, index.block)` when `slash_mask` is "bits"
+    (and `needed`), else a 1-word placeholder (derived per call, so the gather path builds no words)."""
+    if slash_mask == "bits" and needed:
+        return slash_words(index.is_slash, index.block)
+    return jnp.zeros((*index.is_slash.shape[:2], 1), jnp.int32)
 
 
 def slash_window_mask(words_ref, base: jax.Array, idx: jax.Array, block: int) -> jax.Array:
@@ -172,4 +177,4 @@ def build_vertical_slash_index(vertical_indices: jax.Array, slash_offsets: jax.A
     return VerticalSlashIndex(diag_plain=diag_plain, diag_masked=diag_masked, plain_counts=plain_counts,
                               masked_counts=masked_counts, column_indices=column_indices,
                               column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), is_vertical=is_vertical,
-                              is_slash=is_slash, slash_words=slash_words(is_slash, b), q_len=q_len, block=b)
+                              is_slash=is_slash, q_len=q_len, block=b)

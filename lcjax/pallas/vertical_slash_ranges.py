@@ -37,7 +37,7 @@ from lcjax.pallas import _flash
 from lcjax.pallas.vertical_slash_attention import (check_slash_mask, run_schedule,
                                                    vertical_slash_attention_reference)
 from lcjax.pallas.vertical_slash_index import (_sorted_unique, compact_columns, line_indicators, slash_window_mask,
-                                               slash_words)
+                                               words_for)
 
 __all__ = ["VerticalSlashRanges", "build_vertical_slash_ranges", "vertical_slash_attention_ranges",
            "vertical_slash_attention_reference", "range_schedule_tiles", "max_groups", "cover_mask_fn",
@@ -57,7 +57,6 @@ class VerticalSlashRanges:
     is_vertical, is_slash: int8 `[batch, heads, L]`; slash_prefix: int32 `[batch, heads, L + 1]`, the number of
       slash offsets below each position; slash_next, slash_prev: int32 `[batch, heads, L]`, the first slash
       offset >= / last <= each position (4 L / -4 L if none).
-    slash_words: int32 `[batch, heads, L + 2 * block + 1]`, `vertical_slash_index.slash_words(is_slash, block)`.
     """
 
     group_start: jax.Array
@@ -70,7 +69,6 @@ class VerticalSlashRanges:
     slash_prefix: jax.Array
     slash_next: jax.Array
     slash_prev: jax.Array
-    slash_words: jax.Array
     q_len: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))
 
@@ -137,7 +135,7 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
                                column_indices=column_indices,
                                column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), is_vertical=is_vertical,
                                is_slash=is_slash, slash_prefix=_prefix(is_slash.astype(jnp.int32)), slash_next=nxt,
-                               slash_prev=prev, slash_words=slash_words(is_slash, b), q_len=q_len, block=b)
+                               slash_prev=prev, q_len=q_len, block=b)
 
 
 def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_ref, slash_ref, prefix_ref,
@@ -238,11 +236,12 @@ def _pallas_forward(q, k, v, index: VerticalSlashRanges, *, scale: float, interp
     per_head = lambda n: spec((None, None, n), lambda h, i, b: (b, h, 0))
     per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
     n_groups = index.group_start.shape[-1]
+    words = words_for(index, slash_mask, needed=semantics == "exact")
     in_specs = [q_spec, kv_spec, kv_spec, per_head(n_groups), per_head(n_groups), per_block(4),
                 per_block(index.column_indices.shape[-1]), per_head(padded), per_head(padded),
-                per_head(padded + 1), per_head(padded), per_head(padded), per_head(index.slash_words.shape[-1])]
+                per_head(padded + 1), per_head(padded), per_head(padded), per_head(words.shape[-1])]
     args = [q, k, v, index.group_start, index.group_end, counts, index.column_indices, index.is_vertical,
-            index.is_slash, index.slash_prefix, index.slash_next, index.slash_prev, index.slash_words]
+            index.is_slash, index.slash_prefix, index.slash_next, index.slash_prev, words]
     return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
                          tile_k=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                          name="vertical_slash_attention_ranges", out_init=out_init)
@@ -258,7 +257,7 @@ def vertical_slash_attention_ranges(q: jax.Array, k: jax.Array, v: jax.Array, in
     GQA, head_dims; rows with no allowed key are zeros).
 
     semantics "exact": the same result as `vertical_slash_attention` (the exact vertical-slash mask); then
-    slash_mask "bits": a chunk is unmasked or masked from `index.slash_words`, "gather": unmasked, band
+    slash_mask "bits": a chunk is unmasked or masked from bit words of `index.is_slash`, "gather": unmasked, band
     (compares) or an `is_slash` gather. semantics "cover": MInference's kernel semantics, a superset of
     exact: query block qb attends, causally, every key of its groups' ranges [r0 - D1, r0 + block - 1 - D0]
     (`cover_mask_fn` is its reference) plus the vertical columns.

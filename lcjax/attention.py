@@ -142,11 +142,22 @@ class DenseAttention:
     """Exact attention; the default transform.
 
     implementation: "xla" (reference, any device and dtype), "cudnn" (GPU prefill, bf16/fp16), or "auto"
-    (cuDNN for prefill on GPU in half precision, else XLA). Extending a cache always runs the XLA path.
+    (cuDNN for prefill on GPU in half precision, else XLA).
+    decode: how one new token per sequence attends over the cache: "pallas" (the split-K kernel
+    `lcjax.pallas.decode_attention`; interpret mode off GPU), "xla", or "auto" (pallas on GPU). Models with a
+    sliding window, and multi-token extends, run the XLA path.
     """
 
     implementation: Literal["auto", "xla", "cudnn"] = "auto"
     q_chunk: int = 1024
+    decode: Literal["auto", "xla", "pallas"] = "auto"
+
+    def _use_decode_kernel(self, q: jax.Array, meta: AttentionMeta) -> bool:
+        if meta.phase != "extend" or q.shape[1] != 1 or meta.sliding_window is not None or self.decode == "xla":
+            return False
+        if self.decode == "pallas":
+            return True  # the kernel names what it does not support
+        return jax.default_backend() == "gpu" and q.shape[-1] in (64, 96, 128)
 
     def _use_cudnn(self, q: jax.Array, meta: AttentionMeta) -> bool:
         if meta.phase != "prefill" or self.implementation == "xla":
@@ -167,6 +178,11 @@ class DenseAttention:
             if cache is None:
                 raise ValueError("phase='extend' attends over a KV cache, but cache is None.")
             keys, values = cache.layer_kv(meta.layer)
+            if self._use_decode_kernel(q, meta):
+                from lcjax.pallas.decode_attention import decode_attention
+                out = decode_attention(q[:, 0], keys, values, meta.lengths, scale=meta.scale,
+                                       interpret=jax.default_backend() != "gpu")
+                return out[:, None], cache
             q_slots = meta.start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
         mask = attention_mask(q_slots, keys.shape[1], meta.lengths, meta.sliding_window)
         return xla_attention(q, keys, values, mask, meta.scale, self.q_chunk), cache

@@ -1,0 +1,139 @@
+"""GPU benchmark: decode of a Llama-3-8B-shaped model (random bf16 weights), lcjax vs Hugging Face transformers.
+
+Per (batch, context): time to first token (the prefill of `context` random tokens, logits of the last) and decode
+speed (`--new` greedy tokens after it; lcjax: the jitted `lax.while_loop` of `lcjax.generate`; transformers:
+`generate(..., cache_implementation="static")`, sdpa, no torch.compile, its decode time taken as
+generate(new + 1 tokens) minus generate(1 token)). The same weights are copied into transformers (DLPack).
+Roofline: a decode step must read the weights (16.06 GB) and each sequence's KV cache once; floor = bytes /
+2972 GB/s (the H100's measured copy bandwidth, KERNELS.md); "of roofline" = floor / measured step time.
+lcjax runs first and is freed before transformers is built, so both fit at batch 8 x 32K.
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 -m experiments.bench_decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.config import llama3_8b_config
+from lcjax.generate import _bucket, _decode_loop
+from lcjax.models.transformer import Transformer
+from lcjax.sampling import Greedy
+
+COPY_GBS = 2972.0
+
+
+def kv_bytes(cfg, batch: int, tokens: int) -> float:
+    return 2 * cfg.num_layers * batch * tokens * cfg.num_kv_heads * cfg.head_dim * 2
+
+
+def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng) -> list[dict]:
+    rows = []
+    for batch, context in shapes:
+        try:
+            rows.append(_lcjax_row(model, batch, context, new, samples, rng))
+        except Exception as e:  # noqa: BLE001 (out of memory at the largest shapes: report, go on)
+            print(f"lcjax batch {batch} x {context}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            gc.collect()
+            continue
+        print("ROW", rows[-1], flush=True)
+    return rows
+
+
+def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: int, rng) -> dict:
+    cfg = model.config
+    ttft, step = [], []
+    for i in range(samples + 1):                       # the first run compiles
+        prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
+        t0 = time.perf_counter()
+        chunk = 4096 if batch * context > 65536 else None   # MLP in chunks: batch 8 x 32K fits
+        logits, cache = model.prefill(prompt, capacity=_bucket(context + new), logits="last", mlp_chunk=chunk)
+        first = jax.block_until_ready(jnp.argmax(logits, -1).astype(jnp.int32))
+        t1 = time.perf_counter()
+        state = jax.block_until_ready(_decode_loop(model, first, cache, jax.random.key(i), new, (), Greedy(),
+                                                   None))
+        t2 = time.perf_counter()
+        assert int(state.step) == new
+        if i:
+            ttft.append(t1 - t0)
+            step.append((t2 - t1) / new)
+        del cache, state
+    return dict(impl="lcjax", batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
+                step_ms=statistics.median(step) * 1e3, samples=samples)
+
+
+def torch_rows(tm, cfg, shapes, new: int, samples: int, rng) -> list[dict]:
+    import torch
+    rows = []
+    for batch, context in shapes:
+        def gen(n, ids):
+            with torch.no_grad():
+                out = tm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, cache_implementation="static", pad_token_id=0)
+            torch.cuda.synchronize()
+            return out
+        ttft, step = [], []
+        for i in range(samples + 1):
+            ids = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, context)), device="cuda")
+            t0 = time.perf_counter()
+            gen(1, ids)
+            t1 = time.perf_counter()
+            out = gen(new + 1, ids)
+            t2 = time.perf_counter()
+            assert out.shape[1] == context + new + 1
+            if i:
+                ttft.append(t1 - t0)
+                step.append(((t2 - t1) - (t1 - t0)) / new)
+            del out
+            torch.cuda.empty_cache()
+        rows.append(dict(impl="transformers", batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
+                         step_ms=statistics.median(step) * 1e3, samples=samples))
+        print("ROW", rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="1x4096,8x4096,1x32768,8x32768,1x131072", help="batch x context list")
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
+                   "XLA_PYTHON_CLIENT_ALLOCATOR=platform so the JAX copy of the weights is freed for torch)")
+    a = p.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
+    rng = np.random.default_rng(int(time.time()))
+    cfg = llama3_8b_config()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; Llama-3-8B shape, random bf16 weights; "
+          f"{a.new} new tokens, {a.samples} samples after one compile run")
+    model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+    rows = [] if a.no_lcjax else lcjax_rows(model, shapes, a.new, a.samples, rng)
+    if not a.no_torch:
+        import torch
+        from experiments.bench_model import torch_model_from
+        tm = torch_model_from(model)
+        del model
+        gc.collect()
+        print(f"torch {torch.__version__}, transformers model built", flush=True)
+        try:
+            rows += torch_rows(tm, cfg, shapes, a.new, a.samples, rng)
+        except Exception as e:  # noqa: BLE001 (report, keep lcjax's rows)
+            print(f"transformers section failed: {type(e).__name__}: {str(e)[:300]}")
+    weights = cfg.num_params() * 2
+    print("\n| batch | context | implementation | TTFT ms | ms / step | tokens/s | of roofline | samples |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        floor_ms = (weights + kv_bytes(cfg, r["batch"], r["context"])) / (COPY_GBS * 1e9) * 1e3
+        print(f"| {r['batch']} | {r['context']} | {r['impl']} | {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | "
+              f"{r['batch'] / r['step_ms'] * 1e3:.0f} | {floor_ms / r['step_ms']:.0%} | {r['samples']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,29 +11,18 @@ measured copy bandwidth is ~2972 GB/s (KERNELS.md), so GB/s / 2972 is the fracti
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.timing import median_seconds
 from lcjax.pallas.decode_attention import decode_attention, decode_attention_reference
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SCALE = HEAD_DIM ** -0.5
 COPY_GBS = 2972.0
-
-
-def timeit(fn, *args, samples: int) -> float:
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def inputs(key, batch: int, length: int):
@@ -77,7 +66,7 @@ def main(argv=None):
             gbytes = 2 * k.size * k.dtype.itemsize / 1e9
             for name, fn in (("pallas split-K", pallas), ("xla", xla), ("cudnn", jax.jit(cudnn))):
                 try:
-                    t = timeit(fn, q, k, v, n, samples=a.samples)
+                    t = median_seconds(fn, q, k, v, n, samples=a.samples)
                 except Exception as e:  # noqa: BLE001 (a peer that cannot run this shape is reported)
                     print(f"{name} batch {batch} length {length}: {type(e).__name__}: {str(e)[:200]}")
                     continue

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.timing import median_seconds
 from lcjax.methods.minference import estimate_vertical_slash
 from lcjax.pallas.vertical_slash_attention import vertical_slash_attention, vertical_slash_attention_reference
 from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
@@ -64,14 +65,7 @@ def elapsed() -> float:
 
 def timeit(fn, *args, samples: int = 10) -> tuple[float, int]:
     """Median seconds per call after compile + one warm-up; (median, samples)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), samples
+    return median_seconds(fn, *args, samples=samples), samples
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------

@@ -137,6 +137,9 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array
         implementation="cudnn")
 
 
+DECODE_KERNEL_MIN_SLOTS = 32768
+
+
 @dataclasses.dataclass(frozen=True)
 class DenseAttention:
     """Exact attention; the default transform.
@@ -144,20 +147,24 @@ class DenseAttention:
     implementation: "xla" (reference, any device and dtype), "cudnn" (GPU prefill, bf16/fp16), or "auto"
     (cuDNN for prefill on GPU in half precision, else XLA).
     decode: how one new token per sequence attends over the cache: "pallas" (the split-K kernel
-    `lcjax.pallas.decode_attention`; interpret mode off GPU), "xla", or "auto" (pallas on GPU). Models with a
-    sliding window, and multi-token extends, run the XLA path.
+    `lcjax.pallas.decode_attention`; interpret mode off GPU), "xla", or "auto" (pallas on GPU once batch x
+    cache slots >= 32K, where it was measured no slower than XLA). Models with a sliding window, and
+    multi-token extends, run the XLA path.
     """
 
     implementation: Literal["auto", "xla", "cudnn"] = "auto"
     q_chunk: int = 1024
     decode: Literal["auto", "xla", "pallas"] = "auto"
 
-    def _use_decode_kernel(self, q: jax.Array, meta: AttentionMeta) -> bool:
+    def _use_decode_kernel(self, q: jax.Array, meta: AttentionMeta, capacity: int) -> bool:
         if meta.phase != "extend" or q.shape[1] != 1 or meta.sliding_window is not None or self.decode == "xla":
             return False
         if self.decode == "pallas":
             return True  # the kernel names what it does not support
-        return jax.default_backend() == "gpu" and q.shape[-1] in (64, 96, 128)
+        # H100, one 8B-shaped layer (BENCHMARKS.md): at batch 1 x 4K cache slots XLA took 82 us and the
+        # launch-bound kernel 138; from batch x slots = 32K on the kernel was as fast or faster (2.1x at 8 x 4K)
+        return (jax.default_backend() == "gpu" and q.shape[-1] in (64, 96, 128)
+                and q.shape[0] * capacity >= DECODE_KERNEL_MIN_SLOTS)
 
     def _use_cudnn(self, q: jax.Array, meta: AttentionMeta) -> bool:
         if meta.phase != "prefill" or self.implementation == "xla":
@@ -178,7 +185,7 @@ class DenseAttention:
             if cache is None:
                 raise ValueError("phase='extend' attends over a KV cache, but cache is None.")
             keys, values = cache.layer_kv(meta.layer)
-            if self._use_decode_kernel(q, meta):
+            if self._use_decode_kernel(q, meta, keys.shape[1]):
                 from lcjax.pallas.decode_attention import decode_attention
                 out = decode_attention(q[:, 0], keys, values, meta.lengths, scale=meta.scale,
                                        interpret=jax.default_backend() != "gpu")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lcjax.attention import masked_attention
+from lcjax.pallas.vertical_slash_ranges import SEMANTICS as SLASH_SEMANTICS  # one list for kernel and pattern
 
 
 @jax.tree_util.register_dataclass
@@ -43,9 +44,6 @@ class SparsePattern:
     def __post_init__(self):
         if self.slash_semantics not in SLASH_SEMANTICS:
             raise ValueError(f"slash_semantics={self.slash_semantics!r}; choose one of {SLASH_SEMANTICS}.")
-
-
-SLASH_SEMANTICS = ("exact", "cover")
 
 
 def _table(indices: jax.Array, size: int) -> jax.Array:

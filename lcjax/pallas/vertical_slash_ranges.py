@@ -173,18 +173,17 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_
                     | ((offset >= 0) & on_vertical[None, :]))
             return _flash.update(state, q, k, v, qk_scale, mask)
 
-        def masked(state):
-            on_slash = slash_ref[jnp.maximum(offset, 0)] != 0
+        def exact(state, on_slash):  # the exact mask, given each pair's slash test
             on_vertical = vert_ref[pl.ds(first, block)] != 0
             mask = (offset >= 0) & in_range[None, :] & (on_slash | on_vertical[None, :])
             return _flash.update(state, q, k, v, qk_scale, mask)
 
+        def masked(state):
+            return exact(state, slash_ref[jnp.maximum(offset, 0)] != 0)
+
         def bits(state):  # the window's offsets are base + [0, 2b - 1); keys before start are out of range
             base = window_hi - 2 * block + 1
-            on_slash = slash_window_mask(words_ref, base, offset - base, block)
-            on_vertical = vert_ref[pl.ds(first, block)] != 0
-            mask = (offset >= 0) & in_range[None, :] & (on_slash | on_vertical[None, :])
-            return _flash.update(state, q, k, v, qk_scale, mask)
+            return exact(state, slash_window_mask(words_ref, base, offset - base, block))
 
         if slash_mask == "bits":  # two branches: unmasked, or the mask from the window's bits
             return lo, hi, jax.lax.switch(1 - plain.astype(jnp.int32), (unmasked, bits), state)

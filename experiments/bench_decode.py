@@ -2,8 +2,9 @@
 
 Per (batch, context): time to first token (the prefill of `context` random tokens, logits of the last) and decode
 speed (`--new` greedy tokens after it; lcjax: the jitted `lax.while_loop` of `lcjax.generate`; transformers:
-`generate(..., cache_implementation="static")`, sdpa, no torch.compile, its decode time taken as
-generate(new + 1 tokens) minus generate(1 token)). The same weights are copied into transformers (DLPack).
+`generate(..., cache_implementation="static")`, sdpa, eager (`disable_compile=True`) and with the decode
+step auto-compiled by transformers (torch.compile, its default for a static cache on CUDA); its decode time
+taken as generate(new + 1 tokens) minus generate(1 token)). The same weights are copied into transformers (DLPack).
 Roofline: a decode step must read the weights (16.06 GB) and each sequence's KV cache once; floor = bytes /
 2972 GB/s (the H100's measured copy bandwidth, KERNELS.md); "of roofline" = floor / measured step time.
 lcjax runs first and is freed before transformers is built, so both fit at batch 8 x 32K.
@@ -69,14 +70,18 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
                 step_ms=statistics.median(step) * 1e3, samples=samples)
 
 
-def torch_rows(tm, cfg, shapes, new: int, samples: int, rng) -> list[dict]:
+def torch_rows(tm, cfg, shapes, new: int, samples: int, rng, compiled: bool) -> list[dict]:
+    """compiled: transformers' own auto-compile of the decode step (torch.compile, on by default with a static
+    cache on CUDA) or eager (`disable_compile=True`)."""
     import torch
     rows = []
+    impl = "transformers (torch.compile)" if compiled else "transformers (eager)"
     for batch, context in shapes:
         def gen(n, ids):
             with torch.no_grad():
                 out = tm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, cache_implementation="static", pad_token_id=0)
+                                  do_sample=False, cache_implementation="static", pad_token_id=0,
+                                  disable_compile=not compiled)
             torch.cuda.synchronize()
             return out
         ttft, step = [], []
@@ -93,7 +98,7 @@ def torch_rows(tm, cfg, shapes, new: int, samples: int, rng) -> list[dict]:
                 step.append(((t2 - t1) - (t1 - t0)) / new)
             del out
             torch.cuda.empty_cache()
-        rows.append(dict(impl="transformers", batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
+        rows.append(dict(impl=impl, batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
                          step_ms=statistics.median(step) * 1e3, samples=samples))
         print("ROW", rows[-1], flush=True)
     return rows
@@ -105,6 +110,7 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--layer-layout", default="unstacked", choices=("stacked", "unstacked"))
     p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
                    "XLA_PYTHON_CLIENT_ALLOCATOR=platform so the JAX copy of the weights is freed for torch)")
     a = p.parse_args(argv)
@@ -113,7 +119,7 @@ def main(argv=None):
     cfg = llama3_8b_config()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; Llama-3-8B shape, random bf16 weights; "
           f"{a.new} new tokens, {a.samples} samples after one compile run")
-    model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+    model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16).with_layer_layout(a.layer_layout)
     rows = [] if a.no_lcjax else lcjax_rows(model, shapes, a.new, a.samples, rng)
     if not a.no_torch:
         import torch
@@ -122,10 +128,11 @@ def main(argv=None):
         del model
         gc.collect()
         print(f"torch {torch.__version__}, transformers model built", flush=True)
-        try:
-            rows += torch_rows(tm, cfg, shapes, a.new, a.samples, rng)
-        except Exception as e:  # noqa: BLE001 (report, keep lcjax's rows)
-            print(f"transformers section failed: {type(e).__name__}: {str(e)[:300]}")
+        for compiled in (False, True):
+            try:
+                rows += torch_rows(tm, cfg, shapes, a.new, a.samples, rng, compiled)
+            except Exception as e:  # noqa: BLE001 (report, keep the other rows)
+                print(f"transformers (compiled={compiled}) failed: {type(e).__name__}: {str(e)[:300]}")
     weights = cfg.num_params() * 2
     print("\n| batch | context | implementation | TTFT ms | ms / step | tokens/s | of roofline | samples |")
     print("|---|---|---|---|---|---|---|---|")

@@ -81,7 +81,7 @@ def torch_model_from(model: Transformer, dtype=None):
         tm.lm_head.weight.copy_(t(p["lm_head"]))
         tm.model.norm.weight.copy_(t(p["final_norm"]))
         for i, layer in enumerate(tm.model.layers):
-            lp = {k: v[i] for k, v in p["layers"].items()}
+            lp = p["layers"][i] if isinstance(p["layers"], tuple) else {k: v[i] for k, v in p["layers"].items()}
             layer.input_layernorm.weight.copy_(t(lp["attn_norm"]))
             layer.post_attention_layernorm.weight.copy_(t(lp["mlp_norm"]))
             layer.self_attn.q_proj.weight.copy_(t(lp["wq"]).reshape(H * Hd, D))

@@ -33,7 +33,7 @@ Phase = Literal["prefill", "extend"]
 class AttentionMeta:
     """What an attention transform may need besides q, k, v and the cache.
 
-    layer: int32 `[]`, the layer index (traced inside the layer scan).
+    layer: int32 `[]`, the layer index (traced inside the layer scan; a Python int when layers are unstacked).
     q_positions: int32 `[batch, q_len]`, RoPE positions of the new tokens.
     start: int32 `[batch]`, the cache slot of each sequence's first new token (0 in prefill).
     lengths: int32 `[batch]`, valid tokens per sequence after this call counted from slot 0 (for prefill:
@@ -184,12 +184,15 @@ class DenseAttention:
         else:
             if cache is None:
                 raise ValueError("phase='extend' attends over a KV cache, but cache is None.")
-            keys, values = cache.layer_kv(meta.layer)
-            if self._use_decode_kernel(q, meta, keys.shape[1]):
+            if self._use_decode_kernel(q, meta, cache.capacity):
                 from lcjax.pallas.decode_attention import decode_attention
-                out = decode_attention(q[:, 0], keys, values, meta.lengths, scale=meta.scale,
+                # the stacked cache and the layer index: the kernel reads the layer in place (slicing it out
+                # first copied one layer per layer per step, a whole cache read + write per token)
+                kv, layer = ((cache.k, cache.v), meta.layer) if cache.stacked else (cache.layer_kv(meta.layer), None)
+                out = decode_attention(q[:, 0], *kv, meta.lengths, scale=meta.scale, layer=layer,
                                        interpret=jax.default_backend() != "gpu")
                 return out[:, None], cache
+            keys, values = cache.layer_kv(meta.layer)
             q_slots = meta.start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
         mask = attention_mask(q_slots, keys.shape[1], meta.lengths, meta.sliding_window)
         return xla_attention(q, keys, values, mask, meta.scale, self.q_chunk), cache

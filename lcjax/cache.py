@@ -1,7 +1,10 @@
 """The KV cache: one pytree holding every layer's keys and values.
 
 `KVCache` stacks layers in its arrays so the model's `lax.scan` over layers can thread it as one value,
-and writes with scatters that XLA performs in place when the cache is donated. Slots are filled left to
+and writes with scatters that XLA performs in place when the cache is donated. A model with unstacked layer
+weights (a Python loop over layers) keeps one array per layer instead (`k`, `v` tuples): there a chain of
+in-place writes into one stacked buffer was not in place (an 8B prefill at 128K asked 34 GiB of temporaries
+instead of 6 on an H100), and per-layer buffers need no layer indexing at all. Slots are filled left to
 right; `lengths` counts the filled slots of each sequence and `positions` is the RoPE position its next
 token gets (the two differ once a compression method drops tokens). Names follow transformers'
 `cache_utils` (`get_seq_length`, `crop`) so they are familiar.
@@ -20,29 +23,38 @@ import jax.numpy as jnp
 class KVCache:
     """Dense KV cache.
 
-    k, v: `[layers, batch, capacity, kv_heads, head_dim]`; lengths, positions: int32 `[batch]`.
+    k, v: `[layers, batch, capacity, kv_heads, head_dim]`, or (per-layer layout) tuples of `layers` arrays
+    `[batch, capacity, kv_heads, head_dim]`, indexed by a Python int layer; lengths, positions: int32 `[batch]`.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     lengths: jax.Array
     positions: jax.Array
 
     @classmethod
     def init(cls, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.bfloat16) -> "KVCache":
-        """An empty cache with room for `capacity` tokens per sequence."""
-        shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+             dtype=jnp.bfloat16, stacked: bool = True) -> "KVCache":
+        """An empty cache with room for `capacity` tokens per sequence (`stacked=False`: per-layer arrays)."""
         zeros = jnp.zeros((batch,), jnp.int32)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=zeros, positions=zeros)
+        if stacked:
+            shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=zeros, positions=zeros)
+        shape = (batch, capacity, num_kv_heads, head_dim)
+        per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+        return cls(k=per_layer(), v=per_layer(), lengths=zeros, positions=zeros)
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[2] if self.stacked else self.k[0].shape[1]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.lengths.shape[0]
 
     def get_seq_length(self) -> jax.Array:
         """Filled slots per sequence, int32 `[batch]`."""
@@ -58,12 +70,17 @@ class KVCache:
         batch, seq = k_new.shape[:2]
         b_idx = jnp.arange(batch)[:, None]
         t_idx = start[:, None] + jnp.arange(seq)[None, :]
+        if not self.stacked:
+            write = lambda per_layer, new: per_layer[:layer] + (per_layer[layer].at[b_idx, t_idx].set(
+                new.astype(per_layer[layer].dtype), mode="drop"),) + per_layer[layer + 1:]
+            return dataclasses.replace(self, k=write(self.k, k_new), v=write(self.v, v_new))
         k = self.k.at[layer, b_idx, t_idx].set(k_new.astype(self.k.dtype), mode="drop")
         v = self.v.at[layer, b_idx, t_idx].set(v_new.astype(self.v.dtype), mode="drop")
         return dataclasses.replace(self, k=k, v=v)
 
-    def layer_kv(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values of one layer, each `[batch, capacity, kv_heads, head_dim]`."""
+    def layer_kv(self, layer: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of one layer, each `[batch, capacity, kv_heads, head_dim]` (a Python int layer for
+        the per-layer layout)."""
         return self.k[layer], self.v[layer]
 
     def advance(self, num_new: jax.Array) -> "KVCache":
@@ -77,16 +94,19 @@ class KVCache:
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}.")
         rep = lambda x, axis: jnp.repeat(x, n, axis=axis)
-        return KVCache(k=rep(self.k, 1), v=rep(self.v, 1), lengths=rep(self.lengths, 0),
-                       positions=rep(self.positions, 0))
+        axis = 1 if self.stacked else 0
+        kv = lambda x: jax.tree.map(lambda a: rep(a, axis), x)
+        return KVCache(k=kv(self.k), v=kv(self.v), lengths=rep(self.lengths, 0), positions=rep(self.positions, 0))
 
     def with_capacity(self, capacity: int) -> "KVCache":
         """The same cache in `capacity` slots per sequence (a copy; growing pads with empty slots)."""
         if capacity < self.capacity:
             raise ValueError(f"with_capacity({capacity}) would cut a cache of capacity {self.capacity}; "
                              "use crop() to forget tokens.")
-        pad = [(0, 0), (0, 0), (0, capacity - self.capacity), (0, 0), (0, 0)]
-        return dataclasses.replace(self, k=jnp.pad(self.k, pad), v=jnp.pad(self.v, pad))
+        pad = [(0, 0), (0, capacity - self.capacity), (0, 0), (0, 0)]
+        pad = [(0, 0)] + pad if self.stacked else pad
+        grow = lambda x: jax.tree.map(lambda a: jnp.pad(a, pad), x)
+        return dataclasses.replace(self, k=grow(self.k), v=grow(self.v))
 
     def crop(self, max_length: int) -> "KVCache":
         """Forgets every slot at or past `max_length` (transformers' `DynamicCache.crop`)."""

@@ -154,3 +154,21 @@ def test_decode_through_the_pallas_kernel_gives_the_same_tokens(llama):
     (c,), _ = generate(kernel, ids[20:24], 4, cache=cache_b)
     assert c == generate(xla, ids[20:24], 4, cache=cache_a)[0][0] == greedy_by_recomputing(
         model, ids[:7] + a + ids[20:24], 4)
+
+
+def test_unstacked_layers_give_the_same_tokens_and_logits(llama):
+    """The per-layer (Python loop) layout must be the same model as the stacked (scan) one."""
+    model, _ = llama
+    flat = model.with_layer_layout("unstacked")
+    assert flat.layer_layout == "unstacked" and model.layer_layout == "stacked"
+    prompt = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 12))
+    np.testing.assert_allclose(np.asarray(flat(prompt)), np.asarray(model(prompt)), atol=1e-5, rtol=1e-5)
+    a, _ = generate(model, prompt, 6)
+    b, cache = generate(flat, prompt, 6)
+    assert a == b and not cache.stacked and len(cache.k) == model.config.num_layers
+    c, _ = generate(flat, prompt[:, :3], 4, cache=cache.fork(1))       # a second turn on the per-layer cache
+    c_ref, _ = generate(model, prompt[:, :3], 4, cache=generate(model, prompt, 6)[1])
+    assert c == c_ref
+    back = flat.with_layer_layout("stacked")
+    for x, y in zip(jax.tree.leaves(back.params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

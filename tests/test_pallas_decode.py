@@ -47,3 +47,20 @@ def test_decode_attention_names_bad_input():
     with pytest.raises(ValueError, match="not a multiple of kv_heads"):
         decode_attention(q, jnp.zeros((1, 8, 4, 64)), jnp.zeros((1, 8, 4, 64)), jnp.ones((1,), jnp.int32),
                          scale=1.0, interpret=True)
+
+
+def test_decode_attention_reads_one_layer_of_a_stacked_cache():
+    """With `layer`, the kernel takes the whole [layers, ...] cache and must read exactly that layer (traced
+    index), for shapes that need no padding and for ones that do (capacity off the block, head_dim 96)."""
+    rng = np.random.default_rng()
+    for capacity, head_dim in ((128, 64), (100, 96)):
+        layers, batch, heads, kv_heads = 3, 2, 4, 2
+        q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((layers, batch, capacity, kv_heads, head_dim)), jnp.float32)
+                for _ in range(2))
+        lengths = jnp.asarray([capacity, capacity // 3], jnp.int32)
+        for layer in range(layers):
+            out = decode_attention(q, k, v, lengths, scale=0.125, layer=jnp.int32(layer), block_k=32,
+                                   interpret=True)
+            ref = decode_attention_reference(q, k[layer], v[layer], lengths, scale=0.125)
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)

@@ -23,7 +23,8 @@ def hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndar
     H, K, Hd, D = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
     f32 = lambda a: np.asarray(a, np.float32)
     yield "model.embed_tokens.weight", f32(params["embed"])
-    lp = params["layers"]
+    from lcjax.models.params import stack_layers
+    lp = stack_layers(params)["layers"]
     for i in range(c.num_layers):
         pre = f"model.layers.{i}."
         q, k, v = (f32(lp[n][i]).reshape(-1, D) for n in ("wq", "wk", "wv"))

@@ -7,6 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from lcjax.config import ModelConfig
@@ -45,13 +46,15 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16", mesh=None,
-               rules=LOGICAL_AXIS_RULES, **transforms) -> tuple[Transformer, Tokenizer | None]:
+               rules=LOGICAL_AXIS_RULES, layer_layout: str = "auto", **transforms) -> tuple[Transformer, Tokenizer | None]:
     """Loads a model and its tokenizer.
 
     source: a transformers directory (`config.json`, `*.safetensors`, `tokenizer.json`), a `.gguf` file
       (dequantised on load), or a built-in name such as "smollm2-135m".
     dtype: "bfloat16" (default), "float32" or "float16" for the weights.
     mesh: an optional `jax.sharding.Mesh`; params are placed with NamedShardings from `rules`.
+    layer_layout: "stacked" (a `lax.scan` over layers), "unstacked" (per-layer arrays; faster decode on GPU,
+      slower to compile) or "auto": unstacked on GPU, stacked elsewhere (`Transformer.with_layer_layout`).
     transforms: `attention=` / `positions=` overrides (see `Transformer.with_transforms`).
     The tokenizer is None for a directory without tokenizer files, and (with a warning) for a GGUF whose
     tokenizer type lcjax cannot rebuild yet (SentencePiece).
@@ -79,5 +82,10 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16
             tokenizer = None
     else:
         raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file.")
+    if layer_layout not in ("auto", "stacked", "unstacked"):
+        raise ValueError(f"layer_layout must be 'auto', 'stacked' or 'unstacked', got {layer_layout!r}.")
     params = assemble_params(config, tensors, _DTYPES[dtype], mesh=mesh, rules=rules)
-    return Transformer(params, config, **transforms), tokenizer
+    model = Transformer(params, config, **transforms)
+    if layer_layout == "auto":
+        layer_layout = "unstacked" if jax.default_backend() == "gpu" else "stacked"
+    return model.with_layer_layout(layer_layout), tokenizer

@@ -37,17 +37,26 @@ def _mlp(p: dict, x: jax.Array) -> jax.Array:
     return jnp.einsum("bsf,df->bsd", jax.nn.silu(gate) * up, p["w_down"])
 
 
-def _chunked(fn, x: jax.Array, chunk: int | None) -> jax.Array:
-    """fn over `x: [batch, seq, ...]` in sequence chunks of `chunk` (None: at once), so a long prompt's MLP
-    intermediates (`[seq, intermediate]`, 44 GiB at 512K for Llama-3-8B) never exist whole."""
-    seq = x.shape[1]
+def _residual_mlp(p: dict, h: jax.Array, eps: float, chunk: int | None) -> jax.Array:
+    """`h + mlp(rms_norm(h))` for `h: [batch, seq, hidden]`, over the sequence in chunks of `chunk` tokens (None:
+    at once), so a long prompt's MLP intermediates (`[seq, intermediate]`, 44 GiB at 512K for Llama-3-8B)
+    never exist whole. The chunks update `h` in place: a `lax.map` would allocate a fresh output per layer,
+    and with unstacked layers XLA initialised all 32 of those at once (32 GiB at 128K on an H100)."""
+    block = lambda x: x + _mlp(p, rms_norm(x, p["mlp_norm"], eps))
+    seq = h.shape[1]
     if chunk is None or seq <= chunk:
-        return fn(x)
-    n = -(-seq // chunk)
-    xp = jnp.pad(x, ((0, 0), (0, n * chunk - seq)) + ((0, 0),) * (x.ndim - 2))
-    xs = xp.reshape(x.shape[0], n, chunk, *x.shape[2:]).swapaxes(0, 1)
-    out = jax.lax.map(fn, xs)
-    return out.swapaxes(0, 1).reshape(x.shape[0], n * chunk, *out.shape[3:])[:, :seq]
+        return block(h)
+    full = seq // chunk
+
+    def body(i, h):
+        start = i * chunk
+        return jax.lax.dynamic_update_slice_in_dim(h, block(jax.lax.dynamic_slice_in_dim(h, start, chunk, 1)),
+                                                   start, 1)
+
+    h = jax.lax.fori_loop(0, full, body, h)
+    if full * chunk < seq:                       # the ragged last chunk, statically
+        h = h.at[:, full * chunk:].set(block(h[:, full * chunk:]))
+    return h
 
 
 def _layer(config: ModelConfig, attention: AttentionFn, rotary: positions_lib.Rotary, meta_base: dict,
@@ -65,8 +74,7 @@ def _layer(config: ModelConfig, attention: AttentionFn, rotary: positions_lib.Ro
     meta = AttentionMeta(layer=layer, **meta_base)
     attn, cache = attention(q, k, v, cache, meta)
     h = h + jnp.einsum("bshk,dhk->bsd", attn, p["wo"])
-    x = rms_norm(h, p["mlp_norm"], c.rms_norm_eps)
-    h = h + _chunked(partial(_mlp, p), x, mlp_chunk)
+    h = _residual_mlp(p, h, c.rms_norm_eps, mlp_chunk)
     return (h, cache), None
 
 
@@ -85,8 +93,12 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, q_positions: j
     meta_base = dict(q_positions=q_positions, start=start, lengths=lengths, phase=phase,
                      sliding_window=config.sliding_window, scale=config.head_dim ** -0.5)
     step = partial(_layer, config, attention, rotary, meta_base, mlp_chunk)
-    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (h, cache), _ = jax.lax.scan(step, (h, cache), (params["layers"], layer_ids))
+    if isinstance(params["layers"], tuple):   # unstacked (`unstack_layers`): one traced copy per layer
+        for i, p in enumerate(params["layers"]):
+            (h, cache), _ = step((h, cache), (p, i))
+    else:                                     # stacked: one scan, compile time independent of depth
+        layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (h, cache), _ = jax.lax.scan(step, (h, cache), (params["layers"], layer_ids))
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), cache
 
 
@@ -127,9 +139,25 @@ class Transformer:
         changes = {k: v for k, v in dict(attention=attention, positions=positions).items() if v is not None}
         return dataclasses.replace(self, **changes)
 
+    def with_layer_layout(self, layout: Literal["stacked", "unstacked"]) -> "Transformer":
+        """The same model with its layer weights stacked (one `lax.scan` over layers: compiles in time
+        independent of depth; the layout for training and long prefill) or unstacked (a Python loop over
+        per-layer arrays: 2.3x faster decode steps on an H100, see `lcjax.models.params.unstack_layers`).
+        Converting copies the weights; drop the old model to free them."""
+        from lcjax.models.params import stack_layers, unstack_layers
+        convert = {"stacked": stack_layers, "unstacked": unstack_layers}
+        if layout not in convert:
+            raise ValueError(f"layout must be 'stacked' or 'unstacked', got {layout!r}.")
+        return dataclasses.replace(self, params=convert[layout](self.params))
+
+    @property
+    def layer_layout(self) -> str:
+        return "unstacked" if isinstance(self.params["layers"], tuple) else "stacked"
+
     def init_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
-        return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype)
+        return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype,
+                            stacked=self.layer_layout == "stacked")
 
     def prefill(self, tokens, lengths=None, *, capacity: int | None = None,
                 logits: Literal["all", "last"] = "all", mlp_chunk: int | None = None) -> tuple[jax.Array, KVCache]:

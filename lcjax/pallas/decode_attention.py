@@ -22,10 +22,11 @@ from lcjax.pallas import _flash
 MIN_ROWS = 16  # Triton's dot needs at least 16 rows: a GQA group of 4-8 query heads is zero-padded to 16
 
 
-def _kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int, split_len: int,
+def _kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int, split_len: int,
             qk_scale: float):
     split = pl.program_id(2)
     length = len_ref[0]
+    layer = layer_ref[0]
     start = split * split_len
     stop = jnp.minimum(start + split_len, length)
     n_blocks = jax.lax.div(jnp.maximum(stop - start, 0) + block_k - 1, block_k)
@@ -34,7 +35,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int
 
     def body(i, state):
         first = start + i * block_k
-        k, v = k_ref[pl.ds(first, block_k), :], v_ref[pl.ds(first, block_k), :]
+        k, v = k_ref[layer, pl.ds(first, block_k), :], v_ref[layer, pl.ds(first, block_k), :]
         return _flash.update(state, q, k, v, qk_scale, ((first + lane) < stop)[None, :])
 
     acc, m, l = jax.lax.fori_loop(0, n_blocks, body, _flash.init_state(q.shape[0], q.shape[1]))
@@ -53,27 +54,40 @@ def _splits(capacity: int, block_k: int, batch_kv_heads: int, num_splits: int | 
 @functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages",
                                              "interpret"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, scale: float,
-                     block_k: int = 64, num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+                     layer: jax.Array | int | None = None, block_k: int = 64, num_splits: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None,
+                     interpret: bool = False) -> jax.Array:
     """Attention of one new token per sequence over its cached keys.
 
-    q: `[batch, heads, head_dim]`; k, v: `[batch, capacity, kv_heads, head_dim]` (a KVCache layer); lengths:
-    int32 `[batch]`, the valid slots of each sequence (keys at slots >= length are ignored). Returns
+    q: `[batch, heads, head_dim]`; k, v: `[batch, capacity, kv_heads, head_dim]` (a KVCache layer), or with
+    `layer` (int32 scalar, may be traced) the whole stacked cache `[layers, batch, capacity, kv_heads,
+    head_dim]`, read at that layer in place: slicing a layer out first would copy it every decode step.
+    lengths: int32 `[batch]`, the valid slots of each sequence (keys at slots >= length are ignored). Returns
     `[batch, heads, head_dim]` in q's dtype. num_splits: key ranges per (batch, KV head), default about two
     programs per SM; block_k, num_warps, num_stages tune speed only.
     """
-    _flash.check_inputs("decode_attention", q[:, None], k, v)
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    if k.ndim != 5 or v.shape != k.shape:
+        raise ValueError(f"decode_attention with `layer` takes stacked k, v [layers, batch, capacity, kv_heads, "
+                         f"head_dim]; got k {k.shape}, v {v.shape}.")
+    _flash.check_inputs("decode_attention", q[:, None], k[0], v[0])
     batch, heads, head_dim = q.shape
-    capacity, kv_heads = k.shape[1], k.shape[2]
+    capacity, kv_heads = k.shape[2], k.shape[3]
     group = heads // kv_heads
     rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
     d_pad = _flash.padded_head_dim(head_dim)
     n_splits, split_len = _splits(capacity, block_k, batch * kv_heads, num_splits)
-    # the last split may be short: blocks start at multiples of block_k, so K/V only need padding (a copy of
-    # the whole cache) when capacity is not a multiple of block_k (generate's caches are multiples of 256)
+    # the last split may be short: blocks start at multiples of block_k, so K/V only need padding (a copy)
+    # when capacity is not a multiple of block_k (generate's caches are multiples of 256) or head_dim is 96
     padded = -(-capacity // block_k) * block_k
     qg = _flash.pad_to(_flash.pad_to(q.reshape(batch, kv_heads, group, head_dim), 2, rows), 3, d_pad)
-    k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (k, v))
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    if padded != capacity or d_pad != head_dim:    # padding copies: copy only the one layer
+        k, v = (jax.lax.dynamic_index_in_dim(x, layer[0], 0) for x in (k, v))
+        layer = jnp.zeros((1,), jnp.int32)
+    k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 2, padded), 4, d_pad) for x in (k, v))
+    layers = k_p.shape[0]
     kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len,
                                qk_scale=scale * _flash.LOG2E)
     part = lambda *tail: pl.BlockSpec((None, None, None, *tail), lambda b, h, s: (b, h, s) + (0,) * len(tail))
@@ -81,9 +95,10 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         kernel,
         grid=(batch, kv_heads, n_splits),
         in_specs=[pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
+                  pl.BlockSpec((1,), lambda b, h, s: (0,)),
                   pl.BlockSpec((None, None, rows, d_pad), lambda b, h, s: (b, h, 0, 0)),
-                  pl.BlockSpec((None, padded, None, d_pad), lambda b, h, s: (b, 0, h, 0)),
-                  pl.BlockSpec((None, padded, None, d_pad), lambda b, h, s: (b, 0, h, 0))],
+                  pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0)),
+                  pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0))],
         out_specs=[part(rows, d_pad), part(rows), part(rows)],
         out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows, d_pad), jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows), jnp.float32),
@@ -91,7 +106,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 2),
         interpret=interpret,
         name="decode_attention",
-    )(lengths.astype(jnp.int32)[:, None], qg, k_p, v_p)
+    )(lengths.astype(jnp.int32)[:, None], layer, qg, k_p, v_p)
     return merge_splits(acc, m, l)[:, :, :group, :head_dim].reshape(batch, heads, head_dim).astype(q.dtype)
 
 

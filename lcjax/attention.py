@@ -58,14 +58,17 @@ class AttentionFn(Protocol):
 
 
 def attention_mask(q_slots: jax.Array, kv_len: int, lengths: jax.Array,
-                   sliding_window: int | None) -> jax.Array:
-    """Boolean `[batch, q_len, kv_len]`: causal by slot, within `lengths`, inside the window.
+                   sliding_window: int | None, first: jax.Array | None = None) -> jax.Array:
+    """Boolean `[batch, q_len, kv_len]`: causal by slot, within `[first, lengths)`, inside the window.
 
-    q_slots: int32 `[batch, q_len]`, the slot each query occupies; keys sit at slots 0..kv_len-1.
+    q_slots: int32 `[batch, q_len]`, the slot each query occupies; keys sit at slots 0..kv_len-1; first: int32
+    `[batch]`, the first valid slot (a compressed layer's; None: 0).
     """
     kv_slots = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]
     q = q_slots[:, :, None]
     mask = (kv_slots <= q) & (kv_slots < lengths[:, None, None])
+    if first is not None:
+        mask &= kv_slots >= first[:, None, None]
     if sliding_window is not None:
         mask &= q - kv_slots < sliding_window
     return mask
@@ -190,9 +193,10 @@ class DenseAttention:
                 # first copied one layer per layer per step, a whole cache read + write per token)
                 kv, layer = ((cache.k, cache.v), meta.layer) if cache.stacked else (cache.layer_kv(meta.layer), None)
                 out = decode_attention(q[:, 0], *kv, meta.lengths, scale=meta.scale, layer=layer,
-                                       interpret=jax.default_backend() != "gpu")
+                                       first=cache.layer_first(meta.layer), interpret=jax.default_backend() != "gpu")
                 return out[:, None], cache
             keys, values = cache.layer_kv(meta.layer)
             q_slots = meta.start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
-        mask = attention_mask(q_slots, keys.shape[1], meta.lengths, meta.sliding_window)
+        first = None if meta.phase == "prefill" else cache.layer_first(meta.layer)
+        mask = attention_mask(q_slots, keys.shape[1], meta.lengths, meta.sliding_window, first)
         return xla_attention(q, keys, values, mask, meta.scale, self.q_chunk), cache

@@ -24,25 +24,30 @@ class KVCache:
     """Dense KV cache.
 
     k, v: `[layers, batch, capacity, kv_heads, head_dim]`, or (per-layer layout) tuples of `layers` arrays
-    `[batch, capacity, kv_heads, head_dim]`, indexed by a Python int layer; lengths, positions: int32 `[batch]`.
+    `[batch, capacity, kv_heads, head_dim]`, indexed by a Python int layer; lengths, positions: int32 `[batch]`;
+    first: int32 `[layers, batch]`, each layer's first valid slot (0 unless a compression kept fewer tokens in
+    some layers than others: layers end at the same slot, `lengths`, and start at `first`).
     """
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
     lengths: jax.Array
     positions: jax.Array
+    first: jax.Array
 
     @classmethod
     def init(cls, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.bfloat16, stacked: bool = True) -> "KVCache":
         """An empty cache with room for `capacity` tokens per sequence (`stacked=False`: per-layer arrays)."""
         zeros = jnp.zeros((batch,), jnp.int32)
+        first = jnp.zeros((num_layers, batch), jnp.int32)
         if stacked:
             shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
-            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=zeros, positions=zeros)
+            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=zeros, positions=zeros,
+                       first=first)
         shape = (batch, capacity, num_kv_heads, head_dim)
         per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-        return cls(k=per_layer(), v=per_layer(), lengths=zeros, positions=zeros)
+        return cls(k=per_layer(), v=per_layer(), lengths=zeros, positions=zeros, first=first)
 
     @property
     def stacked(self) -> bool:
@@ -78,6 +83,10 @@ class KVCache:
         v = self.v.at[layer, b_idx, t_idx].set(v_new.astype(self.v.dtype), mode="drop")
         return dataclasses.replace(self, k=k, v=v)
 
+    def layer_first(self, layer: jax.Array | int) -> jax.Array:
+        """int32 `[batch]`: the first valid slot of `layer` in each sequence."""
+        return self.first[layer]
+
     def layer_kv(self, layer: jax.Array | int) -> tuple[jax.Array, jax.Array]:
         """Keys and values of one layer, each `[batch, capacity, kv_heads, head_dim]` (a Python int layer for
         the per-layer layout)."""
@@ -96,7 +105,8 @@ class KVCache:
         rep = lambda x, axis: jnp.repeat(x, n, axis=axis)
         axis = 1 if self.stacked else 0
         kv = lambda x: jax.tree.map(lambda a: rep(a, axis), x)
-        return KVCache(k=kv(self.k), v=kv(self.v), lengths=rep(self.lengths, 0), positions=rep(self.positions, 0))
+        return KVCache(k=kv(self.k), v=kv(self.v), lengths=rep(self.lengths, 0), positions=rep(self.positions, 0),
+                       first=rep(self.first, 1))
 
     def with_capacity(self, capacity: int) -> "KVCache":
         """The same cache in `capacity` slots per sequence (a copy; growing pads with empty slots)."""
@@ -111,4 +121,5 @@ class KVCache:
     def crop(self, max_length: int) -> "KVCache":
         """Forgets every slot at or past `max_length` (transformers' `DynamicCache.crop`)."""
         lengths = jnp.minimum(self.lengths, max_length)
-        return dataclasses.replace(self, lengths=lengths, positions=self.positions - (self.lengths - lengths))
+        return dataclasses.replace(self, lengths=lengths, positions=self.positions - (self.lengths - lengths),
+                                   first=jnp.minimum(self.first, lengths[None, :]))

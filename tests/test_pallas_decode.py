@@ -64,3 +64,21 @@ def test_decode_attention_reads_one_layer_of_a_stacked_cache():
                                    interpret=True)
             ref = decode_attention_reference(q, k[layer], v[layer], lengths, scale=0.125)
             np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+def test_decode_attention_skips_slots_before_first():
+    """A compressed layer's valid slots are [first, length): the kernel must ignore the slots before first."""
+    rng = np.random.default_rng()
+    batch, capacity, heads, kv_heads, d = 3, 96, 4, 2, 64
+    q = jnp.asarray(rng.standard_normal((batch, heads, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, capacity, kv_heads, d)), jnp.float32) for _ in range(2))
+    lengths = jnp.asarray([96, 50, 7], jnp.int32)
+    first = jnp.asarray([10, 49, 0], jnp.int32)
+    out = decode_attention(q, k, v, lengths, scale=0.125, first=first, block_k=16, interpret=True)
+    mask = np.zeros((batch, heads, 1, capacity), bool)
+    for b in range(batch):
+        mask[b, :, 0, int(first[b]):int(lengths[b])] = True
+    ref = attention_f64(q[:, None], k, v, mask, 0.125)[:, 0]
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(decode_attention_reference(q, k, v, lengths, scale=0.125, first=first)),
+                               ref, atol=2e-5, rtol=2e-5)

@@ -1,4 +1,5 @@
-"""Long-context methods as transforms, one file each; `ATTENTION_METHODS` builds them by SCBench's names."""
+"""Long-context methods as transforms, one file each; `ATTENTION_METHODS` and `CACHE_METHODS` build them by
+SCBench's names."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from lcjax.attention import DenseAttention
 from lcjax.config import ModelConfig
 from lcjax.methods.a_shape import AShape, TriShape
 from lcjax.methods.minference import MInference, MInferenceConfig, block_sparse, vertical_slash
+from lcjax.methods.pyramidkv import PyramidKVPress, pyramidkv
+from lcjax.methods.snapkv import SnapKVPress, snapkv
+from lcjax.methods.streaming_llm import StreamingLLMPress, streaming_llm
 
 
 def _minference(config: ModelConfig, pattern_config: str | None = None, backend: str = "auto",
@@ -29,6 +33,22 @@ ATTENTION_METHODS: dict[str, Callable[..., object]] = {
     "vertical_slash": lambda config, **kw: vertical_slash(config.num_layers, config.num_heads, **kw),
     "block_sparse": lambda config, **kw: block_sparse(config.num_layers, config.num_heads, **kw),
 }
+
+
+# SCBench's --kv_type names -> press builder(**hyperparameters) (SCBench's defaults)
+CACHE_METHODS: dict[str, Callable[..., object]] = {
+    "dense": lambda **kw: None,
+    "streamingllm": streaming_llm,
+    "snapkv": snapkv,
+    "pyramidkv": pyramidkv,
+}
+
+
+def cache_method(name: str, **hyperparameters):
+    """The KV press SCBench calls `name` (None for "dense")."""
+    if name not in CACHE_METHODS:
+        raise ValueError(f"Unknown cache method {name!r}; available: {', '.join(CACHE_METHODS)}.")
+    return CACHE_METHODS[name](**hyperparameters)
 
 
 def attention_method(name: str, config: ModelConfig, **hyperparameters):

@@ -117,6 +117,7 @@ class Transformer:
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
     attention: AttentionFn = dataclasses.field(default=DenseAttention(), metadata=dict(static=True))
     positions: positions_lib.PositionTransform | None = dataclasses.field(default=None, metadata=dict(static=True))
+    cache: object | None = dataclasses.field(default=None, metadata=dict(static=True))  # a KV press, or None
 
     def __post_init__(self):
         if self.positions is None:
@@ -134,9 +135,17 @@ class Transformer:
         return self.params["embed"].dtype
 
     def with_transforms(self, *, attention: AttentionFn | None = None,
-                        positions: positions_lib.PositionTransform | None = None) -> "Transformer":
-        """The same weights with other attention and/or position transforms."""
-        changes = {k: v for k, v in dict(attention=attention, positions=positions).items() if v is not None}
+                        positions: positions_lib.PositionTransform | None = None,
+                        cache=None) -> "Transformer":
+        """The same weights with other attention, position and/or cache transforms.
+
+        cache: a KV press from `lcjax.methods` (e.g. `SnapKVPress(compression_ratio=0.5)`): applied at the end of
+        every prefill and appended turn, so later turns and decode steps read the compressed cache; or "dense"
+        to remove one."""
+        changes = {k: v for k, v in dict(attention=attention, positions=positions, cache=cache).items()
+                   if v is not None}
+        if changes.get("cache") == "dense":
+            changes["cache"] = None
         return dataclasses.replace(self, **changes)
 
     def with_layer_layout(self, layout: Literal["stacked", "unstacked"]) -> "Transformer":
@@ -211,13 +220,40 @@ def _positions_for(tokens: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
+def _run_and_press(model: Transformer, tokens, q_positions, start, lengths, cache, phase: Phase,
+                   mlp_chunk: int | None, new_capacity: int | None):
+    """forward, then (when the model has a KV press) compression of the cache it wrote. lengths: valid slots
+    after the call. new_capacity: the compressed cache's slots (None: keep the capacity)."""
+    press = model.cache
+    if cache is None or press is None:
+        hidden, cache = forward(model.params, model.config, tokens, q_positions, start, lengths, cache, phase,
+                                model.attention, model.positions, mlp_chunk)
+        return hidden, None if cache is None else cache.advance(lengths - start)
+    from lcjax.methods import kv_press
+    c = model.config
+    attention, carry, obs = model.attention, cache, None
+    if press.window_size:
+        obs = kv_press.empty_observation(c.num_layers, tokens.shape[0], press.window_size, c.num_heads,
+                                         c.head_dim, model.dtype, start, lengths)
+        attention, carry = kv_press.ObserveQueries(model.attention, press.window_size), (cache, obs)
+    hidden, carry = forward(model.params, c, tokens, q_positions, start, lengths, carry, phase, attention,
+                            model.positions, mlp_chunk)
+    cache, obs = carry if press.window_size else (carry, None)
+    cache = cache.advance(lengths - start)
+    new_capacity = cache.capacity if new_capacity is None else new_capacity
+    return hidden, kv_press.compress(press, cache, obs, c.head_dim ** -0.5, new_capacity)
+
+
 @partial(jax.jit, static_argnames=("capacity", "logits", "mlp_chunk"))
 def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str, mlp_chunk: int | None = None):
     cache = model.init_cache(tokens.shape[0], capacity) if capacity else None
     zeros = jnp.zeros_like(lengths)
-    hidden, cache = forward(model.params, model.config, tokens, _positions_for(tokens), zeros, lengths,
-                            cache, "prefill", model.attention, model.positions, mlp_chunk)
-    cache = None if cache is None else cache.advance(lengths)
+    new_capacity = None
+    if model.cache is not None and capacity:       # keep the press's bound plus the room asked for after the prompt
+        new_capacity = min(capacity, model.cache.max_budget(model.config.num_layers, capacity)
+                           + capacity - tokens.shape[1])
+    hidden, cache = _run_and_press(model, tokens, _positions_for(tokens), zeros, lengths, cache, "prefill",
+                                   mlp_chunk, new_capacity)
     if logits == "last":
         hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return lm_logits(model.params, model.config, hidden), cache
@@ -227,11 +263,10 @@ def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str, ml
 def _extend(model: Transformer, tokens, lengths, cache: KVCache, logits: str):
     start = cache.lengths
     q_positions = cache.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    hidden, cache = forward(model.params, model.config, tokens, q_positions, start, start + lengths, cache,
-                            "extend", model.attention, model.positions)
+    hidden, cache = _run_and_press(model, tokens, q_positions, start, start + lengths, cache, "extend", None, None)
     if logits == "last":
         hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return lm_logits(model.params, model.config, hidden), cache.advance(lengths)
+    return lm_logits(model.params, model.config, hidden), cache
 
 
 @jax.jit

@@ -22,11 +22,12 @@ from lcjax.pallas import _flash
 MIN_ROWS = 16  # Triton's dot needs at least 16 rows: a GQA group of 4-8 query heads is zero-padded to 16
 
 
-def _kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int, split_len: int,
-            qk_scale: float):
+def _kernel(len_ref, first_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int,
+            split_len: int, qk_scale: float):
     split = pl.program_id(2)
     length = len_ref[0]
     layer = layer_ref[0]
+    valid_from = first_ref[0]
     start = split * split_len
     stop = jnp.minimum(start + split_len, length)
     n_blocks = jax.lax.div(jnp.maximum(stop - start, 0) + block_k - 1, block_k)
@@ -36,7 +37,7 @@ def _kernel(len_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, b
     def body(i, state):
         first = start + i * block_k
         k, v = k_ref[layer, pl.ds(first, block_k), :], v_ref[layer, pl.ds(first, block_k), :]
-        return _flash.update(state, q, k, v, qk_scale, ((first + lane) < stop)[None, :])
+        return _flash.update(state, q, k, v, qk_scale, (((first + lane) < stop) & ((first + lane) >= valid_from))[None, :])
 
     acc, m, l = jax.lax.fori_loop(0, n_blocks, body, _flash.init_state(q.shape[0], q.shape[1]))
     acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
@@ -54,7 +55,7 @@ def _splits(capacity: int, block_k: int, batch_kv_heads: int, num_splits: int | 
 @functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages",
                                              "interpret"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, scale: float,
-                     layer: jax.Array | int | None = None, block_k: int = 64, num_splits: int | None = None,
+                     layer: jax.Array | int | None = None, first: jax.Array | None = None, block_k: int = 64, num_splits: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      interpret: bool = False) -> jax.Array:
     """Attention of one new token per sequence over its cached keys.
@@ -62,7 +63,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     q: `[batch, heads, head_dim]`; k, v: `[batch, capacity, kv_heads, head_dim]` (a KVCache layer), or with
     `layer` (int32 scalar, may be traced) the whole stacked cache `[layers, batch, capacity, kv_heads,
     head_dim]`, read at that layer in place: slicing a layer out first would copy it every decode step.
-    lengths: int32 `[batch]`, the valid slots of each sequence (keys at slots >= length are ignored). Returns
+    lengths: int32 `[batch]`, the valid slots of each sequence (keys at slots >= length are ignored); first:
+    optional int32 `[batch]`, the first valid slot (keys before it are ignored: a compressed layer). Returns
     `[batch, heads, head_dim]` in q's dtype. num_splits: key ranges per (batch, KV head), default about two
     programs per SM; block_k, num_warps, num_stages tune speed only.
     """
@@ -83,6 +85,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     padded = -(-capacity // block_k) * block_k
     qg = _flash.pad_to(_flash.pad_to(q.reshape(batch, kv_heads, group, head_dim), 2, rows), 3, d_pad)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    first = jnp.zeros((batch,), jnp.int32) if first is None else first
     if padded != capacity or d_pad != head_dim:    # padding copies: copy only the one layer
         k, v = (jax.lax.dynamic_index_in_dim(x, layer[0], 0) for x in (k, v))
         layer = jnp.zeros((1,), jnp.int32)
@@ -95,6 +98,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         kernel,
         grid=(batch, kv_heads, n_splits),
         in_specs=[pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
+                  pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
                   pl.BlockSpec((1,), lambda b, h, s: (0,)),
                   pl.BlockSpec((None, None, rows, d_pad), lambda b, h, s: (b, h, 0, 0)),
                   pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0)),
@@ -106,7 +110,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 2),
         interpret=interpret,
         name="decode_attention",
-    )(lengths.astype(jnp.int32)[:, None], layer, qg, k_p, v_p)
+    )(lengths.astype(jnp.int32)[:, None], first.astype(jnp.int32)[:, None], layer, qg, k_p, v_p)
     return merge_splits(acc, m, l)[:, :, :group, :head_dim].reshape(batch, heads, head_dim).astype(q.dtype)
 
 
@@ -122,13 +126,14 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("scale",))
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
-                               scale: float) -> jax.Array:
+                               scale: float, first: jax.Array | None = None) -> jax.Array:
     """`decode_attention` in plain XLA (fp32 softmax over the valid slots; GQA by reshaping q)."""
     batch, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
     s = jnp.einsum("bkgd,btkd->bkgt", qg, k.astype(jnp.float32)) * scale
-    valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]
+    slot = jnp.arange(k.shape[1])[None, :]
+    valid = (slot < lengths[:, None]) & (slot >= (0 if first is None else first[:, None]))
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     row_max = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(row_max), row_max, 0.0))             # exp(-inf) = 0 off the slots

@@ -1,0 +1,49 @@
+"""StreamingLLM (Xiao et al. 2024) as a KV-cache press: keep the first tokens (attention sinks) and a window of
+the most recent ones, drop the middle. SCBench's setting: 128 sinks + 3968 recent = 4096 tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lcjax.methods import kv_press
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLMPress:
+    """Keeps `n_sink` oldest and the newest tokens: `capacity` in all (SCBench), or a kvpress-style
+    `compression_ratio` (fraction removed). kvpress's default n_sink is 4; SCBench's is 128."""
+
+    capacity: int | None = 4096
+    compression_ratio: float | None = None
+    n_sink: int = 128
+    window_size: int = dataclasses.field(default=0, init=False)  # needs no queries
+
+    def __post_init__(self):
+        if self.compression_ratio is not None and self.capacity == 4096:
+            object.__setattr__(self, "capacity", None)   # a ratio replaces the default capacity
+        kv_press.check_budget("StreamingLLMPress", self.capacity, self.compression_ratio)
+        if self.n_sink < 0 or (self.capacity is not None and self.n_sink > self.capacity):
+            raise ValueError(f"StreamingLLMPress: n_sink must be in [0, capacity], got {self.n_sink}.")
+
+    def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array:
+        keep = kv_press.kept_count(n_valid, self.capacity, self.compression_ratio)
+        return jnp.broadcast_to(keep, (num_layers,) + keep.shape)
+
+    def max_budget(self, num_layers: int, capacity: int) -> int:
+        return kv_press.static_kept(capacity, self.capacity, self.compression_ratio)
+
+    def scores(self, keys, valid, observation, layer, scale):
+        """+inf for sinks and recent slots; the middle ranks by recency (newer first) so any budget keeps the
+        sinks and then the newest tokens."""
+        slot = jnp.arange(valid.shape[1], dtype=jnp.float32)[None, :]
+        score = jnp.where(kv_press.oldest(valid, self.n_sink), jnp.inf, slot)
+        return jnp.broadcast_to(score[:, None, :], (valid.shape[0], keys.shape[2], valid.shape[1]))
+
+
+def streaming_llm(capacity: int | None = 4096, compression_ratio: float | None = None,
+                  n_sink: int = 128) -> StreamingLLMPress:
+    """`StreamingLLMPress` with SCBench's defaults (128 sinks + 3968 recent)."""
+    return StreamingLLMPress(capacity=capacity, compression_ratio=compression_ratio, n_sink=n_sink)

@@ -111,6 +111,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--layer-layout", default="unstacked", choices=("stacked", "unstacked"))
+    p.add_argument("--torch-modes", default="compiled,eager", help="transformers rows: compiled and/or eager")
     p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
                    "XLA_PYTHON_CLIENT_ALLOCATOR=platform so the JAX copy of the weights is freed for torch)")
     a = p.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv=None):
         del model
         gc.collect()
         print(f"torch {torch.__version__}, transformers model built", flush=True)
-        for compiled in (False, True):
+        for compiled in [m == "compiled" for m in a.torch_modes.split(",")]:
             try:
                 rows += torch_rows(tm, cfg, shapes, a.new, a.samples, rng, compiled)
             except Exception as e:  # noqa: BLE001 (report, keep the other rows)

@@ -3,7 +3,8 @@
 The built-in default holds a two-turn conversation with the real SmolLM2-135M-Instruct weights, on CPU or GPU.
 The conversation lives in one KV cache: each turn feeds only the tokens the cache does not hold yet (the
 chat template is rendered in full, the cache is cropped to the longest prefix it shares with it, and the rest
-is appended), so earlier turns are never recomputed.
+is appended), so earlier turns are never recomputed. `--press snapkv --press-capacity 64` (or streamingllm,
+pyramidkv) compresses the cache after every turn's prefill; later turns then read the compressed cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import time
 
 import lcjax
+import lcjax.methods
 from lcjax.generate import generate
 
 
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="user message (repeatable: one turn each); default: two built-in turns")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--press", default="dense", choices=sorted(lcjax.methods.CACHE_METHODS),
+                        help="KV-cache compression applied after each turn's prefill (SCBench's names)")
+    parser.add_argument("--press-capacity", type=int, default=4096, help="tokens the press keeps per layer")
+    parser.add_argument("--press-window", type=int, default=32, help="observation window (SnapKV, PyramidKV)")
     args = parser.parse_args(argv)
     prompts = args.prompt or ["What is the capital of France?", "Write a haiku about that city."]
 
@@ -30,15 +36,28 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = lcjax.load_model(args.model, dtype=args.dtype)
     if tokenizer is None:
         parser.error(f"{args.model} has no tokenizer files; chat needs one.")
+    if args.press != "dense":
+        kw = dict(capacity=args.press_capacity)
+        if args.press != "streamingllm":
+            kw["window_size"] = args.press_window
+        else:
+            kw["n_sink"] = min(128, args.press_capacity // 4)
+        model = model.with_transforms(cache=lcjax.methods.cache_method(args.press, **kw))
+        print(f"KV press: {model.cache}")
     print(f"loaded {args.model} ({model.config.family}, {model.config.num_params() / 1e6:.0f}M params, "
           f"{args.dtype}) in {time.perf_counter() - t0:.1f}s")
-    messages, cached, cache = [], [], None
+    messages, cached, cache, new = [], [], None, []
     for prompt in prompts:
         messages.append({"role": "user", "content": prompt})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         reused = shared_prefix(cached, ids)
         if cache is not None and reused < len(cached):
-            cache = cache.crop(reused)
+            # forget the cached tokens the re-rendered template does not share: they are the newest slots (a
+            # press keeps its window and everything decoded since, in order, at the end of the cache)
+            drop = len(cached) - reused
+            if drop > len(new) + 1:
+                raise RuntimeError(f"the chat template changed {drop} tokens of history; cannot reuse the cache.")
+            cache = cache.crop(int(cache.lengths[0]) - drop)
         t0 = time.perf_counter()
         (new,), cache = generate(model, ids[reused:], args.max_new_tokens, cache=cache,
                                  stop_tokens=tokenizer.eos_token_ids)
@@ -48,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         cached = list(ids) + list(new)
         print(f"\nuser> {prompt}\nassistant> {answer}")
         print(f"   ({len(ids)} prompt tokens, {reused} of them reused from the cache, {len(new)} new tokens, "
-              f"{seconds:.1f}s incl. compile)")
+              f"{seconds:.1f}s incl. compile; the cache holds {int(cache.lengths[0])} of "
+              f"{int(cache.positions[0])} tokens seen)")
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:

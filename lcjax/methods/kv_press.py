@@ -73,6 +73,21 @@ def static_kept(capacity_slots: int, capacity: int | None, compression_ratio: fl
     return min(capacity_slots, capacity)
 
 
+class UniformBudget:
+    """Budgets for presses that keep the same count in every layer: `capacity` or `compression_ratio` (mixed
+    into frozen dataclasses that define those two fields)."""
+
+    capacity: int | None
+    compression_ratio: float | None
+
+    def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array:
+        keep = kept_count(n_valid, self.capacity, self.compression_ratio)
+        return jnp.broadcast_to(keep, (num_layers,) + keep.shape)
+
+    def max_budget(self, num_layers: int, capacity: int) -> int:
+        return static_kept(capacity, self.capacity, self.compression_ratio)
+
+
 def check_budget(name: str, capacity: int | None, compression_ratio: float | None, floor: int = 1):
     """Exactly one of capacity / compression_ratio, each in range (a clear error otherwise)."""
     if (capacity is None) == (compression_ratio is None):

@@ -17,7 +17,7 @@ from lcjax.methods import kv_press
 
 
 @dataclasses.dataclass(frozen=True)
-class SnapKVPress:
+class SnapKVPress(kv_press.UniformBudget):
     """`capacity` tokens kept per KV head (SCBench), or kvpress's `compression_ratio` (fraction removed)."""
 
     capacity: int | None = 4096
@@ -32,13 +32,6 @@ class SnapKVPress:
         if self.window_size < 1 or self.kernel_size < 1:
             raise ValueError(f"{type(self).__name__}: window_size and kernel_size must be >= 1, got "
                              f"{self.window_size} and {self.kernel_size}.")
-
-    def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array:
-        keep = kv_press.kept_count(n_valid, self.capacity, self.compression_ratio)
-        return jnp.broadcast_to(keep, (num_layers,) + keep.shape)
-
-    def max_budget(self, num_layers: int, capacity: int) -> int:
-        return kv_press.static_kept(capacity, self.capacity, self.compression_ratio)
 
     def scores(self, keys, valid, observation, layer, scale):
         window = kv_press.newest(valid, self.window_size)[:, None, :]

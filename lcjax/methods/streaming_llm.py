@@ -12,7 +12,7 @@ from lcjax.methods import kv_press
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingLLMPress:
+class StreamingLLMPress(kv_press.UniformBudget):
     """Keeps `n_sink` oldest and the newest tokens: `capacity` in all (SCBench), or a kvpress-style
     `compression_ratio` (fraction removed). kvpress's default n_sink is 4; SCBench's is 128."""
 
@@ -27,13 +27,6 @@ class StreamingLLMPress:
         kv_press.check_budget("StreamingLLMPress", self.capacity, self.compression_ratio)
         if self.n_sink < 0 or (self.capacity is not None and self.n_sink > self.capacity):
             raise ValueError(f"StreamingLLMPress: n_sink must be in [0, capacity], got {self.n_sink}.")
-
-    def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array:
-        keep = kv_press.kept_count(n_valid, self.capacity, self.compression_ratio)
-        return jnp.broadcast_to(keep, (num_layers,) + keep.shape)
-
-    def max_budget(self, num_layers: int, capacity: int) -> int:
-        return kv_press.static_kept(capacity, self.capacity, self.compression_ratio)
 
     def scores(self, keys, valid, observation, layer, scale):
         """+inf for sinks and recent slots; the middle ranks by recency (newer first) so any budget keeps the

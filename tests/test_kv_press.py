@@ -243,3 +243,21 @@ def test_pyramidkv_cache_decodes_the_same_with_kernel_and_xla(llama):
     np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=2e-4, atol=2e-4)
     np.testing.assert_array_equal(runs[0][2], runs[1][2])
     np.testing.assert_array_equal(runs[0][3], [48 + 4 + 9] * 2)
+
+
+def test_minference_prefill_composes_with_snapkv(llama):
+    """MInference vertical-slash prefill + SnapKV cache, one line: the press sees the sparse method's queries
+    and cache. With a budget above the prompt it must equal MInference alone; with a small one the cache holds
+    the budget and the next turn runs over it."""
+    from lcjax.methods import vertical_slash
+    c = llama.config
+    sparse = llama.with_transforms(attention=vertical_slash(c.num_layers, c.num_heads, 8, 16, backend="xla"))
+    prompt = np.random.default_rng(4).integers(0, c.vocab_size, (1, 96))
+    alone, _ = generate(sparse, prompt, 4)
+    kept_all, _ = generate(sparse.with_transforms(cache=SnapKVPress(capacity=512, window_size=8)), prompt, 4)
+    assert kept_all == alone
+    both = sparse.with_transforms(cache=SnapKVPress(capacity=24, window_size=8))
+    toks, cache = generate(both, prompt, 4)
+    assert int(cache.lengths[0]) == 24 + 4 and int(cache.positions[0]) == 96 + 4
+    toks2, cache = generate(both, prompt[:, :10], 3, cache=cache)
+    assert len(toks2[0]) == 3 and int(cache.lengths[0]) == 24 + 3 and int(cache.positions[0]) == 96 + 4 + 10 + 3

@@ -26,7 +26,8 @@ LAYERS, BATCH, CAP, KVH, HEADS, D, WINDOW = 2, 2, 96, 2, 4, 16, 4
 
 
 def snap_votes_f64(q, k, q_slots, q_valid, lengths, kernel, scale):
-    """numpy float64 SnapKV votes, pooled over the slots before the window (whose votes become 0). q `[b, w, heads, d]`, k `[b, cap, kvh, d]` -> `[b, kvh, cap]`."""
+    """numpy float64 SnapKV votes, pooled over the slots before the window (whose votes become 0).
+    q `[b, w, heads, d]`, k `[b, cap, kvh, d]` -> `[b, kvh, cap]`."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     b_, w, heads, _ = q.shape
     cap, kvh = k.shape[1], k.shape[2]

@@ -73,12 +73,22 @@ def static_kept(capacity_slots: int, capacity: int | None, compression_ratio: fl
     return min(capacity_slots, capacity)
 
 
+SCBENCH_CAPACITY = 4096  # tokens kept per layer in SCBench's released settings
+
+
 class UniformBudget:
     """Budgets for presses that keep the same count in every layer: `capacity` or `compression_ratio` (mixed
     into frozen dataclasses that define those two fields)."""
 
     capacity: int | None
     compression_ratio: float | None
+
+    def _settle_budget(self, name: str) -> None:
+        """For `__post_init__`: a ratio replaces the default capacity (4096, SCBench's); then exactly one of the
+        two must remain, in range."""
+        if self.compression_ratio is not None and self.capacity == SCBENCH_CAPACITY:
+            object.__setattr__(self, "capacity", None)
+        check_budget(name, self.capacity, self.compression_ratio)
 
     def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array:
         keep = kept_count(n_valid, self.capacity, self.compression_ratio)
@@ -92,7 +102,8 @@ def check_budget(name: str, capacity: int | None, compression_ratio: float | Non
     """Exactly one of capacity / compression_ratio, each in range (a clear error otherwise)."""
     if (capacity is None) == (compression_ratio is None):
         raise ValueError(f"{name}: give exactly one of capacity (tokens kept, SCBench) or compression_ratio "
-                         f"(fraction removed, kvpress); got capacity={capacity}, compression_ratio={compression_ratio}.")
+                         f"(fraction removed, kvpress); got capacity={capacity}, "
+                         f"compression_ratio={compression_ratio}.")
     if compression_ratio is not None and not 0.0 <= compression_ratio < 1.0:
         raise ValueError(f"{name}: compression_ratio must be in [0, 1), got {compression_ratio}.")
     if capacity is not None and capacity < floor:

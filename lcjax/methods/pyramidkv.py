@@ -45,8 +45,13 @@ class PyramidKVPress(SnapKVPress):
         return min(capacity, 2 * max(average - self.window_size, 0) + self.window_size)
 
 
-def pyramidkv(capacity: int | None = 4096, compression_ratio: float | None = None, window_size: int = 32,
-              kernel_size: int = 5, beta: int = 20) -> PyramidKVPress:
+def pyramidkv(
+        capacity: int | None = kv_press.SCBENCH_CAPACITY,
+        compression_ratio: float | None = None,
+        window_size: int = 32,
+        kernel_size: int = 5,
+        beta: int = 20,
+) -> PyramidKVPress:
     """`PyramidKVPress` with SCBench's defaults (window 32, kernel 5, 4096 tokens on average, beta 20)."""
     return PyramidKVPress(capacity=capacity, compression_ratio=compression_ratio, window_size=window_size,
                           kernel_size=kernel_size, beta=beta)

@@ -1,6 +1,7 @@
 """SnapKV (Li et al. 2024) as a KV-cache press: the last `window_size` queries of a turn vote for the cached
 tokens they attend to; votes are smoothed by average pooling (`kernel_size`) and each KV head keeps its
-top tokens plus the window itself (votes are pooled over the tokens before the window). SCBench's setting: window 32, kernel 5, 4096 tokens kept.
+top tokens plus the window itself (votes are pooled over the tokens before the window). SCBench's setting:
+window 32, kernel 5, 4096 tokens kept.
 
 GQA: the query heads of a group vote together (scores averaged over the group, as in kvpress), so the cache
 keeps one set per KV head and stays GQA-sized.
@@ -20,15 +21,13 @@ from lcjax.methods import kv_press
 class SnapKVPress(kv_press.UniformBudget):
     """`capacity` tokens kept per KV head (SCBench), or kvpress's `compression_ratio` (fraction removed)."""
 
-    capacity: int | None = 4096
+    capacity: int | None = kv_press.SCBENCH_CAPACITY
     compression_ratio: float | None = None
     window_size: int = 32
     kernel_size: int = 5
 
     def __post_init__(self):
-        if self.compression_ratio is not None and self.capacity == 4096:
-            object.__setattr__(self, "capacity", None)
-        kv_press.check_budget(type(self).__name__, self.capacity, self.compression_ratio)
+        self._settle_budget(type(self).__name__)
         if self.window_size < 1 or self.kernel_size < 1:
             raise ValueError(f"{type(self).__name__}: window_size and kernel_size must be >= 1, got "
                              f"{self.window_size} and {self.kernel_size}.")
@@ -41,8 +40,12 @@ class SnapKVPress(kv_press.UniformBudget):
         return jnp.where(window, jnp.inf, votes)
 
 
-def snapkv(capacity: int | None = 4096, compression_ratio: float | None = None, window_size: int = 32,
-           kernel_size: int = 5) -> SnapKVPress:
+def snapkv(
+        capacity: int | None = kv_press.SCBENCH_CAPACITY,
+        compression_ratio: float | None = None,
+        window_size: int = 32,
+        kernel_size: int = 5,
+) -> SnapKVPress:
     """`SnapKVPress` with SCBench's defaults (window 32, kernel 5, 4096 tokens)."""
     return SnapKVPress(capacity=capacity, compression_ratio=compression_ratio, window_size=window_size,
                        kernel_size=kernel_size)

@@ -16,15 +16,13 @@ class StreamingLLMPress(kv_press.UniformBudget):
     """Keeps `n_sink` oldest and the newest tokens: `capacity` in all (SCBench), or a kvpress-style
     `compression_ratio` (fraction removed). kvpress's default n_sink is 4; SCBench's is 128."""
 
-    capacity: int | None = 4096
+    capacity: int | None = kv_press.SCBENCH_CAPACITY
     compression_ratio: float | None = None
     n_sink: int = 128
     window_size: int = dataclasses.field(default=0, init=False)  # needs no queries
 
     def __post_init__(self):
-        if self.compression_ratio is not None and self.capacity == 4096:
-            object.__setattr__(self, "capacity", None)   # a ratio replaces the default capacity
-        kv_press.check_budget("StreamingLLMPress", self.capacity, self.compression_ratio)
+        self._settle_budget("StreamingLLMPress")
         if self.n_sink < 0 or (self.capacity is not None and self.n_sink > self.capacity):
             raise ValueError(f"StreamingLLMPress: n_sink must be in [0, capacity], got {self.n_sink}.")
 
@@ -36,7 +34,10 @@ class StreamingLLMPress(kv_press.UniformBudget):
         return jnp.broadcast_to(score[:, None, :], (valid.shape[0], keys.shape[2], valid.shape[1]))
 
 
-def streaming_llm(capacity: int | None = 4096, compression_ratio: float | None = None,
-                  n_sink: int = 128) -> StreamingLLMPress:
+def streaming_llm(
+        capacity: int | None = kv_press.SCBENCH_CAPACITY,
+        compression_ratio: float | None = None,
+        n_sink: int = 128,
+) -> StreamingLLMPress:
     """`StreamingLLMPress` with SCBench's defaults (128 sinks + 3968 recent)."""
     return StreamingLLMPress(capacity=capacity, compression_ratio=compression_ratio, n_sink=n_sink)

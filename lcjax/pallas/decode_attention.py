@@ -55,8 +55,8 @@ def _splits(capacity: int, block_k: int, batch_kv_heads: int, num_splits: int | 
 @functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages",
                                              "interpret"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, scale: float,
-                     layer: jax.Array | int | None = None, first: jax.Array | None = None, block_k: int = 64, num_splits: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None,
+                     layer: jax.Array | int | None = None, first: jax.Array | None = None, block_k: int = 64,
+                     num_splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      interpret: bool = False) -> jax.Array:
     """Attention of one new token per sequence over its cached keys.
 

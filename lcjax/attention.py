@@ -178,7 +178,7 @@ class DenseAttention:
 
     def __call__(self, q, k, v, cache, meta):
         if cache is not None:
-            cache = cache.update(meta.layer, k, v, meta.start)
+            cache = cache.update(meta.layer, k, v, meta.start, meta.lengths)
         if self._use_cudnn(q, meta):
             return cudnn_attention(q, k, v, meta.lengths, meta.sliding_window, meta.scale), cache
         if meta.phase == "prefill":
@@ -187,6 +187,9 @@ class DenseAttention:
         else:
             if cache is None:
                 raise ValueError("phase='extend' attends over a KV cache, but cache is None.")
+            if q.shape[1] == 1 and meta.sliding_window is None and hasattr(cache, "attend_decode"):
+                # caches that store K/V differently (KIVI) or choose what to read (Quest) read themselves
+                return cache.attend_decode(q[:, 0], meta.layer, meta.lengths, meta.scale, self.decode)[:, None], cache
             if self._use_decode_kernel(q, meta, cache.capacity):
                 from lcjax.pallas.decode_attention import decode_attention
                 # the stacked cache and the layer index: the kernel reads the layer in place (slicing it out

@@ -65,23 +65,20 @@ class KVCache:
         """Filled slots per sequence, int32 `[batch]`."""
         return self.lengths
 
-    def update(self, layer: jax.Array, k_new: jax.Array, v_new: jax.Array, start: jax.Array) -> "KVCache":
+    def update(self, layer: jax.Array | int, k_new: jax.Array, v_new: jax.Array, start: jax.Array,
+               lengths: jax.Array | None = None) -> "KVCache":
         """Writes `k_new, v_new: [batch, seq, kv_heads, head_dim]` into `layer` at slots `start[b] + t`.
 
+        lengths: int32 `[batch]`, the valid slots once written (rows past it are padding; caches that keep
+        derived state, such as Quest's page bounds, skip them; this one writes them and masks them on read).
         Slots past capacity are dropped here (inside jit nothing can raise): `Transformer.extend` and
         `generate` check capacity first, and `generate` grows the cache (`with_capacity`) when needed.
         `lengths`/`positions` are not changed here; `advance` does that once for all layers.
         """
         batch, seq = k_new.shape[:2]
-        b_idx = jnp.arange(batch)[:, None]
-        t_idx = start[:, None] + jnp.arange(seq)[None, :]
-        if not self.stacked:
-            write = lambda per_layer, new: per_layer[:layer] + (per_layer[layer].at[b_idx, t_idx].set(
-                new.astype(per_layer[layer].dtype), mode="drop"),) + per_layer[layer + 1:]
-            return dataclasses.replace(self, k=write(self.k, k_new), v=write(self.v, v_new))
-        k = self.k.at[layer, b_idx, t_idx].set(k_new.astype(self.k.dtype), mode="drop")
-        v = self.v.at[layer, b_idx, t_idx].set(v_new.astype(self.v.dtype), mode="drop")
-        return dataclasses.replace(self, k=k, v=v)
+        index = (jnp.arange(batch)[:, None], start[:, None] + jnp.arange(seq)[None, :])
+        return dataclasses.replace(self, k=scatter_layer(self.k, layer, index, k_new),
+                                   v=scatter_layer(self.v, layer, index, v_new))
 
     def layer_first(self, layer: jax.Array | int) -> jax.Array:
         """int32 `[batch]`: the first valid slot of `layer` in each sequence."""
@@ -102,20 +99,17 @@ class KVCache:
         (a copy at memory bandwidth, ~3 ms per GiB on an H100), and the forks then diverge freely."""
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}.")
-        rep = lambda x, axis: jnp.repeat(x, n, axis=axis)
-        axis = 1 if self.stacked else 0
-        kv = lambda x: jax.tree.map(lambda a: rep(a, axis), x)
-        return KVCache(k=kv(self.k), v=kv(self.v), lengths=rep(self.lengths, 0), positions=rep(self.positions, 0),
-                       first=rep(self.first, 1))
+        kv = lambda x: repeat_batch(x, n)
+        return dataclasses.replace(self, k=kv(self.k), v=kv(self.v), lengths=jnp.repeat(self.lengths, n, axis=0),
+                                   positions=jnp.repeat(self.positions, n, axis=0),
+                                   first=jnp.repeat(self.first, n, axis=1))
 
     def with_capacity(self, capacity: int) -> "KVCache":
         """The same cache in `capacity` slots per sequence (a copy; growing pads with empty slots)."""
         if capacity < self.capacity:
             raise ValueError(f"with_capacity({capacity}) would cut a cache of capacity {self.capacity}; "
                              "use crop() to forget tokens.")
-        pad = [(0, 0), (0, capacity - self.capacity), (0, 0), (0, 0)]
-        pad = [(0, 0)] + pad if self.stacked else pad
-        grow = lambda x: jax.tree.map(lambda a: jnp.pad(a, pad), x)
+        grow = lambda x: pad_slots(x, capacity - self.capacity)
         return dataclasses.replace(self, k=grow(self.k), v=grow(self.v))
 
     def crop(self, max_length: int) -> "KVCache":
@@ -123,3 +117,40 @@ class KVCache:
         lengths = jnp.minimum(self.lengths, max_length)
         return dataclasses.replace(self, lengths=lengths, positions=self.positions - (self.lengths - lengths),
                                    first=jnp.minimum(self.first, lengths[None, :]))
+
+
+# Per-layer state is either one stacked array `[layers, batch, ...]` (a traced layer index inside the layer scan)
+# or a tuple of `[batch, ...]` arrays (a Python int layer); these helpers serve both, for every cache class.
+
+def scatter_layer(x: jax.Array | tuple[jax.Array, ...], layer: jax.Array | int, index: tuple,
+                  values: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
+    """`x[layer][index] = values` (out-of-range indices dropped), in place for a stacked array."""
+    if isinstance(x, tuple):
+        return x[:layer] + (x[layer].at[index].set(values.astype(x[layer].dtype), mode="drop"),) + x[layer + 1:]
+    return x.at[(layer,) + tuple(index)].set(values.astype(x.dtype), mode="drop")
+
+
+def set_layer(x: jax.Array | tuple[jax.Array, ...], layer: jax.Array | int,
+              value: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
+    """x with `x[layer]` replaced by `value: [batch, ...]`."""
+    if isinstance(x, tuple):
+        return x[:layer] + (value.astype(x[layer].dtype),) + x[layer + 1:]
+    return jax.lax.dynamic_update_index_in_dim(x, value.astype(x.dtype), layer, 0)
+
+
+def repeat_batch(x: jax.Array | tuple[jax.Array, ...], n: int) -> jax.Array | tuple[jax.Array, ...]:
+    """Each sequence of per-layer state repeated n times along the batch axis."""
+    if isinstance(x, tuple):
+        return tuple(jnp.repeat(a, n, axis=0) for a in x)
+    return jnp.repeat(x, n, axis=1)
+
+
+def pad_slots(x: jax.Array | tuple[jax.Array, ...], extra: int, fill=0) -> jax.Array | tuple[jax.Array, ...]:
+    """Per-layer state `[(layers,) batch, slots, ...]` with `extra` more slots of `fill` (a copy)."""
+    def pad(a, axis):
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(a, widths, constant_values=fill)
+    if isinstance(x, tuple):
+        return tuple(pad(a, 1) for a in x)
+    return pad(x, 2)

@@ -36,9 +36,10 @@ def decode_step(model: Transformer, tokens: jax.Array, cache: KVCache,
     """Feeds `tokens: int32 [batch]` (one per sequence) and returns their logits `[batch, vocab]`. Sequences
     where `active: bool [batch]` is False compute but do not advance their cache (their slot is rewritten)."""
     start = cache.lengths
-    hidden, cache = forward(model.params, model.config, tokens[:, None], cache.positions[:, None], start,
-                            start + 1, cache, "extend", model.attention, model.positions)
     step = jnp.ones_like(start) if active is None else active.astype(jnp.int32)
+    # a stopped sequence's token is written past its length: invalid, so caches with derived state ignore it
+    hidden, cache = forward(model.params, model.config, tokens[:, None], cache.positions[:, None], start,
+                            start + step, cache, "extend", model.attention, model.positions)
     return lm_logits(model.params, model.config, hidden[:, 0]), cache.advance(step)
 
 

@@ -259,3 +259,36 @@ def test_sparse_budget_planted_needles():
     assert np.linalg.norm(dense - ref) / np.linalg.norm(ref) > 0.1  # the restriction matters
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-5
     assert np.abs(out - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_first_slot_is_honoured():
+    """A compressed layer's valid slots start at `first`: pages wholly before it are never bounded or chosen,
+    slots before it in a straddling page are never attended (they hold NaN here), and with a full budget the
+    result is dense attention over [first, length)."""
+    rng = np.random.default_rng(6)
+    ps, cap, d = 8, 64, 16
+    lengths, first = np.array([60, 40], np.int32), np.array([19, 0], np.int32)
+    k = with_garbage(rng.standard_normal((2, cap, 2, d)), lengths)
+    v = with_garbage(rng.standard_normal((2, cap, 2, d)), lengths)
+    k[0, :19], v[0, :19] = np.nan, np.nan
+    q = rng.standard_normal((2, 4, d)).astype(np.float32)
+    jk, jl, jf = jnp.asarray(k), jnp.asarray(lengths), jnp.asarray(first)
+    kmin, kmax = jax.jit(page_bounds, static_argnames="page_size")(jk, jl, page_size=ps, first=jf)
+    ref_min, ref_max = np_bounds(np.where(np.isnan(k), np.inf, k), lengths, ps)     # NaN-free copy for numpy
+    ref_min[0, :2], ref_max[0, :2] = np.inf, -np.inf                                  # pages 0-1: before first
+    keys = np.asarray(k[0, 19:24], np.float64)                                        # page 2 starts at slot 16
+    ref_min[0, 2], ref_max[0, 2] = keys.min(0), keys.max(0)
+    np.testing.assert_array_equal(np.asarray(kmin), ref_min)
+    np.testing.assert_array_equal(np.asarray(kmax), ref_max)
+    allowed = causal_mask(lengths, cap, 2) & (np.arange(cap)[None, None, :] >= first[:, None, None])
+    ref = np_attention(q, np.nan_to_num(k), np.nan_to_num(v), allowed, 0.25)
+    for budget in (64, 24):
+        out = np.asarray(jax.jit(quest_decode_attention, static_argnames=("scale", "token_budget", "page_size"))(
+            jnp.asarray(q), jk, jnp.asarray(v), jl, kmin, kmax, scale=0.25, token_budget=budget, page_size=ps,
+            first=jf))
+        assert np.isfinite(out).all()
+        pages, valid = select_jit(page_scores(jnp.asarray(q), kmin, kmax, num_valid_pages(jl, ps)),
+                                  token_budget=budget, page_size=ps, lengths=jl, first=jf)
+        assert (np.asarray(pages)[0][np.asarray(valid)[0]] >= 2).all()                # never a page before first
+        if budget == 64:
+            assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-5

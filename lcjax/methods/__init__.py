@@ -8,8 +8,11 @@ from typing import Callable
 from lcjax.attention import DenseAttention
 from lcjax.config import ModelConfig
 from lcjax.methods.a_shape import AShape, TriShape
+from lcjax.methods.cache_transform import Chain
+from lcjax.methods.kivi import KIVI, KIVICache, kivi
 from lcjax.methods.minference import MInference, MInferenceConfig, block_sparse, vertical_slash
 from lcjax.methods.pyramidkv import PyramidKVPress, pyramidkv
+from lcjax.methods.quest import Quest, QuestCache, quest
 from lcjax.methods.snapkv import SnapKVPress, snapkv
 from lcjax.methods.streaming_llm import StreamingLLMPress, streaming_llm
 
@@ -35,17 +38,19 @@ ATTENTION_METHODS: dict[str, Callable[..., object]] = {
 }
 
 
-# SCBench's --kv_type names -> press builder(**hyperparameters) (SCBench's defaults)
+# SCBench's --kv_type names -> cache-transform builder(**hyperparameters) (SCBench's defaults)
 CACHE_METHODS: dict[str, Callable[..., object]] = {
     "dense": lambda **kw: None,
     "streamingllm": streaming_llm,
     "snapkv": snapkv,
     "pyramidkv": pyramidkv,
+    "kivi": kivi,
+    "quest": quest,
 }
 
 
 def cache_method(name: str, **hyperparameters):
-    """The KV press SCBench calls `name` (None for "dense")."""
+    """The cache transform SCBench calls `name` (None for "dense")."""
     if name not in CACHE_METHODS:
         raise ValueError(f"Unknown cache method {name!r}; available: {', '.join(CACHE_METHODS)}.")
     return CACHE_METHODS[name](**hyperparameters)

@@ -34,8 +34,8 @@ TOKEN, CHANNEL = "token", "channel"  # the axis a QuantizedTensor's groups run a
 class QuantizedTensor:
     """A KIVI-quantised `[batch, tokens, kv_heads, head_dim]` tensor.
 
-    packed: uint8 `[batch, tokens, kv_heads, head_dim * bits / 8]` codes, `8 // bits` per byte, lowest
-      bits first (see `pack_codes`).
+    packed: uint8 `[batch, tokens, kv_heads, head_dim * bits / 8]` codes, `8 // bits` per byte in planes
+      (see `pack_codes`).
     scale, zero: `[batch, tokens / group, kv_heads, head_dim]` for axis="token" (keys, per-channel) or
       `[batch, tokens, kv_heads, head_dim / group]` for axis="channel" (values, per-token); x ~= code *
       scale + zero.
@@ -59,32 +59,33 @@ def _check_bits(bits: int) -> None:
 
 
 def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
-    """Pack integer codes in [0, 2^bits) along the last axis: `[..., n]` -> uint8 `[..., ceil(n * bits / 8)]`.
+    """Pack integer codes in [0, 2^bits) along the last axis, planar: `[..., n]` -> uint8 `[..., n * bits / 8]`.
 
-    Code i of each byte-sized run of `8 // bits` lands at bit offset `i * bits` (little-endian within the
-    byte); a ragged tail is padded with zero codes, which `unpack_codes(..., n)` drops again.
+    With `p = 8 // bits` codes per byte and `m = n / p` bytes, byte j holds codes j, j + m, ..., j + (p-1) m at
+    bit offsets 0, bits, 2 bits, ... So plane i (`(byte >> i * bits) & mask`) is the contiguous run of codes
+    `[i m, (i+1) m)`: a kernel unpacks a row with shifts and static slices, no interleaving. n must be a
+    multiple of p (head dims are).
     """
     _check_bits(bits)
     per_byte = 8 // bits
     n = codes.shape[-1]
-    codes = codes.astype(jnp.uint8)
     if n % per_byte:
-        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, per_byte - n % per_byte)])
-    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
-    shifts = jnp.arange(per_byte, dtype=jnp.uint8) * bits
+        raise ValueError(f"pack_codes: {n} codes do not fill whole bytes of {per_byte} {bits}-bit codes.")
+    planes = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], per_byte, n // per_byte)
+    shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits)[:, None]
     # The shifted codes occupy disjoint bits, so their sum is their bitwise OR and never carries.
-    return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint8)
+    return jnp.sum(planes << shifts, axis=-2, dtype=jnp.uint8)
 
 
 def unpack_codes(packed: jax.Array, bits: int, n: int) -> jax.Array:
-    """Inverse of `pack_codes`: uint8 `[..., ceil(n * bits / 8)]` -> uint8 codes `[..., n]`."""
+    """Inverse of `pack_codes`: uint8 `[..., n * bits / 8]` -> uint8 codes `[..., n]`."""
     _check_bits(bits)
     per_byte = 8 // bits
-    if packed.shape[-1] != -(-n // per_byte):
+    if packed.shape[-1] * per_byte != n:
         raise ValueError(f"{packed.shape[-1]} packed bytes cannot hold exactly n={n} {bits}-bit codes.")
-    shifts = jnp.arange(per_byte, dtype=jnp.uint8) * bits
-    codes = (packed.astype(jnp.uint8)[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+    shifts = (jnp.arange(per_byte, dtype=jnp.uint8) * bits)[:, None]
+    planes = (packed.astype(jnp.uint8)[..., None, :] >> shifts) & jnp.uint8((1 << bits) - 1)
+    return planes.reshape(*packed.shape[:-1], n)
 
 
 def _quantize(x: jax.Array, reduce_axis: int, bits: int,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from lcjax.cache import KVCache
+from lcjax.methods.cache_transform import DenseStorage
 
 
 @jax.tree_util.register_dataclass
@@ -76,7 +77,16 @@ def static_kept(capacity_slots: int, capacity: int | None, compression_ratio: fl
 SCBENCH_CAPACITY = 4096  # tokens kept per layer in SCBench's released settings
 
 
-class UniformBudget:
+class Press(DenseStorage):
+    """Mixin for presses: a dense cache, compressed by `compress` after every turn (the cache-transform
+    protocol of `lcjax.methods.cache_transform`)."""
+
+    def after_turn(self, cache: KVCache, observation: Observation | None, scale: float,
+                   new_capacity: int) -> KVCache:
+        return compress(self, cache, observation, scale, new_capacity)
+
+
+class UniformBudget(Press):
     """Budgets for presses that keep the same count in every layer: `capacity` or `compression_ratio` (mixed
     into frozen dataclasses that define those two fields)."""
 
@@ -168,6 +178,9 @@ def compress(press: KVPress, cache: KVCache, observation: Observation | None, sc
     right-aligned to one shared length; `new_capacity` slots (static, >= the press's static bound).
 
     Positions are unchanged (new tokens keep their true RoPE positions); lengths become the kept count."""
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"{type(press).__name__} evicts tokens from a dense KVCache, not a {type(cache).__name__}; "
+                         "put it before the transform that changes the storage (KIVI cannot follow a press).")
     num_layers = len(cache.k) if not cache.stacked else cache.k.shape[0]
     capacity = cache.capacity
     k_static = min(capacity, press.max_budget(num_layers, capacity))

@@ -42,15 +42,20 @@ def _paged(x: jax.Array, page_size: int, fill: float | None = None) -> jax.Array
     return x.reshape(batch, -1, page_size, *x.shape[2:])
 
 
-def page_bounds(k: jax.Array, lengths: jax.Array, page_size: int = 16) -> tuple[jax.Array, jax.Array]:
-    """Channel-wise min and max of each page's valid keys.
+def page_bounds(k: jax.Array, lengths: jax.Array, page_size: int = 16,
+                first: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Channel-wise min and max of each page's valid keys (slots in `[first, lengths)`).
 
-    k: `[batch, capacity, kv_heads, head_dim]`; lengths: int32 `[batch]`. Returns (kmin, kmax), fp32
+    k: `[batch, capacity, kv_heads, head_dim]`; lengths, first (default 0): int32 `[batch]`. Returns (kmin, kmax), fp32
     `[batch, num_pages, kv_heads, head_dim]`, num_pages = ceil(capacity / page_size) (a ragged last page is
     padded logically). Pages with no valid key get kmin = +inf, kmax = -inf.
     """
     capacity = k.shape[1]
-    valid = (jnp.arange(capacity, dtype=jnp.int32)[None, :] < lengths[:, None])[..., None, None]
+    slot = jnp.arange(capacity, dtype=jnp.int32)[None, :]
+    valid = slot < lengths[:, None]
+    if first is not None:
+        valid &= slot >= first[:, None]
+    valid = valid[..., None, None]
     kf = k.astype(jnp.float32)
     # Garbage slots become the reduction's identity, so they can never move a bound.
     kmin = _paged(jnp.where(valid, kf, jnp.inf), page_size, jnp.inf).min(axis=2)
@@ -109,11 +114,12 @@ def budget_pages(token_budget: int, page_size: int, capacity: int) -> int:
     return min(token_budget // page_size, _num_pages(capacity, page_size))
 
 
-def select_pages(scores: jax.Array, token_budget: int, page_size: int,
-                 lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+def select_pages(scores: jax.Array, token_budget: int, page_size: int, lengths: jax.Array,
+                 first: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Top-scoring pages per KV head, always including the page of the newest token.
 
-    scores: `[batch, kv_heads, num_pages]` (from `page_scores`); lengths: int32 `[batch]`. Returns (pages,
+    scores: `[batch, kv_heads, num_pages]` (from `page_scores`); lengths, first (default 0): int32 `[batch]`, the
+    valid slots are `[first, lengths)` (pages wholly before `first` are never chosen). Returns (pages,
     valid): int32 and bool `[batch, kv_heads, budget_pages]`, budget_pages = min(token_budget // page_size,
     num_pages) (static; token_budget must be a multiple of page_size). Entries are distinct pages, the
     newest token's page first; `valid` is False for the entries beyond a sequence's valid pages (their
@@ -122,7 +128,10 @@ def select_pages(scores: jax.Array, token_budget: int, page_size: int,
     num_pages = scores.shape[-1]
     k = budget_pages(token_budget, page_size, num_pages * page_size)
     page = jnp.arange(num_pages, dtype=jnp.int32)[None, :]
-    live = (page < num_valid_pages(lengths, page_size)[:, None])[:, None, :]
+    live = page < num_valid_pages(lengths, page_size)[:, None]
+    if first is not None:
+        live &= page >= (first // page_size)[:, None]
+    live = live[:, None, :]
     # Quest always keeps the current page; +inf puts it first (it is live whenever length > 0).
     current = (page == (lengths[:, None] - 1) // page_size)[:, None, :]
     scores = jnp.where(live, jnp.where(current, jnp.inf, scores.astype(jnp.float32)), -jnp.inf)
@@ -131,13 +140,14 @@ def select_pages(scores: jax.Array, token_budget: int, page_size: int,
 
 
 def quest_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, kmin: jax.Array,
-                           kmax: jax.Array, *, scale: float, token_budget: int,
-                           page_size: int = 16) -> jax.Array:
+                           kmax: jax.Array, *, scale: float, token_budget: int, page_size: int = 16,
+                           first: jax.Array | None = None) -> jax.Array:
     """One decode step of attention over the Quest-selected pages of each KV head.
 
     q: `[batch, heads, head_dim]`; k, v: `[batch, capacity, kv_heads, head_dim]`; lengths: int32 `[batch]`
     (the new token's key already written, so it is slot length-1); kmin, kmax from `page_bounds` /
-    `update_page_bounds`. Returns `[batch, heads, head_dim]` in q's dtype. Only the selected pages' K/V are
+    `update_page_bounds`; first: optional int32 `[batch]`, slots before it are not attended (a compressed
+    layer's). Returns `[batch, heads, head_dim]` in q's dtype. Only the selected pages' K/V are
     gathered (budget_pages * page_size slots per KV head, no dense score over the capacity); logits and
     softmax are fp32 over the gathered slots < length; GQA groups queries per KV head instead of repeating
     K/V. With token_budget >= length every valid page is selected and this is dense attention. A sequence
@@ -147,7 +157,7 @@ def quest_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: ja
     kv_heads = k.shape[2]
     groups = heads // kv_heads
     scores = page_scores(q, kmin, kmax, num_valid_pages(lengths, page_size))
-    pages, valid = select_pages(scores, token_budget, page_size, lengths)
+    pages, valid = select_pages(scores, token_budget, page_size, lengths, first)
     n_sel = pages.shape[-1]
 
     # [batch, sel, 1, kv_heads, 1] indices into the [batch, pages, page_size, kv_heads, d] view.
@@ -155,7 +165,10 @@ def quest_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: ja
     kg = jnp.take_along_axis(_paged(k, page_size), idx, axis=1).reshape(batch, -1, kv_heads, head_dim)
     vg = jnp.take_along_axis(_paged(v, page_size), idx, axis=1).reshape(batch, -1, kv_heads, head_dim)
     slot = pages[..., None] * page_size + jnp.arange(page_size, dtype=jnp.int32)  # [b, kvh, sel, page_size]
-    mask = (valid[..., None] & (slot < lengths[:, None, None, None])).reshape(batch, kv_heads, n_sel * page_size)
+    in_range = slot < lengths[:, None, None, None]
+    if first is not None:
+        in_range &= slot >= first[:, None, None, None]
+    mask = (valid[..., None] & in_range).reshape(batch, kv_heads, n_sel * page_size)
 
     qg = q.reshape(batch, kv_heads, groups, head_dim)
     logits = jnp.einsum("bkgd,btkd->bkgt", qg, kg, preferred_element_type=jnp.float32) * scale

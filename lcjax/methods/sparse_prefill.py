@@ -91,7 +91,7 @@ def sparse_prefill(q, k, v, cache, meta: AttentionMeta, make_pattern: Callable[.
     if meta.phase != "prefill":
         return dense(q, k, v, cache, meta)
     if cache is not None:
-        cache = cache.update(meta.layer, k, v, meta.start)
+        cache = cache.update(meta.layer, k, v, meta.start, meta.lengths)
     pattern = make_pattern(q, k, meta)
     return run_pattern(q, k, v, pattern, meta, backend), cache
 

@@ -117,7 +117,7 @@ class Transformer:
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
     attention: AttentionFn = dataclasses.field(default=DenseAttention(), metadata=dict(static=True))
     positions: positions_lib.PositionTransform | None = dataclasses.field(default=None, metadata=dict(static=True))
-    cache: object | None = dataclasses.field(default=None, metadata=dict(static=True))  # a KV press, or None
+    cache: object | None = dataclasses.field(default=None, metadata=dict(static=True))  # a cache transform, or None
 
     def __post_init__(self):
         if self.positions is None:
@@ -139,13 +139,14 @@ class Transformer:
                         cache=None) -> "Transformer":
         """The same weights with other attention, position and/or cache transforms.
 
-        cache: a KV press from `lcjax.methods` (e.g. `SnapKVPress(compression_ratio=0.5)`): applied at the end of
-        every prefill and appended turn, so later turns and decode steps read the compressed cache; or "dense"
-        to remove one."""
-        changes = {k: v for k, v in dict(attention=attention, positions=positions, cache=cache).items()
-                   if v is not None}
-        if changes.get("cache") == "dense":
-            changes["cache"] = None
+        cache: a cache transform from `lcjax.methods` (a press such as `SnapKVPress(compression_ratio=0.5)`,
+        `kivi()`, `quest()`), or a tuple of them applied in order (`(snapkv(), quest())`): it makes the cache,
+        runs at the end of every prefill and appended turn (so later turns and decode steps read the compressed
+        cache) and may change how decode reads it; "dense" removes one."""
+        from lcjax.methods.cache_transform import as_cache_transform
+        changes = {k: v for k, v in dict(attention=attention, positions=positions).items() if v is not None}
+        if cache is not None:
+            changes["cache"] = as_cache_transform(cache)
         return dataclasses.replace(self, **changes)
 
     def with_layer_layout(self, layout: Literal["stacked", "unstacked"]) -> "Transformer":
@@ -164,9 +165,11 @@ class Transformer:
         return "unstacked" if isinstance(self.params["layers"], tuple) else "stacked"
 
     def init_cache(self, batch: int, capacity: int) -> KVCache:
-        c = self.config
-        return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype,
-                            stacked=self.layer_layout == "stacked")
+        """An empty cache for this model's layer layout, of the kind its cache transform keeps."""
+        c, stacked = self.config, self.layer_layout == "stacked"
+        if self.cache is not None:
+            return self.cache.init_cache(c, batch, capacity, self.dtype, stacked)
+        return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, stacked=stacked)
 
     def prefill(self, tokens, lengths=None, *, capacity: int | None = None,
                 logits: Literal["all", "last"] = "all", mlp_chunk: int | None = None) -> tuple[jax.Array, KVCache]:
@@ -222,8 +225,9 @@ def _positions_for(tokens: jax.Array) -> jax.Array:
 
 def _run_and_press(model: Transformer, tokens, q_positions, start, lengths, cache, phase: Phase,
                    mlp_chunk: int | None, new_capacity: int | None):
-    """forward, then (when the model has a KV press) compression of the cache it wrote. lengths: valid slots
-    after the call. new_capacity: the compressed cache's slots (None: keep the capacity)."""
+    """forward, then (when the model has a cache transform) its end-of-turn step on the cache it wrote (a press
+    compresses it). lengths: valid slots after the call. new_capacity: the cache's slots afterwards (None: keep
+    the capacity)."""
     press = model.cache
     if cache is None or press is None:
         hidden, cache = forward(model.params, model.config, tokens, q_positions, start, lengths, cache, phase,
@@ -241,7 +245,7 @@ def _run_and_press(model: Transformer, tokens, q_positions, start, lengths, cach
     cache, obs = carry if press.window_size else (carry, None)
     cache = cache.advance(lengths - start)
     new_capacity = cache.capacity if new_capacity is None else new_capacity
-    return hidden, kv_press.compress(press, cache, obs, c.head_dim ** -0.5, new_capacity)
+    return hidden, press.after_turn(cache, obs, c.head_dim ** -0.5, new_capacity)
 
 
 @partial(jax.jit, static_argnames=("capacity", "logits", "mlp_chunk"))

@@ -8,6 +8,9 @@ taken as generate(new + 1 tokens) minus generate(1 token)). The same weights are
 Roofline: a decode step must read the weights (16.06 GB) and each sequence's KV cache once; floor = bytes /
 2972 GB/s (the H100's measured copy bandwidth, KERNELS.md); "of roofline" = floor / measured step time.
 lcjax runs first and is freed before transformers is built, so both fit at batch 8 x 32K.
+`--caches dense,kivi,quest` adds lcjax rows with KIVI's 2-bit cache and Quest's page selection (SCBench's
+settings): their floor counts the bytes they must read (KIVI: its whole packed cache; Quest: its page bounds and
+1024 tokens' K/V per sequence), and the cache column is the cache pytree's real size after decoding.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 -m experiments.bench_decode
 """
@@ -25,6 +28,8 @@ import numpy as np
 
 from lcjax.config import llama3_8b_config
 from lcjax.generate import _bucket, _decode_loop
+from lcjax.methods import cache_method
+from lcjax.methods.cache_transform import cache_nbytes
 from lcjax.models.transformer import Transformer
 from lcjax.sampling import Greedy
 
@@ -35,11 +40,22 @@ def kv_bytes(cfg, batch: int, tokens: int) -> float:
     return 2 * cfg.num_layers * batch * tokens * cfg.num_kv_heads * cfg.head_dim * 2
 
 
-def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng) -> list[dict]:
+def read_bytes(cache, cfg, batch: int, context: int) -> float:
+    """Bytes of cache a decode step must read (see the module docstring)."""
+    if type(cache).__name__ == "KIVICache":
+        return cache_nbytes(cache)
+    if type(cache).__name__ == "QuestCache":
+        bounds = sum(x.size * 4 for x in jax.tree.leaves((cache.kmin, cache.kmax)))
+        return bounds + kv_bytes(cfg, batch, min(context, cache.token_budget))
+    return kv_bytes(cfg, batch, context)
+
+
+def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=("dense",)) -> list[dict]:
     rows = []
-    for batch, context in shapes:
+    for (batch, context), name in ((s, c) for s in shapes for c in caches):
         try:
-            rows.append(_lcjax_row(model, batch, context, new, samples, rng))
+            rows.append(_lcjax_row(model.with_transforms(cache=cache_method(name) or "dense"), batch, context, new,
+                                   samples, rng))
         except Exception as e:  # noqa: BLE001 (out of memory at the largest shapes: report, go on)
             print(f"lcjax batch {batch} x {context}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             gc.collect()
@@ -65,9 +81,11 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
         if i:
             ttft.append(t1 - t0)
             step.append((t2 - t1) / new)
+        cache_gib, read = cache_nbytes(state.cache) / 2 ** 30, read_bytes(state.cache, cfg, batch, context)
         del cache, state
-    return dict(impl="lcjax", batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
-                step_ms=statistics.median(step) * 1e3, samples=samples)
+    impl = "lcjax" if model.cache is None else f"lcjax + {type(model.cache).__name__}"
+    return dict(impl=impl, batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
+                step_ms=statistics.median(step) * 1e3, samples=samples, cache_gib=cache_gib, read_bytes=read)
 
 
 def torch_rows(tm, cfg, shapes, new: int, samples: int, rng, compiled: bool) -> list[dict]:
@@ -111,6 +129,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--layer-layout", default="unstacked", choices=("stacked", "unstacked"))
+    p.add_argument("--caches", default="dense", help="lcjax cache methods (SCBench names): dense, kivi, quest, ...")
     p.add_argument("--torch-modes", default="compiled,eager", help="transformers rows: compiled and/or eager")
     p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
                    "XLA_PYTHON_CLIENT_ALLOCATOR=platform so the JAX copy of the weights is freed for torch)")
@@ -121,7 +140,7 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; Llama-3-8B shape, random bf16 weights; "
           f"{a.new} new tokens, {a.samples} samples after one compile run")
     model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16).with_layer_layout(a.layer_layout)
-    rows = [] if a.no_lcjax else lcjax_rows(model, shapes, a.new, a.samples, rng)
+    rows = [] if a.no_lcjax else lcjax_rows(model, shapes, a.new, a.samples, rng, a.caches.split(","))
     if not a.no_torch:
         import torch
         from experiments.bench_model import torch_model_from
@@ -135,12 +154,14 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 (report, keep the other rows)
                 print(f"transformers (compiled={compiled}) failed: {type(e).__name__}: {str(e)[:300]}")
     weights = cfg.num_params() * 2
-    print("\n| batch | context | implementation | TTFT ms | ms / step | tokens/s | of roofline | samples |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| batch | context | implementation | TTFT ms | ms / step | tokens/s | of roofline | cache GiB | samples |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        floor_ms = (weights + kv_bytes(cfg, r["batch"], r["context"])) / (COPY_GBS * 1e9) * 1e3
+        read = r.get("read_bytes", kv_bytes(cfg, r["batch"], r["context"]))
+        floor_ms = (weights + read) / (COPY_GBS * 1e9) * 1e3
+        gib = f"{r['cache_gib']:.2f}" if "cache_gib" in r else "-"
         print(f"| {r['batch']} | {r['context']} | {r['impl']} | {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | "
-              f"{r['batch'] / r['step_ms'] * 1e3:.0f} | {floor_ms / r['step_ms']:.0%} | {r['samples']} |")
+              f"{r['batch'] / r['step_ms'] * 1e3:.0f} | {floor_ms / r['step_ms']:.0%} | {gib} | {r['samples']} |")
 
 
 if __name__ == "__main__":

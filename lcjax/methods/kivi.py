@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lcjax.cache import pad_slots, repeat_batch, scatter_layer, set_layer
+from lcjax.cache import pad_slots, repeat_batch, set_layer
 from lcjax.config import ModelConfig
 from lcjax.methods.kivi_quant import (CHANNEL, TOKEN, QuantizedTensor, dequantize, quantize_keys,
                                       quantize_values)
@@ -139,23 +139,30 @@ class KIVICache:
                                                                                          mode="drop")
 
         pk, pv = pending(self.k_res[layer], k_new), pending(self.v_res[layer], v_new)
-        qk, qv = quantize_keys(pk, G, self.bits), quantize_values(pv, G, self.bits)
-        j = jnp.arange(pending_len)[None, :]
-        dst = (rows, jnp.where(j < shift[:, None], done[:, None] + j, self.capacity))      # beyond: dropped
-        g = jnp.arange(pending_len // G)[None, :]
-        gdst = (rows, jnp.where(g * G < shift[:, None], (done // G)[:, None] + g, self.capacity // G))
         take = jnp.minimum(shift[:, None] + jnp.arange(R)[None, :], pending_len - 1)[:, :, None, None]
-        return dataclasses.replace(
-            self,
-            k_codes=scatter_layer(self.k_codes, layer, dst, qk.packed),
-            k_scale=scatter_layer(self.k_scale, layer, gdst, qk.scale),
-            k_zero=scatter_layer(self.k_zero, layer, gdst, qk.zero),
-            v_codes=scatter_layer(self.v_codes, layer, dst, qv.packed),
-            v_scale=scatter_layer(self.v_scale, layer, dst, qv.scale),
-            v_zero=scatter_layer(self.v_zero, layer, dst, qv.zero),
-            k_res=set_layer(self.k_res, layer, jnp.take_along_axis(pk, take, axis=1)),
-            v_res=set_layer(self.v_res, layer, jnp.take_along_axis(pv, take, axis=1)),
-            quantized=self.quantized.at[layer].set(now))
+        state = dict(k_res=jnp.take_along_axis(pk, take, axis=1), v_res=jnp.take_along_axis(pv, take, axis=1))
+        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+        layer_state = tuple(getattr(self, name)[layer] for name in names)
+
+        def flush(layer_state):
+            """Quantise the pending tokens and write the whole residual blocks among them."""
+            k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = layer_state
+            qk, qv = quantize_keys(pk, G, self.bits), quantize_values(pv, G, self.bits)
+            j = jnp.arange(pending_len)[None, :]
+            dst = (rows, jnp.where(j < shift[:, None], done[:, None] + j, self.capacity))      # beyond: dropped
+            g = jnp.arange(pending_len // G)[None, :]
+            gdst = (rows, jnp.where(g * G < shift[:, None], (done // G)[:, None] + g, self.capacity // G))
+            put = lambda x, index, values: x.at[index].set(values.astype(x.dtype), mode="drop")
+            return (put(k_codes, dst, qk.packed), put(k_scale, gdst, qk.scale), put(k_zero, gdst, qk.zero),
+                    put(v_codes, dst, qv.packed), put(v_scale, dst, qv.scale), put(v_zero, dst, qv.zero))
+
+        if seq == 1:   # a decode step fills a residual block once every R steps: skip the quantiser otherwise
+            layer_state = jax.lax.cond(jnp.any(shift > 0), flush, lambda s: s, layer_state)
+        else:
+            layer_state = flush(layer_state)
+        state.update({name: x for name, x in zip(names, layer_state)})
+        return dataclasses.replace(self, **{name: set_layer(getattr(self, name), layer, x) for name, x in state.items()},
+                                   quantized=self.quantized.at[layer].set(now))
 
     def attend_decode(self, q: jax.Array, layer, lengths: jax.Array, scale: float, implementation: str) -> jax.Array:
         """One query per sequence, `q: [batch, heads, head_dim]`, over `layer` (its new token written; `lengths`

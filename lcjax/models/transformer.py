@@ -96,6 +96,10 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, q_positions: j
     if isinstance(params["layers"], tuple):   # unstacked (`unstack_layers`): one traced copy per layer
         for i, p in enumerate(params["layers"]):
             (h, cache), _ = step((h, cache), (p, i))
+            if tokens.shape[1] > 1 and cache is not None:
+                # finish each layer's cache write before the next layer: nothing downstream reads it, so XLA
+                # otherwise deferred every layer's KIVI quantisation to the end (32 GiB of live K/V at 128K)
+                h, cache = jax.lax.optimization_barrier((h, cache))
     else:                                     # stacked: one scan, compile time independent of depth
         layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
         (h, cache), _ = jax.lax.scan(step, (h, cache), (params["layers"], layer_ids))

@@ -22,10 +22,9 @@ online softmax, partials (unnormalised acc, max, sum) per split. The full-precis
 tokens, R <= a few hundred rows) is one more partial computed in XLA, and `merge_splits` combines them all.
 Valid quantised slots are [first, n_quant), valid residual rows [0, n_res); a sequence with none gives zeros.
 
-Numerics: dequantised tiles, q, p and the accumulators are fp32 and the dots take fp32 operands, so in
-interpret mode the kernel matches `kivi_decode_attention_reference` to fp32 rounding. On a GPU, Triton runs
-fp32 dots at the default precision as TF32 (10-bit mantissa inputs, fp32 accumulation): relative logit errors
-of about 1e-3, as the bf16 dots of `decode_attention` have (bf16 inputs are coarser still).
+Numerics: the scales are folded into the query and probability side (see `_kernel`), so the dots read the raw
+codes; they run in q's dtype for bf16/fp16 queries (like `decode_attention`'s) and in fp32 for fp32 queries
+(exact in interpret mode; TF32 inputs on a GPU). Softmax statistics and accumulators are fp32.
 """
 
 from __future__ import annotations
@@ -79,15 +78,20 @@ def kivi_kernel_supported(head_dim: int, bits: int, key_group: int, value_group:
 
 def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, acc_ref, m_ref, l_ref, *,
             bits: int, head_dim: int, key_group: int, value_group: int, block_k: int, split_len: int,
-            qk_scale: float):
+            qk_scale: float, dot_dtype):
     """One (batch, kv head, split) program. Refs (block views): q `[rows, d]`; kc, vc uint8 `[capacity, m]`;
     ks, kz fp16 `[capacity / key_group, d]`; vs, vz fp16 `[capacity, d / value_group]`. Writes acc `[rows, d]`
-    (unnormalised), m and l `[rows]` (base-2 running max and sum)."""
+    (unnormalised), m and l `[rows]` (base-2 running max and sum).
+
+    The scales are folded into the 16-row side instead of dequantising the `[block_k, d]` tiles: a block's keys
+    share one scale/zero row per channel, so q.k = (q * scale) . code + q . zero, and a value chunk's tokens
+    each have one scale/zero, so sum_t p_t v_t = (p * scale) . code + sum_t p_t zero_t. The codes (small exact
+    integers) go to the dots as they are; `dot_dtype` is q's dtype for bf16/fp16 queries (as the dense kernel's
+    dots), float32 otherwise."""
     per_byte = 8 // bits
     m = head_dim // per_byte                    # bytes per row = channels per plane
     c = min(m, value_group)                     # channels per value chunk: one plane, one scale group
     mask = (1 << bits) - 1
-    rows = q_ref.shape[0]
 
     split = pl.program_id(2)
     valid_from, valid_to = first_ref[0], n_quant_ref[0]
@@ -102,11 +106,11 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
     q_planes = [q_ref[:, pl.ds(i * m, m)].astype(jnp.float32) for i in range(per_byte)]
 
     def plane(byte_tile: jax.Array, i: int) -> jax.Array:
-        """Codes of plane i of a uint8 tile, as fp32 (the top plane needs no mask, plane 0 no shift)."""
+        """Codes of plane i of a uint8 tile, in dot_dtype (the top plane needs no mask, plane 0 no shift)."""
         x = byte_tile if i == 0 else byte_tile >> (i * bits)
         if i < per_byte - 1:
             x = x & jnp.uint8(mask)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.float32).astype(dot_dtype)
 
     def body(n, state):
         accs, m_run, l_run = state
@@ -114,35 +118,41 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
         slots = pl.ds(s0, block_k)
         key_row = pl.ds(jax.lax.div(s0, key_group), 1)        # block_k divides key_group: one scale row
         k_bytes = kc_ref[slots, :]                              # [bk, m] uint8
-        logits = None
+        logits, bias = None, None
         for i in range(per_byte):
             cols = pl.ds(i * m, m)
             k_scale = ks_ref[key_row, cols].astype(jnp.float32)  # [1, m]
             k_zero = kz_ref[key_row, cols].astype(jnp.float32)
-            k_plane = plane(k_bytes, i) * k_scale + k_zero        # [bk, m] dequantised keys, channels of plane i
-            part = plgpu.dot(q_planes[i], k_plane, trans_b=True)  # [rows, bk]
+            q_scaled = (q_planes[i] * k_scale).astype(dot_dtype)  # [rows, m]
+            part = plgpu.dot(q_scaled, plane(k_bytes, i), trans_b=True)        # [rows, bk]
+            zero_part = jnp.sum(q_planes[i] * k_zero, axis=1)                    # [rows]
             logits = part if logits is None else logits + part
+            bias = zero_part if bias is None else bias + zero_part
         slot = s0 + lane
         valid = (slot >= valid_from) & (slot < valid_to)
-        logits = jnp.where(valid[None, :], logits * qk_scale, -jnp.inf)
+        logits = jnp.where(valid[None, :], (logits + bias[:, None]) * qk_scale, -jnp.inf)
         m_new = jnp.maximum(m_run, jnp.max(logits, axis=1))
         alpha = jnp.exp2(m_run - m_new)
         p = jnp.exp2(logits - m_new[:, None])                     # masked slots: exp2(-inf) = 0
         l_new = l_run * alpha + jnp.sum(p, axis=1)
-        # masked slots' values are zeroed through their scale and zero: p = 0 there, but 0 * (inf or NaN in
-        # never-written storage) would still poison the dot
-        valid_col = valid[:, None]                                # [bk, 1]
+        # masked slots' scales and zeros are zeroed: p = 0 there, but 0 * (inf or NaN in never-written storage)
+        # would still poison the sums
+        folded = {}
         new_accs = []
         for j, acc in enumerate(accs):
             ch = j * c
+            g = ch // value_group
+            if g not in folded:
+                v_scale = jnp.where(valid, vs_ref[slots, g].astype(jnp.float32), 0.0)   # [bk]
+                v_zero = jnp.where(valid, vz_ref[slots, g].astype(jnp.float32), 0.0)
+                folded[g] = ((p * v_scale[None, :]).astype(dot_dtype), jnp.sum(p * v_zero[None, :], axis=1))
+            p_scaled, zero_sum = folded[g]
             v_bytes = vc_ref[slots, pl.ds(ch % m, c)]             # [bk, c] bytes holding channels [ch, ch + c)
-            group = pl.ds(ch // value_group, 1)
-            v_scale = jnp.where(valid_col, vs_ref[slots, group].astype(jnp.float32), 0.0)  # [bk, 1]
-            v_zero = jnp.where(valid_col, vz_ref[slots, group].astype(jnp.float32), 0.0)
-            v_chunk = plane(v_bytes, ch // m) * v_scale + v_zero   # [bk, c]
-            new_accs.append(acc * alpha[:, None] + plgpu.dot(p, v_chunk))
+            new_accs.append(acc * alpha[:, None] + plgpu.dot(p_scaled, plane(v_bytes, ch // m))
+                            + zero_sum[:, None])
         return tuple(new_accs), m_new, l_new
 
+    rows = q_ref.shape[0]
     init = (tuple(jnp.zeros((rows, c), jnp.float32) for _ in range(head_dim // c)),
             jnp.full((rows,), _flash.M_FLOOR, jnp.float32), jnp.zeros((rows,), jnp.float32))
     accs, m_run, l_run = jax.lax.fori_loop(0, n_blocks, body, init)
@@ -233,8 +243,8 @@ def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, 
     `[batch, R, kv_heads, head_dim]`, rows [0, n_res) valid (n_res int32 `[batch]`). Returns `[batch, heads,
     head_dim]` in q's dtype; zeros for a sequence with no valid key.
 
-    block_k (default key_group; a power of two >= 16 dividing key_group), num_splits (default: about two
-    programs per H100 SM), num_warps, num_stages tune speed only. Raises ValueError for configurations the
+    block_k (default key_group; a power of two >= 16 dividing key_group), num_splits (default 132 key ranges
+    per sequence and KV head, fewer for short caches), num_warps, num_stages tune speed only. Raises ValueError for configurations the
     kernel does not handle (`kivi_kernel_supported`) or for inconsistent shapes.
     """
     name = "kivi_decode_attention"
@@ -260,10 +270,14 @@ def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, 
     rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
     qg = _flash.pad_to(q.reshape(batch, kv_heads, group, head_dim), 2, rows)
     first = jnp.zeros((batch,), jnp.int32) if first is None else first.astype(jnp.int32)
-    n_splits, split_len = _splits(capacity, block_k, batch * kv_heads, num_splits)
+    # H100 probe (8B shapes, 2-bit): this kernel is latency-bound, so it wants more programs than the dense one:
+    # 132 splits per (sequence, KV head) and 3 stages took 1x128K from 552 to 373 us and 8x32K from 712 to 630
+    n_splits, split_len = _splits(capacity, block_k, batch * kv_heads,
+                                  min(-(-capacity // block_k), 132) if num_splits is None else num_splits)
     qk_scale = scale * _flash.LOG2E
     kernel = functools.partial(_kernel, bits=bits, head_dim=head_dim, key_group=key_group, value_group=value_group,
-                               block_k=block_k, split_len=split_len, qk_scale=qk_scale)
+                               block_k=block_k, split_len=split_len, qk_scale=qk_scale,
+                               dot_dtype=q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32)
     whole = lambda length, width: pl.BlockSpec((None, length, None, width), lambda b, h, s: (b, 0, h, 0))
     part = lambda *tail: pl.BlockSpec((None, None, None, *tail), lambda b, h, s: (b, h, s) + (0,) * len(tail))
     acc, m, l = pl.pallas_call(
@@ -282,7 +296,7 @@ def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, 
         out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows, head_dim), jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows), jnp.float32),
                    jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3),
         interpret=interpret,
         name="kivi_decode_attention",
     )(n_quant.astype(jnp.int32)[:, None], first[:, None], qg, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)

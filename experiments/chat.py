@@ -5,11 +5,14 @@ The conversation lives in one KV cache: each turn feeds only the tokens the cach
 chat template is rendered in full, the cache is cropped to the longest prefix it shares with it, and the rest
 is appended), so earlier turns are never recomputed. `--press snapkv --press-capacity 64` (or streamingllm,
 pyramidkv) compresses the cache after every turn's prefill; later turns then read the compressed cache.
+`--press kivi` keeps the cache in 2 bits, `--press quest` reads only the top pages at each decode step;
+`--hyper-param '{"token_budget": 64}'` (SCBench's flag, JSON) sets any of a method's hyperparameters.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import lcjax
@@ -29,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="KV-cache compression applied after each turn's prefill (SCBench's names)")
     parser.add_argument("--press-capacity", type=int, default=4096, help="tokens the press keeps per layer")
     parser.add_argument("--press-window", type=int, default=32, help="observation window (SnapKV, PyramidKV)")
+    parser.add_argument("--hyper-param", "--hyper_param", type=json.loads, default={},
+                        help="JSON dict of the cache method's hyperparameters (overrides the two above)")
     args = parser.parse_args(argv)
     prompts = args.prompt or ["What is the capital of France?", "Write a haiku about that city."]
 
@@ -37,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     if tokenizer is None:
         parser.error(f"{args.model} has no tokenizer files; chat needs one.")
     if args.press != "dense":
-        kw = dict(capacity=args.press_capacity)
-        if args.press != "streamingllm":
-            kw["window_size"] = args.press_window
-        else:
-            kw["n_sink"] = min(128, args.press_capacity // 4)
-        model = model.with_transforms(cache=lcjax.methods.cache_method(args.press, **kw))
-        print(f"KV press: {model.cache}")
+        kw = {}
+        if args.press in ("snapkv", "pyramidkv"):
+            kw = dict(capacity=args.press_capacity, window_size=args.press_window)
+        elif args.press == "streamingllm":
+            kw = dict(capacity=args.press_capacity, n_sink=min(128, args.press_capacity // 4))
+        model = model.with_transforms(cache=lcjax.methods.cache_method(args.press, **{**kw, **args.hyper_param}))
+        print(f"KV cache method: {model.cache}")
     print(f"loaded {args.model} ({model.config.family}, {model.config.num_params() / 1e6:.0f}M params, "
           f"{args.dtype}) in {time.perf_counter() - t0:.1f}s")
     messages, cached, cache, new = [], [], None, []

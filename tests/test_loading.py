@@ -55,6 +55,18 @@ def test_round_trip_through_sharded_safetensors(tmp_path, family, kw):
     np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-6)
 
 
+def test_unstacked_load_builds_per_layer_arrays_directly(checkpoint):
+    """layer_layout="unstacked" (the GPU default) writes each layer's own arrays as it reads them: equal to
+    unstacking the stacked load, with no stacked copy made on the way."""
+    from lcjax.models.params import unstack_layers
+    model, path = checkpoint
+    loaded, _ = lcjax.load_model(path, dtype="float32", layer_layout="unstacked")
+    assert loaded.layer_layout == "unstacked" and len(loaded.params["layers"]) == model.config.num_layers
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, unstack_layers(model.params))
+    tokens = np.arange(20).reshape(2, 10) % TINY["vocab_size"]
+    np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-6)
+
+
 def test_bfloat16_load_casts(checkpoint):
     model, path = checkpoint
     loaded, _ = lcjax.load_model(path)

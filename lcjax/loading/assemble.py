@@ -1,9 +1,10 @@
-"""Streams checkpoint tensors into the model's stacked, sharded parameter arrays.
+"""Streams checkpoint tensors into the model's sharded parameter arrays, stacked or per layer.
 
-Each tensor is converted on the host (reshape/split, dtype cast), sent to its devices with the sharding
-the logical-axis rules give, and written into its layer slot of a preallocated stacked array by a jitted
-update that donates the old buffer, so on GPU the write is in place: peak host memory is about one tensor
-and peak device memory about one model plus one tensor.
+Each tensor is converted on the host (reshape/split, dtype cast) and sent to its devices with the sharding
+the logical-axis rules give. Stacked: it is written into its layer slot of a preallocated stacked array by a
+jitted update that donates the old buffer, so on GPU the write is in place. Unstacked: it stays the layer's
+own array. Either way peak host memory is about one tensor and peak device memory about one model plus one
+tensor (loading stacked and then unstacking would hold two models for a moment).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def _set_layer(buf, x, i):
 
 
 def assemble_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, Path | str]],
-                    dtype=jnp.bfloat16, mesh=None, rules=LOGICAL_AXIS_RULES) -> dict:
-    """Builds the params pytree from `(transformers name, array, source file)` triples.
+                    dtype=jnp.bfloat16, mesh=None, rules=LOGICAL_AXIS_RULES, stacked: bool = True) -> dict:
+    """Builds the params pytree from `(transformers name, array, source file)` triples; `stacked=False` gives
+    `layers` as a tuple of per-layer dicts (`lcjax.models.params.unstack_layers`'s layout) directly.
 
     Raises `CheckpointError` naming the file and tensor for an unexpected name, a wrong shape, a tensor
     given twice, or (at the end) any parameter the checkpoint never provided.
@@ -45,6 +47,7 @@ def assemble_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray
     specs = param_specs(config)
     np_dtype = np.dtype(jnp.dtype(dtype))
     out: dict = {"layers": {}}
+    per_layer_arrays: dict[str, dict[int, jax.Array]] = {}     # unstacked: key -> layer -> array
     filled: dict[tuple[tuple[str, ...], int | None], str] = {}
 
     def sharding_of(spec: ParamSpec, per_layer: bool):
@@ -80,6 +83,9 @@ def assemble_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray
                 out[target.path[0]] = device
                 continue
             key = target.path[1]
+            if not stacked:
+                per_layer_arrays.setdefault(key, {})[target.layer] = device
+                continue
             if key not in out["layers"]:
                 out["layers"][key] = jnp.zeros(spec.shape, dtype, device=sharding_of(spec, False))
             out["layers"][key] = _set_layer(out["layers"][key], device, target.layer)
@@ -89,4 +95,7 @@ def assemble_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray
         shown = ", ".join(f"{'.'.join(p)}" + ("" if l is None else f"[layer {l}]") for p, l in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s): {shown}{more}.")
+    if not stacked:
+        out["layers"] = tuple({key: arrays[layer] for key, arrays in per_layer_arrays.items()}
+                              for layer in range(config.num_layers))
     return out

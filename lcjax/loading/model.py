@@ -84,8 +84,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16
         raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file.")
     if layer_layout not in ("auto", "stacked", "unstacked"):
         raise ValueError(f"layer_layout must be 'auto', 'stacked' or 'unstacked', got {layer_layout!r}.")
-    params = assemble_params(config, tensors, _DTYPES[dtype], mesh=mesh, rules=rules)
-    model = Transformer(params, config, **transforms)
     if layer_layout == "auto":
         layer_layout = "unstacked" if jax.default_backend() == "gpu" else "stacked"
-    return model.with_layer_layout(layer_layout), tokenizer
+    params = assemble_params(config, tensors, _DTYPES[dtype], mesh=mesh, rules=rules,
+                             stacked=layer_layout == "stacked")
+    return Transformer(params, config, **transforms), tokenizer

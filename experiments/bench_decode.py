@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.attention import DenseAttention
 from lcjax.config import llama3_8b_config
 from lcjax.generate import _bucket, _decode_loop
 from lcjax.methods import cache_method
@@ -129,6 +130,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--layer-layout", default="unstacked", choices=("stacked", "unstacked"))
+    p.add_argument("--decode-attention", default="auto", choices=("auto", "pallas", "xla"),
+                   help="DenseAttention(decode=...): the split-K kernel, XLA, or auto (by cache size)")
     p.add_argument("--caches", default="dense", help="lcjax cache methods (SCBench names): dense, kivi, quest, ...")
     p.add_argument("--torch-modes", default="compiled,eager", help="transformers rows: compiled and/or eager")
     p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
@@ -139,7 +142,8 @@ def main(argv=None):
     cfg = llama3_8b_config()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; Llama-3-8B shape, random bf16 weights; "
           f"{a.new} new tokens, {a.samples} samples after one compile run")
-    model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16).with_layer_layout(a.layer_layout)
+    model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16,
+                             attention=DenseAttention(decode=a.decode_attention)).with_layer_layout(a.layer_layout)
     rows = [] if a.no_lcjax else lcjax_rows(model, shapes, a.new, a.samples, rng, a.caches.split(","))
     if not a.no_torch:
         import torch

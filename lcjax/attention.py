@@ -140,7 +140,6 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array
         implementation="cudnn")
 
 
-DECODE_KERNEL_MIN_SLOTS = 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +149,8 @@ class DenseAttention:
     implementation: "xla" (reference, any device and dtype), "cudnn" (GPU prefill, bf16/fp16), or "auto"
     (cuDNN for prefill on GPU in half precision, else XLA).
     decode: how one new token per sequence attends over the cache: "pallas" (the split-K kernel
-    `lcjax.pallas.decode_attention`; interpret mode off GPU), "xla", or "auto" (pallas on GPU once batch x
-    cache slots >= 32K, where it was measured no slower than XLA). Models with a sliding window, and
-    multi-token extends, run the XLA path.
+    `lcjax.pallas.decode_attention`; interpret mode off GPU), "xla", or "auto" (pallas on GPU for the head
+    dims it supports). Models with a sliding window, and multi-token extends, run the XLA path.
     """
 
     implementation: Literal["auto", "xla", "cudnn"] = "auto"
@@ -164,10 +162,9 @@ class DenseAttention:
             return False
         if self.decode == "pallas":
             return True  # the kernel names what it does not support
-        # H100, one 8B-shaped layer (BENCHMARKS.md): at batch 1 x 4K cache slots XLA took 82 us and the
-        # launch-bound kernel 138; from batch x slots = 32K on the kernel was as fast or faster (2.1x at 8 x 4K)
-        return (jax.default_backend() == "gpu" and q.shape[-1] in (64, 96, 128)
-                and q.shape[0] * capacity >= DECODE_KERNEL_MIN_SLOTS)
+        # H100, 8B-shaped model (BENCHMARKS.md): whole decode steps were faster through the kernel even at 1 x 4K
+        # (6.53 vs 6.79 ms; 8 x 4K 7.91 vs 8.65), though one layer timed alone had favoured XLA there
+        return jax.default_backend() == "gpu" and q.shape[-1] in (64, 96, 128)
 
     def _use_cudnn(self, q: jax.Array, meta: AttentionMeta) -> bool:
         if meta.phase != "prefill" or self.implementation == "xla":

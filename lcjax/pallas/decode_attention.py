@@ -93,7 +93,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     layers = k_p.shape[0]
     kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len,
                                qk_scale=scale * _flash.LOG2E)
-    part = lambda *tail: pl.BlockSpec((None, None, None, *tail), lambda b, h, s: (b, h, s) + (0,) * len(tail))
+    out_specs, out_shape = split_partials(batch, kv_heads, n_splits, rows, d_pad)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, n_splits),
@@ -103,15 +103,23 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
                   pl.BlockSpec((None, None, rows, d_pad), lambda b, h, s: (b, h, 0, 0)),
                   pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0)),
                   pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0))],
-        out_specs=[part(rows, d_pad), part(rows), part(rows)],
-        out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows, d_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows), jnp.float32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 2),
         interpret=interpret,
         name="decode_attention",
     )(lengths.astype(jnp.int32)[:, None], first.astype(jnp.int32)[:, None], layer, qg, k_p, v_p)
     return merge_splits(acc, m, l)[:, :, :group, :head_dim].reshape(batch, heads, head_dim).astype(q.dtype)
+
+
+def split_partials(batch: int, kv_heads: int, n_splits: int, rows: int, width: int):
+    """(out_specs, out_shape) of a split-K decode kernel over grid (batch, kv_heads, n_splits): per program an
+    fp32 accumulator `[rows, width]` and running max and sum `[rows]` (the inputs of `merge_splits`)."""
+    part = lambda *tail: pl.BlockSpec((None, None, None, *tail), lambda b, h, s: (b, h, s) + (0,) * len(tail))
+    lead = (batch, kv_heads, n_splits, rows)
+    return ([part(rows, width), part(rows), part(rows)],
+            [jax.ShapeDtypeStruct(lead + (width,), jnp.float32), jax.ShapeDtypeStruct(lead, jnp.float32),
+             jax.ShapeDtypeStruct(lead, jnp.float32)])
 
 
 def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:

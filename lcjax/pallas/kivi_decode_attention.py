@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from lcjax.methods.kivi_quant import CHANNEL, TOKEN, QuantizedTensor, dequantize
 from lcjax.pallas import _flash
-from lcjax.pallas.decode_attention import MIN_ROWS, _splits, merge_splits
+from lcjax.pallas.decode_attention import MIN_ROWS, _splits, merge_splits, split_partials
 
 KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_BITS = (2, 4)
@@ -279,7 +279,7 @@ def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, 
                                block_k=block_k, split_len=split_len, qk_scale=qk_scale,
                                dot_dtype=q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32)
     whole = lambda length, width: pl.BlockSpec((None, length, None, width), lambda b, h, s: (b, 0, h, 0))
-    part = lambda *tail: pl.BlockSpec((None, None, None, *tail), lambda b, h, s: (b, h, s) + (0,) * len(tail))
+    out_specs, out_shape = split_partials(batch, kv_heads, n_splits, rows, head_dim)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, n_splits),
@@ -292,10 +292,8 @@ def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, 
                   whole(capacity, n_bytes),
                   whole(capacity, head_dim // value_group),
                   whole(capacity, head_dim // value_group)],
-        out_specs=[part(rows, head_dim), part(rows), part(rows)],
-        out_shape=[jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows, head_dim), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, kv_heads, n_splits, rows), jnp.float32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3),
         interpret=interpret,
         name="kivi_decode_attention",

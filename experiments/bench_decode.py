@@ -72,7 +72,9 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
         prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
         t0 = time.perf_counter()
         chunk = 4096 if batch * context > 65536 else None   # MLP in chunks: batch 8 x 32K fits
-        logits, cache = model.prefill(prompt, capacity=_bucket(context + new), logits="last", mlp_chunk=chunk)
+        groups = 1 if batch * context > 262144 else None    # beyond 8 x 32K: one sequence's prefill at a time
+        logits, cache = model.prefill(prompt, capacity=_bucket(context + new), logits="last", mlp_chunk=chunk,
+                                      batch_chunk=groups)
         first = jax.block_until_ready(jnp.argmax(logits, -1).astype(jnp.int32))
         t1 = time.perf_counter()
         state = jax.block_until_ready(_decode_loop(model, first, cache, jax.random.key(i), new, (), Greedy(),

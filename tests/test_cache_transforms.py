@@ -177,3 +177,22 @@ def test_kivi_cannot_follow_a_press(llama):
     m = llama.with_transforms(cache=(SnapKVPress(capacity=8, window_size=4), kivi(**KIVI_SMALL)))
     with pytest.raises(ValueError, match="KIVI cannot follow a press"):
         m.prefill(prompt_of(llama, 10, (1, 20)))
+
+
+@pytest.mark.parametrize("method", ["dense", "kivi", "snapkv", "quest"])
+def test_prefill_in_batch_chunks_equals_whole_batch(llama, method):
+    """`prefill(batch_chunk=...)` runs groups of sequences and writes each group's cache into the batch's: the
+    logits and every cache leaf equal one batched prefill (ragged rows, each cache kind)."""
+    kw = dict(kivi=KIVI_SMALL, snapkv=dict(capacity=20, window_size=4), quest=dict(token_budget=32, chunk_size=8))
+    m = llama.with_transforms(cache=lcjax.methods.cache_method(method, **kw.get(method, {})) or "dense")
+    prompt, lengths = prompt_of(llama, 11, (3, 37)), np.array([37, 22, 30])
+    whole_logits, whole = m.prefill(prompt, lengths, capacity=48, logits="last")
+    logits, cache = m.prefill(prompt, lengths, capacity=48, logits="last", batch_chunk=2)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(whole_logits), rtol=1e-5, atol=1e-5)
+    assert type(cache) is type(whole)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(whole)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

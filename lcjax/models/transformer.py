@@ -176,14 +176,17 @@ class Transformer:
         return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, stacked=stacked)
 
     def prefill(self, tokens, lengths=None, *, capacity: int | None = None,
-                logits: Literal["all", "last"] = "all", mlp_chunk: int | None = None) -> tuple[jax.Array, KVCache]:
+                logits: Literal["all", "last"] = "all", mlp_chunk: int | None = None,
+                batch_chunk: int | None = None) -> tuple[jax.Array, KVCache]:
         """Encodes prompts from scratch.
 
         tokens: int `[batch, seq]` (numpy or jax; right-padded when `lengths: [batch]` is given).
         Returns float32 logits `[batch, seq, vocab]` (or `[batch, vocab]` at each prompt's last token with
         `logits="last"`) and a `KVCache` holding the prompts, with room for `capacity` tokens (default seq).
         `capacity=0` keeps no cache and returns None for it (a Llama-3-8B cache at 512K tokens is 68 GiB);
-        `mlp_chunk` runs the MLP over the sequence in chunks of that many tokens to bound its memory.
+        `mlp_chunk` runs the MLP over the sequence in chunks of that many tokens to bound its memory;
+        `batch_chunk` prefills that many sequences at a time, each group's cache written in place into the
+        batch's (so the activations of one group, not of the whole batch, bound the memory).
         """
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 2:
@@ -193,7 +196,19 @@ class Transformer:
         capacity = seq if capacity is None else capacity
         if 0 < capacity < seq:
             raise ValueError(f"capacity {capacity} is smaller than the prompt length {seq}.")
-        return _prefill(self, tokens, lengths, capacity, logits, mlp_chunk)
+        if batch_chunk is None or batch_chunk >= batch or not capacity:
+            return _prefill(self, tokens, lengths, capacity, logits, mlp_chunk)
+        if batch_chunk < 1:
+            raise ValueError(f"batch_chunk must be >= 1, got {batch_chunk}.")
+        full = jax.eval_shape(lambda: _prefill(self, tokens, lengths, capacity, logits, mlp_chunk)[1])
+        cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), full)
+        outs = []
+        for start in range(0, batch, batch_chunk):
+            rows = slice(start, start + batch_chunk)
+            part_logits, part = _prefill(self, tokens[rows], lengths[rows], capacity, logits, mlp_chunk)
+            cache = _write_rows(cache, part, start)
+            outs.append(part_logits)
+        return jnp.concatenate(outs, axis=0), cache
 
     def extend(self, tokens, cache: KVCache, lengths=None, *,
                logits: Literal["all", "last"] = "last") -> tuple[jax.Array, KVCache]:
@@ -265,6 +280,17 @@ def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str, ml
     if logits == "last":
         hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return lm_logits(model.params, model.config, hidden), cache
+
+
+@partial(jax.jit, donate_argnums=0)
+def _write_rows(cache, part, start):
+    """`cache` with `part` (the same pytree for fewer sequences) written at batch rows `start ...`, in place: each
+    leaf's batch axis is the one axis where the two shapes differ."""
+    def put(full, rows):
+        axes = [i for i, (a, b) in enumerate(zip(full.shape, rows.shape)) if a != b]
+        return full if not axes else jax.lax.dynamic_update_slice_in_dim(full, rows.astype(full.dtype), start,
+                                                                          axes[0])
+    return jax.tree.map(put, cache, part)
 
 
 @partial(jax.jit, static_argnames=("logits",))

@@ -1,0 +1,1 @@
+"""SCBench (shared-context multi-turn benchmark): data loading, scoring and results."""

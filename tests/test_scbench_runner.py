@@ -1,0 +1,60 @@
+"""One SCBench example through the built-in model in both modes: cache reuse is what the modes say, the golden
+history makes a later turn equal a from-scratch run of the whole text, and a compressing cache stays applied."""
+
+import numpy as np
+import pytest
+
+import lcjax
+from lcjax.generate import generate
+from lcjax.methods import snapkv
+from lcjax.scbench import generators, prompts
+from lcjax.scbench.runner import run_example
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return lcjax.load_model("smollm2-135m", dtype="float32")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def kv_row(smollm2):
+    _, tok = smollm2
+    count = lambda text: len(tok.encode(text, add_special_tokens=False))
+    return generators.GENERATORS["scbench_kv"](1, 300, count, 3, 2)[0]
+
+
+def test_multi_turn_reuses_the_cache_and_equals_a_fresh_run(smollm2, kv_row):
+    model, tok = smollm2
+    res = run_example(model, tok, "scbench_kv", kv_row, "multi-turn", max_new_tokens_cap=6)
+    assert [r.turn for r in res] == [0, 1] and res[0].reused_tokens == 0
+    assert res[1].reused_tokens == res[0].cache_tokens == res[0].prefilled_tokens     # dense: all kept
+    prefix, turns = prompts.multi_turn_prompts("scbench_kv", kv_row)
+    enc = lambda t: tok.encode(t, add_special_tokens=False)
+    whole = [tok.bos_token_id] * (tok.bos_token_id is not None) + enc(prefix) + enc(turns[0].text) \
+        + enc(turns[0].history) + enc(turns[1].text)
+    assert res[1].seen_tokens == len(whole) and res[1].prefilled_tokens == len(enc(turns[0].history)
+                                                                                + enc(turns[1].text))
+    fresh, _ = generate(model, whole, 6, stop_tokens=tok.eos_token_ids)
+    assert res[1].prediction == tok.decode(fresh[0]).strip()
+    assert all(0.0 <= r.score <= 1.0 for r in res)
+
+
+def test_multi_request_every_query_starts_from_the_shared_context(smollm2, kv_row):
+    model, tok = smollm2
+    res = run_example(model, tok, "scbench_kv", kv_row, "multi-request", max_new_tokens_cap=6)
+    assert res[0].reused_tokens == res[1].reused_tokens > 0
+    prefix, turns = prompts.multi_request_prompts("scbench_kv", kv_row)
+    assert [r.prefilled_tokens for r in res] == [len(tok.encode(t.text, add_special_tokens=False)) for t in turns]
+
+
+def test_compression_stays_applied_across_turns(smollm2, kv_row):
+    model, tok = smollm2
+    small = model.with_transforms(cache=snapkv(capacity=64, window_size=8))
+    res = run_example(small, tok, "scbench_kv", kv_row, "multi-turn", max_new_tokens_cap=4)
+    assert all(r.cache_tokens == 64 for r in res) and res[1].reused_tokens == 64
+    assert res[1].seen_tokens > 300
+    with pytest.raises(ValueError, match="mode must be"):
+        run_example(model, tok, "scbench_kv", kv_row, "both")

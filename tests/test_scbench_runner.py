@@ -58,3 +58,28 @@ def test_compression_stays_applied_across_turns(smollm2, kv_row):
     assert res[1].seen_tokens > 300
     with pytest.raises(ValueError, match="mode must be"):
         run_example(model, tok, "scbench_kv", kv_row, "both")
+
+
+def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, capsys):
+    """The whole job: results appended per example, tables and plot written; a rerun (as after a kill) skips
+    what is done, so nothing is duplicated or lost."""
+    from experiments import scbench
+    from lcjax.scbench.results import read_results
+    argv = ["--task", "scbench_kv,scbench_mf", "--kv_type", "dense,snapkv", "--kv_budget", "64",
+            "--max_turns", "2", "--max_seq_length", "1536", "--max_new_tokens_cap", "3", "--output_dir",
+            str(tmp_path)]
+    scbench.main(argv)
+    rows = read_results(tmp_path / "results.jsonl")
+    keys = {(r["task"], r["method"], r["mode"]) for r in rows}
+    assert len(rows) == 8 and len(keys) == 8 and all(len(r["turns"]) == 2 for r in rows)
+    assert all((tmp_path / f).exists() for f in ("scores.md", "scores.csv", "score_by_turn.png"))
+    snap = [r for r in rows if r["method"] == "dense+snapkv" and r["mode"] == "multi-turn"]
+    assert all(t["cache_tokens"] == 64 for r in snap for t in r["turns"])
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")      # as if killed after 5 examples
+    capsys.readouterr()
+    scbench.main(argv)
+    assert "5 already in" in capsys.readouterr().out
+    again = read_results(tmp_path / "results.jsonl")
+    assert len(again) == 8 and {(r["task"], r["method"], r["mode"]) for r in again} == keys
+    assert "| scbench_kv | multi-turn |" in (tmp_path / "scores.md").read_text()

@@ -51,8 +51,11 @@ def _generate(model, ids: list[int], max_new_tokens: int, cache, stop_tokens):
 
 
 def run_example(model, tokenizer, task: str, row: dict, mode: Mode, *, max_new_tokens_cap: int | None = None,
-                ) -> list[TurnResult]:
-    """Every turn of `row` (SCBench's format) through `model` in `mode`; returns one `TurnResult` per turn."""
+                max_seq_length: int | None = None) -> list[TurnResult]:
+    """Every turn of `row` (SCBench's format) through `model` in `mode`; returns one `TurnResult` per turn.
+
+    max_seq_length: cut the middle of the context so the first prompt fits what SCBench leaves it
+    (`prompts.max_input_length`); max_new_tokens_cap: a ceiling on every turn's budget (quick runs)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     build = prompts_lib.multi_turn_prompts if mode == "multi-turn" else prompts_lib.multi_request_prompts
@@ -61,6 +64,10 @@ def run_example(model, tokenizer, task: str, row: dict, mode: Mode, *, max_new_t
     stops = tuple(tokenizer.eos_token_ids)
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     prefix_ids = bos + encode(prefix)
+    if max_seq_length is not None:
+        room = prompts_lib.max_input_length(task, max_seq_length, len(turns), mode)
+        prefix_ids = prompts_lib.truncate_middle(prefix_ids, room - (len(encode(turns[0].text)) if mode ==
+                                                                     "multi-turn" else 0))
     results: list[TurnResult] = []
     shared = None
     if mode == "multi-request":

@@ -1,0 +1,73 @@
+"""The end of a run: a task x method table per mode (markdown and CSV) and a plot of score by turn."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+
+def turn_scores(rows: list[dict]) -> dict[tuple[str, str, str], dict[int, list[float]]]:
+    """(task or sub-task, method, mode) -> turn -> scores, from result rows (one per example)."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        for t in row["turns"]:
+            task = row["task"] if t["sub_task"] == row["task"] else f"{row['task']}/{t['sub_task']}"
+            out[task, row["method"], row["mode"]][t["turn"]].append(t["score"])
+    return out
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one line per (task, mode), one column per method, the mean score over all turns in
+    percent (and the number of scored turns)."""
+    scores = turn_scores(rows)
+    methods = sorted({m for _, m, _ in scores})
+    lines = []
+    for task, mode in sorted({(t, mo) for t, _, mo in scores}):
+        cells = []
+        for m in methods:
+            vals = [v for turn in scores.get((task, m, mode), {}).values() for v in turn]
+            cells.append(f"{100 * sum(vals) / len(vals):.1f} ({len(vals)})" if vals else "-")
+        lines.append([task, mode] + cells)
+    return ["task", "mode"] + methods, lines
+
+
+def write_tables(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    header, lines = table(rows)
+    md = out_dir / "scores.md"
+    md.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+                  + "".join("| " + " | ".join(l) + " |\n" for l in lines))
+    csv_path = out_dir / "scores.csv"
+    with csv_path.open("w", newline="") as f:
+        csv.writer(f).writerows([header] + lines)
+    return md, csv_path
+
+
+def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
+    """Mean score (over tasks and examples) by turn, one line per method, one panel per mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scores = turn_scores(rows)
+    modes = sorted({mo for _, _, mo in scores})
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
+    for ax, mode in zip(axes[0], modes):
+        for method in sorted({m for _, m, mo in scores if mo == mode}):
+            by_turn = defaultdict(list)
+            for (task, m, mo), turns in scores.items():
+                if m == method and mo == mode:
+                    for turn, vals in turns.items():
+                        by_turn[turn].extend(vals)
+            xs = sorted(by_turn)
+            ax.plot([x + 1 for x in xs], [100 * sum(by_turn[x]) / len(by_turn[x]) for x in xs], marker="o",
+                    label=method)
+        ax.set_title(mode)
+        ax.set_xlabel("turn")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

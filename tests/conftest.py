@@ -16,3 +16,13 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The built-in SmolLM2-135M-Instruct (model, tokenizer) in float32; skips when it is not installed."""
+    import lcjax
+    try:
+        return lcjax.load_model("smollm2-135m", dtype="float32")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

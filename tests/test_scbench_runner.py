@@ -12,14 +12,6 @@ from lcjax.scbench.runner import run_example
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return lcjax.load_model("smollm2-135m", dtype="float32")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def kv_row(smollm2):
     _, tok = smollm2
     count = lambda text: len(tok.encode(text, add_special_tokens=False))

@@ -13,14 +13,6 @@ from conftest import FIXTURES
 REF = FIXTURES / "smollm2"
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return lcjax.load_model("smollm2-135m", dtype="float32")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-
-
 def test_same_argmax_as_transformers_at_every_position(smollm2):
     model, _ = smollm2
     ref = np.load(REF / "reference.npz")

@@ -62,6 +62,9 @@ def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
             xs = sorted(by_turn)
             ax.plot([x + 1 for x in xs], [100 * sum(by_turn[x]) / len(by_turn[x]) for x in xs], marker="o",
                     label=method)
+        turns = sorted({t + 1 for (_, _, mo), by in scores.items() if mo == mode for t in by})
+        ax.set_xticks(turns)
+        ax.set_ylim(-2, 102)
         ax.set_title(mode)
         ax.set_xlabel("turn")
         ax.grid(alpha=0.3)

@@ -112,6 +112,11 @@ class KVCache:
         grow = lambda x: pad_slots(x, capacity - self.capacity)
         return dataclasses.replace(self, k=grow(self.k), v=grow(self.v))
 
+    def with_slots_rebuilt(self) -> "KVCache":
+        """The cache after its slots were rewritten wholesale (a press's gather): caches that keep state derived
+        from the keys (Quest's page bounds) recompute it here; a plain cache has none."""
+        return self
+
     def crop(self, max_length: int) -> "KVCache":
         """Forgets every slot at or past `max_length` (transformers' `DynamicCache.crop`)."""
         lengths = jnp.minimum(self.lengths, max_length)

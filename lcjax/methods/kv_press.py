@@ -210,7 +210,7 @@ def compress(press: KVPress, cache: KVCache, observation: Observation | None, sc
     else:
         k = tuple(_gather_layer(cache.k[l], slots[l], first[l], new_capacity) for l in range(num_layers))
         v = tuple(_gather_layer(cache.v[l], slots[l], first[l], new_capacity) for l in range(num_layers))
-    return dataclasses.replace(cache, k=k, v=v, lengths=lengths, first=first)
+    return dataclasses.replace(cache, k=k, v=v, lengths=lengths, first=first).with_slots_rebuilt()
 
 
 def pool_scores(scores: jax.Array, kernel_size: int) -> jax.Array:

@@ -5,9 +5,9 @@ newest page always among them. Prefill and multi-token turns stay dense. SCBench
 (`chunk_size`) of 16 tokens, a budget of 1024 tokens.
 
 `QuestCache` is a `KVCache` with the bounds: written keys fold into their pages' bounds as they are appended
-(decode steps touch one page per layer), and the bounds are rebuilt from the keys after every turn, so they
-stay exact after a press evicts tokens (`model.with_transforms(cache=(snapkv(), quest()))`), a crop or a
-capacity change. The math (bounds, scores, page choice, attention over the chosen pages) is in
+(decode steps touch one page per layer), and they are rebuilt from the keys whenever slots move wholesale, so
+they stay exact after a press evicts tokens (`model.with_transforms(cache=(snapkv(), quest()))`), a crop or
+a capacity change. The math (bounds, scores, page choice, attention over the chosen pages) is in
 `lcjax.methods.quest_pages` with float64 tests.
 """
 
@@ -55,6 +55,9 @@ class QuestCache(KVCache):
                      for l, k in enumerate(self.k)]
             kmin, kmax = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
         return dataclasses.replace(self, kmin=kmin, kmax=kmax)
+
+    def with_slots_rebuilt(self) -> "QuestCache":
+        return self.with_bounds()
 
     def update(self, layer, k_new, v_new, start, lengths=None) -> "QuestCache":
         """`KVCache.update`, folding the written keys (those below `lengths`) into their pages' bounds."""
@@ -119,7 +122,7 @@ class Quest:
         if not isinstance(cache, QuestCache):
             raise ValueError(f"Quest needs the cache it makes (QuestCache), got {type(cache).__name__}; put quest() "
                              "last among the cache transforms.")
-        return cache.with_bounds()
+        return cache        # bounds follow every write, and a press's gather rebuilds them (with_slots_rebuilt)
 
 
 def quest(token_budget: int = 1024, chunk_size: int = 16) -> Quest:

@@ -289,3 +289,20 @@ def test_generate_names_what_it_cannot_make():
                  "<data_dir>/<task>.jsonl"):
         assert name in message
     assert "scbench_repoqa" not in g.GENERATORS  # the stand-in never poses as the real task
+
+
+def test_needles_filler_standin_answers_are_in_the_context():
+    """The passkey half of summary_with_needles over filler text: each turn's key is found by parsing the
+    context, the context fits the target, and the rows say they are stand-ins."""
+    import re
+    from lcjax.scbench.generators import GENERATORS
+    words = lambda text: len(text.split())
+    rows = GENERATORS["scbench_summary_with_needles"](2, 800, words, 4, 3)
+    assert rows == GENERATORS["scbench_summary_with_needles"](2, 800, words, 4, 3)
+    for row in rows:
+        assert row["id"].startswith("needles-filler-standin-") and 640 <= words(row["context"]) <= 800
+        keys = dict(re.findall(r"The pass key for the ([a-z ]+?) is (\d+)\.", row["context"]))
+        assert len(row["multi_turns"]) == 3
+        for turn in row["multi_turns"]:
+            label = re.fullmatch(r"What is the pass key for the (.+)\?", turn["input"]).group(1)
+            assert turn["task"] == "scbench_passkey" and keys[label] == turn["answer"]

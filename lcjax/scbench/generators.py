@@ -439,6 +439,21 @@ def add_needles(row: Row, n_needles: int, seed: int, *, count_tokens: CountToken
     return dict(row, context=context, multi_turns=_interleave(summaries, passkeys))
 
 
+def make_needles_filler_standin(n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
+                                n_turns: int = 5) -> list[Row]:
+    """An offline stand-in for `scbench_summary_with_needles` holding only its passkey half: `n_turns` needles
+    (`needle_turns`) in filler prose instead of a real document, so no summary turns (their gold summaries
+    need SCBench's file). Ids ``needles-filler-standin-...``; never a substitute for the real task's numbers."""
+    rows = []
+    for i in range(n_examples):
+        rng = _rng("needles-filler", seed, i)
+        filler = " ".join(filler_sentence(rng) for _ in range(max(target_tokens // 4, 16)))
+        context, turns = needle_turns(filler, n_turns, hash_seed(seed, i), count_tokens=count_tokens,
+                                      target_tokens=target_tokens)
+        rows.append({"id": f"needles-filler-standin-{seed}-{i}", "context": context, "multi_turns": turns})
+    return rows
+
+
 # ------------------------------------------------------------------------------- repoqa_and_kv: kv block
 
 
@@ -659,6 +674,8 @@ GENERATORS: dict[str, Generator] = {
     "scbench_prefix_suffix": make_scbench_prefix_suffix,
     "scbench_vt": make_scbench_vt,
     "scbench_mf": make_scbench_mf,
+    # the passkey half only, in filler text (ids needles-filler-standin-...): SCBench's file replaces it
+    "scbench_summary_with_needles": make_needles_filler_standin,
     "repoqa_stdlib_standin": make_repoqa_stdlib_standin,
     "repoqa_and_kv_stdlib_standin": make_repoqa_and_kv_stdlib_standin,
 }

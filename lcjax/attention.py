@@ -140,8 +140,6 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array
         implementation="cudnn")
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class DenseAttention:
     """Exact attention; the default transform.
@@ -157,7 +155,7 @@ class DenseAttention:
     q_chunk: int = 1024
     decode: Literal["auto", "xla", "pallas"] = "auto"
 
-    def _use_decode_kernel(self, q: jax.Array, meta: AttentionMeta, capacity: int) -> bool:
+    def _use_decode_kernel(self, q: jax.Array, meta: AttentionMeta) -> bool:
         if meta.phase != "extend" or q.shape[1] != 1 or meta.sliding_window is not None or self.decode == "xla":
             return False
         if self.decode == "pallas":
@@ -187,7 +185,7 @@ class DenseAttention:
             if q.shape[1] == 1 and meta.sliding_window is None and hasattr(cache, "attend_decode"):
                 # caches that store K/V differently (KIVI) or choose what to read (Quest) read themselves
                 return cache.attend_decode(q[:, 0], meta.layer, meta.lengths, meta.scale, self.decode)[:, None], cache
-            if self._use_decode_kernel(q, meta, cache.capacity):
+            if self._use_decode_kernel(q, meta):
                 from lcjax.pallas.decode_attention import decode_attention
                 # the stacked cache and the layer index: the kernel reads the layer in place (slicing it out
                 # first copied one layer per layer per step, a whole cache read + write per token)

@@ -28,6 +28,10 @@ from lcjax.methods.kivi_quant import (CHANNEL, TOKEN, QuantizedTensor, dequantiz
                                       quantize_values)
 
 
+_QUANTISED = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")   # KIVICache's per-layer codes
+_RESIDUAL = ("k_res", "v_res")                                                   # and full-precision rows
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KIVICache:
@@ -141,8 +145,7 @@ class KIVICache:
         pk, pv = pending(self.k_res[layer], k_new), pending(self.v_res[layer], v_new)
         take = jnp.minimum(shift[:, None] + jnp.arange(R)[None, :], pending_len - 1)[:, :, None, None]
         state = dict(k_res=jnp.take_along_axis(pk, take, axis=1), v_res=jnp.take_along_axis(pv, take, axis=1))
-        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
-        layer_state = tuple(getattr(self, name)[layer] for name in names)
+        layer_state = tuple(getattr(self, name)[layer] for name in _QUANTISED)
 
         def flush(layer_state):
             """Quantise the pending tokens and write the whole residual blocks among them."""
@@ -160,7 +163,7 @@ class KIVICache:
             layer_state = jax.lax.cond(jnp.any(shift > 0), flush, lambda s: s, layer_state)
         else:
             layer_state = flush(layer_state)
-        state.update({name: x for name, x in zip(names, layer_state)})
+        state.update(zip(_QUANTISED, layer_state))
         return dataclasses.replace(self, **{name: set_layer(getattr(self, name), layer, x) for name, x in state.items()},
                                    quantized=self.quantized.at[layer].set(now))
 
@@ -182,15 +185,11 @@ class KIVICache:
     def advance(self, num_new: jax.Array) -> "KIVICache":
         return dataclasses.replace(self, lengths=self.lengths + num_new, positions=self.positions + num_new)
 
-    def _per_layer_state(self) -> dict:
-        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_res", "v_res")
-        return {name: getattr(self, name) for name in names}
-
     def fork(self, n: int) -> "KIVICache":
         """Each sequence repeated n times (rows b*n .. b*n + n - 1); the quantised prefix is copied."""
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}.")
-        state = {name: repeat_batch(x, n) for name, x in self._per_layer_state().items()}
+        state = {name: repeat_batch(getattr(self, name), n) for name in _QUANTISED + _RESIDUAL}
         return dataclasses.replace(self, **state, quantized=jnp.repeat(self.quantized, n, axis=1),
                                    lengths=jnp.repeat(self.lengths, n), positions=jnp.repeat(self.positions, n),
                                    first=jnp.repeat(self.first, n, axis=1))

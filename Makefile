@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine:
-#   make demo   creates .venv (Python 3.12) and runs the main job on the built-in model
+#   make demo   creates .venv (Python 3.12) and runs the main job (SCBench) on the built-in model
 #   make test   creates .venv if needed and runs the test suite
 # Python 3.12 is found in pyenv (`pyenv root`/versions/3.12.*), else on PATH (a pyenv shim that does not
 # run 3.12 is skipped); or set PYTHON=/path/to/python3.12
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m experiments.chat
+	$(PY) -m experiments.scbench
 
 test: venv
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests

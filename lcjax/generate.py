@@ -74,7 +74,8 @@ def _bucket(n: int) -> int:
 
 def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache | None = None, lengths=None,
              sampler: Sampler = Greedy(), seed: int | jax.Array = 0, stop_tokens: tuple[int, ...] = (),
-             stream: Callable[[int, np.ndarray], None] | None = None) -> tuple[list[list[int]], KVCache]:
+             stream: Callable[[int, np.ndarray], None] | None = None,
+             capacity: int | None = None) -> tuple[list[list[int]], KVCache]:
     """Continues `prompt: int [batch, seq]` (right-padded to `lengths: [batch]`), or one list of ids.
 
     cache: None prefills the prompt from scratch; a `KVCache` from an earlier call appends the prompt to it
@@ -82,6 +83,8 @@ def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache 
     sampler: `Greedy()` (default), `Temperature`, `TopK`, `TopP` from `lcjax.sampling`; seed: int or PRNG key.
     stream: called as `stream(step, tokens)` after each step with int `[batch]` tokens (-1 where a sequence
     has stopped), in order, from inside the compiled loop.
+    capacity: slots of the cache a prefill makes (default: the prompt and max_new_tokens, rounded up to a
+    multiple of `CAPACITY_BUCKET`); room for later turns saves growing it (a copy and a new compile) then.
     Returns, per sequence, the new tokens up to and including the first stop token (at most `max_new_tokens`)
     and the cache holding the prompt and every returned token.
     """
@@ -94,7 +97,10 @@ def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     if cache is None:
-        logits, cache = model.prefill(prompt, lengths, capacity=_bucket(prompt.shape[1] + max_new_tokens),
+        need = prompt.shape[1] + max_new_tokens
+        if capacity is not None and capacity < need:
+            raise ValueError(f"capacity {capacity} is below the prompt and max_new_tokens ({need} slots).")
+        logits, cache = model.prefill(prompt, lengths, capacity=_bucket(need) if capacity is None else capacity,
                                       logits="last")
     else:
         if cache.batch != prompt.shape[0]:

@@ -286,6 +286,13 @@ def test_max_input_length_and_truncation():
     assert P.max_input_length("scbench_summary_with_needles", 100_000, 5) == 100_000 - 815 * 5 // 2
     assert P.max_input_length("scbench_repoqa", 1000, 2) == 1000 - 500 * 2  # a budget >= the limit counts as 500
     assert P.max_input_length("scbench_mf", -1, 5) == 160_000 - 25
+    # turns of one sub-task alone (the needle stand-in): their own budgets, not the alternating rule
+    passkeys = ["scbench_passkey"] * 5
+    assert P.max_input_length("scbench_summary_with_needles", 2048, 5, sub_tasks=passkeys) == 2048 - 75
+    both = ["scbench_summary", "scbench_passkey"] * 2
+    assert P.max_input_length("scbench_summary_with_needles", 9000, 4, sub_tasks=both) == 9000 - 815 * 4 // 2
+    with pytest.raises(ValueError, match="scbench_kv"):
+        P.max_input_length("scbench_summary_with_needles", 9000, 1, sub_tasks=["scbench_kv"])
     assert P.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
     assert P.truncate_middle(list(range(10)), 5) == [0, 1, 8, 9]
     assert P.truncate_middle([1, 2, 3], 3) == [1, 2, 3]

@@ -8,7 +8,7 @@ import lcjax
 from lcjax.generate import generate
 from lcjax.methods import snapkv
 from lcjax.scbench import generators, prompts
-from lcjax.scbench.runner import run_example
+from lcjax.scbench.runner import run_example, token_pieces
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,41 @@ def test_compression_stays_applied_across_turns(smollm2, kv_row):
         run_example(model, tok, "scbench_kv", kv_row, "both")
 
 
+def test_chat_template_pieces_are_the_original_prompts(smollm2, kv_row):
+    """With --use_chat_template the ids fed per turn decode to SCBench's own rendered prompts, in both modes."""
+    _, tok = smollm2
+    dec = lambda ids: tok.decode(ids, skip_special_tokens=False)
+    for mode in ("multi-turn", "multi-request"):
+        shared, pieces, turns = token_pieces(tok, "scbench_kv", kv_row, mode, use_chat_template=True)
+        want = prompts.original_prompts("scbench_kv", kv_row, mode=mode, tokenizer=tok)
+        got = ([dec(shared)] if shared is not None else []) + [dec(p) for p in pieces]
+        assert got == want and len(turns) == 2
+        assert want[-1].endswith("<|im_start|>assistant\n")
+        if mode == "multi-turn":                         # the golden history: turn 0's answer opens turn 1
+            assert want[1].startswith(prompts.answer_text(turns[0].answer))
+
+
+def test_chat_template_multi_turn_equals_a_fresh_run(smollm2, kv_row):
+    model, tok = smollm2
+    res = run_example(model, tok, "scbench_kv", kv_row, "multi-turn", max_new_tokens_cap=6, use_chat_template=True)
+    _, pieces, _ = token_pieces(tok, "scbench_kv", kv_row, "multi-turn", use_chat_template=True)
+    whole = pieces[0] + pieces[1]
+    assert res[1].reused_tokens == len(pieces[0]) and res[1].seen_tokens == len(whole)
+    fresh, _ = generate(model, whole, 6, stop_tokens=tok.eos_token_ids)
+    assert res[1].prediction == tok.decode(fresh[0]).strip()
+
+
+def test_first_prompt_is_cut_in_the_middle_to_scbench_budget(smollm2, kv_row):
+    _, tok = smollm2
+    for chat in (False, True):
+        _, full, _ = token_pieces(tok, "scbench_kv", kv_row, "multi-turn", use_chat_template=chat)
+        _, cut, turns = token_pieces(tok, "scbench_kv", kv_row, "multi-turn", use_chat_template=chat,
+                                     max_seq_length=400)
+        room = prompts.max_input_length("scbench_kv", 400, 2)          # 400 - 150 * 2 = 100 tokens
+        assert room - 1 <= len(cut[0]) <= room < len(full[0]) and cut[1:] == full[1:]     # odd: one fewer
+        assert cut[0][-20:] == full[0][-20:] and cut[0][:20] == full[0][:20]
+
+
 def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, capsys):
     """The whole job: results appended per example, tables and plot written; a rerun (as after a kill) skips
     what is done, so nothing is duplicated or lost."""
@@ -75,3 +110,6 @@ def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, cap
     again = read_results(tmp_path / "results.jsonl")
     assert len(again) == 8 and {(r["task"], r["method"], r["mode"]) for r in again} == keys
     assert "| scbench_kv | multi-turn |" in (tmp_path / "scores.md").read_text()
+    assert all(r["settings"]["use_chat_template"] is True for r in again)       # SmolLM2 has a template
+    with pytest.raises(SystemExit, match="other settings .*kv_budget: 64 there, 32 now"):
+        scbench.main(argv[:5] + ["32"] + argv[6:])

@@ -681,6 +681,10 @@ GENERATORS: dict[str, Generator] = {
 }
 
 
+GENERATED_SUB_TASKS: dict[str, str] = {"scbench_summary_with_needles": "scbench_passkey"}
+"""The sub-task every generated turn has, for generators whose turns are one sub-task of a multi-task set."""
+
+
 def generate(task: str, n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
              n_turns: int = 5) -> list[Row]:
     """Rows of `task` from its generator; a task without one raises ValueError saying what it needs."""

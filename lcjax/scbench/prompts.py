@@ -441,17 +441,28 @@ def original_prompts(task: str, row: Mapping, *, mode: Mode = "multi-turn", toke
 
 
 def max_input_length(task: str, max_seq_length: int = 100_000, n_turns: int = 5,
-                     mode: Mode = "multi-turn") -> int:
+                     mode: Mode = "multi-turn", sub_tasks: Sequence[str] | None = None) -> int:
     """Tokens the original leaves for prompts[0] (`run_scbench.py`): max_seq_length (-1 means 160000) minus
     max_new_tokens * n_turns (a budget >= max_seq_length counts as 500); for the multi-task sets minus
     sum(sub-task budgets) * n_turns // 2; 1000 fewer in multi-request mode. n_turns: the turns of the
-    task's first example after ``--max_turns``."""
+    task's first example after ``--max_turns``.
+
+    sub_tasks: the sub-task of each turn, where known. The multi-task rule assumes turns alternate between
+    the set's sub-tasks; for turns that do not (the offline needle stand-in has passkey turns alone) the sum
+    of their own budgets is taken instead (else 2048 tokens would leave 11 for a passkey context)."""
     _check_task(task)
     _check_mode(mode)
     if max_seq_length == -1:
         max_seq_length = 160_000
     if task in SUB_TASK_MAX_NEW_TOKENS:
-        limit = max_seq_length - sum(SUB_TASK_MAX_NEW_TOKENS[task].values()) * n_turns // 2
+        budgets = SUB_TASK_MAX_NEW_TOKENS[task]
+        if sub_tasks is not None and not set(budgets) <= set(sub_tasks):
+            unknown = sorted(set(sub_tasks) - set(budgets))
+            if unknown:
+                raise ValueError(f"{task} has sub-tasks {sorted(budgets)}, not {unknown}.")
+            limit = max_seq_length - sum(budgets[s] for s in sub_tasks)
+        else:
+            limit = max_seq_length - sum(budgets.values()) * n_turns // 2
     else:
         budget = MAX_NEW_TOKENS[task]
         if budget >= max_seq_length:

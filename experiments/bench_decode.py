@@ -28,7 +28,7 @@ import numpy as np
 
 from lcjax.attention import DenseAttention
 from lcjax.config import llama3_8b_config
-from lcjax.generate import _bucket, _decode_loop
+from lcjax.generate import _bucket, _decode_loop, _token_buffer
 from lcjax.methods import cache_method
 from lcjax.methods.cache_transform import cache_nbytes
 from lcjax.models.transformer import Transformer
@@ -77,8 +77,8 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
                                       batch_chunk=groups)
         first = jax.block_until_ready(jnp.argmax(logits, -1).astype(jnp.int32))
         t1 = time.perf_counter()
-        state = jax.block_until_ready(_decode_loop(model, first, cache, jax.random.key(i), new, (), Greedy(),
-                                                   None))
+        state = jax.block_until_ready(_decode_loop(model, first, cache, jax.random.key(i), jnp.int32(new),
+                                                   _token_buffer(new), (), Greedy(), None))
         t2 = time.perf_counter()
         assert int(state.step) == new
         if i:

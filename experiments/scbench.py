@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    help="a ceiling on every turn's generation budget (quick runs)")
     p.add_argument("--output_dir", "--output-dir", default="results/scbench")
     p.add_argument("--data_dir", "--data-dir", default=None, help="SCBench's <task>.jsonl files")
+    p.add_argument("--standins", action=argparse.BooleanOptionalAction, default=True,
+                   help="without their files, scbench_repoqa and scbench_repoqa_and_kv run on offline stand-ins "
+                   "built from the Python standard library (labelled '(stand-in)' in the tables)")
     p.add_argument("--from_hub", "--from-hub", action="store_true", help="read microsoft/SCBench from the hub")
     p.add_argument("--use_chat_template", "--use-chat-template", action=argparse.BooleanOptionalAction,
                    default=None, help="the tokenizer's chat template around every prompt, as SCBench's published "
@@ -161,7 +164,7 @@ def main(argv=None) -> None:
                      for m in a.modes) - 200
         rows, source = load_task(task, a.data_dir, count_tokens=count, target_tokens=max(target, 256),
                                  num_examples=a.num_eval_examples, seed=a.seed, max_turns=a.max_turns,
-                                 from_hub=a.from_hub)
+                                 from_hub=a.from_hub, standins=a.standins)
         print(f"{task}: {len(rows)} example(s) from {source}")
         work += [(task, row, attn, kv, mode) for row in rows for attn, kv in methods for mode in a.modes]
     todo = [w for w in work if {"task": w[0], "method": f"{w[2]}+{w[3]}", "mode": w[4], "id": w[1]["id"]}

@@ -43,10 +43,16 @@ def decode_step(model: Transformer, tokens: jax.Array, cache: KVCache,
     return lm_logits(model.params, model.config, hidden[:, 0]), cache.advance(step)
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "stop_tokens", "sampler", "stream"),
-         donate_argnames=("cache",))
-def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, key: jax.Array, max_new_tokens: int,
-                 stop_tokens: tuple[int, ...], sampler: Sampler, stream: Callable | None) -> _DecodeState:
+def _token_buffer(max_new_tokens: int) -> int:
+    """Slots for the emitted tokens: a power of two (at least 64), so that budgets of one bucket share one
+    compiled loop (the budget itself is a traced bound)."""
+    return max(64, 1 << (max_new_tokens - 1).bit_length())
+
+
+@partial(jax.jit, static_argnames=("buffer", "stop_tokens", "sampler", "stream"), donate_argnames=("cache",))
+def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, key: jax.Array, max_new_tokens: jax.Array,
+                 buffer: int, stop_tokens: tuple[int, ...], sampler: Sampler, stream: Callable | None
+                 ) -> _DecodeState:
     batch = first.shape[0]
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
@@ -63,7 +69,7 @@ def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, key: jax.
         nxt = sampler(logits, jax.random.fold_in(key, s.step + 1))
         return _DecodeState(s.step + 1, tokens, nxt, done, cache)
 
-    init = _DecodeState(jnp.int32(0), jnp.full((batch, max_new_tokens), -1, jnp.int32), first,
+    init = _DecodeState(jnp.int32(0), jnp.full((batch, buffer), -1, jnp.int32), first,
                         jnp.zeros((batch,), bool), cache)
     return jax.lax.while_loop(cond, body, init)
 
@@ -111,6 +117,6 @@ def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache 
             cache = cache.with_capacity(_bucket(need))
         logits, cache = model.extend(prompt, cache, lengths)
     first = sampler(logits, jax.random.fold_in(key, 0))
-    state = _decode_loop(model, first, cache, key, max_new_tokens, tuple(int(t) for t in stop_tokens), sampler,
-                         stream)
+    state = _decode_loop(model, first, cache, key, jnp.int32(max_new_tokens), _token_buffer(max_new_tokens),
+                         tuple(int(t) for t in stop_tokens), sampler, stream)
     return [[int(t) for t in row if t >= 0] for row in np.asarray(state.tokens)], state.cache

@@ -44,3 +44,21 @@ def test_synthetic_tasks_are_generated_at_the_asked_length_in_the_given_tokens(t
     assert again == rows
     with pytest.raises(ValueError, match="needs count_tokens"):
         load_task("scbench_vt", tmp_path)
+
+
+def test_repoqa_stand_in_only_when_asked_and_labelled(tmp_path):
+    words = lambda text: len(text.split())
+    with pytest.raises(MissingDataError, match="scbench_repoqa.jsonl.*stand-in exists: repoqa_stdlib_standin"):
+        load_task("scbench_repoqa", tmp_path, count_tokens=words, target_tokens=800)
+    rows, source = load_task("scbench_repoqa", tmp_path, count_tokens=words, target_tokens=800, num_examples=1,
+                             max_turns=2, standins=True)
+    assert source == "generated stand-in repoqa_stdlib_standin" and rows[0]["id"].startswith("stdlib-standin-")
+    write_rows(tmp_path / "scbench_repoqa.jsonl", [{"id": "real", "context": "c", "multi_turns": [
+        {"input": "q", "answer": "a"}]}])
+    rows, source = load_task("scbench_repoqa", tmp_path, standins=True)          # the file wins
+    assert source.startswith("file") and rows[0]["id"] == "real"
+    from lcjax.scbench.report import table
+    result = lambda id_: {"task": "scbench_repoqa", "id": id_, "method": "dense+dense", "mode": "multi-turn",
+                          "turns": [{"turn": 0, "sub_task": "scbench_repoqa", "score": 1.0}]}
+    _, lines = table([result("real"), result("stdlib-standin-0-0")])
+    assert [l[0] for l in lines] == ["scbench_repoqa", "scbench_repoqa (stand-in)"]

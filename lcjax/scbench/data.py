@@ -16,6 +16,8 @@ TASKS = ("scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_repoqa", 
          "scbench_choice_eng", "scbench_many_shot", "scbench_mf", "scbench_summary",
          "scbench_summary_with_needles", "scbench_repoqa_and_kv")
 HUB_DATASET = "microsoft/SCBench"
+STANDINS = {"scbench_repoqa": "repoqa_stdlib_standin", "scbench_repoqa_and_kv": "repoqa_and_kv_stdlib_standin"}
+"""Offline stand-ins (real stdlib code; ids ``stdlib-standin-...``) a run may use when the task's file is absent."""
 
 
 class MissingDataError(FileNotFoundError):
@@ -33,11 +35,12 @@ def _check_rows(rows: list[dict], source: str) -> list[dict]:
 
 def load_task(task: str, data_dir: str | os.PathLike | None = None, *, count_tokens: Callable[[str], int] | None
               = None, target_tokens: int = 8192, num_examples: int = 2, seed: int = 0, max_turns: int = 5,
-              from_hub: bool = False) -> tuple[list[dict], str]:
+              from_hub: bool = False, standins: bool = False) -> tuple[list[dict], str]:
     """Rows of `task` in SCBench's format and a word on where they came from ("file ...", "hub", "generated").
 
     count_tokens and target_tokens size generated contexts (the model's tokenizer); num_examples (-1: all)
-    and max_turns cut any source. Raises `MissingDataError` naming the file to provide.
+    and max_turns cut any source. standins: without the file, repoqa and repoqa_and_kv come from their stdlib
+    stand-ins (`STANDINS`). Raises `MissingDataError` naming the file to provide.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown SCBench task {task!r}; the tasks are: {', '.join(TASKS)}.")
@@ -53,19 +56,22 @@ def load_task(task: str, data_dir: str | os.PathLike | None = None, *, count_tok
         source = f"hub {HUB_DATASET}"
     else:
         from lcjax.scbench import generators
-        if task in generators.GENERATORS:
+        name = task if task in generators.GENERATORS else STANDINS.get(task) if standins else None
+        if name is not None:
             if count_tokens is None:
                 raise ValueError(f"{task}: generating its data needs count_tokens (the model's tokenizer).")
             n = max(num_examples, 1)
-            rows = generators.GENERATORS[task](n, target_tokens, count_tokens, seed, max_turns)
-            source = "generated"
+            rows = generators.GENERATORS[name](n, target_tokens, count_tokens, seed, max_turns)
+            source = "generated" if name == task else f"generated stand-in {name}"
     if rows is None:
         where = f"{path}" if path is not None else f"<data_dir>/{task}.jsonl (pass --data_dir)"
         raise MissingDataError(
             f"{task} has no generator here (its context is real text); put SCBench's file at {where}: the hub "
             f"dataset {HUB_DATASET} holds it as data/{task}.jsonl (datasets.load_dataset({HUB_DATASET!r}, "
             f"{task!r}, split='test').to_json(...) on a machine that reaches the hub), or pass --from_hub "
-            f"where the hub is reachable.")
+            f"where the hub is reachable."
+            + (f" An offline stand-in exists: {STANDINS[task]} (standins=True, the CLI's --standins)."
+               if task in STANDINS else ""))
     rows = _check_rows(rows, source)
     if num_examples >= 0:
         rows = rows[:num_examples]

@@ -8,20 +8,28 @@ from pathlib import Path
 
 
 def turn_scores(rows: list[dict]) -> dict[tuple[str, str, str], dict[int, list[float]]]:
-    """(task or sub-task, method, mode) -> turn -> scores, from result rows (one per example)."""
+    """(task or sub-task, method, mode) -> turn -> scores, from result rows (one per example). Rows of an offline
+    stand-in (ids with ``standin``) are labelled ``<task> (stand-in)``, never mixed with the real task's."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for row in rows:
+        name = row["task"] + (" (stand-in)" if "standin" in str(row["id"]) else "")
         for t in row["turns"]:
-            task = row["task"] if t["sub_task"] == row["task"] else f"{row['task']}/{t['sub_task']}"
+            task = name if t["sub_task"] == row["task"] else f"{name}/{t['sub_task']}"
             out[task, row["method"], row["mode"]][t["turn"]].append(t["score"])
     return out
+
+
+def method_order(rows: list[dict]) -> list[str]:
+    """Methods in the order the run met them, the dense baseline first."""
+    seen = list(dict.fromkeys(r["method"] for r in rows))
+    return sorted(seen, key=lambda m: m != "dense+dense")
 
 
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one line per (task, mode), one column per method, the mean score over all turns in
     percent (and the number of scored turns)."""
     scores = turn_scores(rows)
-    methods = sorted({m for _, m, _ in scores})
+    methods = method_order(rows)
     lines = []
     for task, mode in sorted({(t, mo) for t, _, mo in scores}):
         cells = []
@@ -53,7 +61,7 @@ def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
     modes = sorted({mo for _, _, mo in scores})
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
-        for method in sorted({m for _, m, mo in scores if mo == mode}):
+        for method in [m for m in method_order(rows) if any(mo == mode and mm == m for _, mm, mo in scores)]:
             by_turn = defaultdict(list)
             for (task, m, mo), turns in scores.items():
                 if m == method and mo == mode:

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--use_chat_template", "--use-chat-template", action=argparse.BooleanOptionalAction,
                    default=None, help="the tokenizer's chat template around every prompt, as SCBench's published "
                    "scripts run (default: on when the tokenizer has one)")
+    p.add_argument("--layer_layout", "--layer-layout", default="stacked", choices=("stacked", "unstacked", "auto"),
+                   help="stacked (one scan over layers) compiles fast: a run compiles per method and shape and "
+                   "decodes only tens of tokens per turn; unstacked decodes faster on GPU but compiles per layer")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -142,7 +145,7 @@ def build_method(model, attn: str, kv: str, a):
 def main(argv=None) -> None:
     a = parse_args(argv)
     from tqdm import tqdm
-    model, tok = lcjax.load_model(a.model, dtype=a.dtype)
+    model, tok = lcjax.load_model(a.model, dtype=a.dtype, layer_layout=a.layer_layout)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer; SCBench needs one.")
     if a.use_chat_template is None:

@@ -3,7 +3,7 @@
 
 With no flags: the built-in SmolLM2-135M on CPU, two synthetic tasks (passkey needles, variable tracing) at 3K
 tokens, dense against StreamingLLM, SnapKV and Quest keeping 512 tokens, in both modes, with the model's chat
-template (as SCBench's published scripts run); about five minutes on two cores. SCBench's own flags work
+template (as SCBench's published scripts run); about six minutes on two cores. SCBench's own flags work
 (`--task`, `--attn_type`, `--kv_type`, `--hyper_param`, `--max_seq_length`, `--max_turns`,
 `--num_eval_examples`, `--output_dir`, `--data_dir`, `--use_chat_template`), with comma lists for tasks, modes
 and methods (or `--methods a_shape,snapkv,minference+quest`) so one run fills a comparison table. Every
@@ -21,7 +21,7 @@ import time
 import lcjax
 from lcjax.methods import ATTENTION_METHODS, CACHE_METHODS, attention_method, cache_method
 from lcjax.scbench import prompts
-from lcjax.scbench.data import load_task
+from lcjax.scbench.data import MissingDataError, load_task
 from lcjax.scbench.generators import GENERATED_SUB_TASKS
 from lcjax.scbench.report import plot_by_turn, write_tables
 from lcjax.scbench.results import ResultLog
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--same_context_different_query", "--same-context-different-query", action="store_true",
                    help="SCBench's flag for multi-request mode alone")
     p.add_argument("--attn_type", "--attn-type", default="dense", help="comma list: dense, a_shape, tri_shape, "
-                   "minference, vertical_slash, block_sparse")
+                   "minference, vertical_slash, block_sparse (SCBench's vllm / vllm_<name> spellings too)")
     p.add_argument("--kv_type", "--kv-type", default="dense,streamingllm,snapkv,quest",
                    help="comma list: dense, streamingllm, snapkv, pyramidkv, kivi, quest")
     p.add_argument("--methods", default=None,
@@ -82,17 +82,23 @@ def parse_args(argv=None):
     return a
 
 
+def _attn_name(name: str) -> str:
+    """SCBench's vLLM spellings (`vllm` = dense, `vllm_minference`, `vllm_a_shape`, ...) name the same methods."""
+    return "dense" if name == "vllm" else name.removeprefix("vllm_")
+
+
 def method_pairs(a) -> list[tuple[str, str]]:
     """(attn_type, kv_type) pairs to run: the --methods list, else every --attn_type with every --kv_type."""
     if a.methods is None:
-        pairs = [(at, kv) for at in a.attn_type.split(",") for kv in a.kv_type.split(",")]
+        pairs = [(_attn_name(at), kv) for at in a.attn_type.split(",") for kv in a.kv_type.split(",")]
     else:
         pairs = []
         for name in a.methods.split(","):
             if "+" in name:
-                pairs.append(tuple(name.split("+", 1)))
-            elif name in ATTENTION_METHODS:
-                pairs.append((name, "dense"))
+                attn, kv = name.split("+", 1)
+                pairs.append((_attn_name(attn), kv))
+            elif _attn_name(name) in ATTENTION_METHODS:
+                pairs.append((_attn_name(name), "dense"))
             elif name in CACHE_METHODS:
                 pairs.append(("dense", name))
             else:
@@ -165,9 +171,12 @@ def main(argv=None) -> None:
         sub_tasks = [GENERATED_SUB_TASKS[task]] * a.max_turns if task in GENERATED_SUB_TASKS else None
         target = min(prompts.max_input_length(task, a.max_seq_length, a.max_turns, m, sub_tasks)
                      for m in a.modes) - 200
-        rows, source = load_task(task, a.data_dir, count_tokens=count, target_tokens=max(target, 256),
-                                 num_examples=a.num_eval_examples, seed=a.seed, max_turns=a.max_turns,
-                                 from_hub=a.from_hub, standins=a.standins)
+        try:
+            rows, source = load_task(task, a.data_dir, count_tokens=count, target_tokens=max(target, 256),
+                                     num_examples=a.num_eval_examples, seed=a.seed, max_turns=a.max_turns,
+                                     from_hub=a.from_hub, standins=a.standins)
+        except MissingDataError as e:        # before any run starts: nothing is lost
+            raise SystemExit(f"{e}\n(or leave {task} out of --task)") from None
         print(f"{task}: {len(rows)} example(s) from {source}")
         work += [(task, row, attn, kv, mode) for row in rows for attn, kv in methods for mode in a.modes]
     todo = [w for w in work if {"task": w[0], "method": f"{w[2]}+{w[3]}", "mode": w[4], "id": w[1]["id"]}

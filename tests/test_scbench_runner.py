@@ -113,3 +113,13 @@ def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, cap
     assert all(r["settings"]["use_chat_template"] is True for r in again)       # SmolLM2 has a template
     with pytest.raises(SystemExit, match="other settings .*kv_budget: 64 there, 32 now"):
         scbench.main(argv[:5] + ["32"] + argv[6:])
+
+
+def test_method_lists_take_scbench_names():
+    from experiments.scbench import parse_args
+    grid = parse_args(["--attn_type", "vllm,vllm_minference", "--kv_type", "dense,snapkv"]).method_pairs
+    assert grid == [("dense", "dense"), ("dense", "snapkv"), ("minference", "dense"), ("minference", "snapkv")]
+    listed = parse_args(["--methods", "dense,a_shape,quest,vllm_tri_shape+kivi,quest"]).method_pairs
+    assert listed == [("dense", "dense"), ("a_shape", "dense"), ("dense", "quest"), ("tri_shape", "kivi")]
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "snapkv+a_shape"])            # a cache method where attention goes

@@ -8,8 +8,8 @@ template (as SCBench's published scripts run); about six minutes on two cores. S
 `--num_eval_examples`, `--output_dir`, `--data_dir`, `--use_chat_template`), with comma lists for tasks, modes
 and methods (or `--methods a_shape,snapkv,minference+quest`) so one run fills a comparison table. Every
 finished example is appended to `<output_dir>/results.jsonl` at once; a rerun skips what is done (and refuses
-an output directory made with other settings). At the end: `scores.md`, `scores.csv` and `score_by_turn.png`
-in the output directory.
+an output directory made with other settings). At the end: `scores.md`, `scores.csv`, `score_by_turn.png`
+and `score_by_method.png` in the output directory.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lcjax.methods import ATTENTION_METHODS, CACHE_METHODS, attention_method, ca
 from lcjax.scbench import prompts
 from lcjax.scbench.data import MissingDataError, load_task
 from lcjax.scbench.generators import GENERATED_SUB_TASKS
-from lcjax.scbench.report import plot_by_turn, write_tables
+from lcjax.scbench.report import plot_by_method, plot_by_turn, write_tables
 from lcjax.scbench.results import ResultLog
 from lcjax.scbench.runner import MODES, run_example
 
@@ -194,8 +194,9 @@ def main(argv=None) -> None:
                     "seconds": time.perf_counter() - t0, "turns": [t.__dict__ for t in turns]})
     md, csv_path = write_tables(log.rows, a.output_dir)
     png = plot_by_turn(log.rows, f"{a.output_dir}/score_by_turn.png")
+    bars = plot_by_method(log.rows, f"{a.output_dir}/score_by_method.png")
     print("\n" + md.read_text())
-    print(f"wrote {md}, {csv_path}, {png}")
+    print(f"wrote {md}, {csv_path}, {png}, {bars}")
 
 
 if __name__ == "__main__":

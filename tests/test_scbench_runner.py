@@ -99,7 +99,8 @@ def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, cap
     rows = read_results(tmp_path / "results.jsonl")
     keys = {(r["task"], r["method"], r["mode"]) for r in rows}
     assert len(rows) == 8 and len(keys) == 8 and all(len(r["turns"]) == 2 for r in rows)
-    assert all((tmp_path / f).exists() for f in ("scores.md", "scores.csv", "score_by_turn.png"))
+    assert all((tmp_path / f).exists() for f in ("scores.md", "scores.csv", "score_by_turn.png",
+                                               "score_by_method.png"))
     snap = [r for r in rows if r["method"] == "dense+snapkv" and r["mode"] == "multi-turn"]
     assert all(t["cache_tokens"] == 64 for r in snap for t in r["turns"])
     lines = (tmp_path / "results.jsonl").read_text().splitlines()

@@ -82,3 +82,41 @@ def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_by_method(rows: list[dict], path: str | Path) -> Path:
+    """Mean score per method, one panel per task (or sub-task), bars grouped by mode: where the methods part."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scores = turn_scores(rows)
+    methods = method_order(rows)
+    tasks = sorted({t for t, _, _ in scores})
+    modes = sorted({mo for _, _, mo in scores})
+    cols = min(3, len(tasks))
+    n_rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5.2 * cols, 3.0 * n_rows), squeeze=False, sharey=True)
+    width = 0.8 / len(modes)
+    for ax, task in zip(axes.flat, tasks):
+        for j, mode in enumerate(modes):
+            means = []
+            for m in methods:
+                vals = [v for turn in scores.get((task, m, mode), {}).values() for v in turn]
+                means.append(100 * sum(vals) / len(vals) if vals else float("nan"))
+            ax.bar([i + (j - (len(modes) - 1) / 2) * width for i in range(len(methods))], means, width,
+                   label=mode)
+        ax.set_title(task.removeprefix("scbench_"), fontsize=9)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([m.replace("+dense", "").replace("dense+", "") for m in methods], rotation=45,
+                           ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("score (%)")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

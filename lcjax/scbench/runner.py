@@ -58,13 +58,19 @@ def _capacity(n: int) -> int:
     return -(-n // step) * step
 
 
+def _padded(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """One sequence as int32 `[1, padded_length]` right-padded with zeros, and its length `[1]`."""
+    prompt = np.zeros((1, padded_length(len(ids))), np.int32)
+    prompt[0, :len(ids)] = ids
+    return prompt, np.asarray([len(ids)], np.int32)
+
+
 def _generate(model, ids: list[int], max_new_tokens: int, cache, stop_tokens, capacity: int | None = None):
     """generate() for one sequence, its ids right-padded to `padded_length`; returns (new tokens, cache with
     them, slots before decoding)."""
-    prompt = np.zeros((1, padded_length(len(ids))), np.int32)
-    prompt[0, :len(ids)] = ids
-    tokens, cache = generate(model, prompt, max_new_tokens, cache=cache, lengths=np.asarray([len(ids)], np.int32),
-                             stop_tokens=stop_tokens, capacity=capacity)
+    prompt, lengths = _padded(ids)
+    tokens, cache = generate(model, prompt, max_new_tokens, cache=cache, lengths=lengths, stop_tokens=stop_tokens,
+                             capacity=capacity)
     new = tokens[0]
     return new, cache, int(cache.lengths[0]) - len(new)
 
@@ -125,14 +131,11 @@ def run_example(model, tokenizer, task: str, row: dict, mode: Mode, *, max_new_t
     if shared_ids is not None:
         # room for the longest query and its answer, so no query grows (copies) the shared cache
         room = max(padded_length(len(ids)) + b for ids, b in zip(turn_ids, budgets))
-        padded = np.zeros((1, padded_length(len(shared_ids))), np.int32)
-        padded[0, :len(shared_ids)] = shared_ids
-        _, shared = model.prefill(padded, np.asarray([len(shared_ids)], np.int32),
-                                  capacity=_capacity(padded.shape[1] + room), logits="last")
+        prompt, lengths = _padded(shared_ids)
+        _, shared = model.prefill(prompt, lengths, capacity=_capacity(prompt.shape[1] + room), logits="last")
         capacity = None
     else:   # room for every turn from the start: a dense cache is never grown (a copy and a compile)
-        capacity = _capacity(padded_length(len(turn_ids[0])) + budgets[0] + sum(
-            padded_length(len(ids)) + b for ids, b in zip(turn_ids[1:], budgets[1:])))
+        capacity = _capacity(sum(padded_length(len(ids)) + b for ids, b in zip(turn_ids, budgets)))
     cache = None
     for i, (turn, ids, budget) in enumerate(zip(turns, turn_ids, budgets)):
         start_cache = shared if shared is not None else cache

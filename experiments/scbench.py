@@ -89,6 +89,10 @@ def _attn_name(name: str) -> str:
 
 def method_pairs(a) -> list[tuple[str, str]]:
     """(attn_type, kv_type) pairs to run: the --methods list, else every --attn_type with every --kv_type."""
+    def unknown(name: str) -> ValueError:
+        return ValueError(f"unknown method {name!r}; attention: {', '.join(ATTENTION_METHODS)}; cache: "
+                          f"{', '.join(CACHE_METHODS)}; or attn+kv.")
+
     if a.methods is None:
         pairs = [(_attn_name(at), kv) for at in a.attn_type.split(",") for kv in a.kv_type.split(",")]
     else:
@@ -102,12 +106,10 @@ def method_pairs(a) -> list[tuple[str, str]]:
             elif name in CACHE_METHODS:
                 pairs.append(("dense", name))
             else:
-                raise ValueError(f"unknown method {name!r}; attention: {', '.join(ATTENTION_METHODS)}; cache: "
-                                 f"{', '.join(CACHE_METHODS)}; or attn+kv.")
+                raise unknown(name)
     for attn, kv in pairs:
         if attn not in ATTENTION_METHODS or kv not in CACHE_METHODS:
-            raise ValueError(f"unknown method {attn}+{kv}; attention: {', '.join(ATTENTION_METHODS)}; cache: "
-                             f"{', '.join(CACHE_METHODS)}.")
+            raise unknown(f"{attn}+{kv}")
     return list(dict.fromkeys(pairs))
 
 

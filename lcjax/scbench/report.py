@@ -25,6 +25,18 @@ def method_order(rows: list[dict]) -> list[str]:
     return sorted(seen, key=lambda m: m != "dense+dense")
 
 
+def cell_scores(scores: dict, task: str, method: str, mode: str) -> list[float]:
+    """Every turn's score of one (task, method, mode) cell of `turn_scores`, turns pooled."""
+    return [v for turn in scores.get((task, method, mode), {}).values() for v in turn]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")          # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one line per (task, mode), one column per method, the mean score over all turns in
     percent (and the number of scored turns)."""
@@ -34,7 +46,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     for task, mode in sorted({(t, mo) for t, _, mo in scores}):
         cells = []
         for m in methods:
-            vals = [v for turn in scores.get((task, m, mode), {}).values() for v in turn]
+            vals = cell_scores(scores, task, m, mode)
             cells.append(f"{100 * sum(vals) / len(vals):.1f} ({len(vals)})" if vals else "-")
         lines.append([task, mode] + cells)
     return ["task", "mode"] + methods, lines
@@ -54,9 +66,7 @@ def write_tables(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
 
 def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
     """Mean score (over tasks and examples) by turn, one line per method, one panel per mode."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     scores = turn_scores(rows)
     modes = sorted({mo for _, _, mo in scores})
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
@@ -86,9 +96,7 @@ def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
 
 def plot_by_method(rows: list[dict], path: str | Path) -> Path:
     """Mean score per method, one panel per task (or sub-task), bars grouped by mode: where the methods part."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     scores = turn_scores(rows)
     methods = method_order(rows)
     tasks = sorted({t for t, _, _ in scores})
@@ -101,7 +109,7 @@ def plot_by_method(rows: list[dict], path: str | Path) -> Path:
         for j, mode in enumerate(modes):
             means = []
             for m in methods:
-                vals = [v for turn in scores.get((task, m, mode), {}).values() for v in turn]
+                vals = cell_scores(scores, task, m, mode)
                 means.append(100 * sum(vals) / len(vals) if vals else float("nan"))
             ax.bar([i + (j - (len(modes) - 1) / 2) * width for i in range(len(methods))], means, width,
                    label=mode)

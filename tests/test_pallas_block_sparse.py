@@ -158,3 +158,21 @@ def test_block_sparse_past_the_int32_offset_limit_runs_in_kv_head_groups(monkeyp
     assert calls == [(1, 96, 2, 64)] * kv_heads
     mask = blocks_to_mask(idx, counts, q_len, q_len, block, block, True)
     assert_matches_reference(out, attention_f64(q, k, v, mask, 0.125), mask, jnp.float32)
+
+
+def test_hopper_kernel_names_unsupported_configs():
+    """The Mosaic GPU kernel's wrapper checks its inputs before any GPU work (so this runs on the CPU)."""
+    from lcjax.pallas.block_sparse_hopper import block_sparse_attention_hopper
+
+    q = jnp.zeros((1, 128, 4, 128), jnp.float32)
+    lists = (jnp.zeros((1, 4, 1, 1), jnp.int32), jnp.zeros((1, 4, 1, 2), jnp.int32))
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        block_sparse_attention_hopper(q, q, q, *lists, scale=1.0)
+    q16 = q.astype(jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_k=32"):
+        block_sparse_attention_hopper(q16, q16, q16, *lists, scale=1.0, block_k=32)
+    with pytest.raises(ValueError, match="shared memory"):
+        block_sparse_attention_hopper(q16, q16, q16, *lists, scale=1.0, block_k=128, stages=4)
+    with pytest.raises(ValueError, match="implementation='cuda'"):
+        block_sparse_attention(q, q, q, *lists[:1], jnp.zeros((1, 4, 1), jnp.int32), scale=1.0,
+                               implementation="cuda")

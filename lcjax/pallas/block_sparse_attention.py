@@ -147,12 +147,23 @@ def block_sparse_attention_canonical(q: jax.Array, k: jax.Array, v: jax.Array, i
                                  padded_head_dim=d_pad)
 
 
+def hopper_kernel_applies(q: jax.Array, block_q: int, block_k: int, interpret: bool) -> bool:
+    """Whether the Mosaic GPU kernel (`block_sparse_hopper`) can run this call: a Hopper GPU, 16-bit inputs,
+    64- or 128-wide tiles."""
+    if interpret or jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    if block_q not in (64, 128) or block_k not in (64, 128):
+        return False
+    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps",
-                                             "num_stages", "heads_fastest"))
+                                             "num_stages", "heads_fastest", "implementation"))
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array,
                            block_counts: jax.Array, *, scale: float, causal: bool = True, block_q: int = 64,
                            block_k: int = 64, interpret: bool = False, num_warps: int | None = None,
-                           num_stages: int | None = None, heads_fastest: bool = False) -> jax.Array:
+                           num_stages: int | None = None, heads_fastest: bool = False,
+                           implementation: str = "auto") -> jax.Array:
     """Attention over the named key blocks of each query block.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`, heads a multiple of
@@ -163,11 +174,22 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
     0, key <= query inside the diagonal tiles. Rows with no allowed key are zeros.
     Returns `[batch, q_len, heads, head_dim]` in q's dtype. `interpret=True` runs the kernel on CPU; num_warps,
     num_stages (Triton) and heads_fastest (grid order, see `_flash.launch_grid`) tune speed only.
+    implementation: "mosaic" (the Hopper kernel in `block_sparse_hopper`: wgmma + TMA; num_stages = its K/V
+    slots), "triton" (this module's kernel: any CUDA GPU, and interpret mode) or "auto" (mosaic where
+    `hopper_kernel_applies`).
     """
     _flash.check_inputs("block_sparse_attention", q, k, v)
+    if implementation not in ("auto", "mosaic", "triton"):
+        raise ValueError(f"block_sparse_attention: implementation={implementation!r}; choose auto, mosaic or "
+                         "triton.")
     indices, schedule = canonicalize_block_indices(block_indices, block_counts, q_len=q.shape[1],
                                                    kv_len=k.shape[1], block_q=block_q, block_k=block_k,
                                                    causal=causal)
+    if implementation == "mosaic" or (implementation == "auto"
+                                      and hopper_kernel_applies(q, block_q, block_k, interpret)):
+        from lcjax.pallas.block_sparse_hopper import block_sparse_attention_hopper
+        return block_sparse_attention_hopper(q, k, v, indices, schedule, scale=scale, causal=causal,
+                                             block_q=block_q, block_k=block_k, stages=num_stages or 2)
     return block_sparse_attention_canonical(q, k, v, indices, schedule, scale=scale, causal=causal,
                                             block_q=block_q, block_k=block_k, interpret=interpret,
                                             num_warps=num_warps, num_stages=num_stages,

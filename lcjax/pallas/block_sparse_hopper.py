@@ -1,0 +1,244 @@
+"""Block-sparse prefill attention for Hopper GPUs: a Mosaic GPU kernel (wgmma, TMA, warp specialisation).
+
+Same contract as `block_sparse_attention` (the Triton-lowered kernel in `block_sparse_attention.py`) on
+lists in `canonicalize_block_indices`' form; this one runs at the rate of cuDNN's dense kernel per
+computed tile, which Triton's lowering could not reach on the H100 (NOTES.md, BENCHMARKS.md).
+
+Layout of one CTA, after FlashAttention-3: `compute_wgs` (1 or 2) compute warpgroups of 64 query rows each
+(one query block = 64 * compute_wgs rows) and one memory warpgroup. The memory warpgroup walks the query
+block's list and streams its K/V tiles into a ring of `stages` shared-memory slots with TMA; the compute
+warpgroups run QK^T and PV on the tensor cores (wgmma) with the online softmax in registers, and hand each
+slot back through a "consumed" barrier. With two compute warpgroups a schedule barrier makes one's softmax
+overlap the other's matmuls. Both compute warpgroups share the block's list, so they take the same number
+of steps and every barrier is used the same number of times by each side.
+
+The list's first `schedule[0]` tiles need no elementwise mask (wholly below the diagonal, inside kv_len):
+they run a loop without one; the rest apply causal & (key < kv_len). The running max starts at a finite
+floor, so rows whose keys are all masked get zeros, never NaN (see `_flash`).
+
+Hopper only (sm_90), bfloat16 or float16, head_dim 64 or 128 (96 runs as 128, zero-padded); no interpret
+mode on CPU (Mosaic GPU's interpreter cannot run wgmma), so its tests run on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lcjax.pallas import _flash
+
+ROWS_PER_WG = 64  # wgmma's M per warpgroup
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_wgs: int, block_k: int,
+            stages: int, num_q_blocks: int, groups: int, kv_len: int, causal: bool, qk_scale: float):
+    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped
+    b, h = lax.axis_index("batch"), lax.axis_index("heads")
+    qb = num_q_blocks - 1 - lax.axis_index("q_blocks")  # longest lists first (see _flash.launch_grid)
+    wg = lax.axis_index("wg")
+    n_plain, n_total = sched_ref[b, h, qb, 0], sched_ref[b, h, qb, 1]
+    head_dim = q_smem.shape[-1]
+    dtype = q_smem.dtype
+
+    def take_turns():  # ping-pong between the two compute warpgroups
+        if compute_wgs == 2:
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+    @pl.when(wg < compute_wgs)
+    def _compute():
+        plgpu.set_max_registers(232 if compute_wgs == 2 else 240, action="increase")
+        my_q = q_smem.at[wg]
+        row0 = qb * (ROWS_PER_WG * compute_wgs) + wg * ROWS_PER_WG
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS_PER_WG), h], my_q, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        m = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), _flash.M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+
+        @pl.when(n_total > 0)
+        def _():
+            plgpu.barrier_wait(k_ready.at[0])
+
+        if compute_wgs == 2:
+            pl.when(wg == 1)(take_turns)
+
+        def step(n, carry, masked: bool):
+            acc, m, l = carry
+            slot = lax.rem(n, stages)
+
+            def qk_scope(s_ref):
+                plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                take_turns()
+                return s_ref[...]
+
+            s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS_PER_WG, block_k), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:
+                start = idx_ref[b, h, qb, n] * block_k
+                rows = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                cols = start + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                allowed = cols < kv_len
+                if causal:
+                    allowed &= rows >= cols
+                s = jnp.where(allowed, s, -jnp.inf)
+            # logits stay unscaled; scale * log2(e) enters the max once and the exponent as one FMA
+            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p = p.astype(dtype)
+            acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))  # softmax done before the PV wait
+            if compute_wgs == 2:
+                plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(v_ready.at[slot])
+            if compute_wgs == 2:
+                plgpu.barrier_wait(schedule)
+
+            def pv_scope(acc_ref):
+                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                nxt = n + 1
+
+                @pl.when(nxt < n_total)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
+
+            acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        carry = lax.fori_loop(0, n_plain, functools.partial(step, masked=False), (acc, m, l))
+        acc, m, l = lax.fori_loop(n_plain, n_total, functools.partial(step, masked=True), carry)
+        if compute_wgs == 2:
+            pl.when(wg == 0)(take_turns)
+        # l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0 means acc == 0
+        acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
+        my_q[...] = acc.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(row0, ROWS_PER_WG), h])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == compute_wgs)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(h, groups)
+
+        def fetch(n, slot, wait: bool):
+            tile = (b, pl.ds(idx_ref[b, h, qb, n] * block_k, block_k), kv_head)
+            if wait:  # K is free after QK^T, V only after PV: refill each as soon as it is
+                plgpu.barrier_wait(k_free.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
+            if wait:
+                plgpu.barrier_wait(v_free.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
+
+        for n in range(stages):
+            pl.when(n < n_total)(functools.partial(fetch, n, n, False))
+
+        @pl.loop(stages, jnp.maximum(n_total, stages))
+        def _(n):
+            fetch(n, lax.rem(n, stages), True)
+
+
+def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, causal: bool, block_q: int,
+                    block_k: int, stages: int) -> jax.Array:
+    """The kernel on padded arrays: q `[b, nqb*block_q, h, d]`, k, v `[b, nkb*block_k, kvh, d]`, d 64 or 128."""
+    batch, q_pad, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    compute_wgs = block_q // ROWS_PER_WG
+    nqb = q_pad // block_q
+    kernel = functools.partial(_kernel, compute_wgs=compute_wgs, block_k=block_k, stages=stages,
+                               num_q_blocks=nqb, groups=heads // kv_heads, kv_len=kv_len, causal=causal,
+                               qk_scale=scale * math.log2(math.e))
+    # 128-byte swizzle of 64-element rows: the layout wgmma reads without bank conflicts
+    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+    def entry(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref):
+        pl.run_scoped(
+            lambda *scoped: kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped),
+            (plgpu.SMEM((compute_wgs, ROWS_PER_WG, head_dim), q.dtype, **tiled),
+             plgpu.SMEM((stages, block_k, head_dim), q.dtype, **tiled),
+             plgpu.SMEM((stages, block_k, head_dim), q.dtype, **tiled)),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=compute_wgs)),
+            (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=compute_wgs),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(heads, nqb, batch),  # heads fastest: a GQA group's query heads read one K/V head together
+        grid_names=("heads", "q_blocks", "batch"),
+        num_threads=compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, indices, schedule)
+
+
+SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on sm_90
+
+
+def smem_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize: int = 2) -> int:
+    """Shared memory of one CTA: the query/output tiles and `stages` K and V tiles (barriers not counted)."""
+    return (block_q + 2 * stages * block_k) * head_dim * itemsize
+
+
+def check_config(q: jax.Array, block_q: int, block_k: int, stages: int) -> None:
+    """Errors naming what the Hopper kernel supports."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"block_sparse_attention_hopper takes bfloat16 or float16 (wgmma); got {q.dtype}.")
+    if block_q not in (64, 128):
+        raise ValueError(f"block_sparse_attention_hopper: block_q={block_q} must be 64 or 128 (one or two "
+                         f"warpgroups of 64 rows).")
+    if block_k not in (64, 128):
+        raise ValueError(f"block_sparse_attention_hopper: block_k={block_k} must be 64 or 128.")
+    if stages < 2:
+        raise ValueError(f"block_sparse_attention_hopper: stages={stages} must be >= 2 (a ring of K/V slots).")
+    head_dim = _flash.padded_head_dim(q.shape[-1])
+    if (need := smem_bytes(block_q, block_k, stages, head_dim)) > SMEM_BYTES:
+        raise ValueError(f"block_sparse_attention_hopper: block_q={block_q}, block_k={block_k}, stages={stages} at "
+                         f"head_dim={head_dim} need {need} bytes of shared memory, more than the {SMEM_BYTES} a "
+                         "CTA has; use fewer stages or smaller tiles.")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "stages"))
+def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array,
+                                  schedule: jax.Array, *, scale: float, causal: bool = True, block_q: int = 128,
+                                  block_k: int = 128, stages: int = 2) -> jax.Array:
+    """`block_sparse_attention_canonical` on Hopper: lists already in `canonicalize_block_indices`' form for
+    these `block_q`, `block_k`.
+
+    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`; bfloat16 or float16;
+    head_dim 64, 96 or 128. indices int32 `[batch, heads, ceil(q_len / block_q), max_blocks]`, schedule int32
+    `[batch, heads, ceil(q_len / block_q), 2]`. Returns `[batch, q_len, heads, head_dim]` in q's dtype.
+    block_q: 64 or 128 query rows per CTA (one or two compute warpgroups); block_k: 64 or 128 keys per
+    tile; stages: K/V slots in shared memory.
+    """
+    _flash.check_inputs("block_sparse_attention_hopper", q, k, v)
+    check_config(q, block_q, block_k, stages)
+    q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    if causal and q_len != kv_len:
+        raise ValueError(f"causal block_sparse_attention_hopper is prefill from position 0: q_len={q_len} must "
+                         f"equal kv_len={kv_len}.")
+    d_pad = _flash.padded_head_dim(head_dim)
+    q_pad, kv_pad = -(-q_len // block_q) * block_q, -(-kv_len // block_k) * block_k
+
+    def run(q, k, v, lists):
+        q_p = _flash.pad_to(_flash.pad_to(q, 1, q_pad), 3, d_pad)
+        k_p = _flash.pad_to(_flash.pad_to(k, 1, kv_pad), 3, d_pad)
+        v_p = _flash.pad_to(_flash.pad_to(v, 1, kv_pad), 3, d_pad)
+        out = _mosaic_forward(q_p, k_p, v_p, *lists, kv_len=kv_len, scale=scale, causal=causal, block_q=block_q,
+                              block_k=block_k, stages=stages)
+        return out[:, :q_len, :, :head_dim]
+
+    return _flash.by_head_groups(run, q, k, v, (indices, schedule), padded_len=q_pad, padded_head_dim=d_pad)

@@ -2,9 +2,9 @@
 
 Causal prefill, batch 1, 32 query heads, 8 KV heads, head_dim 128, bf16. In order: (a) correctness against
 the XLA references on a small size with fresh random inputs and NaN-poisoned outputs; (b) a sweep of tile
-sizes / warps / pipeline stages at one length; (c) per length: cuDNN, block-sparse at 1/5/10/25 % of the
-causal tiles and dense (all causal tiles), vertical-slash (1000 verticals / 6096 slashes) on the ideal
-nearest-diagonals index set and on random indices. Times are medians of >= 10 samples after warm-up;
+sizes / warps / pipeline stages at one length; (c) per length: cuDNN, tokamax (when installed), block-sparse
+(the Mosaic GPU and the Triton kernel) at 1/5/10/25 % of the causal tiles and dense (all causal tiles),
+vertical-slash (1000 verticals / 6096 slashes) on the ideal nearest-diagonals index set and on random indices. Times are medians of >= 10 samples after warm-up;
 TFLOP/s count the FLOPs of the tiles each kernel computes (4 * tile_q * tile_k * head_dim per tile; cuDNN:
 4 * heads * L^2 / 2 * head_dim). A markdown table comes last; full results go to $OUT/bench_sparse.json.
 
@@ -28,6 +28,7 @@ import numpy as np
 from lcjax.pallas.block_sparse_attention import (
     _pallas_forward as block_sparse_forward, block_sparse_attention, block_sparse_attention_canonical,
     block_sparse_attention_reference, canonicalize_block_indices)
+from lcjax.pallas.block_sparse_hopper import block_sparse_attention_hopper
 from lcjax.pallas.vertical_slash_attention import (
     _pallas_forward as vertical_slash_forward, build_vertical_slash_index, vertical_slash_attention,
     vertical_slash_attention_reference)
@@ -42,6 +43,9 @@ N_VERTICAL, N_SLASH = 1000, 6096
 BS_CONFIGS = [(128, 64, 4, 2, 0), (128, 64, 4, 2, 1), (128, 64, 4, 3, 0), (128, 64, 8, 2, 0),
               (128, 128, 8, 2, 0)]
 VS_CONFIGS = [(128, 8, 2, 0), (128, 8, 3, 0), (64, 4, 2, 0)]  # block, warps, stages, heads_fastest
+# the Mosaic GPU (Hopper) block-sparse kernel: block_q, block_k, stages (a first H100 probe: 128 x 128 tiles with
+# two compute warpgroups ran 600 TFLOP/s on dense lists at 32K; 128 x 64 519; 64 x 64 with one warpgroup 380)
+MOSAIC_CONFIG = (128, 128, 2)
 START = time.perf_counter()
 
 
@@ -116,12 +120,21 @@ def check_correctness(key, lengths=(2048, 1000)) -> list[str]:
         q, k, v = qkv(kx, length)
         up = [x.astype(jnp.float32) for x in (q, k, v)]
         for density in (0.1, None):
+            bq, bk = MOSAIC_CONFIG[:2]
+            idx, counts = random_block_lists(ki, length, bq, bk, density)
+            out = block_sparse_attention(q, k, v, idx, counts, scale=SCALE, block_q=bq, block_k=bk,
+                                         implementation="mosaic")
+            with jax.default_matmul_precision("highest"):
+                ref = block_sparse_attention_reference(*up, idx, counts, scale=SCALE, block_q=bq, block_k=bk)
+            err, verdict = rel_err(out.astype(jnp.float32), ref)
+            lines.append(f"block_sparse mosaic {bq}x{bk} L={length} density={density or 'dense'}: rel_err={err:.2e} "
+                         f"{verdict}")
             idx, counts = random_block_lists(ki, length, 64, 64, density)
-            out = block_sparse_attention(q, k, v, idx, counts, scale=SCALE)
+            out = block_sparse_attention(q, k, v, idx, counts, scale=SCALE, implementation="triton")
             with jax.default_matmul_precision("highest"):
                 ref = block_sparse_attention_reference(*up, idx, counts, scale=SCALE)
             err, verdict = rel_err(out.astype(jnp.float32), ref)
-            lines.append(f"block_sparse L={length} density={density or 'dense'}: rel_err={err:.2e} {verdict}")
+            lines.append(f"block_sparse triton L={length} density={density or 'dense'}: rel_err={err:.2e} {verdict}")
             if length % 64 == 0:
                 ci, sc = canonicalize_block_indices(idx, counts, q_len=length, kv_len=length, block_q=64,
                                                     block_k=64, causal=True)
@@ -150,16 +163,22 @@ def check_correctness(key, lengths=(2048, 1000)) -> list[str]:
 
 
 def block_sparse_case(q, k, v, idx, counts, cfg):
-    """Times the canonicalising pre-pass and the kernel on canonical lists; returns a result dict."""
-    bq, bk, warps, stages, heads_fastest = cfg
+    """Times the canonicalising pre-pass and the kernel on canonical lists; returns a result dict. cfg: a
+    Triton config (block_q, block_k, warps, stages, heads_fastest) or a Mosaic one (block_q, block_k, stages)."""
+    bq, bk = cfg[:2]
     length = q.shape[1]
     canon = jax.jit(lambda i, c: canonicalize_block_indices(i, c, q_len=length, kv_len=length, block_q=bq,
                                                             block_k=bk, causal=True))
     ci, sc = canon(idx, counts)
     tiles = int(jnp.sum(sc[..., 1]))
-    kern = jax.jit(lambda q, k, v, i, s: block_sparse_attention_canonical(
-        q, k, v, i, s, scale=SCALE, block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
-        heads_fastest=bool(heads_fastest)))
+    if len(cfg) == 3:
+        kern = jax.jit(lambda q, k, v, i, s: block_sparse_attention_hopper(q, k, v, i, s, scale=SCALE, block_q=bq,
+                                                                           block_k=bk, stages=cfg[2]))
+    else:
+        _, _, warps, stages, heads_fastest = cfg
+        kern = jax.jit(lambda q, k, v, i, s: block_sparse_attention_canonical(
+            q, k, v, i, s, scale=SCALE, block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
+            heads_fastest=bool(heads_fastest)))
     t_kernel = timeit(kern, q, k, v, ci, sc)
     t_prep = timeit(canon, idx, counts)
     causal_tiles = HEADS * sum(min(((i * bq + bq - 1) // bk) + 1, -(-length // bk)) for i in range(-(-length // bq)))
@@ -190,6 +209,24 @@ def cudnn_case(q, k, v):
     fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=SCALE, is_causal=True,
                                                               implementation="cudnn"))
     t = timeit(fn, q, k, v)
+    flops = 4 * HEADS * q.shape[1] ** 2 / 2 * HEAD_DIM
+    return dict(kernel_ms=t * 1e3, prep_ms=0.0, tflops=flops / t / 1e12, tile_frac=1.0, flops=flops)
+
+
+def tokamax_case(q, k, v):
+    """tokamax's Mosaic GPU flash attention (dense causal), the fastest dense kernel measured on this H100
+    (KERNELS.md); None when tokamax is not installed. Also its relative difference to cuDNN."""
+    try:
+        import tokamax
+    except ImportError as e:
+        log(f"tokamax not importable ({e}); no tokamax row")
+        return None
+    fn = jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, scale=SCALE, is_causal=True,
+                                                               implementation="mosaic"))
+    t = timeit(fn, q, k, v)
+    ref = jax.nn.dot_product_attention(q, k, v, scale=SCALE, is_causal=True, implementation="cudnn")
+    err = float(jnp.linalg.norm((fn(q, k, v) - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
+    log(f"tokamax vs cuDNN at L={q.shape[1]}: rel diff {err:.1e}")
     flops = 4 * HEADS * q.shape[1] ** 2 / 2 * HEAD_DIM
     return dict(kernel_ms=t * 1e3, prep_ms=0.0, tflops=flops / t / 1e12, tile_frac=1.0, flops=flops)
 
@@ -255,12 +292,13 @@ def main():
     table = []
     for length in (int(x) for x in args.lengths.split(",")):
         q, k, v = qkv(jax.random.fold_in(key, length), length)
-        cases = [("cudnn dense", lambda: cudnn_case(q, k, v))]
+        cases = [("cudnn dense", lambda: cudnn_case(q, k, v)), ("tokamax dense", lambda: tokamax_case(q, k, v))]
         for density in (None,) + DENSITIES:
-            cases.append((f"block_sparse {'dense' if density is None else f'{density:.0%}'}",
-                          lambda d=density: block_sparse_case(
-                              q, k, v, *random_block_lists(jax.random.fold_in(key, 7), length, bs_cfg[0],
-                                                           bs_cfg[1], d), bs_cfg)))
+            for impl, cfg in (("mosaic", MOSAIC_CONFIG), ("triton", bs_cfg)):
+                cases.append((f"block_sparse {impl} {'dense' if density is None else f'{density:.0%}'}",
+                              lambda d=density, c=cfg: block_sparse_case(
+                                  q, k, v, *random_block_lists(jax.random.fold_in(key, 7), length, c[0], c[1], d),
+                                  c)))
         for kind in ("nearest", "random"):
             cases.append((f"vertical_slash {kind}", lambda kd=kind: vertical_slash_case(
                 q, k, v, *vs_pattern(jax.random.fold_in(key, 9), length, kd), vs_cfg)))
@@ -272,6 +310,8 @@ def main():
                 r = case()
             except Exception as e:
                 log(f"{name} at {length} failed: {type(e).__name__}: {str(e)[:400]}")
+                continue
+            if r is None:
                 continue
             table.append((length, name, r))
             log(f"L={length} {name}: kernel {r['kernel_ms']:.3f} ms, prep {r['prep_ms']:.3f} ms, "
@@ -287,7 +327,8 @@ def main():
         with open(os.path.join(os.environ["OUT"], "bench_sparse.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
     cudnn = {n: r["kernel_ms"] for n, name, r in table if name == "cudnn dense"}
-    print(f"\nblock_sparse {bs_cfg} (block_q, block_k, warps, stages, heads_fastest); vertical_slash {vs_cfg} "
+    print(f"\nblock_sparse mosaic {MOSAIC_CONFIG} (block_q, block_k, stages), triton {bs_cfg} (block_q, block_k, "
+          f"warps, stages, heads_fastest); vertical_slash {vs_cfg} "
           f"(block, warps, stages, heads_fastest); {jax.devices()[0].device_kind}; B=1 H=32 KVH=8 D=128 bf16 "
           "causal; prep = canonicalising pre-pass / index build\n")
     print("| L | variant | tiles computed | kernel ms | prep ms | TFLOP/s (computed) "

@@ -40,6 +40,7 @@ import numpy as np
 from experiments.timing import median_seconds
 from lcjax.methods.minference import estimate_vertical_slash
 from lcjax.pallas.vertical_slash_attention import vertical_slash_attention, vertical_slash_attention_reference
+from lcjax.pallas.vertical_slash_hopper import build_hopper_columns, vertical_slash_attention_hopper
 from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
 from lcjax.pallas.vertical_slash_ranges import (build_vertical_slash_ranges, range_schedule_tiles,
                                                 vertical_slash_attention_ranges, vertical_slash_cover_reference)
@@ -116,8 +117,18 @@ def make_fns(length: int, block: int, schedule: str = "diagonal", slash_mask: st
     """(build, kernel, estimate+build+kernel, build+kernel) for the "diagonal" (square tiles by tile
     diagonal) or "ranges" (merged slash groups as unaligned key ranges) vertical-slash schedule, with masked
     tiles reading slashes from bit words ("bits") or gathering them per element ("gather"), or, ranges only,
-    "cover": MInference's semantics (every key of the covered ranges; no slash test)."""
-    if schedule == "ranges":
+    "cover": MInference's semantics (every key of the covered ranges; no slash test). Schedule "mosaic": the
+    ranges walked by the Hopper (Mosaic GPU) kernel, cover semantics, 64-row blocks."""
+    if schedule == "mosaic":
+        if slash_mask != "cover" or block != 64:
+            raise ValueError("the mosaic schedule runs cover semantics on 64-row blocks: mosaic:64:cover")
+
+        def build_fn(vi, so):
+            ranges = build_vertical_slash_ranges(vi, so, length, block)
+            return ranges, build_hopper_columns(vi, ranges, length)
+
+        attend = lambda q, k, v, ix: vertical_slash_attention_hopper(q, k, v, *ix, scale=SCALE)
+    elif schedule == "ranges":
         build_fn = lambda vi, so: build_vertical_slash_ranges(vi, so, length, block)
         kw = dict(semantics="cover") if slash_mask == "cover" else dict(slash_mask=slash_mask)
         attend = lambda q, k, v, ix: vertical_slash_attention_ranges(q, k, v, ix, scale=SCALE, interpret=INTERPRET,
@@ -143,7 +154,11 @@ def tile_count(index, block: int, length: int) -> tuple[int, float]:
     """Tile-equivalents the kernel computes (tiles or range chunks, plus column chunks) and their share of
     the causal tiles."""
     nqb = -(-length // block)
-    if hasattr(index, "group_counts"):  # range schedule
+    if isinstance(index, tuple):  # the Hopper kernel: range chunks, column chunks, diagonal passes
+        ranges, columns = index
+        total = int(range_schedule_tiles(ranges)["chunks"].sum() + jnp.sum(columns.column_chunks)
+                    + jnp.sum(jnp.any(columns.diagonal_words != 0, axis=-1)))
+    elif hasattr(index, "group_counts"):  # range schedule
         stats = range_schedule_tiles(index)
         total = int(stats["chunks"].sum() + stats["columns"].sum())
     else:
@@ -191,7 +206,7 @@ def lcjax_section(length: int, key, samples: int, slow_samples: int,
             else:
                 t_e2e, _ = timeit(e2e, q, k, v, samples=samples)
                 est_ms = t_est * 1e3
-            impl = f"lcjax pallas b{block} {schedule} {slash_mask}"
+            impl = f"lcjax {'mosaic' if schedule == 'mosaic' else 'pallas'} b{block} {schedule} {slash_mask}"
             add_row(L=length, impl=impl, index_set=name, block=block, tile_frac=frac,
                     est_ms=est_ms, build_ms=t_build * 1e3, kernel_ms=t_kern * 1e3, e2e_ms=t_e2e * 1e3,
                     tflops=4 * block * block * HEAD_DIM * tiles / t_kern / 1e12, speedup_e2e=t_dense / t_e2e,
@@ -337,7 +352,7 @@ def main(argv=None):
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this many seconds")
     p.add_argument("--json", action="store_true", help="write $OUT/bench_prefill.json")
     p.add_argument("--cpu-smoke", action="store_true")
-    p.add_argument("--schedules", default="diagonal", help="vertical-slash schedules: diagonal,ranges")
+    p.add_argument("--schedules", default="diagonal", help="vertical-slash schedules: diagonal,ranges,mosaic")
     p.add_argument("--blocks", default="128,64")
     p.add_argument("--variants", default="", help="schedule:block:mask list, e.g. diagonal:128:gather,ranges:64:cover "
                    "(overrides --schedules/--blocks/--slash-masks)")

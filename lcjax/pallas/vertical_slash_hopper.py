@@ -1,0 +1,306 @@
+"""Vertical-slash attention with MInference's "cover" semantics for Hopper GPUs: a Mosaic GPU kernel.
+
+Same result as `vertical_slash_attention_ranges(..., semantics="cover")` (the reference is
+`vertical_slash_cover_reference`): query i of block r0 = 64 * (i // 64) attends, causally, every key of its
+slash groups' ranges [r0 - D1, r0 + 63 - D0] (`build_vertical_slash_ranges`) and every vertical column.
+
+Schedule of one query block (64 rows), walked identically by its compute warpgroup and its memory warpgroup:
+1. per slash group, the range [lo, hi] in 64-key chunks from lo rounded down to a multiple of 8 (Mosaic's TMA
+   copies into 8-row shared-memory tiles need 8-aligned rows; the up to 7 keys before lo are masked off): chunks
+   wholly inside the range and at or before the block's first row run without a mask, the others with causal &
+   in-range;
+2. the vertical columns before r0 that lie in none of the block's ranges, 64 at a time from per-head
+   gathered copies of K and V (`HopperColumns`), masked by one bit per column (two scalar words per chunk);
+3. if any such column falls in [r0, r0 + 63], the block's diagonal 64 keys once more, masked by causality and
+   those columns' bits.
+So every allowed pair is counted once: ranges are disjoint, and a column inside a range is left to the range.
+
+One CTA holds two query blocks of one head; each has its own compute warpgroup (64 rows, wgmma) and its own
+memory warpgroup streaming K/V tiles through `stages` shared-memory slots, so the two walks (of different
+lengths) never wait on each other, and the tensor cores interleave their matmuls with the other's softmax.
+Hopper only, bfloat16/float16, head_dim 64 or 128 (96 zero-padded to 128); its tests run on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lcjax.pallas import _flash
+from lcjax.pallas.block_sparse_hopper import ROWS_PER_WG, SMEM_BYTES, SUPPORTED_DTYPES
+from lcjax.pallas.vertical_slash_index import _sorted_unique
+from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, _prefix
+
+BLOCK = ROWS_PER_WG  # query rows per block = keys per chunk = MInference's 64
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HopperColumns:
+    """The vertical columns as the Hopper kernel reads them; nqb = query blocks rounded up to even.
+
+    columns: int32 `[batch, heads, NV]` each head's columns ascending (padding: q_len), NV a multiple of 64.
+    before_words: int32 `[batch, heads, nqb, NV // 32]`: bit p of word w set iff column 32 w + p is before the
+      block's first row r0 and in none of the block's ranges.
+    column_chunks: int32 `[batch, heads, nqb]`: 64-column chunks to visit (up to the last set bit).
+    diagonal_words: int32 `[batch, heads, nqb, 2]`: bit t set iff key r0 + t is such a column (t < 64).
+    """
+
+    columns: jax.Array
+    before_words: jax.Array
+    column_chunks: jax.Array
+    diagonal_words: jax.Array
+
+
+def _pack_bits(bits: jax.Array) -> jax.Array:
+    """bool `[..., 32 n]` -> int32 `[..., n]`, bit p of word w = bits[32 w + p]."""
+    words = bits.reshape(*bits.shape[:-1], -1, 32).astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32)
+    return lax.bitcast_convert_type(jnp.sum(words, axis=-1, dtype=jnp.uint32), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("q_len",))
+def build_hopper_columns(vertical_indices: jax.Array, index: VerticalSlashRanges, q_len: int) -> HopperColumns:
+    """The column lists of `vertical_slash_attention_hopper` from the same verticals as `index` (int32
+    `[batch, heads, n_vertical]`, any order; duplicates and values outside [0, q_len) dropped)."""
+    if index.block != BLOCK:
+        raise ValueError(f"the Hopper vertical-slash kernel runs 64-row blocks; the index has block={index.block}.")
+    padded = index.is_slash.shape[-1]
+    nqb = padded // BLOCK
+    nqb_even = nqb + nqb % 2
+    verticals = _sorted_unique(vertical_indices.astype(jnp.int32), q_len)
+    n_pad = max(BLOCK, -(-verticals.shape[-1] // BLOCK) * BLOCK)
+    verticals = jnp.pad(verticals, [(0, 0), (0, 0), (0, n_pad - verticals.shape[-1])], constant_values=q_len)
+    covered = _prefix(((index.slash_next - index.slash_prev) <= BLOCK).astype(jnp.int32))  # [b, h, padded + 1]
+    r0 = (jnp.arange(nqb_even, dtype=jnp.int32) * BLOCK)[:, None]
+    j = verticals[:, :, None, :]                                              # [b, h, 1, NV]
+    lo = jnp.clip(r0 - j, 0, padded)
+    hi = jnp.clip(r0 + BLOCK - j, 0, padded)
+    flat = lambda x: jnp.broadcast_to(x, (*j.shape[:2], nqb_even, j.shape[-1])).reshape(*j.shape[:2], -1)
+    meets = ((jnp.take_along_axis(covered, flat(hi), axis=-1) - jnp.take_along_axis(covered, flat(lo), axis=-1))
+             .reshape(*j.shape[:2], nqb_even, j.shape[-1]) > 0)
+    before = (j < r0) & ~meets                         # before the block, in none of its ranges: [b, h, nqb, NV]
+    position = jnp.arange(n_pad, dtype=jnp.int32)
+    last = jnp.max(jnp.where(before, position, -1), axis=-1)
+    # key r0 + t of the block's own 64: its offsets [-t, 63 - t] meet a group iff one of 0..63 - t is
+    # covered, the same test for every block
+    t = jnp.arange(BLOCK, dtype=jnp.int32)
+    diagonal_free = covered[..., BLOCK - t] == 0                               # [b, h, 64]
+    is_vertical = _flash.pad_to(index.is_vertical, 2, nqb_even * BLOCK).reshape(*j.shape[:2], nqb_even, BLOCK)
+    diagonal = (is_vertical != 0) & diagonal_free[:, :, None, :]
+    return HopperColumns(columns=verticals, before_words=_pack_bits(before),
+                         column_chunks=(last + BLOCK) // BLOCK, diagonal_words=_pack_bits(diagonal))
+
+
+def _bit_mask(shape, w0, w1):
+    """bool `shape` (rows, 64): column lane t's bit from the two words (lanes 0-31 in w0, 32-63 in w1)."""
+    lane = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    word = jnp.where(lane < 32, w0, w1)
+    return (lax.shift_right_logical(word, lane & 31) & 1) != 0
+
+
+def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref, words_ref, chunks_ref, diag_ref,
+            o_ref, scoped, *, stages: int, num_pairs: int, groups: int, padded: int, qk_scale: float):
+    (q_smem, k_smem, v_smem), (k_ready, v_ready, k_free, v_free, q_ready) = scoped
+    b, h = lax.axis_index("batch"), lax.axis_index("heads")
+    pair = num_pairs - 1 - lax.axis_index("pairs")  # longest first
+    wg = lax.axis_index("wg")
+    me = lax.rem(wg, 2)  # query block of the pair this warpgroup computes or feeds
+    qb = 2 * pair + me
+    r0 = qb * BLOCK
+    n_groups, n_chunks = gcount_ref[b, h, qb], chunks_ref[b, h, qb]
+    d0w, d1w = diag_ref[b, h, qb, 0], diag_ref[b, h, qb, 1]
+    has_diagonal = (d0w | d1w) != 0
+    kv_head = lax.div(h, groups)
+
+    def walk(plain, masked, column, diagonal, carry):
+        """Calls plain(start), masked(start, lo, hi), column(c), diagonal() in the schedule's order (docstring);
+        chunk starts are multiples of 8."""
+        def group(n, carry):
+            lo = jnp.maximum(r0 - end_ref[b, h, n], 0)
+            hi = r0 + BLOCK - 1 - start_ref[b, h, n]
+            first = lax.div(lo, 8) * 8
+            at = lambda c: pl.multiple_of(first + c * BLOCK, 8)
+            count = lax.div(hi - first + BLOCK, BLOCK)
+            head = (first != lo).astype(jnp.int32)  # a chunk that starts before lo needs the mask
+            whole = jnp.maximum(lax.div(jnp.minimum(hi, r0) - first + 1, BLOCK), head)
+            carry = lax.fori_loop(0, head, lambda c, cr: masked(at(c), lo, hi, cr), carry)
+            carry = lax.fori_loop(head, whole, lambda c, cr: plain(at(c), cr), carry)
+            return lax.fori_loop(whole, count, lambda c, cr: masked(at(c), lo, hi, cr), carry)
+
+        carry = lax.fori_loop(0, n_groups, group, carry)
+        carry = lax.fori_loop(0, n_chunks, column, carry)
+        return lax.fori_loop(0, has_diagonal.astype(jnp.int32), lambda _, cr: diagonal(cr), carry)
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(216, action="increase")
+        my_q = q_smem.at[me]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, BLOCK), h], my_q, q_ready.at[me])
+        plgpu.barrier_wait(q_ready.at[me])
+        rows = r0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
+        lanes = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
+
+        def tile(mask, carry):
+            acc, m, l, step = carry
+            slot = me * stages + lax.rem(step, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def qk_scope(s_ref):
+                plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                return s_ref[...]
+
+            s = pl.run_scoped(qk_scope, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if mask is not None:
+                s = jnp.where(mask(), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p = p.astype(q_smem.dtype)
+            plgpu.barrier_wait(v_ready.at[slot])
+
+            def pv_scope(acc_ref):
+                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+
+            acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l, step + 1
+
+        def masked(start, lo, hi, carry):
+            keys = jnp.minimum(start, padded - BLOCK) + lanes  # the load stays inside K/V (as the producer's)
+            return tile(lambda: (keys >= jnp.maximum(start, lo)) & (keys <= hi) & (keys <= rows), carry)
+
+        def column(c, carry):
+            w0, w1 = words_ref[b, h, qb, 2 * c], words_ref[b, h, qb, 2 * c + 1]
+            return tile(lambda: _bit_mask((BLOCK, BLOCK), w0, w1), carry)
+
+        def diagonal(carry):
+            return tile(lambda: _bit_mask((BLOCK, BLOCK), d0w, d1w) & (r0 + lanes <= rows), carry)
+
+        head_dim = q_smem.shape[-1]
+        acc = plgpu.layout_cast(jnp.zeros((BLOCK, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(jnp.full((BLOCK,), _flash.M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc, m, l, _ = walk(lambda start, cr: tile(None, cr), masked, column, diagonal, (acc, m, l, jnp.int32(0)))
+        acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
+        my_q[...] = acc.astype(q_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(r0, BLOCK), h])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg >= 2)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch(k_src, v_src, step):
+            slot = me * stages + lax.rem(step, stages)
+            refill = step >= stages
+
+            @pl.when(refill)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_src, k_smem.at[slot], k_ready.at[slot])
+
+            @pl.when(refill)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_src, v_smem.at[slot], v_ready.at[slot])
+            return step + 1
+
+        def keys_at(first, step):
+            rows = (b, pl.ds(first, BLOCK), kv_head)
+            return fetch(k_ref.at[rows], v_ref.at[rows], step)
+
+        def column(c, step):
+            rows = (b, h, pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK))
+            return fetch(kc_ref.at[rows], vc_ref.at[rows], step)
+
+        walk(keys_at, lambda start, lo, hi, step: keys_at(pl.multiple_of(jnp.minimum(start, padded - BLOCK), 8), step),
+             column, lambda step: keys_at(r0, step), jnp.int32(0))
+
+
+def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: HopperColumns, *, scale: float,
+                    stages: int) -> jax.Array:
+    """The kernel on padded arrays: q, k, v `[b, L, h|kvh, d]`, L = (even nqb) * 64; kc, vc `[b, h, NV, d]`."""
+    batch, padded, heads, head_dim = q.shape
+    num_pairs = padded // (2 * BLOCK)
+    counts = _flash.pad_to(index.group_counts, 2, 2 * num_pairs)
+    kernel = functools.partial(_kernel, stages=stages, num_pairs=num_pairs, groups=heads // k.shape[2],
+                               padded=padded, qk_scale=scale * math.log2(math.e))
+    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            (plgpu.SMEM((2, BLOCK, head_dim), q.dtype, **tiled),
+             plgpu.SMEM((2 * stages, BLOCK, head_dim), q.dtype, **tiled),
+             plgpu.SMEM((2 * stages, BLOCK, head_dim), q.dtype, **tiled)),
+            (plgpu.Barrier(num_barriers=2 * stages), plgpu.Barrier(num_barriers=2 * stages),
+             plgpu.Barrier(num_barriers=2 * stages), plgpu.Barrier(num_barriers=2 * stages),
+             plgpu.Barrier(num_barriers=2)),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(heads, num_pairs, batch),
+        grid_names=("heads", "pairs", "batch"),
+        num_threads=4,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, kc, vc, index.group_start, index.group_end, counts, columns.before_words, columns.column_chunks,
+      columns.diagonal_words)
+
+
+def _gather_columns(k: jax.Array, columns: jax.Array, heads: int) -> jax.Array:
+    """k `[b, L, kvh, d]`, columns int32 `[b, h, NV]` -> `[b, h, NV, d]`: query head h's columns from its KV head."""
+    groups = heads // k.shape[2]
+    kv_of = jnp.arange(heads) // groups
+    rows = jnp.clip(columns, 0, k.shape[1] - 1)
+    bi = jnp.arange(k.shape[0])[:, None, None]
+    return k[bi, rows, kv_of[None, :, None]]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "stages"))
+def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashRanges,
+                                    columns: HopperColumns, *, scale: float, stages: int = 2) -> jax.Array:
+    """Causal prefill under the vertical-slash pattern with MInference's cover semantics, on Hopper.
+
+    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]`; bfloat16 or float16;
+    head_dim 64, 96 or 128. index: `build_vertical_slash_ranges(vertical, slash, q_len, 64)`; columns:
+    `build_hopper_columns(vertical, index, q_len)`. Returns `[batch, q_len, heads, head_dim]` in q's dtype;
+    equals `vertical_slash_cover_reference` up to rounding. stages: K/V slots per query block.
+    """
+    _flash.check_inputs("vertical_slash_attention_hopper", q, k, v)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"vertical_slash_attention_hopper takes bfloat16 or float16 (wgmma); got {q.dtype}.")
+    batch, q_len, heads, head_dim = q.shape
+    if k.shape[1] != q_len or index.q_len != q_len or index.block != BLOCK:
+        raise ValueError(f"vertical_slash_attention_hopper is causal prefill with 64-row blocks: q_len={q_len}, "
+                         f"kv_len={k.shape[1]}, index q_len={index.q_len}, block={index.block}.")
+    d_pad = _flash.padded_head_dim(head_dim)
+    if (need := 2 * (1 + 2 * stages) * BLOCK * d_pad * 2) > SMEM_BYTES:
+        raise ValueError(f"vertical_slash_attention_hopper: stages={stages} needs {need} bytes of shared memory "
+                         f"at head_dim {d_pad}, more than {SMEM_BYTES}.")
+    padded = columns.column_chunks.shape[-1] * BLOCK
+
+    def run(q, k, v, per_head):
+        index, columns = per_head
+        q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
+        kc, vc = (_gather_columns(x, columns.columns, q.shape[2]) for x in (k_p, v_p))
+        out = _mosaic_forward(q_p, k_p, v_p, kc, vc, index, columns, scale=scale, stages=stages)
+        return out[:, :q_len, :, :head_dim]
+
+    return _flash.by_head_groups(run, q, k, v, (index, columns), padded_len=padded, padded_head_dim=d_pad)

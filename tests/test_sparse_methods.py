@@ -94,6 +94,37 @@ def test_slash_estimate_ranks_far_planted_diagonal_first_after_forced():
     assert int(slash[0, 1, 100]) == 150                                 # the first slot after the 100 forced ones
 
 
+def test_line_scores_equal_float64_sums_over_columns_and_diagonals():
+    """The gather-free diagonal sums (`_line_scores`) against explicit loops in float64, ragged lengths
+    including one shorter than last_q (its rows clip to 0)."""
+    from lcjax.methods.minference import _line_scores
+    from lcjax.methods.sparse_prefill import last_rows
+
+    rng = np.random.default_rng()
+    b, seq, kvh, g, d, last_q = 3, 100, 2, 3, 16, 16
+    q = rng.standard_normal((b, seq, kvh * g, d))
+    k = rng.standard_normal((b, seq, kvh, d))
+    lengths = np.array([100, 57, 9])
+    rows = np.asarray(last_rows(jnp.asarray(lengths), last_q))
+    q_last = np.take_along_axis(q, rows[:, :, None, None], axis=1).reshape(b, last_q, kvh, g, d)
+    vertical, slash = _line_scores(jnp.asarray(q_last, jnp.float32), jnp.asarray(k, jnp.float32),
+                                   jnp.asarray(rows), jnp.asarray(lengths), 0.3)
+    want_v, want_s = np.zeros((b, kvh, g, seq)), np.zeros((b, kvh, g, seq))
+    for bi in range(b):
+        for kv in range(kvh):
+            for gi in range(g):
+                for t in range(last_q):
+                    r = rows[bi, t]
+                    keys = np.arange(min(r + 1, lengths[bi]))
+                    logits = q_last[bi, t, kv, gi] @ k[bi, keys, kv].T * 0.3
+                    p = np.exp(logits - logits.max())
+                    p /= p.sum()
+                    want_v[bi, kv, gi, keys] += p
+                    want_s[bi, kv, gi, r - keys] += p
+    np.testing.assert_allclose(np.asarray(vertical), want_v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(slash), want_s, rtol=1e-5, atol=1e-6)
+
+
 def test_block_estimate_finds_planted_block_and_keeps_diagonal():
     q, k = planted(seq=128, column=5)
     blocks = np.asarray(estimate_blocks(q, k, jnp.array([128]), top_k=2, block_size=16))

@@ -109,18 +109,37 @@ class MInferenceConfig:
 # ---- online estimation --------------------------------------------------------------------------------
 
 def _line_scores(q_last: jax.Array, k: jax.Array, rows: jax.Array, lengths: jax.Array, scale: float):
-    """Column and diagonal mass of the last queries' softmax attention, for one KV head's query group.
+    """Column and diagonal mass of the last queries' softmax attention, for whole KV-head query groups.
 
-    q_last `[b, last_q, g, d]`, k `[b, seq, d]`, rows `[b, last_q]` (their positions). Returns fp32
-    vertical `[b, g, seq]` (column sums) and slash `[b, g, seq]` (offset o collects probs[t, row_t - o])."""
-    seq = k.shape[1]
-    logits = jnp.einsum("bqgd,btd->bgqt", q_last, k, preferred_element_type=jnp.float32) * scale
+    q_last `[b, last_q, kvh, g, d]`, k `[b, seq, kvh, d]`, rows `[b, last_q]` (their positions: the last
+    last_q rows, clipped at 0). Returns fp32 vertical `[b, kvh, g, seq]` (column sums) and slash
+    `[b, kvh, g, seq]` (offset o collects probs[t, row_t - o]).
+
+    The diagonals are summed without a gather: with keys reversed from each sequence's last key, diagonal o
+    of row t sits at column o + last_q - 1 - t; reading the rows (in reverse order) of the flattened
+    `[last_q, W]` array with a stride of W + 1 lines every diagonal up in one column.
+    """
+    b, seq = k.shape[:2]
+    last_q = q_last.shape[1]
+    logits = jnp.einsum("bqkgd,btkd->bkgqt", q_last, k, preferred_element_type=jnp.float32) * scale
     keys = jnp.arange(seq)
     ok = (keys[None, None, :] <= rows[:, :, None]) & (keys[None, None, :] < lengths[:, None, None])
-    probs = jax.nn.softmax(jnp.where(ok[:, None], logits, -jnp.inf), axis=-1)  # [b, g, last_q, seq]
-    key_at = rows[:, :, None] - keys[None, None, :]                            # [b, last_q, offsets]
-    gathered = jnp.take_along_axis(probs, jnp.clip(key_at, 0, seq - 1)[:, None], axis=3)
-    return probs.sum(axis=2), jnp.where((key_at >= 0)[:, None], gathered, 0.0).sum(axis=2)
+    probs = jax.nn.softmax(jnp.where(ok[:, None, None], logits, -jnp.inf), axis=-1)  # [b, kvh, g, last_q, seq]
+    width = seq + last_q
+    reversed_keys = jnp.pad(probs[..., ::-1], [(0, 0)] * 4 + [(0, width)])
+    # from_last[t, x] = probs[t, length - 1 - x] (zero past the first key)
+    from_last = jax.vmap(lambda p, n: jax.lax.dynamic_slice_in_dim(p, seq - n, width, axis=-1))(
+        reversed_keys, lengths)
+    flat = from_last[..., ::-1, :].reshape(*probs.shape[:3], last_q * width)
+    skewed = jnp.pad(flat, [(0, 0)] * 3 + [(0, last_q)]).reshape(*probs.shape[:3], last_q, width + 1)
+    slash = skewed[..., :seq].sum(axis=3)
+    # rows clipped at 0 (a sequence shorter than last_q) attend key 0 only: offset 0 of their true row
+    clipped = jnp.maximum(last_q - lengths, 0).astype(jnp.float32)
+    slash = slash.at[..., 0].add(clipped[:, None, None])
+    return probs.sum(axis=3), slash
+
+
+ESTIMATE_BYTES = 1 << 30  # fp32 score rows of one step of the estimate (a few copies of it are alive at once)
 
 
 def estimate_vertical_slash(q: jax.Array, k: jax.Array, lengths: jax.Array, n_vertical: int, n_slash: int,
@@ -129,20 +148,23 @@ def estimate_vertical_slash(q: jax.Array, k: jax.Array, lengths: jax.Array, n_ve
 
     q `[batch, seq, heads, head_dim]`, k `[batch, seq, kv_heads, head_dim]` (rotated), lengths `[batch]`.
     Returns vertical `[batch, heads, n_vertical]` key indices and slash `[batch, heads, n_slash]` offsets,
-    best first; slots beyond a sequence's length are -1. One KV head's query group at a time (`lax.map`),
-    so the fp32 `[last_q, seq]` score rows of only heads / kv_heads heads are alive at once (at 1M tokens and
-    32 heads all at once would be 8 GiB per intermediate).
+    best first; slots beyond a sequence's length are -1. KV-head groups run in steps (`lax.map`) whose fp32
+    `[last_q, seq]` score rows stay under `ESTIMATE_BYTES` (all heads in one step at 128K; at 1M tokens and 32
+    heads one step would hold 8 GiB per intermediate).
     """
     b, seq, h, d = q.shape
     kvh = k.shape[2]
     last_q = min(last_q, seq)
     rows = last_rows(lengths, last_q)
     q_last = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).reshape(b, last_q, kvh, h // kvh, d)
+    per_group = b * (h // kvh) * last_q * seq * 4
+    step = max(n for n in range(1, kvh + 1) if kvh % n == 0 and (n == 1 or n * per_group <= ESTIMATE_BYTES))
 
-    def one_group(i):
-        return _line_scores(jnp.take(q_last, i, axis=2), jnp.take(k, i, axis=2), rows, lengths, scale)
+    def some_groups(i):
+        pick = lambda x: jax.lax.dynamic_slice_in_dim(x, i * step, step, axis=2)
+        return _line_scores(pick(q_last), pick(k), rows, lengths, scale)          # [b, step, g, seq] each
 
-    vertical, slash = jax.lax.map(one_group, jnp.arange(kvh))                    # [kvh, b, g, seq] each
+    vertical, slash = jax.lax.map(some_groups, jnp.arange(kvh // step))         # [steps, b, step, g, seq]
     vertical, slash = (jnp.moveaxis(x, 0, 1).reshape(b, h, seq) for x in (vertical, slash))
     keys = jnp.arange(seq)
     valid_key = keys[None, None, :] < lengths[:, None, None]

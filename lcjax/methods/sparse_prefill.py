@@ -37,13 +37,16 @@ def run_pattern(q: jax.Array, k: jax.Array, v: jax.Array, pattern: SparsePattern
 
 def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array, scale: float,
                              interpret: bool = False) -> jax.Array:
-    """`pattern` through the Pallas kernels: vertical-slash lines in one kernel, blocks in the other.
+    """`pattern` through the Pallas kernels: vertical-slash lines in one kernel, blocks in the other (on an
+    sm_90 GPU with 16-bit inputs the Mosaic GPU kernels, elsewhere the Triton-lowered ones).
 
     Each head must use lines or blocks, not both (MInference assigns one kind per head): a head whose
     block list is non-empty takes the block kernel's output. Tri-shape's dense tail is recomputed exactly.
     Rows past a sequence's length are garbage (as they are for dense attention).
     """
     from lcjax.pallas.block_sparse_attention import block_sparse_attention
+    from lcjax.pallas.block_sparse_hopper import runs_on_hopper
+    from lcjax.pallas.vertical_slash_hopper import build_hopper_columns, vertical_slash_attention_hopper
     from lcjax.pallas.vertical_slash_attention import vertical_slash_attention
     from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
     from lcjax.pallas.vertical_slash_ranges import build_vertical_slash_ranges, vertical_slash_attention_ranges
@@ -52,7 +55,12 @@ def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array
     bs = pattern.block_size
     if pattern.slash_semantics == "cover":  # MInference's semantics: the range schedule, no per-element test
         ranges = build_vertical_slash_ranges(pattern.vertical, pattern.slash, seq, bs)
-        out = vertical_slash_attention_ranges(q, k, v, ranges, scale=scale, interpret=interpret, semantics="cover")
+        if bs == 64 and runs_on_hopper(q, interpret):  # the Mosaic GPU kernel (BENCHMARKS.md: faster there)
+            columns = build_hopper_columns(pattern.vertical, ranges, seq)
+            out = vertical_slash_attention_hopper(q, k, v, ranges, columns, scale=scale)
+        else:
+            out = vertical_slash_attention_ranges(q, k, v, ranges, scale=scale, interpret=interpret,
+                                                  semantics="cover")
     else:
         index = build_vertical_slash_index(pattern.vertical, pattern.slash, seq, bs, bs)
         out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=interpret)

@@ -150,11 +150,8 @@ def block_sparse_attention_canonical(q: jax.Array, k: jax.Array, v: jax.Array, i
 def hopper_kernel_applies(q: jax.Array, block_q: int, block_k: int, interpret: bool) -> bool:
     """Whether the Mosaic GPU kernel (`block_sparse_hopper`) can run this call: a Hopper GPU, 16-bit inputs,
     64- or 128-wide tiles."""
-    if interpret or jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
-        return False
-    if block_q not in (64, 128) or block_k not in (64, 128):
-        return False
-    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+    from lcjax.pallas.block_sparse_hopper import runs_on_hopper
+    return block_q in (64, 128) and block_k in (64, 128) and runs_on_hopper(q, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps",

@@ -188,6 +188,13 @@ def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
 SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on sm_90
 
 
+def runs_on_hopper(q: jax.Array, interpret: bool = False) -> bool:
+    """Whether lcjax's Mosaic GPU kernels can take q: an sm_90 GPU, bfloat16 or float16, not interpret mode."""
+    if interpret or jax.default_backend() != "gpu" or q.dtype not in SUPPORTED_DTYPES:
+        return False
+    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+
+
 def smem_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize: int = 2) -> int:
     """Shared memory of one CTA: the query/output tiles and `stages` K and V tiles (barriers not counted)."""
     return (block_q + 2 * stages * block_k) * head_dim * itemsize

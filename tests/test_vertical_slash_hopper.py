@@ -153,3 +153,21 @@ def test_hopper_vertical_slash_names_unsupported_inputs():
         vsh.build_hopper_columns(jnp.zeros((1, 4, 1), jnp.int32),
                                  vsr.build_vertical_slash_ranges(jnp.zeros((1, 4, 1), jnp.int32),
                                                                  jnp.zeros((1, 4, 1), jnp.int32), 128, 32), 128)
+
+
+@needs_hopper
+def test_sparse_prefill_runs_cover_patterns_through_the_hopper_kernel():
+    """`pallas_pattern_attention` (what MInference(..., slash_semantics="cover") runs) picks this kernel on Hopper
+    with bf16 inputs and gives the cover reference's result, Tri-shape's dense tail included."""
+    from lcjax.methods.sparse_pattern import SparsePattern
+    from lcjax.methods.sparse_prefill import pallas_pattern_attention
+
+    rng = np.random.default_rng()
+    q_len, heads = 700, 8
+    q, k, v = random_inputs(rng, q_len, heads, 2, 128, jnp.bfloat16)
+    verticals, slashes = make_pattern(rng, "runs", heads, q_len)
+    pattern = SparsePattern(vertical=verticals, slash=slashes, block_size=B, dense_last=5, slash_semantics="cover")
+    out = pallas_pattern_attention(q, k, v, pattern, jnp.asarray([q_len]), 0.09)
+    mask = cover_mask(verticals, slashes, q_len, B)
+    mask[:, :, -5:] = np.tril(np.ones((q_len, q_len), bool))[-5:]
+    assert_matches_reference(out, attention_f64(q, k, v, mask, 0.09), mask, jnp.bfloat16)

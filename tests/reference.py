@@ -62,3 +62,20 @@ def cover_mask(verticals, slashes, q_len, block):
                     if 0 <= j <= i:
                         mask[b, h, i, j] = True
     return mask
+
+
+def run_on_poisoned_output(fn, *args):
+    """fn(*args) (jitted, one output), with its output landing in memory that held NaNs just before: the test
+    compiles first, fills a buffer of the output's shape with NaN, frees it, and checks that the output got
+    the same address (the allocator's reuse), so every element the kernel fails to write stays NaN."""
+    import jax
+
+    compiled = fn.lower(*args).compile()  # compile first: its allocations must not take the poison
+    jax.block_until_ready(args)
+    shape = compiled.out_info
+    poison = jnp.full(shape.shape, jnp.nan, shape.dtype).block_until_ready()
+    address = poison.unsafe_buffer_pointer()
+    poison.delete()
+    out = fn(*args)
+    assert out.unsafe_buffer_pointer() == address, "the allocator did not reuse the poisoned buffer"
+    return out

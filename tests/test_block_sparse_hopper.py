@@ -10,7 +10,7 @@ import pytest
 from lcjax.pallas.block_sparse_attention import block_sparse_attention, canonicalize_block_indices
 from lcjax.pallas.block_sparse_hopper import block_sparse_attention_hopper
 
-from reference import TOL, assert_matches_reference, attention_f64
+from reference import TOL, assert_matches_reference, attention_f64, run_on_poisoned_output
 from test_pallas_block_sparse import blocks_to_mask, random_inputs, random_lists
 
 ON_HOPPER = jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
@@ -59,14 +59,8 @@ def test_hopper_block_sparse_writes_every_output_element():
     idx, counts = random_lists(rng, 1, 8, 4, 4, max_blocks=6)
     indices, schedule = canonicalize_block_indices(idx, counts, q_len=512, kv_len=512, block_q=128, block_k=128,
                                                    causal=True)
-    run = jax.jit(lambda *a: block_sparse_attention_hopper(*a, scale=0.1))
-    run.lower(q, k, v, indices, schedule).compile()  # compile first: its allocations must not take the poison
-    jax.block_until_ready((q, k, v, indices, schedule))
-    poison = jnp.full(q.shape, jnp.nan, q.dtype).block_until_ready()
-    address = poison.unsafe_buffer_pointer()
-    poison.delete()
-    out = run(q, k, v, indices, schedule)
-    assert out.unsafe_buffer_pointer() == address, "the allocator did not reuse the poisoned buffer"
+    out = run_on_poisoned_output(jax.jit(lambda *a: block_sparse_attention_hopper(*a, scale=0.1)),
+                                 q, k, v, indices, schedule)
     mask = blocks_to_mask(idx, counts, 512, 512, 128, 128, True)
     assert_matches_reference(out, attention_f64(q, k, v, mask, 0.1), mask, jnp.bfloat16)
 

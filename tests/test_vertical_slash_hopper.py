@@ -10,7 +10,7 @@ import pytest
 from lcjax.pallas import vertical_slash_hopper as vsh
 from lcjax.pallas import vertical_slash_ranges as vsr
 
-from reference import assert_matches_reference, attention_f64, cover_mask
+from reference import assert_matches_reference, attention_f64, cover_mask, run_on_poisoned_output
 from test_pallas_vertical_slash import nearest_diagonals, random_inputs, random_pattern, run_pattern
 
 ON_HOPPER = jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
@@ -128,14 +128,8 @@ def test_hopper_vertical_slash_writes_every_output_element():
     verticals, slashes = make_pattern(rng, "runs", 8, 512)
     index = vsr.build_vertical_slash_ranges(verticals, slashes, 512, B)
     columns = vsh.build_hopper_columns(verticals, index, 512)
-    run = jax.jit(lambda *a: vsh.vertical_slash_attention_hopper(*a, scale=0.1))
-    run.lower(q, k, v, index, columns).compile()
-    jax.block_until_ready((q, k, v, index, columns))
-    poison = jnp.full(q.shape, jnp.nan, q.dtype).block_until_ready()
-    address = poison.unsafe_buffer_pointer()
-    poison.delete()
-    out = run(q, k, v, index, columns)
-    assert out.unsafe_buffer_pointer() == address, "the allocator did not reuse the poisoned buffer"
+    out = run_on_poisoned_output(jax.jit(lambda *a: vsh.vertical_slash_attention_hopper(*a, scale=0.1)),
+                                 q, k, v, index, columns)
     mask = cover_mask(verticals, slashes, 512, B)
     assert_matches_reference(out, attention_f64(q, k, v, mask, 0.1), mask, jnp.bfloat16)
 

@@ -8,15 +8,19 @@ Causal, batch 1, 32 q heads / 8 KV heads, head_dim 128, bf16; MInference's defau
     "sink" keys carry a strong component every query of the group also carries). The indices are
     lcjax's online estimate (`estimate_vertical_slash`) of that head, so they are what MInference would pick.
   * "nearest": MInference's ideal set, verticals 0..999 and slashes 0..6095 (no estimation).
-Sections: (1) lcjax per length: cuDNN dense, estimate, index build, kernel (blocks 128 and 64), end to end
-(one jit: estimate + build + kernel); (2) MInference's Triton kernel (PyTorch) on the same q/k/v and
-indices, validated against lcjax at 4K, when a peer module is present (see `load_peer`); (3) optional: Llama-3-8B-shaped random-weight prefill, dense vs
-`vertical_slash(32, 32, backend="pallas")`.
+Sections: (0) `--kernels`: dense attention and block-sparse kernels against cuDNN and tokamax at
+--kernel-lengths (`experiments.bench_sparse_kernels`' rows); (1) lcjax per length: cuDNN dense, estimate, index
+build, kernel (blocks 128 and 64), end to end (one jit: estimate + build + kernel); (2) MInference's Triton kernel
+(PyTorch) on the same q/k/v and indices, validated against lcjax at 4K, when a peer module is present (see
+`load_peer`); (3) `--model`: Llama-3-8B-shaped random-weight prefill, dense vs
+`vertical_slash(32, 32, backend="pallas")`. `--benchmarks-md BENCHMARKS.md` appends the run (date, device, jax,
+command, checks, tables) to that file.
 Times are medians of >= 10 samples after warm-up (the slowest rows fewer, as printed). TFLOP/s count the
 tiles each kernel computes (4 * b * b * head_dim per tile or column chunk). A markdown table comes last.
 
     export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-    PYTHONPATH=. python3 -m experiments.bench_prefill [--lengths 131072,262144,524288] [--model] [--json]
+    PYTHONPATH=. python3 -m experiments.bench_prefill [--lengths 131072,262144,524288] [--kernels] [--model] [--json]
+        [--benchmarks-md BENCHMARKS.md]      # all sections: --kernels --model
     python -m experiments.bench_prefill --cpu-smoke      # tiny lengths, interpret mode, no torch
 """
 
@@ -352,6 +356,10 @@ def main(argv=None):
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this many seconds")
     p.add_argument("--json", action="store_true", help="write $OUT/bench_prefill.json")
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--kernels", action="store_true",
+                   help="section 0: dense and block-sparse kernels vs cuDNN and tokamax at --kernel-lengths")
+    p.add_argument("--kernel-lengths", default="8192,32768,131072")
+    p.add_argument("--benchmarks-md", default=None, help="append this run's tables to that markdown file")
     p.add_argument("--schedules", default="diagonal", help="vertical-slash schedules: diagonal,ranges,mosaic")
     p.add_argument("--blocks", default="128,64")
     p.add_argument("--variants", default="", help="schedule:block:mask list, e.g. diagonal:128:gather,ranges:64:cover "
@@ -379,6 +387,15 @@ def main(argv=None):
     if peer is None and not a.no_torch:
         NOTES.append(f"no MInference peer at {PEER}: lcjax and cuDNN only")
         a.no_torch = True
+    kernel_rows = []
+    if a.kernels and not a.model_only:
+        if a.cpu_smoke:
+            NOTES.append("kernels section skipped: cuDNN and the Mosaic kernels need the GPU")
+        else:
+            from experiments import bench_sparse_kernels
+            for length in (int(x) for x in a.kernel_lengths.split(",") if x):
+                kernel_rows += bench_sparse_kernels.block_sparse_rows(jax.random.fold_in(key, length), length,
+                                                                      a.deadline_s)
     if not a.model_only:
         for length in lengths:
             if elapsed() > a.deadline_s:
@@ -434,12 +451,28 @@ def main(argv=None):
                 log(NOTES[-1])
     if a.json:
         dump(a)
+    report = run_report(a, argv, kernel_rows)
     print()
-    print(f"date {datetime.date.today()}, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    for n in NOTES:
-        print("-", n)
-    print()
-    print(table())
+    print(report)
+    if a.benchmarks_md:
+        with open(a.benchmarks_md, "a") as f:
+            f.write("\n" + report + "\n")
+        log(f"appended to {a.benchmarks_md}")
+
+
+def run_report(a, argv, kernel_rows) -> str:
+    """The run as a markdown section: date, device, jax, command, notes (checks, model lines), tables."""
+    from experiments.bench_sparse_kernels import kernel_table
+    command = "python -m experiments.bench_prefill " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"## bench_prefill run, {datetime.date.today()}", "",
+             f"- Device: {jax.devices()[0].device_kind}; jax {jax.__version__}.", f"- Command: `{command}`"]
+    lines += [f"- {n}" for n in NOTES]
+    if kernel_rows:
+        lines += ["", "Dense and block-sparse kernels (B=1, 32 q / 8 KV heads, head_dim 128, bf16, causal):", "",
+                  kernel_table(kernel_rows)]
+    if ROWS:
+        lines += ["", "Vertical-slash, end to end and against MInference's kernel:", "", table()]
+    return "\n".join(lines)
 
 
 def dump(a):

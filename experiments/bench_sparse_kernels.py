@@ -292,30 +292,11 @@ def main():
     table = []
     for length in (int(x) for x in args.lengths.split(",")):
         q, k, v = qkv(jax.random.fold_in(key, length), length)
-        cases = [("cudnn dense", lambda: cudnn_case(q, k, v)), ("tokamax dense", lambda: tokamax_case(q, k, v))]
-        for density in (None,) + DENSITIES:
-            for impl, cfg in (("mosaic", MOSAIC_CONFIG), ("triton", bs_cfg)):
-                cases.append((f"block_sparse {impl} {'dense' if density is None else f'{density:.0%}'}",
-                              lambda d=density, c=cfg: block_sparse_case(
-                                  q, k, v, *random_block_lists(jax.random.fold_in(key, 7), length, c[0], c[1], d),
-                                  c)))
+        cases = block_sparse_cases(q, k, v, key, bs_cfg)
         for kind in ("nearest", "random"):
             cases.append((f"vertical_slash {kind}", lambda kd=kind: vertical_slash_case(
                 q, k, v, *vs_pattern(jax.random.fold_in(key, 9), length, kd), vs_cfg)))
-        for name, case in cases:
-            if time.perf_counter() - START > args.budget_s:
-                log(f"budget spent: skipping {name} at {length}")
-                continue
-            try:
-                r = case()
-            except Exception as e:
-                log(f"{name} at {length} failed: {type(e).__name__}: {str(e)[:400]}")
-                continue
-            if r is None:
-                continue
-            table.append((length, name, r))
-            log(f"L={length} {name}: kernel {r['kernel_ms']:.3f} ms, prep {r['prep_ms']:.3f} ms, "
-                f"{r['tflops']:.0f} TFLOP/s, tiles {r['tile_frac']:.1%}")
+        table += run_cases(cases, length, args.budget_s)
         del q, k, v
     if args.sweep == "after":
         best_bs, best_vs, rows = sweep(jax.random.fold_in(key, 1), args.sweep_length, args.budget_s)
@@ -326,19 +307,67 @@ def main():
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_sparse.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
-    cudnn = {n: r["kernel_ms"] for n, name, r in table if name == "cudnn dense"}
     print(f"\nblock_sparse mosaic {MOSAIC_CONFIG} (block_q, block_k, stages), triton {bs_cfg} (block_q, block_k, "
           f"warps, stages, heads_fastest); vertical_slash {vs_cfg} "
           f"(block, warps, stages, heads_fastest); {jax.devices()[0].device_kind}; B=1 H=32 KVH=8 D=128 bf16 "
           "causal; prep = canonicalising pre-pass / index build\n")
-    print("| L | variant | tiles computed | kernel ms | prep ms | TFLOP/s (computed) "
-          "| speedup vs cuDNN (kernel / +prep) |")
-    print("|---|---|---|---|---|---|---|")
+    print(kernel_table(table))
+
+
+def kernel_table(table: list[tuple[int, str, dict]]) -> str:
+    """Markdown rows (length, variant, result) with the rate and speedup against the same length's cuDNN row."""
+    cudnn = {n: r for n, name, r in table if name == "cudnn dense"}
+    lines = ["| L | variant | tiles computed | kernel ms | prep ms | TFLOP/s (computed) | rate / cuDNN's "
+             "| speedup vs cuDNN (kernel / +prep) |", "|---|---|---|---|---|---|---|---|"]
     for n, name, r in table:
         base = cudnn.get(n)
-        sp = (f"{base / r['kernel_ms']:.2f}x / {base / (r['kernel_ms'] + r['prep_ms']):.2f}x" if base else "-")
-        print(f"| {n // 1024}K | {name} | {r['tile_frac']:.1%} | {r['kernel_ms']:.2f} | {r['prep_ms']:.2f} | "
-              f"{r['tflops']:.0f} | {sp} |")
+        sp = (f"{base['kernel_ms'] / r['kernel_ms']:.2f}x / {base['kernel_ms'] / (r['kernel_ms'] + r['prep_ms']):.2f}x"
+              if base else "-")
+        rate = f"{r['tflops'] / base['tflops']:.0%}" if base else "-"
+        lines.append(f"| {n // 1024}K | {name} | {r['tile_frac']:.1%} | {r['kernel_ms']:.2f} | {r['prep_ms']:.2f} | "
+                     f"{r['tflops']:.0f} | {rate} | {sp} |")
+    return "\n".join(lines)
+
+
+def block_sparse_cases(q, k, v, key, triton_cfg) -> list:
+    """(name, thunk) for the dense-attention peers and the block-sparse rows at q's length: cuDNN, tokamax (when
+    installed), both block-sparse kernels on dense lists and at each of DENSITIES."""
+    length = q.shape[1]
+    cases = [("cudnn dense", lambda: cudnn_case(q, k, v)), ("tokamax dense", lambda: tokamax_case(q, k, v))]
+    for density in (None,) + DENSITIES:
+        for impl, cfg in (("mosaic", MOSAIC_CONFIG), ("triton", triton_cfg)):
+            cases.append((f"block_sparse {impl} {'dense' if density is None else f'{density:.0%}'}",
+                          lambda d=density, c=cfg: block_sparse_case(
+                              q, k, v, *random_block_lists(jax.random.fold_in(key, 7), length, c[0], c[1], d), c)))
+    return cases
+
+
+def run_cases(cases, length: int, budget_s: float) -> list[tuple[int, str, dict]]:
+    """Runs each (name, thunk) until `budget_s` seconds since the start; a case that fails or returns None
+    (a peer not installed) is logged and left out."""
+    rows = []
+    for name, case in cases:
+        if time.perf_counter() - START > budget_s:
+            log(f"budget spent: skipping {name} at {length}")
+            continue
+        try:
+            r = case()
+        except Exception as e:  # noqa: BLE001 (one failing variant must not lose the others' rows)
+            log(f"{name} at {length} failed: {type(e).__name__}: {str(e)[:400]}")
+            continue
+        if r is None:
+            continue
+        rows.append((length, name, r))
+        log(f"L={length} {name}: kernel {r['kernel_ms']:.3f} ms, prep {r['prep_ms']:.3f} ms, "
+            f"{r['tflops']:.0f} TFLOP/s, tiles {r['tile_frac']:.1%}")
+    return rows
+
+
+def block_sparse_rows(key, length: int, budget_s: float = float("inf"),
+                      triton_cfg=BS_CONFIGS[0]) -> list[tuple[int, str, dict]]:
+    """`block_sparse_cases` run at one length on fresh inputs (for `experiments.bench_prefill --kernels`)."""
+    q, k, v = qkv(jax.random.fold_in(key, length), length)
+    return run_cases(block_sparse_cases(q, k, v, key, triton_cfg), length, budget_s)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The runnable jobs still run: tiny settings of the MInference search and accuracy experiments on the built-in
-model (their real settings run on the GPU; see BENCHMARKS.md)."""
+model, and the prefill benchmark's CPU smoke mode (their real settings run on the GPU; see BENCHMARKS.md)."""
 
 import json
+
+import jax
 
 import pytest
 
@@ -34,3 +36,23 @@ def test_search_then_accuracy_on_the_builtin_model(tmp_path, capsys):
     # at 300 tokens SCBench's A-shape (128 + 3968) covers every key: same answers as dense, every tile
     assert rows["a_shape"]["accuracy"] == rows["dense"]["accuracy"] and rows["a_shape"]["tile_cost"] == 1.0
     assert "| minference |" in capsys.readouterr().out
+
+
+def test_bench_prefill_cpu_smoke_appends_its_run_to_a_benchmarks_file(tmp_path, monkeypatch):
+    """The prefill benchmark end to end at toy sizes (interpret mode): the report it appends names date, device,
+    jax, the command, its checks and one table row per length and index set."""
+    from experiments import bench_prefill
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("# earlier content\n")
+    args = ["--cpu-smoke", "--variants", "ranges:64:cover", "--kernels", "--json", "--benchmarks-md", str(target)]
+    bench_prefill.main(args)
+    text = target.read_text()
+    assert text.startswith("# earlier content\n")  # appended, not overwritten
+    assert "## bench_prefill run" in text and f"jax {jax.__version__}" in text
+    assert "- Command: `python -m experiments.bench_prefill " + " ".join(args) + "`" in text
+    assert "kernels section skipped" in text and "smoke L=256: lcjax interpret vs reference rel L2" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 256 ") or line.startswith("| 512 ")]
+    assert len(rows) == 2 * 3  # per length: cuDNN (XLA on CPU), the variant on both index sets
+    assert (tmp_path / "bench_prefill.json").exists()

@@ -87,8 +87,11 @@ def test_hopper_schedule_counts_every_cover_pair_exactly_once(pattern):
     rng = np.random.default_rng()
     q_len, heads = 333, 2
     verticals, slashes = make_pattern(rng, pattern, heads, q_len)
-    index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, B)
-    columns = vsh.build_hopper_columns(verticals, index, q_len)
+    index, columns = vsh.build_hopper_index(verticals, slashes, q_len)
+    full = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, B)  # the same schedule, with column lists
+    for name in ("group_start", "group_end", "group_counts", "is_vertical", "slash_next", "slash_prev"):
+        np.testing.assert_array_equal(getattr(index, name), getattr(full, name))
+    assert index.column_indices.shape[-1] == 0
     assert columns.column_chunks.shape[-1] % 2 == 0  # two query blocks per CTA
     seen = hopper_visit_counts(index, columns, q_len)
     np.testing.assert_array_equal(seen, cover_mask(verticals, slashes, q_len, B).astype(np.int32))
@@ -111,8 +114,7 @@ def test_hopper_vertical_slash_matches_float64_cover_reference(q_len, heads, kv_
     rng = np.random.default_rng()
     q, k, v = random_inputs(rng, q_len, heads, kv_heads, head_dim, dtype)
     verticals, slashes = make_pattern(rng, pattern, heads, q_len)
-    index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, B)
-    columns = vsh.build_hopper_columns(verticals, index, q_len)
+    index, columns = vsh.build_hopper_index(verticals, slashes, q_len)
     scale = head_dim ** -0.5
     out = vsh.vertical_slash_attention_hopper(q, k, v, index, columns, scale=scale, stages=stages)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -143,6 +145,9 @@ def test_hopper_vertical_slash_names_unsupported_inputs():
     q16 = q.astype(jnp.bfloat16)
     with pytest.raises(ValueError, match="shared memory"):
         vsh.vertical_slash_attention_hopper(q16, q16, q16, index, columns, scale=1.0, stages=4)
+    without_lists = vsh.build_hopper_index(jnp.zeros((1, 4, 1), jnp.int32), jnp.zeros((1, 4, 1), jnp.int32), 128)[0]
+    with pytest.raises(ValueError, match="columns=True"):
+        vsr.vertical_slash_attention_ranges(q16, q16, q16, without_lists, scale=1.0, interpret=True)
     with pytest.raises(ValueError, match="64-row blocks"):
         vsh.build_hopper_columns(jnp.zeros((1, 4, 1), jnp.int32),
                                  vsr.build_vertical_slash_ranges(jnp.zeros((1, 4, 1), jnp.int32),

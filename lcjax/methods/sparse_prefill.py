@@ -46,21 +46,20 @@ def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array
     """
     from lcjax.pallas.block_sparse_attention import block_sparse_attention
     from lcjax.pallas.block_sparse_hopper import runs_on_hopper
-    from lcjax.pallas.vertical_slash_hopper import build_hopper_columns, vertical_slash_attention_hopper
+    from lcjax.pallas.vertical_slash_hopper import build_hopper_index, vertical_slash_attention_hopper
     from lcjax.pallas.vertical_slash_attention import vertical_slash_attention
     from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
     from lcjax.pallas.vertical_slash_ranges import build_vertical_slash_ranges, vertical_slash_attention_ranges
 
     seq = q.shape[1]
     bs = pattern.block_size
-    if pattern.slash_semantics == "cover":  # MInference's semantics: the range schedule, no per-element test
+    if pattern.slash_semantics == "cover" and bs == 64 and runs_on_hopper(q, interpret):
+        # MInference's semantics on the Mosaic GPU kernel (BENCHMARKS.md: the fastest here)
+        out = vertical_slash_attention_hopper(q, k, v, *build_hopper_index(pattern.vertical, pattern.slash, seq),
+                                              scale=scale)
+    elif pattern.slash_semantics == "cover":  # the range schedule, no per-element test
         ranges = build_vertical_slash_ranges(pattern.vertical, pattern.slash, seq, bs)
-        if bs == 64 and runs_on_hopper(q, interpret):  # the Mosaic GPU kernel (BENCHMARKS.md: faster there)
-            columns = build_hopper_columns(pattern.vertical, ranges, seq)
-            out = vertical_slash_attention_hopper(q, k, v, ranges, columns, scale=scale)
-        else:
-            out = vertical_slash_attention_ranges(q, k, v, ranges, scale=scale, interpret=interpret,
-                                                  semantics="cover")
+        out = vertical_slash_attention_ranges(q, k, v, ranges, scale=scale, interpret=interpret, semantics="cover")
     else:
         index = build_vertical_slash_index(pattern.vertical, pattern.slash, seq, bs, bs)
         out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=interpret)

@@ -36,7 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from lcjax.pallas import _flash
 from lcjax.pallas.block_sparse_hopper import ROWS_PER_WG, SMEM_BYTES, SUPPORTED_DTYPES
 from lcjax.pallas.vertical_slash_index import _sorted_unique
-from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, _prefix
+from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, _prefix, build_vertical_slash_ranges
 
 BLOCK = ROWS_PER_WG  # query rows per block = keys per chunk = MInference's 64
 
@@ -96,6 +96,15 @@ def build_hopper_columns(vertical_indices: jax.Array, index: VerticalSlashRanges
     diagonal = (is_vertical != 0) & diagonal_free[:, :, None, :]
     return HopperColumns(columns=verticals, before_words=_pack_bits(before),
                          column_chunks=(last + BLOCK) // BLOCK, diagonal_words=_pack_bits(diagonal))
+
+
+def build_hopper_index(vertical_indices: jax.Array, slash_offsets: jax.Array,
+                       q_len: int) -> tuple[VerticalSlashRanges, HopperColumns]:
+    """Everything `vertical_slash_attention_hopper` reads, from `[batch, heads, n]` int32 vertical columns and
+    slash offsets (any order; duplicates and values outside [0, q_len) dropped): the range schedule without its
+    per-block column lists (this kernel keeps its own) and the `HopperColumns`."""
+    ranges = build_vertical_slash_ranges(vertical_indices, slash_offsets, q_len, BLOCK, columns=False)
+    return ranges, build_hopper_columns(vertical_indices, ranges, q_len)
 
 
 def _bit_mask(shape, w0, w1):
@@ -279,8 +288,8 @@ def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, in
     """Causal prefill under the vertical-slash pattern with MInference's cover semantics, on Hopper.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]`; bfloat16 or float16;
-    head_dim 64, 96 or 128. index: `build_vertical_slash_ranges(vertical, slash, q_len, 64)`; columns:
-    `build_hopper_columns(vertical, index, q_len)`. Returns `[batch, q_len, heads, head_dim]` in q's dtype;
+    head_dim 64, 96 or 128. index, columns: `build_hopper_index(vertical, slash, q_len)` (or
+    `build_vertical_slash_ranges(vertical, slash, q_len, 64)` and `build_hopper_columns(vertical, index, q_len)`). Returns `[batch, q_len, heads, head_dim]` in q's dtype;
     equals `vertical_slash_cover_reference` up to rounding. stages: K/V slots per query block.
     """
     _flash.check_inputs("vertical_slash_attention_hopper", q, k, v)

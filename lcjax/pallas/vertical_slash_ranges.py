@@ -93,11 +93,13 @@ def _list_positions(selected: jax.Array, size: int) -> jax.Array:
     return jnp.zeros((batch, heads, size), jnp.int32).at[bi, hi, slot].set(pos, mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("q_len", "block"))
+@functools.partial(jax.jit, static_argnames=("q_len", "block", "columns"))
 def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int,
-                                block: int = 64) -> VerticalSlashRanges:
+                                block: int = 64, columns: bool = True) -> VerticalSlashRanges:
     """The range schedule for causal prefill of `q_len` tokens (same inputs as `build_vertical_slash_index`:
-    `[batch, heads, n]` int32 columns / offsets, any order; duplicates and values outside [0, q_len) dropped)."""
+    `[batch, heads, n]` int32 columns / offsets, any order; duplicates and values outside [0, q_len) dropped).
+    columns=False leaves the per-block column lists empty (`column_indices` `[batch, heads, nqb, 0]`): the
+    Hopper kernel keeps its own (`build_hopper_columns`), and they are the costly part of the build."""
     b = block
     nqb, padded, is_vertical, is_slash = line_indicators(vertical_indices, slash_offsets, q_len, b)
 
@@ -116,6 +118,12 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
     last_rows = jnp.arange(nqb, dtype=jnp.int32) * b + b - 1
     group_counts = jnp.cumsum(starts, axis=-1, dtype=jnp.int32)[..., last_rows]
 
+    lists = dict(group_start=group_start, group_end=group_end, group_counts=group_counts, is_vertical=is_vertical,
+                 is_slash=is_slash, slash_prefix=_prefix(is_slash.astype(jnp.int32)), slash_next=nxt,
+                 slash_prev=prev, q_len=q_len, block=b)
+    if not columns:
+        return VerticalSlashRanges(column_indices=jnp.zeros((*group_counts.shape, 0), jnp.int32),
+                                   column_counts=jnp.zeros_like(group_counts), **lists)
     # vertical column j meets a range of block qb iff offsets [r0 - j, r0 + b - 1 - j] meet a group
     verticals = _sorted_unique(vertical_indices.astype(jnp.int32), q_len)  # [batch, heads, n_vertical]
     cov_prefix = _prefix(covered.astype(jnp.int32))
@@ -130,12 +138,8 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
     keep = (j < q_len) & (j <= r0 + b - 1) & ~meets
     n_vertical = verticals.shape[-1]
     max_columns = max(b, -(-n_vertical // b) * b)
-    column_indices = compact_columns(j, keep, max_columns)
-    return VerticalSlashRanges(group_start=group_start, group_end=group_end, group_counts=group_counts,
-                               column_indices=column_indices,
-                               column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), is_vertical=is_vertical,
-                               is_slash=is_slash, slash_prefix=_prefix(is_slash.astype(jnp.int32)), slash_next=nxt,
-                               slash_prev=prev, q_len=q_len, block=b)
+    return VerticalSlashRanges(column_indices=compact_columns(j, keep, max_columns),
+                               column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), **lists)
 
 
 def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_ref, slash_ref, prefix_ref,
@@ -261,6 +265,9 @@ def vertical_slash_attention_ranges(q: jax.Array, k: jax.Array, v: jax.Array, in
     exact: query block qb attends, causally, every key of its groups' ranges [r0 - D1, r0 + block - 1 - D0]
     (`cover_mask_fn` is its reference) plus the vertical columns.
     """
+    if index.column_indices.shape[-1] == 0:
+        raise ValueError("vertical_slash_attention_ranges needs an index built with columns=True (this one was "
+                         "built for the Hopper kernel, without column lists).")
     return run_schedule("vertical_slash_attention_ranges", _pallas_forward, q, k, v, index, index.group_counts,
                         scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
                         heads_fastest=heads_fastest, slash_mask=slash_mask, semantics=semantics)

@@ -37,6 +37,37 @@ ROWS_PER_WG = 64  # wgmma's M per warpgroup
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+def init_softmax_state(head_dim: int):
+    """(acc `[64, head_dim]`, m `[64]`, l `[64]`) of one warpgroup's rows in wgmma's register layouts: the
+    running max starts at the finite floor (see `_flash`), the sums and output at zero."""
+    m = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), _flash.M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    return acc, m, l
+
+
+def softmax_update(s, acc, m, l, qk_scale: float, dtype):
+    """One online-softmax step on unscaled scores s `[64, keys]` (masked entries -inf): the rescaled acc, the new
+    max and sum, and the probabilities in `dtype` for PV. scale * log2(e) enters the max once and the exponent as
+    one FMA."""
+    m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    l = l * alpha + p.sum(axis=1)
+    return acc, m_new, l, p.astype(dtype)
+
+
+def store_rows(acc, l, smem, rows_gmem) -> None:
+    """Normalises acc by l and writes it through `smem` (the rows' Q tile, no longer needed) to `rows_gmem`.
+    l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0 means acc == 0: zeros."""
+    acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
+    smem[...] = acc.astype(smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem, rows_gmem)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_wgs: int, block_k: int,
             stages: int, num_q_blocks: int, groups: int, kv_len: int, causal: bool, qk_scale: float):
     (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped
@@ -59,9 +90,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
         row0 = qb * (ROWS_PER_WG * compute_wgs) + wg * ROWS_PER_WG
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS_PER_WG), h], my_q, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
-        m = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), _flash.M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        acc, m, l = init_softmax_state(head_dim)
 
         @pl.when(n_total > 0)
         def _():
@@ -89,13 +118,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
                 if causal:
                     allowed &= rows >= cols
                 s = jnp.where(allowed, s, -jnp.inf)
-            # logits stay unscaled; scale * log2(e) enters the max once and the exponent as one FMA
-            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha + p.sum(axis=1)
-            p = p.astype(dtype)
+            acc, m_new, l, p = softmax_update(s, acc, m, l, qk_scale, dtype)
             acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))  # softmax done before the PV wait
             if compute_wgs == 2:
                 plgpu.barrier_arrive(schedule)
@@ -119,12 +142,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
         acc, m, l = lax.fori_loop(n_plain, n_total, functools.partial(step, masked=True), carry)
         if compute_wgs == 2:
             pl.when(wg == 0)(take_turns)
-        # l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0 means acc == 0
-        acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
-        my_q[...] = acc.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(row0, ROWS_PER_WG), h])
-        plgpu.wait_smem_to_gmem(0)
+        store_rows(acc, l, my_q, o_ref.at[b, pl.ds(row0, ROWS_PER_WG), h])
 
     @pl.when(wg == compute_wgs)
     def _memory():

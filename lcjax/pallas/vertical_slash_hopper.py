@@ -34,7 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lcjax.pallas import _flash
-from lcjax.pallas.block_sparse_hopper import ROWS_PER_WG, SMEM_BYTES, SUPPORTED_DTYPES
+from lcjax.pallas.block_sparse_hopper import (ROWS_PER_WG, SMEM_BYTES, SUPPORTED_DTYPES, init_softmax_state,
+                                              softmax_update, store_rows)
 from lcjax.pallas.vertical_slash_index import _sorted_unique
 from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, _prefix, build_vertical_slash_ranges
 
@@ -169,12 +170,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             plgpu.barrier_arrive(k_free.at[slot])
             if mask is not None:
                 s = jnp.where(mask(), s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha + p.sum(axis=1)
-            p = p.astype(q_smem.dtype)
+            acc, m_new, l, p = softmax_update(s, acc, m, l, qk_scale, q_smem.dtype)
             plgpu.barrier_wait(v_ready.at[slot])
 
             def pv_scope(acc_ref):
@@ -196,15 +192,9 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             return tile(lambda: _bit_mask((BLOCK, BLOCK), d0w, d1w) & (r0 + lanes <= rows), carry)
 
         head_dim = q_smem.shape[-1]
-        acc = plgpu.layout_cast(jnp.zeros((BLOCK, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        m = plgpu.layout_cast(jnp.full((BLOCK,), _flash.M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc, m, l = init_softmax_state(head_dim)
         acc, m, l, _ = walk(lambda start, cr: tile(None, cr), masked, column, diagonal, (acc, m, l, jnp.int32(0)))
-        acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
-        my_q[...] = acc.astype(q_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(r0, BLOCK), h])
-        plgpu.wait_smem_to_gmem(0)
+        store_rows(acc, l, my_q, o_ref.at[b, pl.ds(r0, BLOCK), h])
 
     @pl.when(wg >= 2)
     def _memory():

@@ -86,7 +86,7 @@ def build_hopper_columns(vertical_indices: jax.Array, index: VerticalSlashRanges
     flat = lambda x: jnp.broadcast_to(x, (*j.shape[:2], nqb_even, j.shape[-1])).reshape(*j.shape[:2], -1)
     meets = ((jnp.take_along_axis(covered, flat(hi), axis=-1) - jnp.take_along_axis(covered, flat(lo), axis=-1))
              .reshape(*j.shape[:2], nqb_even, j.shape[-1]) > 0)
-    before = (j < r0) & ~meets                         # before the block, in none of its ranges: [b, h, nqb, NV]
+    before = (j < r0) & (j < q_len) & ~meets  # a real column before the block, in none of its ranges: [b, h, nqb, NV]
     position = jnp.arange(n_pad, dtype=jnp.int32)
     last = jnp.max(jnp.where(before, position, -1), axis=-1)
     # key r0 + t of the block's own 64: its offsets [-t, 63 - t] meet a group iff one of 0..63 - t is

@@ -37,6 +37,25 @@ ROWS_PER_WG = 64  # wgmma's M per warpgroup
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+# shared-memory layout of every wgmma operand tile: 8-row tiles of 64 elements with a 128-byte swizzle, the
+# layout wgmma reads without bank conflicts (it also makes TMA row offsets multiples of 8)
+WGMMA_TILES = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def copy_kv_tile(k_src, v_src, k_dst, v_dst, ready, free, refill) -> None:
+    """The memory warpgroup's step: TMA-copies one K and one V tile into a slot (k_dst, v_dst; arrival on
+    ready.at[0] / [1]). With `refill` (a Python bool, or traced) it first waits for the consumers to free the
+    slot, K and V separately: K is free after QK^T, V only after PV, so K's copy can start earlier."""
+    (k_ready, v_ready), (k_free, v_free) = ready, free
+    for src, dst, arrived, freed in ((k_src, k_dst, k_ready, k_free), (v_src, v_dst, v_ready, v_free)):
+        if isinstance(refill, bool):
+            if refill:
+                plgpu.barrier_wait(freed)
+        else:
+            pl.when(refill)(lambda freed=freed: plgpu.barrier_wait(freed))
+        plgpu.copy_gmem_to_smem(src, dst, arrived)
+
+
 def init_softmax_state(head_dim: int):
     """(acc `[64, head_dim]`, m `[64]`, l `[64]`) of one warpgroup's rows in wgmma's register layouts: the
     running max starts at the finite floor (see `_flash`), the sums and output at zero."""
@@ -149,14 +168,10 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(h, groups)
 
-        def fetch(n, slot, wait: bool):
+        def fetch(n, slot, refill: bool):
             tile = (b, pl.ds(idx_ref[b, h, qb, n] * block_k, block_k), kv_head)
-            if wait:  # K is free after QK^T, V only after PV: refill each as soon as it is
-                plgpu.barrier_wait(k_free.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[tile], k_smem.at[slot], k_ready.at[slot])
-            if wait:
-                plgpu.barrier_wait(v_free.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[tile], v_smem.at[slot], v_ready.at[slot])
+            copy_kv_tile(k_ref.at[tile], v_ref.at[tile], k_smem.at[slot], v_smem.at[slot],
+                         (k_ready.at[slot], v_ready.at[slot]), (k_free.at[slot], v_free.at[slot]), refill)
 
         for n in range(stages):
             pl.when(n < n_total)(functools.partial(fetch, n, n, False))
@@ -176,15 +191,12 @@ def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     kernel = functools.partial(_kernel, compute_wgs=compute_wgs, block_k=block_k, stages=stages,
                                num_q_blocks=nqb, groups=heads // kv_heads, kv_len=kv_len, causal=causal,
                                qk_scale=scale * math.log2(math.e))
-    # 128-byte swizzle of 64-element rows: the layout wgmma reads without bank conflicts
-    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-
     def entry(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref):
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped),
-            (plgpu.SMEM((compute_wgs, ROWS_PER_WG, head_dim), q.dtype, **tiled),
-             plgpu.SMEM((stages, block_k, head_dim), q.dtype, **tiled),
-             plgpu.SMEM((stages, block_k, head_dim), q.dtype, **tiled)),
+            (plgpu.SMEM((compute_wgs, ROWS_PER_WG, head_dim), q.dtype, **WGMMA_TILES),
+             plgpu.SMEM((stages, block_k, head_dim), q.dtype, **WGMMA_TILES),
+             plgpu.SMEM((stages, block_k, head_dim), q.dtype, **WGMMA_TILES)),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=compute_wgs)),
             (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),) * 2,
@@ -218,10 +230,14 @@ def smem_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize:
     return (block_q + 2 * stages * block_k) * head_dim * itemsize
 
 
+def check_dtype(name: str, q: jax.Array) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} takes bfloat16 or float16 (wgmma); got {q.dtype}.")
+
+
 def check_config(q: jax.Array, block_q: int, block_k: int, stages: int) -> None:
     """Errors naming what the Hopper kernel supports."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"block_sparse_attention_hopper takes bfloat16 or float16 (wgmma); got {q.dtype}.")
+    check_dtype("block_sparse_attention_hopper", q)
     if block_q not in (64, 128):
         raise ValueError(f"block_sparse_attention_hopper: block_q={block_q} must be 64 or 128 (one or two "
                          f"warpgroups of 64 rows).")

@@ -34,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lcjax.pallas import _flash
-from lcjax.pallas.block_sparse_hopper import (ROWS_PER_WG, SMEM_BYTES, SUPPORTED_DTYPES, init_softmax_state,
-                                              softmax_update, store_rows)
+from lcjax.pallas.block_sparse_hopper import (ROWS_PER_WG, SMEM_BYTES, WGMMA_TILES, check_dtype, copy_kv_tile,
+                                              init_softmax_state, smem_bytes, softmax_update, store_rows)
 from lcjax.pallas.vertical_slash_index import _sorted_unique
 from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, _prefix, build_vertical_slash_ranges
 
@@ -202,19 +202,8 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
 
         def fetch(k_src, v_src, step):
             slot = me * stages + lax.rem(step, stages)
-            refill = step >= stages
-
-            @pl.when(refill)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(k_src, k_smem.at[slot], k_ready.at[slot])
-
-            @pl.when(refill)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
-
-            plgpu.copy_gmem_to_smem(v_src, v_smem.at[slot], v_ready.at[slot])
+            copy_kv_tile(k_src, v_src, k_smem.at[slot], v_smem.at[slot], (k_ready.at[slot], v_ready.at[slot]),
+                         (k_free.at[slot], v_free.at[slot]), step >= stages)
             return step + 1
 
         def keys_at(first, step):
@@ -237,14 +226,12 @@ def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: Hopper
     counts = _flash.pad_to(index.group_counts, 2, 2 * num_pairs)
     kernel = functools.partial(_kernel, stages=stages, num_pairs=num_pairs, groups=heads // k.shape[2],
                                padded=padded, qk_scale=scale * math.log2(math.e))
-    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-
     def entry(*refs):
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
-            (plgpu.SMEM((2, BLOCK, head_dim), q.dtype, **tiled),
-             plgpu.SMEM((2 * stages, BLOCK, head_dim), q.dtype, **tiled),
-             plgpu.SMEM((2 * stages, BLOCK, head_dim), q.dtype, **tiled)),
+            (plgpu.SMEM((2, BLOCK, head_dim), q.dtype, **WGMMA_TILES),
+             plgpu.SMEM((2 * stages, BLOCK, head_dim), q.dtype, **WGMMA_TILES),
+             plgpu.SMEM((2 * stages, BLOCK, head_dim), q.dtype, **WGMMA_TILES)),
             (plgpu.Barrier(num_barriers=2 * stages), plgpu.Barrier(num_barriers=2 * stages),
              plgpu.Barrier(num_barriers=2 * stages), plgpu.Barrier(num_barriers=2 * stages),
              plgpu.Barrier(num_barriers=2)),
@@ -279,18 +266,18 @@ def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, in
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]`; bfloat16 or float16;
     head_dim 64, 96 or 128. index, columns: `build_hopper_index(vertical, slash, q_len)` (or
-    `build_vertical_slash_ranges(vertical, slash, q_len, 64)` and `build_hopper_columns(vertical, index, q_len)`). Returns `[batch, q_len, heads, head_dim]` in q's dtype;
-    equals `vertical_slash_cover_reference` up to rounding. stages: K/V slots per query block.
+    `build_vertical_slash_ranges(vertical, slash, q_len, 64)` and `build_hopper_columns(vertical, index, q_len)`).
+    Returns `[batch, q_len, heads, head_dim]` in q's dtype; equals `vertical_slash_cover_reference` up to
+    rounding. stages: K/V slots per query block.
     """
     _flash.check_inputs("vertical_slash_attention_hopper", q, k, v)
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"vertical_slash_attention_hopper takes bfloat16 or float16 (wgmma); got {q.dtype}.")
+    check_dtype("vertical_slash_attention_hopper", q)
     batch, q_len, heads, head_dim = q.shape
     if k.shape[1] != q_len or index.q_len != q_len or index.block != BLOCK:
         raise ValueError(f"vertical_slash_attention_hopper is causal prefill with 64-row blocks: q_len={q_len}, "
                          f"kv_len={k.shape[1]}, index q_len={index.q_len}, block={index.block}.")
     d_pad = _flash.padded_head_dim(head_dim)
-    if (need := 2 * (1 + 2 * stages) * BLOCK * d_pad * 2) > SMEM_BYTES:
+    if (need := 2 * smem_bytes(BLOCK, BLOCK, stages, d_pad)) > SMEM_BYTES:  # two blocks, each with its own ring
         raise ValueError(f"vertical_slash_attention_hopper: stages={stages} needs {need} bytes of shared memory "
                          f"at head_dim {d_pad}, more than {SMEM_BYTES}.")
     padded = columns.column_chunks.shape[-1] * BLOCK

@@ -5,8 +5,8 @@ the XLA references on a small size with fresh random inputs and NaN-poisoned out
 sizes / warps / pipeline stages at one length; (c) per length: cuDNN, tokamax (when installed), block-sparse
 (the Mosaic GPU and the Triton kernel) at 1/5/10/25 % of the causal tiles and dense (all causal tiles),
 vertical-slash (1000 verticals / 6096 slashes) on the ideal nearest-diagonals index set and on random indices.
-Times are medians of >= 10 samples after warm-up; TFLOP/s count the FLOPs of the tiles each kernel computes (4 * tile_q * tile_k * head_dim per tile; cuDNN:
-4 * heads * L^2 / 2 * head_dim). A markdown table comes last; full results go to $OUT/bench_sparse.json.
+Times are medians of >= 10 samples after warm-up; TFLOP/s count the FLOPs of the tiles each kernel computes
+(4 * tile_q * tile_k * head_dim per tile; cuDNN: 4 * heads * L^2 / 2 * head_dim). A markdown table comes last; full results go to $OUT/bench_sparse.json.
 
     export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
     PYTHONPATH=. python3 -m experiments.bench_sparse_kernels [--lengths 8192,32768,131072] [--sweep after]

@@ -44,7 +44,7 @@ import numpy as np
 from experiments.timing import median_seconds
 from lcjax.methods.minference import estimate_vertical_slash
 from lcjax.pallas.vertical_slash_attention import vertical_slash_attention, vertical_slash_attention_reference
-from lcjax.pallas.vertical_slash_hopper import build_hopper_columns, build_hopper_index, vertical_slash_attention_hopper
+from lcjax.pallas.vertical_slash_hopper import build_hopper_index, vertical_slash_attention_hopper
 from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
 from lcjax.pallas.vertical_slash_ranges import (build_vertical_slash_ranges, range_schedule_tiles,
                                                 vertical_slash_attention_ranges, vertical_slash_cover_reference)
@@ -126,9 +126,7 @@ def make_fns(length: int, block: int, schedule: str = "diagonal", slash_mask: st
     if schedule == "mosaic":
         if slash_mask != "cover" or block != 64:
             raise ValueError("the mosaic schedule runs cover semantics on 64-row blocks: mosaic:64:cover")
-
         build_fn = lambda vi, so: build_hopper_index(vi, so, length)
-
         attend = lambda q, k, v, ix: vertical_slash_attention_hopper(q, k, v, *ix, scale=SCALE)
     elif schedule == "ranges":
         build_fn = lambda vi, so: build_vertical_slash_ranges(vi, so, length, block)

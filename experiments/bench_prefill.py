@@ -349,6 +349,8 @@ def main(argv=None):
     p.add_argument("--model-runs", type=int, default=3)
     p.add_argument("--model-no-cache", action="store_true", help="prefill without keeping a KV cache (512K)")
     p.add_argument("--model-mlp-chunk", type=int, default=None, help="MLP in sequence chunks (512K: 32768)")
+    p.add_argument("--model-semantics", default="exact,cover",
+                   help="vertical-slash semantics run beside dense in the model section (exact, cover)")
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this many seconds")
     p.add_argument("--json", action="store_true", help="write $OUT/bench_prefill.json")
     p.add_argument("--cpu-smoke", action="store_true")
@@ -441,7 +443,8 @@ def main(argv=None):
             NOTES.append("model section skipped, past --deadline-s")
         else:
             try:
-                model_section(a.model_len, a.model_runs, not a.model_no_cache, a.model_mlp_chunk)
+                model_section(a.model_len, a.model_runs, not a.model_no_cache, a.model_mlp_chunk,
+                              tuple(a.model_semantics.split(",")))
             except Exception as e:  # noqa: BLE001
                 NOTES.append(f"model section failed: {type(e).__name__}: {str(e)[:300]}")
                 log(NOTES[-1])

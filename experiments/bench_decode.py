@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.timing import COPY_GBS
 from lcjax.attention import DenseAttention
 from lcjax.config import llama3_8b_config
 from lcjax.generate import _bucket, _decode_loop, _token_buffer
@@ -34,7 +35,6 @@ from lcjax.methods.cache_transform import cache_nbytes
 from lcjax.models.transformer import Transformer
 from lcjax.sampling import Greedy
 
-COPY_GBS = 2972.0
 
 
 def kv_bytes(cfg, batch: int, tokens: int) -> float:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.timing import median_seconds
+from experiments.timing import COPY_GBS, median_seconds
 from lcjax.methods.kivi_quant import quantize_keys, quantize_values
 from lcjax.methods.quest_pages import page_bounds, quest_decode_attention
 from lcjax.pallas.decode_attention import decode_attention, decode_attention_reference
@@ -27,7 +27,6 @@ from lcjax.pallas.kivi_decode_attention import kivi_decode_attention, kivi_decod
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SCALE = HEAD_DIM ** -0.5
-COPY_GBS = 2972.0
 
 
 def inputs(key, batch: int, length: int):

@@ -437,7 +437,7 @@ def main(argv=None):
             del q, k, v, vi, so
             gc.collect()
             if a.json:
-                dump(a)
+                dump(a, kernel_rows)
     if (a.model or a.model_only) and not a.cpu_smoke:
         if elapsed() > a.deadline_s:
             NOTES.append("model section skipped, past --deadline-s")
@@ -449,7 +449,7 @@ def main(argv=None):
                 NOTES.append(f"model section failed: {type(e).__name__}: {str(e)[:300]}")
                 log(NOTES[-1])
     if a.json:
-        dump(a)
+        dump(a, kernel_rows)
     report = run_report(a, argv, kernel_rows)
     print()
     print(report)
@@ -474,11 +474,14 @@ def run_report(a, argv, kernel_rows) -> str:
     return "\n".join(lines)
 
 
-def dump(a):
+def dump(a, kernel_rows=()):
+    """$OUT/bench_prefill.json: the args, device, the vertical-slash rows, the kernel rows (length, variant,
+    result) and the notes."""
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "bench_prefill.json"), "w") as f:
         json.dump(dict(args=vars(a), device=jax.devices()[0].device_kind, jax=jax.__version__, rows=ROWS,
-                       notes=NOTES), f, indent=1)
+                       kernel_rows=[dict(L=n, variant=name, **r) for n, name, r in kernel_rows], notes=NOTES),
+                  f, indent=1)
 
 
 if __name__ == "__main__":

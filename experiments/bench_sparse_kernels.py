@@ -6,7 +6,10 @@ sizes / warps / pipeline stages at one length; (c) per length: cuDNN, tokamax (w
 (the Mosaic GPU and the Triton kernel) at 1/5/10/25 % of the causal tiles and dense (all causal tiles),
 vertical-slash (1000 verticals / 6096 slashes) on the ideal nearest-diagonals index set and on random indices.
 Times are medians of >= 10 samples after warm-up; TFLOP/s count the FLOPs of the tiles each kernel computes
-(4 * tile_q * tile_k * head_dim per tile; cuDNN: 4 * heads * L^2 / 2 * head_dim). A markdown table comes last; full results go to $OUT/bench_sparse.json.
+(4 * tile_q * tile_k * head_dim per tile; cuDNN: 4 * heads * L^2 / 2 * head_dim). Block-sparse rows also give the
+bytes the kernel must move when no tile is reused (K and V per listed tile, Q and O per query block) per second,
+against the measured copy bandwidth (`experiments.timing.COPY_GBS`): random short lists are bandwidth-bound. A
+markdown table comes last; full results go to $OUT/bench_sparse.json.
 
     export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
     PYTHONPATH=. python3 -m experiments.bench_sparse_kernels [--lengths 8192,32768,131072] [--sweep after]
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.timing import COPY_GBS
 from lcjax.pallas.block_sparse_attention import (
     _pallas_forward as block_sparse_forward, block_sparse_attention, block_sparse_attention_canonical,
     block_sparse_attention_reference, canonicalize_block_indices)
@@ -181,10 +185,14 @@ def block_sparse_case(q, k, v, idx, counts, cfg):
             heads_fastest=bool(heads_fastest)))
     t_kernel = timeit(kern, q, k, v, ci, sc)
     t_prep = timeit(canon, idx, counts)
-    causal_tiles = HEADS * sum(min(((i * bq + bq - 1) // bk) + 1, -(-length // bk)) for i in range(-(-length // bq)))
+    nqb = -(-length // bq)
+    causal_tiles = HEADS * sum(min(((i * bq + bq - 1) // bk) + 1, -(-length // bk)) for i in range(nqb))
     flops = 4 * bq * bk * HEAD_DIM * tiles
+    # bytes the kernel must move if no tile is reused from L2: a K and a V tile per listed tile, each query
+    # block's Q read and O written once
+    moved = (2 * bk * tiles + 2 * bq * HEADS * nqb) * HEAD_DIM * q.dtype.itemsize
     return dict(kernel_ms=t_kernel * 1e3, prep_ms=t_prep * 1e3, tflops=flops / t_kernel / 1e12,
-                tile_frac=tiles / causal_tiles, flops=flops)
+                tile_frac=tiles / causal_tiles, flops=flops, gbps=moved / t_kernel / 1e9)
 
 
 def vertical_slash_case(q, k, v, verticals, slashes, cfg):
@@ -318,14 +326,15 @@ def kernel_table(table: list[tuple[int, str, dict]]) -> str:
     """Markdown rows (length, variant, result) with the rate and speedup against the same length's cuDNN row."""
     cudnn = {n: r for n, name, r in table if name == "cudnn dense"}
     lines = ["| L | variant | tiles computed | kernel ms | prep ms | TFLOP/s (computed) | rate / cuDNN's "
-             "| speedup vs cuDNN (kernel / +prep) |", "|---|---|---|---|---|---|---|---|"]
+             "| speedup vs cuDNN (kernel / +prep) | GB/s moved (of copy bandwidth) |", "|---|---|---|---|---|---|---|---|---|"]
     for n, name, r in table:
         base = cudnn.get(n)
         sp = (f"{base['kernel_ms'] / r['kernel_ms']:.2f}x / {base['kernel_ms'] / (r['kernel_ms'] + r['prep_ms']):.2f}x"
               if base else "-")
         rate = f"{r['tflops'] / base['tflops']:.0%}" if base else "-"
+        moved = f"{r['gbps']:.0f} ({r['gbps'] / COPY_GBS:.0%})" if "gbps" in r else "-"
         lines.append(f"| {n // 1024}K | {name} | {r['tile_frac']:.1%} | {r['kernel_ms']:.2f} | {r['prep_ms']:.2f} | "
-                     f"{r['tflops']:.0f} | {rate} | {sp} |")
+                     f"{r['tflops']:.0f} | {rate} | {sp} | {moved} |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,9 @@ import time
 
 import jax
 
+# the H100's device-to-device copy bandwidth, bytes read + written (../shared/KERNELS.md): the memory roofline
+COPY_GBS = 2972.0
+
 
 def median_seconds(fn, *args, samples: int = 10) -> float:
     """Median wall time of `fn(*args)` (blocked until ready) over `samples` calls, after a compile call and a

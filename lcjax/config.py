@@ -141,6 +141,11 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_layers * layer + self.vocab_size * d + head + d
 
+    def decode_params_read(self) -> int:
+        """Parameters one decode step reads in full: all but an untied input embedding table, of which it
+        gathers one row per sequence (tied, the output head reads the shared table whole)."""
+        return self.num_params() - (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
+
     # ---- transformers config.json -------------------------------------------------------------
 
     @classmethod

@@ -56,3 +56,29 @@ def test_bench_prefill_cpu_smoke_appends_its_run_to_a_benchmarks_file(tmp_path, 
     rows = [line for line in text.splitlines() if line.startswith("| 256 ") or line.startswith("| 512 ")]
     assert len(rows) == 2 * 3  # per length: cuDNN (XLA on CPU), the variant on both index sets
     assert (tmp_path / "bench_prefill.json").exists()
+
+
+def test_profile_decode_names_the_ops_inside_each_fusion(tmp_path):
+    """`profile_decode` labels each traced kernel with the HLO ops of its fusion, also inside a while loop (the
+    profiler spells fusion "x.12" as "x_12"); on a machine without a GPU it says so."""
+    import re
+
+    import jax.numpy as jnp
+
+    from experiments.profile_decode import fusion_ops, kernel_times
+
+    def body(carry):
+        i, x = carry
+        return i + 1, jnp.concatenate([jnp.sin(x[:, :3]) * x[:, :3], x[:, 3:]], 1) @ x
+
+    hlo = jax.jit(lambda x: jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))).lower(
+        jnp.ones((8, 8))).compile().as_text()
+    ops = {n: fusion_ops(hlo, n.replace(".", "_")) for n in re.findall(r"%(\S*fusion\S*) = ", hlo)}
+    assert any({"sine", "concatenate"} <= set(o.split(",")) for o in ops.values()), ops
+    assert fusion_ops(hlo, "no_such_fusion") == ""
+    if jax.default_backend() != "gpu":
+        jax.profiler.start_trace(str(tmp_path))
+        jax.block_until_ready(jnp.ones(4) * 2)
+        jax.profiler.stop_trace()
+        with pytest.raises(RuntimeError, match="needs a GPU"):
+            kernel_times(str(tmp_path))

@@ -37,7 +37,6 @@ from lcjax.models.transformer import Transformer
 from lcjax.sampling import Greedy
 
 
-
 def kv_bytes(cfg, batch: int, tokens: int) -> float:
     return 2 * cfg.num_layers * batch * tokens * cfg.num_kv_heads * cfg.head_dim * 2
 

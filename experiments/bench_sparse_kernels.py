@@ -213,12 +213,16 @@ def vertical_slash_case(q, k, v, verticals, slashes, cfg):
                 masked_tiles=int(jnp.sum(index.masked_counts)), column_chunks=chunks)
 
 
+def dense_row(length: int, seconds: float) -> dict:
+    """The result dict of a dense causal kernel that took `seconds` at `length` (FLOPs of the causal half)."""
+    flops = 4 * HEADS * length ** 2 / 2 * HEAD_DIM
+    return dict(kernel_ms=seconds * 1e3, prep_ms=0.0, tflops=flops / seconds / 1e12, tile_frac=1.0, flops=flops)
+
+
 def cudnn_case(q, k, v):
     fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=SCALE, is_causal=True,
                                                               implementation="cudnn"))
-    t = timeit(fn, q, k, v)
-    flops = 4 * HEADS * q.shape[1] ** 2 / 2 * HEAD_DIM
-    return dict(kernel_ms=t * 1e3, prep_ms=0.0, tflops=flops / t / 1e12, tile_frac=1.0, flops=flops)
+    return dense_row(q.shape[1], timeit(fn, q, k, v))
 
 
 def tokamax_case(q, k, v):
@@ -235,8 +239,7 @@ def tokamax_case(q, k, v):
     ref = jax.nn.dot_product_attention(q, k, v, scale=SCALE, is_causal=True, implementation="cudnn")
     err = float(jnp.linalg.norm((fn(q, k, v) - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
     log(f"tokamax vs cuDNN at L={q.shape[1]}: rel diff {err:.1e}")
-    flops = 4 * HEADS * q.shape[1] ** 2 / 2 * HEAD_DIM
-    return dict(kernel_ms=t * 1e3, prep_ms=0.0, tflops=flops / t / 1e12, tile_frac=1.0, flops=flops)
+    return dense_row(q.shape[1], t)
 
 
 def sweep(key, length: int, budget_s: float):

@@ -23,8 +23,11 @@ def bits(words, position):
 
 
 def hopper_visit_counts(index, columns, q_len):
-    """How many times the Hopper schedule counts each (query, key) pair: the kernel's loops replayed in numpy
-    (range chunks with their load clamp and masks, the before-block columns by bit, the diagonal pass)."""
+    """How many times the Hopper schedule counts each (query, key) pair: the kernel's loops replayed in numpy.
+    A CTA walks the chunks of its two query blocks once (each group's 64-key chunks from the first live block's
+    lo rounded down to 8 through the second block's hi, with the load clamp; then the column chunks; then each
+    block's diagonal tile); each block counts the chunks that meet its range, masked unless wholly inside it and
+    at or before its first row, its columns by bit, and its own diagonal tile."""
     ix = {n: np.asarray(getattr(index, n)) for n in ("group_start", "group_end", "group_counts")}
     col = {n: np.asarray(getattr(columns, n)) for n in ("columns", "before_words", "column_chunks", "diagonal_words")}
     batch, heads, nqb = col["column_chunks"].shape
@@ -32,33 +35,35 @@ def hopper_visit_counts(index, columns, q_len):
     counts = np.pad(ix["group_counts"], [(0, 0), (0, 0), (0, nqb - ix["group_counts"].shape[-1])])
     seen = np.zeros((batch, heads, padded, padded), np.int32)
     lane = np.arange(B)
-    for b in range(batch):
-        for h in range(heads):
-            for qb in range(nqb):
-                r0 = qb * B
-                rows = r0 + lane
-                for n in range(counts[b, h, qb]):
-                    lo = max(r0 - ix["group_end"][b, h, n], 0)
-                    hi = r0 + B - 1 - ix["group_start"][b, h, n]
-                    first = lo // 8 * 8
-                    head = int(first != lo)
-                    whole = max(int((min(hi, r0) - first + 1) / B), head)  # C division truncates toward zero
-                    for c in range((hi - first + B) // B):
-                        start = first + c * B
-                        assert start % 8 == 0
-                        if head <= c < whole:
-                            seen[b, h, r0:r0 + B, start:start + B] += 1
-                            continue
-                        keys = min(start, padded - B) + lane
-                        m = (keys >= max(start, lo)) & (keys <= hi) & (keys[None, :] <= rows[:, None])
-                        seen[b, h, r0:r0 + B, keys[0]:keys[0] + B] += m
-                for c in range(col["column_chunks"][b, h, qb]):
-                    for p in range(c * B, (c + 1) * B):
-                        if bits(col["before_words"][b, h, qb], p):
-                            seen[b, h, r0:r0 + B, col["columns"][b, h, p]] += 1
-                for t in range(B):
-                    if bits(col["diagonal_words"][b, h, qb], t):
-                        seen[b, h, r0:r0 + B, r0 + t] += rows >= r0 + t
+    for b, h, pair in np.ndindex(batch, heads, nqb // 2):
+        blocks = (2 * pair, 2 * pair + 1)
+        for n in range(max(counts[b, h, blocks[0]], counts[b, h, blocks[1]])):  # a padding block has none
+            start_n, end_n = ix["group_start"][b, h, n], ix["group_end"][b, h, n]
+            lead = blocks[0] if n < counts[b, h, blocks[0]] else blocks[1]
+            first = max(lead * B - end_n, 0) // 8 * 8
+            last = blocks[1] * B + B - 1 - start_n
+            for start in range(first, last + 1, B):
+                keys = min(start, padded - B) + lane
+                for qb in blocks:
+                    r0 = qb * B
+                    lo, hi = max(r0 - end_n, 0), r0 + B - 1 - start_n
+                    if n >= counts[b, h, qb] or start + B - 1 < lo or start > hi:
+                        continue
+                    if start >= lo and start + B - 1 <= min(hi, r0):
+                        seen[b, h, r0:r0 + B, start:start + B] += 1
+                        continue
+                    rows = r0 + lane
+                    m = (keys >= max(start, lo)) & (keys <= hi) & (keys[None, :] <= rows[:, None])
+                    seen[b, h, r0:r0 + B, keys[0]:keys[0] + B] += m
+        for qb in blocks:
+            r0 = qb * B
+            for c in range(col["column_chunks"][b, h, qb]):
+                for p in range(c * B, (c + 1) * B):
+                    if bits(col["before_words"][b, h, qb], p):
+                        seen[b, h, r0:r0 + B, col["columns"][b, h, p]] += 1
+            for t in range(B):
+                if bits(col["diagonal_words"][b, h, qb], t):
+                    seen[b, h, r0:r0 + B, r0 + t] += r0 + lane >= r0 + t
     return seen[:, :, :q_len, :q_len]
 
 
@@ -85,7 +90,7 @@ def make_pattern(rng, pattern, heads, q_len):
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_hopper_schedule_counts_every_cover_pair_exactly_once(pattern):
     rng = np.random.default_rng()
-    q_len, heads = 333, 2
+    q_len, heads = 400, 2  # 7 query blocks: the last CTA pairs one with a padding block
     verticals, slashes = make_pattern(rng, pattern, heads, q_len)
     index, columns = vsh.build_hopper_index(verticals, slashes, q_len)
     full = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, B)  # the same schedule, with column lists
@@ -98,9 +103,9 @@ def test_hopper_schedule_counts_every_cover_pair_exactly_once(pattern):
 
 
 CASES = [  # q_len, heads, kv_heads, head_dim, dtype, pattern, stages
-    (1000, 8, 2, 128, jnp.bfloat16, "runs", 2),
+    (1000, 8, 2, 128, jnp.bfloat16, "runs", 4),
     (777, 4, 4, 64, jnp.float16, "random", 3),
-    (640, 8, 1, 96, jnp.bfloat16, "nearest", 2),
+    (640, 8, 1, 96, jnp.bfloat16, "nearest", 6),
     (512, 4, 2, 128, jnp.bfloat16, "no_verticals", 2),
     (300, 4, 2, 128, jnp.float16, "no_slashes", 2),
     (400, 4, 2, 128, jnp.bfloat16, "dense_columns", 3),
@@ -144,7 +149,7 @@ def test_hopper_vertical_slash_names_unsupported_inputs():
         vsh.vertical_slash_attention_hopper(q, q, q, index, columns, scale=1.0)
     q16 = q.astype(jnp.bfloat16)
     with pytest.raises(ValueError, match="shared memory"):
-        vsh.vertical_slash_attention_hopper(q16, q16, q16, index, columns, scale=1.0, stages=4)
+        vsh.vertical_slash_attention_hopper(q16, q16, q16, index, columns, scale=1.0, stages=7)
     without_lists = vsh.build_hopper_index(jnp.zeros((1, 4, 1), jnp.int32), jnp.zeros((1, 4, 1), jnp.int32), 128)[0]
     with pytest.raises(ValueError, match="columns=True"):
         vsr.vertical_slash_attention_ranges(q16, q16, q16, without_lists, scale=1.0, interpret=True)

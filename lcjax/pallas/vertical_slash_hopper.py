@@ -121,37 +121,37 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
     b, h = lax.axis_index("batch"), lax.axis_index("heads")
     pair = num_pairs - 1 - lax.axis_index("pairs")  # longest first
     wg = lax.axis_index("wg")
-    me = lax.rem(wg, 2)  # query block of the pair this warpgroup computes or feeds
-    qb = 2 * pair + me
-    r0 = qb * BLOCK
-    n_groups, n_chunks = gcount_ref[b, h, qb], chunks_ref[b, h, qb]
-    d0w, d1w = diag_ref[b, h, qb, 0], diag_ref[b, h, qb, 1]
-    has_diagonal = (d0w | d1w) != 0
+    qb0 = 2 * pair
+    r = (qb0 * BLOCK, qb0 * BLOCK + BLOCK)  # first rows of the pair's two blocks
+    n_groups = (gcount_ref[b, h, qb0], gcount_ref[b, h, qb0 + 1])  # a prefix of one list (a padding block: 0)
+    n_pair_groups = jnp.maximum(*n_groups)
+    n_chunks = (chunks_ref[b, h, qb0], chunks_ref[b, h, qb0 + 1])
+    diag_words = tuple((diag_ref[b, h, qb0 + i, 0], diag_ref[b, h, qb0 + i, 1]) for i in range(2))
+    has_diagonal = tuple(((w0 | w1) != 0).astype(jnp.int32) for w0, w1 in diag_words)
     kv_head = lax.div(h, groups)
 
-    def walk(plain, masked, column, diagonal, carry):
-        """Calls plain(start), masked(start, lo, hi), column(c), diagonal() in the schedule's order (docstring);
-        chunk starts are multiples of 8."""
-        def group(n, carry):
-            lo = jnp.maximum(r0 - end_ref[b, h, n], 0)
-            hi = r0 + BLOCK - 1 - start_ref[b, h, n]
-            first = lax.div(lo, 8) * 8
-            at = lambda c: pl.multiple_of(first + c * BLOCK, 8)
-            count = lax.div(hi - first + BLOCK, BLOCK)
-            head = (first != lo).astype(jnp.int32)  # a chunk that starts before lo needs the mask
-            whole = jnp.maximum(lax.div(jnp.minimum(hi, r0) - first + 1, BLOCK), head)
-            carry = lax.fori_loop(0, head, lambda c, cr: masked(at(c), lo, hi, cr), carry)
-            carry = lax.fori_loop(head, whole, lambda c, cr: plain(at(c), cr), carry)
-            return lax.fori_loop(whole, count, lambda c, cr: masked(at(c), lo, hi, cr), carry)
-
-        carry = lax.fori_loop(0, n_groups, group, carry)
-        carry = lax.fori_loop(0, n_chunks, column, carry)
-        return lax.fori_loop(0, has_diagonal.astype(jnp.int32), lambda _, cr: diagonal(cr), carry)
+    def span(n, i):
+        """Group n for block i: its key range [lo, hi], and in the pair's chunk walk of the group (64-key chunks
+        from `first`, `count` of them) the chunks it computes, [c_lo, c_hi), of which [p_lo, p_hi) unmasked."""
+        end, start = end_ref[b, h, n], start_ref[b, h, n]
+        lo = jnp.maximum(r[i] - end, 0)
+        hi = r[i] + BLOCK - 1 - start
+        first = lax.div(jnp.where(n < n_groups[0], jnp.maximum(r[0] - end, 0), jnp.maximum(r[1] - end, 0)), 8) * 8
+        count = lax.div(r[1] + BLOCK - 1 - start - first + BLOCK, BLOCK)  # to the second block's hi (the larger)
+        c_lo = lax.div(lo - first, BLOCK)
+        p_lo = c_lo + (lax.rem(lo - first, BLOCK) != 0).astype(jnp.int32)
+        c_hi = lax.div(hi - first, BLOCK) + 1
+        p_hi = jnp.maximum(p_lo, lax.div(jnp.minimum(hi, r[i]) - first + 1, BLOCK))
+        live = n < n_groups[i]
+        c_lo, p_lo, p_hi, c_hi = (jnp.where(live, x, count) for x in (c_lo, p_lo, p_hi, c_hi))
+        return lo, hi, first, count, (c_lo, p_lo, p_hi, c_hi)
 
     @pl.when(wg < 2)
     def _compute():
-        plgpu.set_max_registers(216, action="increase")
+        plgpu.set_max_registers(232, action="increase")
+        me = wg
         my_q = q_smem.at[me]
+        r0 = qb0 * BLOCK + me * BLOCK
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, BLOCK), h], my_q, q_ready.at[me])
         plgpu.barrier_wait(q_ready.at[me])
         rows = r0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
@@ -159,7 +159,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
 
         def tile(mask, carry):
             acc, m, l, step = carry
-            slot = me * stages + lax.rem(step, stages)
+            slot = lax.rem(step, stages)
             plgpu.barrier_wait(k_ready.at[slot])
 
             def qk_scope(s_ref):
@@ -180,42 +180,84 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l, step + 1
 
-        def masked(start, lo, hi, carry):
-            keys = jnp.minimum(start, padded - BLOCK) + lanes  # the load stays inside K/V (as the producer's)
-            return tile(lambda: (keys >= jnp.maximum(start, lo)) & (keys <= hi) & (keys <= rows), carry)
+        def skip(_, carry):  # a tile only the other block uses: pass the slot on
+            acc, m, l, step = carry
+            slot = lax.rem(step, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m, l, step + 1
+
+        def in_range(first, lo, hi):
+            def masked(c, carry):
+                start = first + c * BLOCK
+                keys = jnp.minimum(start, padded - BLOCK) + lanes  # the load stays inside K/V (as the producer's)
+                return tile(lambda: (keys >= jnp.maximum(start, lo)) & (keys <= hi) & (keys <= rows), carry)
+            return masked
+
+        def group(n, carry):
+            spans = [span(n, i) for i in range(2)]
+            lo, hi, first, count, (c_lo, p_lo, p_hi, c_hi) = jax.tree.map(lambda a, b: jnp.where(me == 0, a, b),
+                                                                           *spans)
+            masked = in_range(first, lo, hi)
+            carry = lax.fori_loop(0, c_lo, skip, carry)
+            carry = lax.fori_loop(c_lo, p_lo, masked, carry)
+            carry = lax.fori_loop(p_lo, p_hi, lambda c, cr: tile(None, cr), carry)
+            carry = lax.fori_loop(p_hi, c_hi, masked, carry)
+            return lax.fori_loop(c_hi, count, skip, carry)
+
+        my = lambda pair_values: jnp.where(me == 0, *pair_values)
+        my_chunks = my(n_chunks)
+        w = lambda c, k: words_ref[b, h, qb0 + me, 2 * c + k]
 
         def column(c, carry):
-            w0, w1 = words_ref[b, h, qb, 2 * c], words_ref[b, h, qb, 2 * c + 1]
+            w0, w1 = w(c, 0), w(c, 1)
             return tile(lambda: _bit_mask((BLOCK, BLOCK), w0, w1), carry)
 
-        def diagonal(carry):
+        d0w, d1w = my(tuple(d[0] for d in diag_words)), my(tuple(d[1] for d in diag_words))
+
+        def diagonal(_, carry):
             return tile(lambda: _bit_mask((BLOCK, BLOCK), d0w, d1w) & (r0 + lanes <= rows), carry)
 
-        head_dim = q_smem.shape[-1]
-        acc, m, l = init_softmax_state(head_dim)
-        acc, m, l, _ = walk(lambda start, cr: tile(None, cr), masked, column, diagonal, (acc, m, l, jnp.int32(0)))
+        acc, m, l = init_softmax_state(q_smem.shape[-1])
+        carry = lax.fori_loop(0, n_pair_groups, group, (acc, m, l, jnp.int32(0)))
+        carry = lax.fori_loop(0, my_chunks, column, carry)
+        carry = lax.fori_loop(my_chunks, jnp.maximum(*n_chunks), skip, carry)
+        for i in range(2):  # block 0's diagonal tile, then block 1's: each computes its own, skips the other's
+            mine = (me == i).astype(jnp.int32)
+            carry = lax.fori_loop(0, has_diagonal[i] * mine, diagonal, carry)
+            carry = lax.fori_loop(0, has_diagonal[i] * (1 - mine), skip, carry)
+        acc, m, l, _ = carry
         store_rows(acc, l, my_q, o_ref.at[b, pl.ds(r0, BLOCK), h])
 
-    @pl.when(wg >= 2)
+    @pl.when(wg == 2)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
 
         def fetch(k_src, v_src, step):
-            slot = me * stages + lax.rem(step, stages)
+            slot = lax.rem(step, stages)
             copy_kv_tile(k_src, v_src, k_smem.at[slot], v_smem.at[slot], (k_ready.at[slot], v_ready.at[slot]),
                          (k_free.at[slot], v_free.at[slot]), step >= stages)
             return step + 1
 
         def keys_at(first, step):
-            rows = (b, pl.ds(first, BLOCK), kv_head)
+            rows = (b, pl.ds(pl.multiple_of(first, 8), BLOCK), kv_head)
             return fetch(k_ref.at[rows], v_ref.at[rows], step)
+
+        def group(n, step):
+            _, _, first, count, _ = span(n, 1)
+            return lax.fori_loop(0, count, lambda c, st: keys_at(jnp.minimum(first + c * BLOCK, padded - BLOCK), st),
+                                 step)
 
         def column(c, step):
             rows = (b, h, pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK))
             return fetch(kc_ref.at[rows], vc_ref.at[rows], step)
 
-        walk(keys_at, lambda start, lo, hi, step: keys_at(pl.multiple_of(jnp.minimum(start, padded - BLOCK), 8), step),
-             column, lambda step: keys_at(r0, step), jnp.int32(0))
+        step = lax.fori_loop(0, n_pair_groups, group, jnp.int32(0))
+        step = lax.fori_loop(0, jnp.maximum(*n_chunks), column, step)
+        for i in range(2):
+            step = lax.fori_loop(0, has_diagonal[i], lambda _, st, i=i: keys_at(r[i], st), step)
 
 
 def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: HopperColumns, *, scale: float,
@@ -230,10 +272,10 @@ def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: Hopper
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
             (plgpu.SMEM((2, BLOCK, head_dim), q.dtype, **WGMMA_TILES),
-             plgpu.SMEM((2 * stages, BLOCK, head_dim), q.dtype, **WGMMA_TILES),
-             plgpu.SMEM((2 * stages, BLOCK, head_dim), q.dtype, **WGMMA_TILES)),
-            (plgpu.Barrier(num_barriers=2 * stages), plgpu.Barrier(num_barriers=2 * stages),
-             plgpu.Barrier(num_barriers=2 * stages), plgpu.Barrier(num_barriers=2 * stages),
+             plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, **WGMMA_TILES),
+             plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, **WGMMA_TILES)),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
              plgpu.Barrier(num_barriers=2)),
             collective_axes="wg",
         )
@@ -243,7 +285,7 @@ def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: Hopper
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(heads, num_pairs, batch),
         grid_names=("heads", "pairs", "batch"),
-        num_threads=4,
+        num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, kc, vc, index.group_start, index.group_end, counts, columns.before_words, columns.column_chunks,
@@ -261,14 +303,14 @@ def _gather_columns(k: jax.Array, columns: jax.Array, heads: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("scale", "stages"))
 def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashRanges,
-                                    columns: HopperColumns, *, scale: float, stages: int = 2) -> jax.Array:
+                                    columns: HopperColumns, *, scale: float, stages: int = 4) -> jax.Array:
     """Causal prefill under the vertical-slash pattern with MInference's cover semantics, on Hopper.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]`; bfloat16 or float16;
     head_dim 64, 96 or 128. index, columns: `build_hopper_index(vertical, slash, q_len)` (or
     `build_vertical_slash_ranges(vertical, slash, q_len, 64)` and `build_hopper_columns(vertical, index, q_len)`).
     Returns `[batch, q_len, heads, head_dim]` in q's dtype; equals `vertical_slash_cover_reference` up to
-    rounding. stages: K/V slots per query block.
+    rounding. stages: K/V slots of the ring the two query blocks of a CTA share.
     """
     _flash.check_inputs("vertical_slash_attention_hopper", q, k, v)
     check_dtype("vertical_slash_attention_hopper", q)
@@ -277,7 +319,7 @@ def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, in
         raise ValueError(f"vertical_slash_attention_hopper is causal prefill with 64-row blocks: q_len={q_len}, "
                          f"kv_len={k.shape[1]}, index q_len={index.q_len}, block={index.block}.")
     d_pad = _flash.padded_head_dim(head_dim)
-    if (need := 2 * smem_bytes(BLOCK, BLOCK, stages, d_pad)) > SMEM_BYTES:  # two blocks, each with its own ring
+    if (need := smem_bytes(2 * BLOCK, BLOCK, stages, d_pad)) > SMEM_BYTES:  # two query blocks, one shared ring
         raise ValueError(f"vertical_slash_attention_hopper: stages={stages} needs {need} bytes of shared memory "
                          f"at head_dim {d_pad}, more than {SMEM_BYTES}.")
     padded = columns.column_chunks.shape[-1] * BLOCK

@@ -25,7 +25,7 @@ def bits(words, position):
 def hopper_visit_counts(index, columns, q_len):
     """How many times the Hopper schedule counts each (query, key) pair: the kernel's loops replayed in numpy.
     A CTA walks the chunks of its two query blocks once (each group's 64-key chunks from the first live block's
-    lo rounded down to 8 through the second block's hi, with the load clamp; then the column chunks; then each
+    lo through the second block's hi, with the load clamp; then the column chunks; then each
     block's diagonal tile); each block counts the chunks that meet its range, masked unless wholly inside it and
     at or before its first row, its columns by bit, and its own diagonal tile."""
     ix = {n: np.asarray(getattr(index, n)) for n in ("group_start", "group_end", "group_counts")}
@@ -40,7 +40,7 @@ def hopper_visit_counts(index, columns, q_len):
         for n in range(max(counts[b, h, blocks[0]], counts[b, h, blocks[1]])):  # a padding block has none
             start_n, end_n = ix["group_start"][b, h, n], ix["group_end"][b, h, n]
             lead = blocks[0] if n < counts[b, h, blocks[0]] else blocks[1]
-            first = max(lead * B - end_n, 0) // 8 * 8
+            first = max(lead * B - end_n, 0)
             last = blocks[1] * B + B - 1 - start_n
             for start in range(first, last + 1, B):
                 keys = min(start, padded - B) + lane

@@ -72,7 +72,7 @@ def softmax_update(s, acc, m, l, qk_scale: float, dtype):
     m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    acc = jax.tree.map(lambda a: a * lax.broadcast_in_dim(alpha, a.shape, [0]), acc)  # an array or its halves
     l = l * alpha + p.sum(axis=1)
     return acc, m_new, l, p.astype(dtype)
 

@@ -4,20 +4,20 @@ Same result as `vertical_slash_attention_ranges(..., semantics="cover")` (the re
 `vertical_slash_cover_reference`): query i of block r0 = 64 * (i // 64) attends, causally, every key of its
 slash groups' ranges [r0 - D1, r0 + 63 - D0] (`build_vertical_slash_ranges`) and every vertical column.
 
-Schedule of one query block (64 rows), walked identically by its compute warpgroup and its memory warpgroup:
-1. per slash group, the range [lo, hi] in 64-key chunks from lo rounded down to a multiple of 8 (Mosaic's TMA
-   copies into 8-row shared-memory tiles need 8-aligned rows; the up to 7 keys before lo are masked off): chunks
-   wholly inside the range and at or before the block's first row run without a mask, the others with causal &
-   in-range;
+Schedule of one query block (64 rows):
+1. per slash group, the range [lo, hi] in 64-key chunks from lo (any key: see `_mosaic_forward`): chunks wholly
+   inside the range and at or before the block's first row run without a mask, the others with causal & in-range;
 2. the vertical columns before r0 that lie in none of the block's ranges, 64 at a time from per-head
    gathered copies of K and V (`HopperColumns`), masked by one bit per column (two scalar words per chunk);
 3. if any such column falls in [r0, r0 + 63], the block's diagonal 64 keys once more, masked by causality and
    those columns' bits.
 So every allowed pair is counted once: ranges are disjoint, and a column inside a range is left to the range.
 
-One CTA holds two query blocks of one head; each has its own compute warpgroup (64 rows, wgmma) and its own
-memory warpgroup streaming K/V tiles through `stages` shared-memory slots, so the two walks (of different
-lengths) never wait on each other, and the tensor cores interleave their matmuls with the other's softmax.
+One CTA holds two neighbouring query blocks of one head, each with its own compute warpgroup (64 rows, wgmma).
+Their walks share K/V tiles: block r0 + 64's range of a group is block r0's moved 64 keys on, so one memory
+warpgroup streams each group's chunks from the first block's lo to the second block's hi through one ring of
+`stages` shared-memory slots, and each compute warpgroup skips the chunk only the other block needs (the
+first chunk, or the last); the column chunks are per head, so they are shared too; the diagonal tiles are not.
 Hopper only, bfloat16/float16, head_dim 64 or 128 (96 zero-padded to 128); its tests run on the device.
 """
 
@@ -117,7 +117,8 @@ def _bit_mask(shape, w0, w1):
 
 def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref, words_ref, chunks_ref, diag_ref,
             o_ref, scoped, *, stages: int, num_pairs: int, groups: int, padded: int, qk_scale: float):
-    (q_smem, k_smem, v_smem), (k_ready, v_ready, k_free, v_free, q_ready) = scoped
+    q_smem, (k_mma, k_tma), (v_mma, v_tma), (k_ready, v_ready, k_free, v_free, q_ready) = scoped
+    halves = q_smem.shape[1]  # head_dim / 64: each 64-column half is its own swizzled tile
     b, h = lax.axis_index("batch"), lax.axis_index("heads")
     pair = num_pairs - 1 - lax.axis_index("pairs")  # longest first
     wg = lax.axis_index("wg")
@@ -136,7 +137,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
         end, start = end_ref[b, h, n], start_ref[b, h, n]
         lo = jnp.maximum(r[i] - end, 0)
         hi = r[i] + BLOCK - 1 - start
-        first = lax.div(jnp.where(n < n_groups[0], jnp.maximum(r[0] - end, 0), jnp.maximum(r[1] - end, 0)), 8) * 8
+        first = jnp.where(n < n_groups[0], jnp.maximum(r[0] - end, 0), jnp.maximum(r[1] - end, 0))
         count = lax.div(r[1] + BLOCK - 1 - start - first + BLOCK, BLOCK)  # to the second block's hi (the larger)
         c_lo = lax.div(lo - first, BLOCK)
         p_lo = c_lo + (lax.rem(lo - first, BLOCK) != 0).astype(jnp.int32)
@@ -146,13 +147,17 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
         c_lo, p_lo, p_hi, c_hi = (jnp.where(live, x, count) for x in (c_lo, p_lo, p_hi, c_hi))
         return lo, hi, first, count, (c_lo, p_lo, p_hi, c_hi)
 
+    def halves_of(ref, rows):
+        return [ref.at[(*rows, pl.ds(c * 64, 64))] for c in range(halves)]
+
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         me = wg
         my_q = q_smem.at[me]
         r0 = qb0 * BLOCK + me * BLOCK
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, BLOCK), h], my_q, q_ready.at[me])
+        for c, src in enumerate(halves_of(q_ref, (b, pl.ds(r0, BLOCK), h))):
+            plgpu.copy_gmem_to_smem(src, my_q.at[c], q_ready.at[me])
         plgpu.barrier_wait(q_ready.at[me])
         rows = r0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
         lanes = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
@@ -163,7 +168,8 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             plgpu.barrier_wait(k_ready.at[slot])
 
             def qk_scope(s_ref):
-                plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                for c in range(halves):
+                    plgpu.wgmma(s_ref, my_q.at[c], k_mma.at[slot, c].transpose((1, 0)))
                 return s_ref[...]
 
             s = pl.run_scoped(qk_scope, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
@@ -173,10 +179,11 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             acc, m_new, l, p = softmax_update(s, acc, m, l, qk_scale, q_smem.dtype)
             plgpu.barrier_wait(v_ready.at[slot])
 
-            def pv_scope(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+            def pv_scope(acc_refs):
+                for c in range(halves):
+                    plgpu.wgmma(acc_refs[c], p, v_mma.at[slot, c])
 
-            acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
+            acc = pl.run_state(pv_scope)(tuple(plgpu.ACC.init(a) for a in acc))
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l, step + 1
 
@@ -220,7 +227,8 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
         def diagonal(_, carry):
             return tile(lambda: _bit_mask((BLOCK, BLOCK), d0w, d1w) & (r0 + lanes <= rows), carry)
 
-        acc, m, l = init_softmax_state(q_smem.shape[-1])
+        _, m, l = init_softmax_state(64)
+        acc = tuple(init_softmax_state(64)[0] for _ in range(halves))
         carry = lax.fori_loop(0, n_pair_groups, group, (acc, m, l, jnp.int32(0)))
         carry = lax.fori_loop(0, my_chunks, column, carry)
         carry = lax.fori_loop(my_chunks, jnp.maximum(*n_chunks), skip, carry)
@@ -229,21 +237,25 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             carry = lax.fori_loop(0, has_diagonal[i] * mine, diagonal, carry)
             carry = lax.fori_loop(0, has_diagonal[i] * (1 - mine), skip, carry)
         acc, m, l, _ = carry
-        store_rows(acc, l, my_q, o_ref.at[b, pl.ds(r0, BLOCK), h])
+        for c, dst in enumerate(halves_of(o_ref, (b, pl.ds(r0, BLOCK), h))):
+            store_rows(acc[c], l, my_q.at[c], dst)
 
     @pl.when(wg == 2)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
 
         def fetch(k_src, v_src, step):
+            """K's and V's halves into the ring's next slot; a slot is refilled once both blocks freed it."""
             slot = lax.rem(step, stages)
-            copy_kv_tile(k_src, v_src, k_smem.at[slot], v_smem.at[slot], (k_ready.at[slot], v_ready.at[slot]),
-                         (k_free.at[slot], v_free.at[slot]), step >= stages)
+            for srcs, dst, ready, free in ((k_src, k_tma, k_ready, k_free), (v_src, v_tma, v_ready, v_free)):
+                pl.when(step >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
+                for c, src in enumerate(srcs):
+                    plgpu.copy_gmem_to_smem(src, dst.at[slot, c], ready.at[slot])
             return step + 1
 
-        def keys_at(first, step):
-            rows = (b, pl.ds(pl.multiple_of(first, 8), BLOCK), kv_head)
-            return fetch(k_ref.at[rows], v_ref.at[rows], step)
+        def keys_at(first, step):  # any row: the copies land in the (1, 64)-tiled view (see _mosaic_forward)
+            rows = (b, pl.ds(first, BLOCK), kv_head)
+            return fetch(halves_of(k_ref, rows), halves_of(v_ref, rows), step)
 
         def group(n, step):
             _, _, first, count, _ = span(n, 1)
@@ -252,7 +264,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
 
         def column(c, step):
             rows = (b, h, pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK))
-            return fetch(kc_ref.at[rows], vc_ref.at[rows], step)
+            return fetch(halves_of(kc_ref, rows), halves_of(vc_ref, rows), step)
 
         step = lax.fori_loop(0, n_pair_groups, group, jnp.int32(0))
         step = lax.fori_loop(0, jnp.maximum(*n_chunks), column, step)
@@ -268,15 +280,23 @@ def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: Hopper
     counts = _flash.pad_to(index.group_counts, 2, 2 * num_pairs)
     kernel = functools.partial(_kernel, stages=stages, num_pairs=num_pairs, groups=heads // k.shape[2],
                                padded=padded, qk_scale=scale * math.log2(math.e))
+    halves = head_dim // 64
+    tiled = lambda rows: dict(transforms=(plgpu.TilingTransform((rows, 64)), plgpu.SwizzleTransform(128)))
+    # wgmma reads 8-row tiles; a TMA copy into an 8-row tiling must start at a multiple of 8 rows. A 64-row,
+    # 64-column tile is laid out the same under (8, 64) and (1, 64) tiling, so the copies go through a
+    # (1, 64)-tiled view of the same bytes and may start at any key.
+    ring = lambda: plgpu.RefUnion(plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **tiled(8)),
+                                  plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **tiled(1)))
+
     def entry(*refs):
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
-            (plgpu.SMEM((2, BLOCK, head_dim), q.dtype, **WGMMA_TILES),
-             plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, **WGMMA_TILES),
-             plgpu.SMEM((stages, BLOCK, head_dim), q.dtype, **WGMMA_TILES)),
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            plgpu.SMEM((2, halves, BLOCK, 64), q.dtype, **tiled(8)),
+            ring(), ring(),
+            (plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
              plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-             plgpu.Barrier(num_barriers=2)),
+             plgpu.Barrier(num_arrivals=halves, num_barriers=2)),
             collective_axes="wg",
         )
 

@@ -159,6 +159,9 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
         for c, src in enumerate(halves_of(q_ref, (b, pl.ds(r0, BLOCK), h))):
             plgpu.copy_gmem_to_smem(src, my_q.at[c], q_ready.at[me])
         plgpu.barrier_wait(q_ready.at[me])
+        # Q in registers for every QK^T: shared memory then carries only the K tile (at 64 keys a step,
+        # re-reading Q from it would double QK^T's shared-memory traffic)
+        q_regs = [plgpu.load(my_q.at[c], layout=plgpu.Layout.WGMMA) for c in range(halves)]
         rows = r0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
         lanes = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
 
@@ -169,7 +172,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
 
             def qk_scope(s_ref):
                 for c in range(halves):
-                    plgpu.wgmma(s_ref, my_q.at[c], k_mma.at[slot, c].transpose((1, 0)))
+                    plgpu.wgmma(s_ref, q_regs[c], k_mma.at[slot, c].transpose((1, 0)))
                 return s_ref[...]
 
             s = pl.run_scoped(qk_scope, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
@@ -323,7 +326,7 @@ def _gather_columns(k: jax.Array, columns: jax.Array, heads: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("scale", "stages"))
 def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashRanges,
-                                    columns: HopperColumns, *, scale: float, stages: int = 4) -> jax.Array:
+                                    columns: HopperColumns, *, scale: float, stages: int = 2) -> jax.Array:
     """Causal prefill under the vertical-slash pattern with MInference's cover semantics, on Hopper.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]`; bfloat16 or float16;

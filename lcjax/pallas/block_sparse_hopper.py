@@ -65,16 +65,25 @@ def init_softmax_state(head_dim: int):
     return acc, m, l
 
 
-def softmax_update(s, acc, m, l, qk_scale: float, dtype):
-    """One online-softmax step on unscaled scores s `[64, keys]` (masked entries -inf): the rescaled acc, the new
-    max and sum, and the probabilities in `dtype` for PV. scale * log2(e) enters the max once and the exponent as
-    one FMA."""
+def score_update(s, m, l, qk_scale: float, dtype):
+    """The online softmax's step on unscaled scores s `[64, keys]` (masked entries -inf), before the output is
+    touched: the new max, the factor alpha the output must be scaled by, the new sum, and the probabilities in
+    `dtype` for PV. scale * log2(e) enters the max once and the exponent as one FMA."""
     m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-    acc = jax.tree.map(lambda a: a * lax.broadcast_in_dim(alpha, a.shape, [0]), acc)  # an array or its halves
-    l = l * alpha + p.sum(axis=1)
-    return acc, m_new, l, p.astype(dtype)
+    return m_new, alpha, l * alpha + p.sum(axis=1), p.astype(dtype)
+
+
+def rescale(acc, alpha):
+    """acc `[64, d]` (or a tuple of column blocks) times alpha `[64]` row by row."""
+    return jax.tree.map(lambda a: a * lax.broadcast_in_dim(alpha, a.shape, [0]), acc)
+
+
+def softmax_update(s, acc, m, l, qk_scale: float, dtype):
+    """`score_update`, then the output rescaled: (acc, new max, new sum, probabilities)."""
+    m_new, alpha, l, p = score_update(s, m, l, qk_scale, dtype)
+    return rescale(acc, alpha), m_new, l, p
 
 
 def store_rows(acc, l, smem, rows_gmem) -> None:

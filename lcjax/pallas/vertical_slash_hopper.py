@@ -18,6 +18,8 @@ Their walks share K/V tiles: block r0 + 64's range of a group is block r0's move
 warpgroup streams each group's chunks from the first block's lo to the second block's hi through one ring of
 `stages` shared-memory slots, and each compute warpgroup skips the chunk only the other block needs (the
 first chunk, or the last); the column chunks are per head, so they are shared too; the diagonal tiles are not.
+A run of unmasked chunks goes two at a time, software-pipelined inside the warpgroup (the second QK^T overlaps
+the first softmax, the first PV the second softmax).
 Hopper only, bfloat16/float16, head_dim 64 or 128 (96 zero-padded to 128); its tests run on the device.
 """
 
@@ -35,7 +37,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lcjax.pallas import _flash
 from lcjax.pallas.block_sparse_hopper import (ROWS_PER_WG, SMEM_BYTES, WGMMA_TILES, check_dtype, copy_kv_tile,
-                                              init_softmax_state, smem_bytes, softmax_update, store_rows)
+                                              init_softmax_state, rescale, score_update, smem_bytes, softmax_update,
+                                              store_rows)
 from lcjax.pallas.vertical_slash_index import _sorted_unique
 from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, _prefix, build_vertical_slash_ranges
 
@@ -162,8 +165,10 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
         # Q in registers for every QK^T: shared memory then carries only the K tile (at 64 keys a step,
         # re-reading Q from it would double QK^T's shared-memory traffic)
         q_regs = [plgpu.load(my_q.at[c], layout=plgpu.Layout.WGMMA) for c in range(halves)]
-        rows = r0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
-        lanes = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
+        # row and key indices of a score tile, made where a mask needs them (held across the loop they would
+        # take 64 registers)
+        rows = lambda: r0 + plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0, layout=plgpu.Layout.WGMMA)
+        lanes = lambda: plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=plgpu.Layout.WGMMA)
 
         def tile(mask, carry):
             acc, m, l, step = carry
@@ -190,6 +195,39 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l, step + 1
 
+        def tile2(_, carry):
+            """Two unmasked chunks in a row as two software-pipelined steps: the second QK^T runs while the first
+            step's softmax does, and the first PV while the second softmax does."""
+            acc, m, l, step = carry
+            slots = [lax.rem(step + t, stages) for t in range(2)]
+            for slot in slots:
+                plgpu.barrier_wait(k_ready.at[slot])
+
+            def scope(s_first, s_second, *o_refs):
+                for s_ref, slot in ((s_first, slots[0]), (s_second, slots[1])):
+                    for c in range(halves):
+                        plgpu.wgmma(s_ref, q_regs[c], k_mma.at[slot, c].transpose((1, 0)))
+                m_l, out = (m, l), acc
+                for t, s_ref in enumerate((s_first, s_second)):
+                    s = plgpu.wgmma_accumulator_load(s_ref, wait_n=halves)  # leaves the last issued one running
+                    plgpu.barrier_arrive(k_free.at[slots[t]])
+                    m_new, alpha, l_new, p = score_update(s, *m_l, qk_scale, q_smem.dtype)
+                    if t:  # the first PV must be done before the output is rescaled
+                        out = tuple(o[...] for o in o_refs)
+                        plgpu.barrier_arrive(v_free.at[slots[0]])
+                    for o, a in zip(o_refs, rescale(out, alpha)):
+                        o[...] = a
+                    plgpu.barrier_wait(v_ready.at[slots[t]])
+                    for c, o in enumerate(o_refs):
+                        plgpu.wgmma(o, p, v_mma.at[slots[t], c])
+                    m_l = (m_new, l_new)
+                out = tuple(o[...] for o in o_refs)
+                plgpu.barrier_arrive(v_free.at[slots[1]])
+                return out, *m_l
+
+            acc, m, l = pl.run_scoped(scope, *[plgpu.ACC((BLOCK, BLOCK), jnp.float32) for _ in range(2 + halves)])
+            return acc, m, l, step + 2
+
         def skip(_, carry):  # a tile only the other block uses: pass the slot on
             acc, m, l, step = carry
             slot = lax.rem(step, stages)
@@ -199,21 +237,24 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m, l, step + 1
 
-        def in_range(first, lo, hi):
-            def masked(c, carry):
-                start = first + c * BLOCK
-                keys = jnp.minimum(start, padded - BLOCK) + lanes  # the load stays inside K/V (as the producer's)
-                return tile(lambda: (keys >= jnp.maximum(start, lo)) & (keys <= hi) & (keys <= rows), carry)
-            return masked
+        def range_mask(start, lo, hi):
+            def mask():
+                keys = jnp.minimum(start, padded - BLOCK) + lanes()  # the load stays inside K/V (as the producer's)
+                return (keys >= jnp.maximum(start, lo)) & (keys <= hi) & (keys <= rows())
+            return mask
 
         def group(n, carry):
             spans = [span(n, i) for i in range(2)]
             lo, hi, first, count, (c_lo, p_lo, p_hi, c_hi) = jax.tree.map(lambda a, b: jnp.where(me == 0, a, b),
                                                                            *spans)
-            masked = in_range(first, lo, hi)
+            # the unmasked run two chunks at a time (`tile2`), masked chunks one at a time (pairing those was
+            # slower on the estimated set: their masks, not the waits, dominate there)
+            masked = lambda c, cr: tile(range_mask(first + c * BLOCK, lo, hi), cr)
             carry = lax.fori_loop(0, c_lo, skip, carry)
             carry = lax.fori_loop(c_lo, p_lo, masked, carry)
-            carry = lax.fori_loop(p_lo, p_hi, lambda c, cr: tile(None, cr), carry)
+            odd = p_lo + (p_hi - p_lo) // 2 * 2
+            carry = lax.fori_loop(0, (odd - p_lo) // 2, tile2, carry)
+            carry = lax.fori_loop(odd, p_hi, lambda c, cr: tile(None, cr), carry)
             carry = lax.fori_loop(p_hi, c_hi, masked, carry)
             return lax.fori_loop(c_hi, count, skip, carry)
 
@@ -228,7 +269,7 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
         d0w, d1w = my(tuple(d[0] for d in diag_words)), my(tuple(d[1] for d in diag_words))
 
         def diagonal(_, carry):
-            return tile(lambda: _bit_mask((BLOCK, BLOCK), d0w, d1w) & (r0 + lanes <= rows), carry)
+            return tile(lambda: _bit_mask((BLOCK, BLOCK), d0w, d1w) & (r0 + lanes() <= rows()), carry)
 
         _, m, l = init_softmax_state(64)
         acc = tuple(init_softmax_state(64)[0] for _ in range(halves))

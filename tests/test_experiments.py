@@ -82,3 +82,22 @@ def test_profile_decode_names_the_ops_inside_each_fusion(tmp_path):
         jax.profiler.stop_trace()
         with pytest.raises(RuntimeError, match="needs a GPU"):
             kernel_times(str(tmp_path))
+
+
+def test_bench_gemv_pallas_kernel_equals_float64_product():
+    """The Pallas GEMV `bench_gemv` times (interpret mode here) against numpy in float64, batch 1 and 3."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.bench_gemv import pallas_gemv
+
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.normal(size=(96, 128)), jnp.bfloat16)
+    for m in (1, 3):
+        x = jnp.asarray(rng.normal(size=(m, 128)), jnp.bfloat16)
+        got = pallas_gemv(x, w, block_out=32, block_in=64, interpret=True)
+        want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+        assert got.shape == (m, 96) and got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    with pytest.raises(ValueError, match="block_out"):
+        pallas_gemv(x, w, block_out=40, block_in=64, interpret=True)

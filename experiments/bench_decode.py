@@ -87,6 +87,9 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
         cache_gib, read = cache_nbytes(state.cache) / 2 ** 30, read_bytes(state.cache, cfg, batch, context)
         del cache, state
     impl = "lcjax" if model.cache is None else f"lcjax + {type(model.cache).__name__}"
+    layers = model.params["layers"]
+    if "w_gate_up" in (layers[0] if isinstance(layers, tuple) else layers):
+        impl += " (fused MLP)"
     return dict(impl=impl, batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
                 step_ms=statistics.median(step) * 1e3, samples=samples, cache_gib=cache_gib, read_bytes=read)
 
@@ -134,6 +137,8 @@ def main(argv=None):
     p.add_argument("--layer-layout", default="unstacked", choices=("stacked", "unstacked"))
     p.add_argument("--decode-attention", default="auto", choices=("auto", "pallas", "xla"),
                    help="DenseAttention(decode=...): the split-K kernel, XLA, or auto (by cache size)")
+    p.add_argument("--mlp", default="separate", choices=("separate", "fused", "both"),
+                   help="lcjax rows with the MLP's gate and up matrices separate, fused (`with_fused_mlp`), or both")
     p.add_argument("--caches", default="dense", help="lcjax cache methods (SCBench names): dense, kivi, quest, ...")
     p.add_argument("--torch-modes", default="compiled,eager", help="transformers rows: compiled and/or eager")
     p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
@@ -146,7 +151,9 @@ def main(argv=None):
           f"{a.new} new tokens, {a.samples} samples after one compile run")
     model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16,
                              attention=DenseAttention(decode=a.decode_attention)).with_layer_layout(a.layer_layout)
-    rows = [] if a.no_lcjax else lcjax_rows(model, shapes, a.new, a.samples, rng, a.caches.split(","))
+    variants = {"separate": [False], "fused": [True], "both": [False, True]}[a.mlp]
+    rows = [] if a.no_lcjax else [row for fused in variants for row in lcjax_rows(
+        model.with_fused_mlp() if fused else model, shapes, a.new, a.samples, rng, a.caches.split(","))]
     if not a.no_torch:
         import torch
         from experiments.bench_model import torch_model_from

@@ -57,3 +57,25 @@ def test_mistral_sequence_longer_than_window():
     import dataclasses
     unwindowed = lcjax.Transformer(model.params, dataclasses.replace(model.config, sliding_window=None))
     assert np.abs(np.asarray(unwindowed(ref["input_ids"])) - ref["logits"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_fused_mlp_keeps_transformers_outputs_and_exports_the_same_checkpoint(name, tmp_path):
+    """`with_fused_mlp` (gate and up in one `w_gate_up`), stacked and unstacked: transformers' logits and greedy
+    tokens still; exported, it loads back (unfused) to the same weights as the model it came from."""
+    import jax
+
+    from lcjax.loading.export import save_checkpoint
+
+    model, _, ref = load(name)
+    for fused in (model.with_fused_mlp(), model.with_layer_layout("unstacked").with_fused_mlp()):
+        layers = fused.params["layers"]
+        for layer in layers if isinstance(layers, tuple) else (layers,):
+            assert "w_gate_up" in layer and "w_gate" not in layer and "w_up" not in layer
+        np.testing.assert_allclose(np.asarray(fused(ref["input_ids"])), ref["logits"], atol=1e-4, rtol=0)
+    (tokens,), _ = generate(fused, ref["prompt_ids"][0], ref["greedy_ids"].shape[1])
+    assert tokens == ref["greedy_ids"][0].tolist()
+    jax.tree.map(np.testing.assert_array_equal, fused.with_fused_mlp().params, fused.params)  # fusing twice: same
+    save_checkpoint(model.with_fused_mlp().params, model.config, tmp_path)
+    reloaded, _ = lcjax.load_model(tmp_path, dtype="float32")
+    jax.tree.map(np.testing.assert_array_equal, reloaded.params, model.params)

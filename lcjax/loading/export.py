@@ -28,17 +28,19 @@ def hf_tensors(params: dict, config: ModelConfig) -> Iterator[tuple[str, np.ndar
     for i in range(c.num_layers):
         pre = f"model.layers.{i}."
         q, k, v = (f32(lp[n][i]).reshape(-1, D) for n in ("wq", "wk", "wv"))
+        fused = "w_gate_up" in lp  # `Transformer.with_fused_mlp`
+        gate, up = (f32(lp["w_gate_up"][i, t]) if fused else f32(lp[n][i]) for t, n in enumerate(("w_gate", "w_up")))
         yield pre + "input_layernorm.weight", f32(lp["attn_norm"][i])
         yield pre + "post_attention_layernorm.weight", f32(lp["mlp_norm"][i])
         if c.family == "phi3":
             yield pre + "self_attn.qkv_proj.weight", np.concatenate([q, k, v])
-            yield pre + "mlp.gate_up_proj.weight", np.concatenate([f32(lp["w_gate"][i]), f32(lp["w_up"][i])])
+            yield pre + "mlp.gate_up_proj.weight", np.concatenate([gate, up])
         else:
             yield pre + "self_attn.q_proj.weight", q
             yield pre + "self_attn.k_proj.weight", k
             yield pre + "self_attn.v_proj.weight", v
-            yield pre + "mlp.gate_proj.weight", f32(lp["w_gate"][i])
-            yield pre + "mlp.up_proj.weight", f32(lp["w_up"][i])
+            yield pre + "mlp.gate_proj.weight", gate
+            yield pre + "mlp.up_proj.weight", up
         if c.qkv_bias:
             yield pre + "self_attn.q_proj.bias", f32(lp["bq"][i]).reshape(H * Hd)
             yield pre + "self_attn.k_proj.bias", f32(lp["bk"][i]).reshape(K * Hd)

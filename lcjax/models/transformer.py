@@ -31,9 +31,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def _mlp(p: dict, x: jax.Array) -> jax.Array:
-    """SwiGLU MLP, `x: [batch, seq, hidden]`."""
-    gate = jnp.einsum("bsd,fd->bsf", x, p["w_gate"])
-    up = jnp.einsum("bsd,fd->bsf", x, p["w_up"])
+    """SwiGLU MLP, `x: [batch, seq, hidden]`; the gate and up weights separate or fused (`fuse_mlp`)."""
+    if "w_gate_up" in p:
+        gate_up = jnp.einsum("bsd,tfd->bstf", x, p["w_gate_up"])
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    else:
+        gate = jnp.einsum("bsd,fd->bsf", x, p["w_gate"])
+        up = jnp.einsum("bsd,fd->bsf", x, p["w_up"])
     return jnp.einsum("bsf,df->bsd", jax.nn.silu(gate) * up, p["w_down"])
 
 
@@ -163,6 +167,13 @@ class Transformer:
         if layout not in convert:
             raise ValueError(f"layout must be 'stacked' or 'unstacked', got {layout!r}.")
         return dataclasses.replace(self, params=convert[layout](self.params))
+
+    def with_fused_mlp(self) -> "Transformer":
+        """The same model with each layer's MLP gate and up matrices stacked into one `w_gate_up`, so a decode
+        step reads them in one matrix-vector product (BENCHMARKS.md, "Decode: how fast the matrix-vector
+        products can go"). Same logits; a copy of those weights; `lcjax.loading.export` writes either form."""
+        from lcjax.models.params import fuse_mlp
+        return dataclasses.replace(self, params=fuse_mlp(self.params))
 
     @property
     def layer_layout(self) -> str:

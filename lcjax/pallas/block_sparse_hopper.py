@@ -45,7 +45,9 @@ WGMMA_TILES = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTran
 def copy_kv_tile(k_src, v_src, k_dst, v_dst, ready, free, refill) -> None:
     """The memory warpgroup's step: TMA-copies one K and one V tile into a slot (k_dst, v_dst; arrival on
     ready.at[0] / [1]). With `refill` (a Python bool, or traced) it first waits for the consumers to free the
-    slot, K and V separately: K is free after QK^T, V only after PV, so K's copy can start earlier."""
+    slot, K and V separately: K is free after QK^T, V only after PV, so K's copy can start earlier. A tile may
+    come as a list of pieces (sources and destinations in pairs, e.g. 64-column halves), one copy each, all
+    arriving on the same barrier (which then expects that many arrivals)."""
     (k_ready, v_ready), (k_free, v_free) = ready, free
     for src, dst, arrived, freed in ((k_src, k_dst, k_ready, k_free), (v_src, v_dst, v_ready, v_free)):
         if isinstance(refill, bool):
@@ -53,7 +55,8 @@ def copy_kv_tile(k_src, v_src, k_dst, v_dst, ready, free, refill) -> None:
                 plgpu.barrier_wait(freed)
         else:
             pl.when(refill)(lambda freed=freed: plgpu.barrier_wait(freed))
-        plgpu.copy_gmem_to_smem(src, dst, arrived)
+        for piece, into in zip(*((src, dst) if isinstance(src, list) else ([src], [dst]))):
+            plgpu.copy_gmem_to_smem(piece, into, arrived)
 
 
 def init_softmax_state(head_dim: int):

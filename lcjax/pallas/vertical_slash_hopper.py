@@ -291,10 +291,9 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
         def fetch(k_src, v_src, step):
             """K's and V's halves into the ring's next slot; a slot is refilled once both blocks freed it."""
             slot = lax.rem(step, stages)
-            for srcs, dst, ready, free in ((k_src, k_tma, k_ready, k_free), (v_src, v_tma, v_ready, v_free)):
-                pl.when(step >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
-                for c, src in enumerate(srcs):
-                    plgpu.copy_gmem_to_smem(src, dst.at[slot, c], ready.at[slot])
+            copy_kv_tile(k_src, v_src, [k_tma.at[slot, c] for c in range(halves)],
+                         [v_tma.at[slot, c] for c in range(halves)], (k_ready.at[slot], v_ready.at[slot]),
+                         (k_free.at[slot], v_free.at[slot]), step >= stages)
             return step + 1
 
         def keys_at(first, step):  # any row: the copies land in the (1, 64)-tiled view (see _mosaic_forward)
@@ -325,17 +324,17 @@ def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: Hopper
     kernel = functools.partial(_kernel, stages=stages, num_pairs=num_pairs, groups=heads // k.shape[2],
                                padded=padded, qk_scale=scale * math.log2(math.e))
     halves = head_dim // 64
-    tiled = lambda rows: dict(transforms=(plgpu.TilingTransform((rows, 64)), plgpu.SwizzleTransform(128)))
+    row_tiles = dict(transforms=(plgpu.TilingTransform((1, 64)), plgpu.SwizzleTransform(128)))
     # wgmma reads 8-row tiles; a TMA copy into an 8-row tiling must start at a multiple of 8 rows. A 64-row,
     # 64-column tile is laid out the same under (8, 64) and (1, 64) tiling, so the copies go through a
     # (1, 64)-tiled view of the same bytes and may start at any key.
-    ring = lambda: plgpu.RefUnion(plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **tiled(8)),
-                                  plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **tiled(1)))
+    ring = lambda: plgpu.RefUnion(plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **WGMMA_TILES),
+                                  plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **row_tiles))
 
     def entry(*refs):
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
-            plgpu.SMEM((2, halves, BLOCK, 64), q.dtype, **tiled(8)),
+            plgpu.SMEM((2, halves, BLOCK, 64), q.dtype, **WGMMA_TILES),
             ring(), ring(),
             (plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
              plgpu.Barrier(num_arrivals=halves, num_barriers=stages),

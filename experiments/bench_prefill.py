@@ -129,8 +129,9 @@ def make_fns(length: int, block: int, schedule: str = "diagonal", slash_mask: st
         build_fn = lambda vi, so: build_hopper_index(vi, so, length)
         attend = lambda q, k, v, ix: vertical_slash_attention_hopper(q, k, v, *ix, scale=SCALE)
     elif schedule == "ranges":
-        build_fn = lambda vi, so: build_vertical_slash_ranges(vi, so, length, block)
-        kw = dict(semantics="cover") if slash_mask == "cover" else dict(slash_mask=slash_mask)
+        semantics = "cover" if slash_mask == "cover" else "exact"
+        build_fn = lambda vi, so: build_vertical_slash_ranges(vi, so, length, block, semantics=semantics)
+        kw = {} if slash_mask == "cover" else dict(slash_mask=slash_mask)
         attend = lambda q, k, v, ix: vertical_slash_attention_ranges(q, k, v, ix, scale=SCALE, interpret=INTERPRET,
                                                                      **kw)
     else:

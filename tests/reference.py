@@ -36,31 +36,45 @@ def assert_matches_reference(out, ref, mask, dtype):
     return empty
 
 
-def cover_mask(verticals, slashes, q_len, block):
-    """numpy, MInference's range semantics: slash offsets merged into groups (consecutive offsets at most
-    `block` apart); query i of block r0 attends key j <= i iff j is vertical or r0 - D1 <= j <= r0 + block - 1
-    - D0 for a group [D0, D1]."""
+def minference_ranges(slashes_desc, end_m, block, clamp=False):
+    """The key ranges [start, end) MInference's `convert_vertical_slash_indexes` (csrc/vertical_slash_index.cu)
+    builds for the query block ending at row end_m, from slash offsets in descending order, transcribed loop
+    for loop. clamp=True is MInference exactly (offsets >= end_m skipped, a window that starts before key 0
+    moved to [0, block)); clamp=False keeps every window where it is (lcjax's definition; negative keys are
+    dropped by the caller)."""
+    ranges = []
+    for d in slashes_desc:
+        if clamp and d >= end_m:
+            continue
+        s_idx = max(end_m - d, block) if clamp else end_m - d  # the window's end
+        if not ranges:
+            ranges.append([s_idx - block, s_idx])
+        elif s_idx > ranges[-1][1] + block:
+            ranges.append([s_idx - block, s_idx])
+        elif s_idx > ranges[-1][1]:
+            ranges[-1][1] += block
+    return ranges
+
+
+def cover_mask(verticals, slashes, q_len, block, clamp=False):
+    """numpy, MInference's kernel semantics: query i of block r0 attends key j <= i iff j is vertical or j lies
+    in a range of `minference_ranges` for the block (every key of it, causally)."""
     verticals, slashes = np.asarray(verticals), np.asarray(slashes)
     batch, heads = verticals.shape[:2]
     mask = np.zeros((batch, heads, q_len, q_len), bool)
     rows = np.arange(q_len)
     for b in range(batch):
         for h in range(heads):
-            groups = []
-            for d in sorted({int(d) for d in slashes[b, h] if 0 <= d < q_len}):
-                if groups and d - groups[-1][1] <= block:
-                    groups[-1][1] = d
-                else:
-                    groups.append([d, d])
-            for i in rows:
-                r0 = i // block * block
-                for d0, d1 in groups:
-                    lo, hi = max(0, r0 - d1), min(i, r0 + block - 1 - d0)
-                    if lo <= hi:  # (a negative slice end would wrap around)
-                        mask[b, h, i, lo:hi + 1] = True
-                for j in verticals[b, h]:
-                    if 0 <= j <= i:
-                        mask[b, h, i, j] = True
+            desc = sorted({int(d) for d in slashes[b, h] if 0 <= d < q_len}, reverse=True)
+            for r0 in range(0, q_len, block):
+                for start, end in minference_ranges(desc, r0 + block, block, clamp):
+                    for i in range(r0, min(r0 + block, q_len)):
+                        lo, hi = max(start, 0), min(end, i + 1)
+                        if lo < hi:
+                            mask[b, h, i, lo:hi] = True
+            for j in verticals[b, h]:
+                if 0 <= j < q_len:
+                    mask[b, h, j:, j] = True
     return mask
 
 

@@ -381,9 +381,9 @@ def test_vertical_slash_ranges_cover_semantics_matches_float64_reference(q_len, 
     verticals, slashes = range_case_pattern(rng, pattern, heads, q_len)
     mask = cover_mask(verticals, slashes, q_len, block)
     assert (mask >= pattern_mask(verticals, slashes, q_len)).all()  # a superset of the exact pattern
-    index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block)
+    index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block, semantics="cover")
     scale = head_dim ** -0.5
-    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=True, semantics="cover")
+    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=True)
     assert_matches_reference(out, attention_f64(q, k, v, mask, scale), mask, dtype)
     fn_mask = np.asarray(vsr.cover_mask_fn(verticals, slashes, q_len, block)(jnp.arange(q_len)))
     np.testing.assert_array_equal(fn_mask, mask)
@@ -413,3 +413,58 @@ def test_calls_past_the_int32_offset_limit_run_in_kv_head_groups(monkeypatch):
     ref = attention_f64(q, k, v, mask, 0.125)
     assert_matches_reference(out, ref, mask, jnp.float32)
     assert_matches_reference(out_r, ref, mask, jnp.float32)
+
+
+COVER_PATTERNS = ["random", "runs", "spaced_65", "spaced_70", "dense", "far_only"]
+
+
+def cover_case(rng, pattern, q_len, block):
+    if pattern == "random":
+        return random_pattern(rng, 2, 3, q_len, 7, 40)
+    if pattern == "runs":
+        return run_pattern(rng, 2, 3, q_len, n_runs=5, widths=(3, 40))
+    if pattern.startswith("spaced_"):  # one range per slash or one chain, decided by each gap's phase
+        step = int(pattern.split("_")[1]) * block // 64
+        offsets = np.arange(int(rng.integers(0, step)), q_len, step)
+        return (jnp.zeros((2, 3, 1), jnp.int32) - 1,
+                jnp.broadcast_to(jnp.asarray(offsets, jnp.int32), (2, 3, offsets.size)))
+    if pattern == "dense":
+        return nearest_diagonals(2, 3, 4, q_len)
+    far = rng.integers(q_len // 2, q_len, (2, 3, 6))  # only slashes far from the diagonal
+    return jnp.zeros((2, 3, 1), jnp.int32) - 1, jnp.asarray(far, jnp.int32)
+
+
+@pytest.mark.parametrize("pattern", COVER_PATTERNS)
+@pytest.mark.parametrize("block", [16, 64])
+def test_cover_ranges_are_minference_ranges(pattern, block):
+    """The cover mask (from `_cover_groups`' associative scan over the gaps' phase maps) equals the mask of
+    MInference's range loop transcribed per block; and equals MInference's own loop, clamp included, on every
+    block whose slash windows all start at or after key 0 (offsets <= r0); ranges are whole chunks."""
+    rng = np.random.default_rng()
+    q_len = 300 if block == 16 else 700
+    verticals, slashes = cover_case(rng, pattern, q_len, block)
+    mask = np.asarray(vsr.cover_mask_fn(verticals, slashes, q_len, block)(jnp.arange(q_len)))
+    np.testing.assert_array_equal(mask, cover_mask(verticals, slashes, q_len, block))
+    clamped = cover_mask(verticals, slashes, q_len, block, clamp=True)
+    s = np.asarray(slashes)
+    for b, h in np.ndindex(*s.shape[:2]):
+        valid = s[b, h][(s[b, h] >= 0) & (s[b, h] < q_len)]
+        first_block = -(-int(valid.max(initial=0)) // block) * block
+        np.testing.assert_array_equal(mask[b, h, first_block:], clamped[b, h, first_block:])
+    index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block, semantics="cover")
+    count = np.asarray(index.group_counts)[..., -1]
+    d0, d1 = np.asarray(index.group_start), np.asarray(index.group_end)
+    for b, h in np.ndindex(*count.shape):
+        n = count[b, h]
+        assert ((d1[b, h, :n] - d0[b, h, :n]) % block == 0).all()  # [r0 - D1, r0 + b - 1 - D0']: whole chunks
+        assert (np.diff(d0[b, h, :n]) > 0).all() and (d0[b, h, 1:n] > d1[b, h, :n - 1] + block - 1).all()
+
+
+def test_cover_index_and_kernel_semantics_must_agree():
+    verticals, slashes = nearest_diagonals(1, 2, 3, 64)
+    index = vsr.build_vertical_slash_ranges(verticals, slashes, 64, 16)  # exact
+    q = jnp.ones((1, 64, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="built with semantics='exact'"):
+        vsr.vertical_slash_attention_ranges(q, q, q, index, scale=0.1, interpret=True, semantics="cover")
+    with pytest.raises(ValueError, match="semantics='nope'"):
+        vsr.build_vertical_slash_ranges(verticals, slashes, 64, 16, semantics="nope")

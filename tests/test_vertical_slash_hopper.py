@@ -93,7 +93,7 @@ def test_hopper_schedule_counts_every_cover_pair_exactly_once(pattern):
     q_len, heads = 400, 2  # 7 query blocks: the last CTA pairs one with a padding block
     verticals, slashes = make_pattern(rng, pattern, heads, q_len)
     index, columns = vsh.build_hopper_index(verticals, slashes, q_len)
-    full = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, B)  # the same schedule, with column lists
+    full = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, B, semantics="cover")  # the same, with lists
     for name in ("group_start", "group_end", "group_counts", "is_vertical", "slash_next", "slash_prev"):
         np.testing.assert_array_equal(getattr(index, name), getattr(full, name))
     assert index.column_indices.shape[-1] == 0
@@ -133,7 +133,7 @@ def test_hopper_vertical_slash_writes_every_output_element():
     rng = np.random.default_rng(7)
     q, k, v = random_inputs(rng, 512, 8, 2, 128, jnp.bfloat16)
     verticals, slashes = make_pattern(rng, "runs", 8, 512)
-    index = vsr.build_vertical_slash_ranges(verticals, slashes, 512, B)
+    index = vsr.build_vertical_slash_ranges(verticals, slashes, 512, B, semantics="cover")
     columns = vsh.build_hopper_columns(verticals, index, 512)
     out = run_on_poisoned_output(jax.jit(lambda *a: vsh.vertical_slash_attention_hopper(*a, scale=0.1)),
                                  q, k, v, index, columns)
@@ -143,8 +143,15 @@ def test_hopper_vertical_slash_writes_every_output_element():
 
 def test_hopper_vertical_slash_names_unsupported_inputs():
     q = jnp.zeros((1, 128, 4, 128), jnp.float32)
-    index = vsr.build_vertical_slash_ranges(jnp.zeros((1, 4, 1), jnp.int32), jnp.zeros((1, 4, 1), jnp.int32), 128, B)
-    columns = vsh.build_hopper_columns(jnp.zeros((1, 4, 1), jnp.int32), index, 128)
+    zeros = jnp.zeros((1, 4, 1), jnp.int32)
+    index = vsr.build_vertical_slash_ranges(zeros, zeros, 128, B, semantics="cover")
+    columns = vsh.build_hopper_columns(zeros, index, 128)
+    exact = vsr.build_vertical_slash_ranges(zeros, zeros, 128, B)
+    with pytest.raises(ValueError, match="cover semantics"):
+        vsh.build_hopper_columns(zeros, exact, 128)
+    with pytest.raises(ValueError, match="cover semantics"):
+        vsh.vertical_slash_attention_hopper(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
+                                            exact, columns, scale=1.0)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         vsh.vertical_slash_attention_hopper(q, q, q, index, columns, scale=1.0)
     q16 = q.astype(jnp.bfloat16)

@@ -208,8 +208,8 @@ class MInference:
     """MInference sparse prefill with a per-(layer, head) `MInferenceConfig`; decode stays dense.
 
     slash_semantics: "exact" (lcjax's default: a slash offset d admits key i - d only) or "cover" (what
-    MInference's own kernel computes: every key of the 64-key ranges around its slashes; faster on
-    scattered estimated slashes, see BENCHMARKS.md).
+    MInference's own kernel computes: every key of the ranges its index builder merges from the slashes' 64-key
+    windows, rounded up to whole 64-key steps; faster on scattered estimated slashes, see BENCHMARKS.md).
     """
 
     config: MInferenceConfig

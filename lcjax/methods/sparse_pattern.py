@@ -30,8 +30,8 @@ class SparsePattern:
     block_size: query/key block size of `blocks`.
     dense_last: each sequence's last `dense_last` queries see every causal key (Tri-shape); 0 = none.
     slash_semantics: "exact" (query i sees key i - d for each slash offset d) or "cover" (MInference's
-      kernel semantics, a superset: a query block of `block_size` rows sees every key of the ranges its
-      slash groups cover, see `lcjax.pallas.vertical_slash_ranges.cover_mask_fn`).
+      kernel semantics, a superset: a query block of `block_size` rows sees every key of the ranges MInference
+      merges from its slash windows, see `lcjax.pallas.vertical_slash_ranges.cover_mask_fn`).
     """
 
     vertical: jax.Array

@@ -58,8 +58,8 @@ def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array
         out = vertical_slash_attention_hopper(q, k, v, *build_hopper_index(pattern.vertical, pattern.slash, seq),
                                               scale=scale)
     elif pattern.slash_semantics == "cover":  # the range schedule, no per-element test
-        ranges = build_vertical_slash_ranges(pattern.vertical, pattern.slash, seq, bs)
-        out = vertical_slash_attention_ranges(q, k, v, ranges, scale=scale, interpret=interpret, semantics="cover")
+        ranges = build_vertical_slash_ranges(pattern.vertical, pattern.slash, seq, bs, semantics="cover")
+        out = vertical_slash_attention_ranges(q, k, v, ranges, scale=scale, interpret=interpret)
     else:
         index = build_vertical_slash_index(pattern.vertical, pattern.slash, seq, bs, bs)
         out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=interpret)

@@ -1,8 +1,10 @@
 """Vertical-slash attention with MInference's "cover" semantics for Hopper GPUs: a Mosaic GPU kernel.
 
 Same result as `vertical_slash_attention_ranges(..., semantics="cover")` (the reference is
-`vertical_slash_cover_reference`): query i of block r0 = 64 * (i // 64) attends, causally, every key of its
-slash groups' ranges [r0 - D1, r0 + 63 - D0] (`build_vertical_slash_ranges`) and every vertical column.
+`vertical_slash_cover_reference`): query i of block r0 = 64 * (i // 64) attends, causally, every key of the
+ranges [r0 - D1, r0 + 63 - D0] MInference merges from its slash windows (`build_vertical_slash_ranges(...,
+semantics="cover")`: whole 64-key chunks, so only chunks that cross the diagonal, or key 0, need a mask) and every
+vertical column.
 
 Schedule of one query block (64 rows):
 1. per slash group, the range [lo, hi] in 64-key chunks from lo (any key: see `_mosaic_forward`): chunks wholly
@@ -40,7 +42,7 @@ from lcjax.pallas.block_sparse_hopper import (ROWS_PER_WG, SMEM_BYTES, WGMMA_TIL
                                               init_softmax_state, rescale, score_update, smem_bytes, softmax_update,
                                               store_rows)
 from lcjax.pallas.vertical_slash_index import _sorted_unique
-from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, _prefix, build_vertical_slash_ranges
+from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, build_vertical_slash_ranges, range_offsets
 
 BLOCK = ROWS_PER_WG  # query rows per block = keys per chunk = MInference's 64
 
@@ -75,27 +77,27 @@ def build_hopper_columns(vertical_indices: jax.Array, index: VerticalSlashRanges
     `[batch, heads, n_vertical]`, any order; duplicates and values outside [0, q_len) dropped)."""
     if index.block != BLOCK:
         raise ValueError(f"the Hopper vertical-slash kernel runs 64-row blocks; the index has block={index.block}.")
+    if index.semantics != "cover":
+        raise ValueError("the Hopper vertical-slash kernel runs MInference's cover semantics; build the index with "
+                         "build_vertical_slash_ranges(..., semantics=\"cover\") or build_hopper_index.")
     padded = index.is_slash.shape[-1]
     nqb = padded // BLOCK
     nqb_even = nqb + nqb % 2
     verticals = _sorted_unique(vertical_indices.astype(jnp.int32), q_len)
     n_pad = max(BLOCK, -(-verticals.shape[-1] // BLOCK) * BLOCK)
     verticals = jnp.pad(verticals, [(0, 0), (0, 0), (0, n_pad - verticals.shape[-1])], constant_values=q_len)
-    covered = _prefix(((index.slash_next - index.slash_prev) <= BLOCK).astype(jnp.int32))  # [b, h, padded + 1]
+    in_range = range_offsets(index)                                           # [b, h, padded + 129]
     r0 = (jnp.arange(nqb_even, dtype=jnp.int32) * BLOCK)[:, None]
     j = verticals[:, :, None, :]                                              # [b, h, 1, NV]
-    lo = jnp.clip(r0 - j, 0, padded)
-    hi = jnp.clip(r0 + BLOCK - j, 0, padded)
-    flat = lambda x: jnp.broadcast_to(x, (*j.shape[:2], nqb_even, j.shape[-1])).reshape(*j.shape[:2], -1)
-    meets = ((jnp.take_along_axis(covered, flat(hi), axis=-1) - jnp.take_along_axis(covered, flat(lo), axis=-1))
-             .reshape(*j.shape[:2], nqb_even, j.shape[-1]) > 0)
+    u = jnp.clip(r0 - j + 2 * BLOCK, 0, in_range.shape[-1] - 1)               # key j's offset from block r0
+    flat = jnp.broadcast_to(u, (*j.shape[:2], nqb_even, j.shape[-1])).reshape(*j.shape[:2], -1)
+    meets = jnp.take_along_axis(in_range, flat, axis=-1).reshape(*j.shape[:2], nqb_even, j.shape[-1]) != 0
     before = (j < r0) & (j < q_len) & ~meets  # a real column before the block, in none of its ranges: [b, h, nqb, NV]
     position = jnp.arange(n_pad, dtype=jnp.int32)
     last = jnp.max(jnp.where(before, position, -1), axis=-1)
-    # key r0 + t of the block's own 64: its offsets [-t, 63 - t] meet a group iff one of 0..63 - t is
-    # covered, the same test for every block
+    # key r0 + t of the block's own 64 (offset -t) lies in a range: the same test for every block
     t = jnp.arange(BLOCK, dtype=jnp.int32)
-    diagonal_free = covered[..., BLOCK - t] == 0                               # [b, h, 64]
+    diagonal_free = in_range[..., 2 * BLOCK - t] == 0                          # [b, h, 64]
     is_vertical = _flash.pad_to(index.is_vertical, 2, nqb_even * BLOCK).reshape(*j.shape[:2], nqb_even, BLOCK)
     diagonal = (is_vertical != 0) & diagonal_free[:, :, None, :]
     return HopperColumns(columns=verticals, before_words=_pack_bits(before),
@@ -107,7 +109,8 @@ def build_hopper_index(vertical_indices: jax.Array, slash_offsets: jax.Array,
     """Everything `vertical_slash_attention_hopper` reads, from `[batch, heads, n]` int32 vertical columns and
     slash offsets (any order; duplicates and values outside [0, q_len) dropped): the range schedule without its
     per-block column lists (this kernel keeps its own) and the `HopperColumns`."""
-    ranges = build_vertical_slash_ranges(vertical_indices, slash_offsets, q_len, BLOCK, columns=False)
+    ranges = build_vertical_slash_ranges(vertical_indices, slash_offsets, q_len, BLOCK, columns=False,
+                                         semantics="cover")
     return ranges, build_hopper_columns(vertical_indices, ranges, q_len)
 
 
@@ -378,6 +381,9 @@ def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, in
     _flash.check_inputs("vertical_slash_attention_hopper", q, k, v)
     check_dtype("vertical_slash_attention_hopper", q)
     batch, q_len, heads, head_dim = q.shape
+    if index.semantics != "cover":
+        raise ValueError("vertical_slash_attention_hopper runs MInference's cover semantics; the index was built "
+                         f"with semantics={index.semantics!r} (use build_hopper_index).")
     if k.shape[1] != q_len or index.q_len != q_len or index.block != BLOCK:
         raise ValueError(f"vertical_slash_attention_hopper is causal prefill with 64-row blocks: q_len={q_len}, "
                          f"kv_len={k.shape[1]}, index q_len={index.q_len}, block={index.block}.")

@@ -20,6 +20,8 @@ Schedule (`build_vertical_slash_ranges`, plain jnp):
 - Vertical columns inside a visited range are counted by the chunk; the others (at or before the block's
   last row) are gathered in chunks of b as in `vertical_slash_attention`.
 Every allowed pair thus lies in exactly one chunk or gathered column, and the masks admit nothing else.
+With semantics="cover" the groups are MInference's ranges instead (`_cover_groups`): touching runs merged and
+rounded up to whole chunks the way its `convert_vertical_slash_indexes` does, still one list per head.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class VerticalSlashRanges:
     slash_prev: jax.Array
     q_len: int = dataclasses.field(metadata=dict(static=True))
     block: int = dataclasses.field(metadata=dict(static=True))
+    semantics: str = dataclasses.field(default="exact", metadata=dict(static=True))
 
 
 def max_groups(n_slash: int, q_len: int, block: int) -> int:
@@ -93,14 +96,98 @@ def _list_positions(selected: jax.Array, size: int) -> jax.Array:
     return jnp.zeros((batch, heads, size), jnp.int32).at[bi, hi, slot].set(pos, mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("q_len", "block", "columns"))
+def _cover_groups(group_start: jax.Array, group_end: jax.Array, n_groups: jax.Array, b: int):
+    """MInference's range merge (`convert_vertical_slash_indexes`) over the touching groups [D0, D1] (int32
+    `[batch, heads, G]` ascending, the first `n_groups` `[batch, heads]` real): (D0', D1, count), the merged
+    ranges [r0 - D1, r0 + b - 1 - D0'] ascending by offset, D0' possibly negative (keys after the block's last
+    row, causally masked), each a whole number of b-key chunks from its start.
+
+    MInference walks a block's slash windows [r0 - d, r0 - d + b) by descending d, keeping a range [S, E)
+    whose length is a multiple of b: a window inside it changes nothing, one that starts at or before E
+    extends E by b, a later one starts a new range. Within a touching group every window starts at or before
+    E, so E ends as S rounded up past the group's last window end M in steps of b; whether the next group
+    (first window at S') joins depends only on the phase S mod b: it does iff no key x in [M, S') has
+    x = S (mod b). So each gap between groups is a map on the b phases (keep, or restart at S' mod b), and an
+    associative scan of their compositions gives every group's phase without a sequential walk. The merge
+    does not depend on r0 (all windows move with the block), so one list per head serves every block."""
+    size = group_start.shape[-1]
+    k = jnp.arange(size, dtype=jnp.int32)
+    # key order (ascending window start = descending offset): slot k holds group n - 1 - k
+    src = n_groups[..., None] - 1 - k
+    valid = src >= 0
+    take = lambda x: jnp.take_along_axis(x, jnp.maximum(src, 0), axis=-1)
+    win_start, win_end = -take(group_end), b - take(group_start)  # relative to r0: [S, M)
+    phase0 = jnp.remainder(win_start[..., :1], b)
+    if size == 1:
+        phases = phase0
+        restart = jnp.zeros_like(valid)
+    else:
+        phi = jnp.arange(b, dtype=jnp.int32)
+        gap = (win_start[..., 1:] - win_end[..., :-1])[..., None]          # [batch, heads, G - 1, 1]
+        breaks = (jnp.remainder(phi - win_end[..., :-1, None], b) < gap) & valid[..., 1:, None]
+        maps = jnp.where(breaks, jnp.remainder(win_start[..., 1:, None], b), phi)  # phase after each gap
+        compose = lambda first, then: jnp.take_along_axis(then, first, axis=-1)
+        prefix = jax.lax.associative_scan(compose, maps, axis=-2)
+        after = jnp.take_along_axis(prefix, jnp.broadcast_to(phase0[..., None], prefix.shape[:-1] + (1,)),
+                                    axis=-1)[..., 0]
+        phases = jnp.concatenate([phase0, after], axis=-1)                # phase of each group's range
+        restart = jnp.take_along_axis(breaks, phases[..., :-1, None], axis=-1)[..., 0]
+        restart = jnp.concatenate([jnp.zeros_like(restart[..., :1]), restart], axis=-1)
+    starts = valid & (restart | (k == 0))
+    anchor = jnp.take_along_axis(win_start, jax.lax.cummax(jnp.where(starts, k, 0), axis=2), axis=-1)
+    range_end = anchor + b * ((win_end - anchor + b - 1) // b)
+    # a range's last group: the next slot is another range's first, or empty
+    last = valid & jnp.concatenate([~valid[..., 1:] | starts[..., 1:], jnp.ones_like(valid[..., :1])], axis=-1)
+    count = jnp.sum(starts, axis=-1, dtype=jnp.int32)
+    first_keys = jnp.take_along_axis(win_start, _list_positions(starts, size), axis=-1)
+    end_keys = jnp.take_along_axis(range_end, _list_positions(last, size), axis=-1)
+    # back to ascending offsets: range slot i is merged range count - 1 - i
+    back = count[..., None] - 1 - k
+    real = back >= 0
+    undo = lambda x: jnp.where(real, jnp.take_along_axis(x, jnp.maximum(back, 0), axis=-1), 0)
+    return undo(b - end_keys), undo(-first_keys), count
+
+
+def _blocks_using(group_start: jax.Array, count: jax.Array, nqb: int, b: int) -> jax.Array:
+    """int32 `[batch, heads, nqb]`: how many of the (ascending) groups block qb uses, those with
+    D0 <= r0 + b - 1 (a range that ends at or after key 0)."""
+    first_block = jnp.clip(-(-(group_start - b + 1) // b), 0, nqb)
+    first_block = jnp.where(jnp.arange(group_start.shape[-1]) < count[..., None], first_block, nqb)
+    hist = jnp.zeros((*count.shape, nqb + 1), jnp.int32)
+    bi = jnp.arange(count.shape[0])[:, None, None]
+    hi = jnp.arange(count.shape[1])[None, :, None]
+    return jnp.cumsum(hist.at[bi, hi, first_block].add(1)[..., :nqb], axis=-1, dtype=jnp.int32)
+
+
+def range_offsets(index: VerticalSlashRanges) -> jax.Array:
+    """int8 `[batch, heads, L + 2 block + 1]`: entry 2 block + u is 1 iff key r0 - u lies in one of block r0's
+    group ranges (u = r0 - key, from 1 - 2 block up; the same for every block r0)."""
+    b = index.block
+    size = index.is_slash.shape[-1] + 2 * b + 1
+    count = index.group_counts[..., -1]
+    real = jnp.arange(index.group_start.shape[-1]) < count[..., None]
+    # key r0 - u in [r0 - D1, r0 + b - 1 - D0] <=> D0 - b + 1 <= u <= D1
+    opens = jnp.where(real, index.group_start - b + 1 + 2 * b, size)
+    closes = jnp.where(real, index.group_end + 1 + 2 * b, size)
+    bi = jnp.arange(count.shape[0])[:, None, None]
+    hi = jnp.arange(count.shape[1])[None, :, None]
+    delta = (jnp.zeros((*count.shape, size), jnp.int32).at[bi, hi, opens].add(1, mode="drop")
+             .at[bi, hi, closes].add(-1, mode="drop"))
+    return (jnp.cumsum(delta, axis=-1) > 0).astype(jnp.int8)
+
+
+@functools.partial(jax.jit, static_argnames=("q_len", "block", "columns", "semantics"))
 def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int,
-                                block: int = 64, columns: bool = True) -> VerticalSlashRanges:
+                                block: int = 64, columns: bool = True,
+                                semantics: str = "exact") -> VerticalSlashRanges:
     """The range schedule for causal prefill of `q_len` tokens (same inputs as `build_vertical_slash_index`:
     `[batch, heads, n]` int32 columns / offsets, any order; duplicates and values outside [0, q_len) dropped).
     columns=False leaves the per-block column lists empty (`column_indices` `[batch, heads, nqb, 0]`): the
-    Hopper kernel keeps its own (`build_hopper_columns`), and they are the costly part of the build."""
+    Hopper kernel keeps its own (`build_hopper_columns`), and they are the costly part of the build.
+    semantics "exact": groups are the touching slash runs (ranges end at the last slash's window);
+    "cover": MInference's ranges (`_cover_groups`: touching runs merged and rounded up to whole chunks)."""
     b = block
+    check_semantics(semantics)
     nqb, padded, is_vertical, is_slash = line_indicators(vertical_indices, slash_offsets, q_len, b)
 
     # offsets inside a group: between (or on) two consecutive slashes at most b apart
@@ -117,24 +204,25 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
     group_end = _list_positions(ends, n_groups)
     last_rows = jnp.arange(nqb, dtype=jnp.int32) * b + b - 1
     group_counts = jnp.cumsum(starts, axis=-1, dtype=jnp.int32)[..., last_rows]
+    if semantics == "cover":
+        group_start, group_end, count = _cover_groups(group_start, group_end, group_counts[..., -1], b)
+        group_counts = _blocks_using(group_start, count, nqb, b)
 
     lists = dict(group_start=group_start, group_end=group_end, group_counts=group_counts, is_vertical=is_vertical,
                  is_slash=is_slash, slash_prefix=_prefix(is_slash.astype(jnp.int32)), slash_next=nxt,
-                 slash_prev=prev, q_len=q_len, block=b)
+                 slash_prev=prev, q_len=q_len, block=b, semantics=semantics)
     if not columns:
         return VerticalSlashRanges(column_indices=jnp.zeros((*group_counts.shape, 0), jnp.int32),
                                    column_counts=jnp.zeros_like(group_counts), **lists)
-    # vertical column j meets a range of block qb iff offsets [r0 - j, r0 + b - 1 - j] meet a group
+    # vertical column j lies in a range of block qb iff u = r0 - j is one of the ranges' offsets
     verticals = _sorted_unique(vertical_indices.astype(jnp.int32), q_len)  # [batch, heads, n_vertical]
-    cov_prefix = _prefix(covered.astype(jnp.int32))
+    in_range = range_offsets(VerticalSlashRanges(column_indices=jnp.zeros((*group_counts.shape, 0), jnp.int32),
+                                                 column_counts=jnp.zeros_like(group_counts), **lists))
     r0 = (jnp.arange(nqb, dtype=jnp.int32) * b)[:, None]
     j = verticals[:, :, None, :]  # [batch, heads, 1, n_vertical]
-    lo = jnp.clip(r0 - j, 0, padded)
-    hi = jnp.clip(r0 + b - j, 0, padded)  # exclusive
-    flat = lambda x: jnp.broadcast_to(x, (*verticals.shape[:2], nqb, verticals.shape[-1])).reshape(
-        *verticals.shape[:2], -1)
-    meets = (jnp.take_along_axis(cov_prefix, flat(hi), axis=-1)
-             - jnp.take_along_axis(cov_prefix, flat(lo), axis=-1)).reshape(lo.shape) > 0
+    u = jnp.clip(r0 - j + 2 * b, 0, in_range.shape[-1] - 1)
+    flat = jnp.broadcast_to(u, (*verticals.shape[:2], nqb, verticals.shape[-1])).reshape(*verticals.shape[:2], -1)
+    meets = jnp.take_along_axis(in_range, flat, axis=-1).reshape(u.shape) != 0
     keep = (j < q_len) & (j <= r0 + b - 1) & ~meets
     n_vertical = verticals.shape[-1]
     max_columns = max(b, -(-n_vertical // b) * b)
@@ -255,22 +343,26 @@ def _pallas_forward(q, k, v, index: VerticalSlashRanges, *, scale: float, interp
 def vertical_slash_attention_ranges(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashRanges, *,
                                     scale: float, interpret: bool = False, num_warps: int | None = None,
                                     num_stages: int | None = None, heads_fastest: bool = False,
-                                    slash_mask: str = "bits", semantics: str = "exact") -> jax.Array:
+                                    slash_mask: str = "bits", semantics: str | None = None) -> jax.Array:
     """`vertical_slash_attention` with the range schedule of `build_vertical_slash_ranges` (same shapes, dtypes,
     GQA, head_dims; rows with no allowed key are zeros).
 
-    semantics "exact": the same result as `vertical_slash_attention` (the exact vertical-slash mask); then
-    slash_mask "bits": a chunk is unmasked or masked from bit words of `index.is_slash`, "gather": unmasked, band
-    (compares) or an `is_slash` gather. semantics "cover": MInference's kernel semantics, a superset of
-    exact: query block qb attends, causally, every key of its groups' ranges [r0 - D1, r0 + block - 1 - D0]
-    (`cover_mask_fn` is its reference) plus the vertical columns.
+    semantics (default: the index's, which it must match): "exact": the same result as
+    `vertical_slash_attention` (the exact vertical-slash mask); then slash_mask "bits": a chunk is unmasked or
+    masked from bit words of `index.is_slash`, "gather": unmasked, band (compares) or an `is_slash` gather.
+    "cover": MInference's kernel semantics, a superset of exact: query block qb attends, causally, every key of
+    MInference's merged ranges [r0 - D1, r0 + block - 1 - D0'] (`cover_mask_fn` is its reference) plus the
+    vertical columns.
     """
     if index.column_indices.shape[-1] == 0:
         raise ValueError("vertical_slash_attention_ranges needs an index built with columns=True (this one was "
                          "built for the Hopper kernel, without column lists).")
+    if semantics is not None and check_semantics(semantics) != index.semantics:
+        raise ValueError(f"semantics={semantics!r} but the index was built with semantics={index.semantics!r}: "
+                         f"pass semantics={semantics!r} to build_vertical_slash_ranges.")
     return run_schedule("vertical_slash_attention_ranges", _pallas_forward, q, k, v, index, index.group_counts,
                         scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                        heads_fastest=heads_fastest, slash_mask=slash_mask, semantics=semantics)
+                        heads_fastest=heads_fastest, slash_mask=slash_mask, semantics=index.semantics)
 
 
 SEMANTICS = ("exact", "cover")
@@ -285,20 +377,20 @@ def check_semantics(semantics: str) -> str:
 def cover_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int, block: int):
     """mask_fn(rows) -> bool `[batch, heads, len(rows), q_len]` of the "cover" semantics, for
     `lcjax.attention.masked_attention`: query i (block r0 = i // block * block) attends key j <= i iff j is a
-    vertical column or the offsets [r0 - j, r0 + block - 1 - j] meet a slash group (a chain of slash offsets
-    at most `block` apart, gaps included). Entries outside [0, q_len) match nothing."""
-    _, _, is_vertical, is_slash = line_indicators(vertical_indices, slash_offsets, q_len, 1)
-    pos = jnp.arange(q_len, dtype=jnp.int32)
-    prev = jax.lax.cummax(jnp.where(is_slash != 0, pos, -4 * q_len), axis=2)
-    nxt = jax.lax.cummin(jnp.where(is_slash != 0, pos, 4 * q_len), axis=2, reverse=True)
-    covered_prefix = _prefix(((nxt - prev) <= block).astype(jnp.int32))  # [batch, heads, q_len + 1]
-    keys = pos
+    vertical column or lies in one of the block's ranges as MInference's `convert_vertical_slash_indexes`
+    merges them (slash windows [r0 - d, r0 - d + block), merged and rounded up to whole chunks; see
+    `_cover_groups`). MInference also clamps a window that starts before key 0 to [0, block); here such a
+    window keeps its place and loses its negative keys. Entries outside [0, q_len) match nothing."""
+    index = build_vertical_slash_ranges(vertical_indices, slash_offsets, q_len, block, columns=False,
+                                        semantics="cover")
+    in_range = range_offsets(index)
+    is_vertical = index.is_vertical[..., :q_len]
+    keys = jnp.arange(q_len, dtype=jnp.int32)
 
     def mask_fn(rows):
         r0 = (rows // block * block)[:, None]
-        lo = jnp.clip(r0 - keys[None, :], 0, q_len)
-        hi = jnp.clip(r0 + block - keys[None, :], 0, q_len)
-        meets = (jnp.take(covered_prefix, hi, axis=-1) - jnp.take(covered_prefix, lo, axis=-1)) > 0
+        u = jnp.clip(r0 - keys[None, :] + 2 * block, 0, in_range.shape[-1] - 1)
+        meets = jnp.take(in_range, u, axis=-1) != 0
         return (keys[None, :] <= rows[:, None]) & (meets | (is_vertical[:, :, None, :] != 0))
 
     return mask_fn

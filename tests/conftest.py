@@ -26,3 +26,14 @@ def smollm2():
         return lcjax.load_model("smollm2-135m", dtype="float32")
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops jax's compiled programs after each test module. Each XLA CPU executable keeps memory mappings of
+    its own (the suite's process held up to ~19,000 within one module); run in one process without this, the
+    suite crashed inside XLA's CPU compiler (SIGSEGV or SIGABRT) at the same late test three times, a test
+    that passes alone: most likely the kernel's limit of 65530 mappings per process (`vm.max_map_count`)."""
+    yield
+    import jax
+    jax.clear_caches()

@@ -12,6 +12,11 @@ slot back through a "consumed" barrier. With two compute warpgroups a schedule b
 overlap the other's matmuls. Both compute warpgroups share the block's list, so they take the same number
 of steps and every barrier is used the same number of times by each side.
 
+A CTA takes `items_per_cta` consecutive (head, query block) items in turn: the memory warpgroup loads the
+next item's Q into a second Q tile and streams its K/V tiles on through the same ring while the compute
+warpgroups finish the current one, so an item's fixed costs (Q load, first tiles, output store) overlap the
+previous item's work; its output leaves through its Q tile, which is handed back once the copy has read it.
+
 The list's first `schedule[0]` tiles need no elementwise mask (wholly below the diagonal, inside kv_len):
 they run a loop without one; the rest apply causal & (key < kv_len). The running max starts at a finite
 floor, so rows whose keys are all masked get zeros, never NaN (see `_flash`).
@@ -89,25 +94,39 @@ def softmax_update(s, acc, m, l, qk_scale: float, dtype):
     return rescale(acc, alpha), m_new, l, p
 
 
-def store_rows(acc, l, smem, rows_gmem) -> None:
-    """Normalises acc by l and writes it through `smem` (the rows' Q tile, no longer needed) to `rows_gmem`.
-    l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0 means acc == 0: zeros."""
+def store_rows(acc, l, smem, rows_gmem, wait_read_only: bool = False) -> None:
+    """Normalises acc by l and writes it through `smem` (the rows' Q tile, no longer needed) to `rows_gmem`,
+    then waits for the copy (with wait_read_only, only until it has read `smem`: the caller must wait for the
+    writes before the kernel ends). l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0
+    means acc == 0: zeros."""
     acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
     smem[...] = acc.astype(smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(smem, rows_gmem)
-    plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=wait_read_only)
 
 
 def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_wgs: int, block_k: int,
-            stages: int, num_q_blocks: int, groups: int, kv_len: int, causal: bool, qk_scale: float):
-    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped
-    b, h = lax.axis_index("batch"), lax.axis_index("heads")
-    qb = num_q_blocks - 1 - lax.axis_index("q_blocks")  # longest lists first (see _flash.launch_grid)
+            stages: int, q_buffers: int, num_q_blocks: int, heads: int, batch: int, items_per_cta: int,
+            groups: int, kv_len: int, causal: bool, qk_scale: float):
+    (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), schedule = scoped
+    cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    n_plain, n_total = sched_ref[b, h, qb, 0], sched_ref[b, h, qb, 1]
+    block_q = ROWS_PER_WG * compute_wgs
+    # this CTA's work items: t = cta * items_per_cta + i, consecutive so that the CTAs in flight (the hardware
+    # starts them in order) work on neighbouring items, whose K/V tiles L2 then serves. Items run through the
+    # query heads of one GQA group fastest (one K/V head, lists of like length: a CTA's items take like time),
+    # then batch, then query blocks (longest list first), then KV heads: the items in flight read one K/V head
+    my_items = jnp.minimum(items_per_cta, heads * num_q_blocks * batch - cta * items_per_cta)
     head_dim = q_smem.shape[-1]
     dtype = q_smem.dtype
+
+    def item(i):
+        t = cta * items_per_cta + i
+        in_group, rest = lax.rem(t, groups), lax.div(t, groups)
+        b, rest = lax.rem(rest, batch), lax.div(rest, batch)
+        qb, kv_head = num_q_blocks - 1 - lax.rem(rest, num_q_blocks), lax.div(rest, num_q_blocks)
+        return b, kv_head * groups + in_group, qb, lax.rem(i, q_buffers)
 
     def take_turns():  # ping-pong between the two compute warpgroups
         if compute_wgs == 2:
@@ -117,101 +136,128 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
     @pl.when(wg < compute_wgs)
     def _compute():
         plgpu.set_max_registers(232 if compute_wgs == 2 else 240, action="increase")
-        my_q = q_smem.at[wg]
-        row0 = qb * (ROWS_PER_WG * compute_wgs) + wg * ROWS_PER_WG
-        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, ROWS_PER_WG), h], my_q, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
-        acc, m, l = init_softmax_state(head_dim)
 
-        @pl.when(n_total > 0)
-        def _():
-            plgpu.barrier_wait(k_ready.at[0])
-
-        if compute_wgs == 2:
-            pl.when(wg == 1)(take_turns)
-
-        def step(n, carry, masked: bool):
-            acc, m, l = carry
-            slot = lax.rem(n, stages)
-
-            def qk_scope(s_ref):
-                plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
-                take_turns()
-                return s_ref[...]
-
-            s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS_PER_WG, block_k), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            if masked:
-                start = idx_ref[b, h, qb, n] * block_k
-                rows = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-                cols = start + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-                allowed = cols < kv_len
-                if causal:
-                    allowed &= rows >= cols
-                s = jnp.where(allowed, s, -jnp.inf)
-            acc, m_new, l, p = softmax_update(s, acc, m, l, qk_scale, dtype)
-            acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))  # softmax done before the PV wait
+        def one_item(i, step0):
+            """Item i's query rows against its list; step0 counts the ring's steps before it."""
+            # the ping-pong starts and ends within each item: warpgroup 1 waits a turn at the start, 0 gives
+            # one back at the end (so neither waits for the next item's Q while the other still needs a turn)
             if compute_wgs == 2:
-                plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(v_ready.at[slot])
+                pl.when(wg == 1)(take_turns)
+            b, h, qb, q_slot = item(i)
+            n_plain, n_total = sched_ref[b, h, qb, 0], sched_ref[b, h, qb, 1]
+            my_q = q_smem.at[q_slot, wg]
+            row0 = qb * block_q + wg * ROWS_PER_WG
+            plgpu.barrier_wait(q_ready.at[q_slot])
+            acc, m, l = init_softmax_state(head_dim)
+
+            @pl.when(n_total > 0)
+            def _():
+                plgpu.barrier_wait(k_ready.at[lax.rem(step0, stages)])
+
+            def step(n, carry, masked: bool):
+                acc, m, l = carry
+                slot = lax.rem(step0 + n, stages)
+
+                def qk_scope(s_ref):
+                    plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                    take_turns()
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS_PER_WG, block_k), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    start = idx_ref[b, h, qb, n] * block_k
+                    rows = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                    cols = start + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                    allowed = cols < kv_len
+                    if causal:
+                        allowed &= rows >= cols
+                    s = jnp.where(allowed, s, -jnp.inf)
+                acc, m_new, l, p = softmax_update(s, acc, m, l, qk_scale, dtype)
+                acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))  # softmax done before the PV wait
+                if compute_wgs == 2:
+                    plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if compute_wgs == 2:
+                    plgpu.barrier_wait(schedule)
+
+                def pv_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                    nxt = n + 1
+
+                    @pl.when(nxt < n_total)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(step0 + nxt, stages)])
+
+                acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            carry = lax.fori_loop(0, n_plain, functools.partial(step, masked=False), (acc, m, l))
+            acc, m, l = lax.fori_loop(n_plain, n_total, functools.partial(step, masked=True), carry)
+            # the output leaves through the rows' Q tile; once the copy has read it, the slot takes a later Q
+            store_rows(acc, l, my_q, o_ref.at[b, pl.ds(row0, ROWS_PER_WG), h], wait_read_only=True)
+            plgpu.barrier_arrive(q_free.at[q_slot])
             if compute_wgs == 2:
-                plgpu.barrier_wait(schedule)
+                pl.when(wg == 0)(take_turns)
+            return step0 + n_total
 
-            def pv_scope(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                nxt = n + 1
-
-                @pl.when(nxt < n_total)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
-
-            acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
-
-        carry = lax.fori_loop(0, n_plain, functools.partial(step, masked=False), (acc, m, l))
-        acc, m, l = lax.fori_loop(n_plain, n_total, functools.partial(step, masked=True), carry)
-        if compute_wgs == 2:
-            pl.when(wg == 0)(take_turns)
-        store_rows(acc, l, my_q, o_ref.at[b, pl.ds(row0, ROWS_PER_WG), h])
+        lax.fori_loop(0, my_items, one_item, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == compute_wgs)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(h, groups)
 
-        def fetch(n, slot, refill: bool):
-            tile = (b, pl.ds(idx_ref[b, h, qb, n] * block_k, block_k), kv_head)
-            copy_kv_tile(k_ref.at[tile], v_ref.at[tile], k_smem.at[slot], v_smem.at[slot],
-                         (k_ready.at[slot], v_ready.at[slot]), (k_free.at[slot], v_free.at[slot]), refill)
+        def one_item(i, step0):
+            """Item i's Q rows (once its slot is free), then its K/V tiles through the ring: the next item's
+            loads start while the compute warpgroups finish this one."""
+            b, h, qb, q_slot = item(i)
+            kv_head = lax.div(h, groups)
+            pl.when(i >= q_buffers)(lambda: plgpu.barrier_wait(q_free.at[q_slot]))
+            for w in range(compute_wgs):
+                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(qb * block_q + w * ROWS_PER_WG, ROWS_PER_WG), h],
+                                        q_smem.at[q_slot, w], q_ready.at[q_slot])
 
-        for n in range(stages):
-            pl.when(n < n_total)(functools.partial(fetch, n, n, False))
+            @pl.loop(0, sched_ref[b, h, qb, 1])
+            def _(n):
+                slot = lax.rem(step0 + n, stages)
+                tile = (b, pl.ds(idx_ref[b, h, qb, n] * block_k, block_k), kv_head)
+                copy_kv_tile(k_ref.at[tile], v_ref.at[tile], k_smem.at[slot], v_smem.at[slot],
+                             (k_ready.at[slot], v_ready.at[slot]), (k_free.at[slot], v_free.at[slot]),
+                             step0 + n >= stages)
 
-        @pl.loop(stages, jnp.maximum(n_total, stages))
-        def _(n):
-            fetch(n, lax.rem(n, stages), True)
+            return step0 + sched_ref[b, h, qb, 1]
+
+        lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
 
 def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, causal: bool, block_q: int,
-                    block_k: int, stages: int) -> jax.Array:
+                    block_k: int, stages: int, items_per_cta: int) -> jax.Array:
     """The kernel on padded arrays: q `[b, nqb*block_q, h, d]`, k, v `[b, nkb*block_k, kvh, d]`, d 64 or 128."""
     batch, q_pad, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     compute_wgs = block_q // ROWS_PER_WG
     nqb = q_pad // block_q
+    num_ctas = -(-heads * nqb * batch // items_per_cta)
+    # a second Q tile lets the next item's Q load while this one runs
+    fits = smem_bytes(block_q, block_k, stages, head_dim, q_buffers=2) <= SMEM_BYTES
+    q_buffers = 2 if items_per_cta > 1 and fits else 1
     kernel = functools.partial(_kernel, compute_wgs=compute_wgs, block_k=block_k, stages=stages,
-                               num_q_blocks=nqb, groups=heads // kv_heads, kv_len=kv_len, causal=causal,
+                               q_buffers=q_buffers, num_q_blocks=nqb, heads=heads, batch=batch,
+                               items_per_cta=items_per_cta, groups=heads // kv_heads, kv_len=kv_len, causal=causal,
                                qk_scale=scale * math.log2(math.e))
+
     def entry(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref):
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped),
-            (plgpu.SMEM((compute_wgs, ROWS_PER_WG, head_dim), q.dtype, **WGMMA_TILES),
+            (plgpu.SMEM((q_buffers, compute_wgs, ROWS_PER_WG, head_dim), q.dtype, **WGMMA_TILES),
              plgpu.SMEM((stages, block_k, head_dim), q.dtype, **WGMMA_TILES),
              plgpu.SMEM((stages, block_k, head_dim), q.dtype, **WGMMA_TILES)),
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=compute_wgs)),
-            (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),) * 2,
+             plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=q_buffers)),
+            (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),) * 2
+            + (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=q_buffers),),
             plgpu.Barrier(num_arrivals=compute_wgs),
             collective_axes="wg",
         )
@@ -219,8 +265,8 @@ def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(heads, nqb, batch),  # heads fastest: a GQA group's query heads read one K/V head together
-        grid_names=("heads", "q_blocks", "batch"),
+        grid=(num_ctas,),
+        grid_names=("cta",),
         num_threads=compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -237,9 +283,19 @@ def runs_on_hopper(q: jax.Array, interpret: bool = False) -> bool:
     return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
 
 
-def smem_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize: int = 2) -> int:
-    """Shared memory of one CTA: the query/output tiles and `stages` K and V tiles (barriers not counted)."""
-    return (block_q + 2 * stages * block_k) * head_dim * itemsize
+def default_items_per_cta(items: int) -> int:
+    """Items per CTA for `items` (head, query block) pairs: up to 4 while that leaves >= 8 waves of CTAs on
+    the GPU's SMs, else 1 (few long CTAs would leave SMs idle at the end). Measured on the H100 (BENCHMARKS.md,
+    "block-sparse, query blocks in turn"): 4 was the fastest of 1, 2, 4 at 32K and 128K; at 8K (2048 items) 1."""
+    sms = int(getattr(jax.devices()[0], "core_count", 132))
+    return max(1, min(4, items // (8 * sms)))
+
+
+def smem_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize: int = 2,
+               q_buffers: int = 1) -> int:
+    """Shared memory of one CTA: `q_buffers` query/output tiles and `stages` K and V tiles (barriers not
+    counted)."""
+    return (q_buffers * block_q + 2 * stages * block_k) * head_dim * itemsize
 
 
 def check_dtype(name: str, q: jax.Array) -> None:
@@ -264,10 +320,12 @@ def check_config(q: jax.Array, block_q: int, block_k: int, stages: int) -> None:
                          "CTA has; use fewer stages or smaller tiles.")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "stages"))
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "stages",
+                                             "items_per_cta"))
 def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array,
                                   schedule: jax.Array, *, scale: float, causal: bool = True, block_q: int = 128,
-                                  block_k: int = 128, stages: int = 2) -> jax.Array:
+                                  block_k: int = 128, stages: int = 2,
+                                  items_per_cta: int | None = None) -> jax.Array:
     """`block_sparse_attention_canonical` on Hopper: lists already in `canonicalize_block_indices`' form for
     these `block_q`, `block_k`.
 
@@ -275,7 +333,9 @@ def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indi
     head_dim 64, 96 or 128. indices int32 `[batch, heads, ceil(q_len / block_q), max_blocks]`, schedule int32
     `[batch, heads, ceil(q_len / block_q), 2]`. Returns `[batch, q_len, heads, head_dim]` in q's dtype.
     block_q: 64 or 128 query rows per CTA (one or two compute warpgroups); block_k: 64 or 128 keys per
-    tile; stages: K/V slots in shared memory.
+    tile; stages: K/V slots in shared memory. items_per_cta: consecutive (head, query block) items one CTA
+    takes in turn, loading the next one's Q and first K/V tiles while it finishes the current one (default
+    `default_items_per_cta`).
     """
     _flash.check_inputs("block_sparse_attention_hopper", q, k, v)
     check_config(q, block_q, block_k, stages)
@@ -287,11 +347,12 @@ def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indi
     q_pad, kv_pad = -(-q_len // block_q) * block_q, -(-kv_len // block_k) * block_k
 
     def run(q, k, v, lists):
+        per_cta = items_per_cta or default_items_per_cta(q.shape[0] * q.shape[2] * (q_pad // block_q))
         q_p = _flash.pad_to(_flash.pad_to(q, 1, q_pad), 3, d_pad)
         k_p = _flash.pad_to(_flash.pad_to(k, 1, kv_pad), 3, d_pad)
         v_p = _flash.pad_to(_flash.pad_to(v, 1, kv_pad), 3, d_pad)
         out = _mosaic_forward(q_p, k_p, v_p, *lists, kv_len=kv_len, scale=scale, causal=causal, block_q=block_q,
-                              block_k=block_k, stages=stages)
+                              block_k=block_k, stages=stages, items_per_cta=per_cta)
         return out[:, :q_len, :, :head_dim]
 
     return _flash.by_head_groups(run, q, k, v, (indices, schedule), padded_len=q_pad, padded_head_dim=d_pad)

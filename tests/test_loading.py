@@ -85,6 +85,13 @@ def test_load_onto_mesh_shards_by_logical_axes(checkpoint):
     assert loaded.params["embed"].sharding.spec == P("model", None)
     tokens = np.arange(24).reshape(2, 12) % TINY["vocab_size"]
     np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-5)
+    # fusing the MLP's gate and up keeps their split over "model" (stacked and unstacked layers)
+    for fused in (loaded.with_fused_mlp(), loaded.with_layer_layout("unstacked").with_fused_mlp()):
+        layers = fused.params["layers"]
+        first = layers[0] if isinstance(layers, tuple) else layers
+        assert first["w_gate_up"].sharding.spec == (P(None, "model", None) if isinstance(layers, tuple)
+                                                   else P(None, None, "model", None))
+        np.testing.assert_allclose(fused(tokens), model(tokens), atol=1e-5)
 
 
 def test_missing_shard_is_named(checkpoint):

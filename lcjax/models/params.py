@@ -125,17 +125,30 @@ def stack_layers(params: dict) -> dict:
     return dict(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
 
 
+def _stack_keeping_sharding(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
+    """jnp.stack([a, b], axis), laid out on a mesh as a is (a `NamedSharding` gains an unsplit axis), rather
+    than as XLA's propagation happens to choose."""
+    sharding = getattr(a, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return jnp.stack([a, b], axis=axis)
+    spec = list(sharding.spec) + [None] * (a.ndim - len(sharding.spec))
+    spec.insert(axis, None)
+    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.jit(lambda x, y: jnp.stack([x, y], axis=axis), out_shardings=out)(a, b)
+
+
 def fuse_mlp(params: dict) -> dict:
     """params with each layer's `w_gate` and `w_up` (`[..., F, D]`) replaced by `w_gate_up` `[..., 2, F, D]`
     (gate first): one matrix-vector product per decode step instead of two, 80.4 us against 2 x 42.0 us for
     Llama-3-8B's shapes on an H100 (BENCHMARKS.md, `experiments.bench_gemv`). A copy of the MLP's two input
-    matrices: free the unfused params afterwards. Already fused params come back unchanged."""
+    matrices: free the unfused params afterwards. Already fused params come back unchanged. Sharded params
+    stay sharded as they were (the new axis of 2 is not split)."""
     def fuse(layer: dict) -> dict:
         if "w_gate_up" in layer:
             return layer
         layer = dict(layer)
         gate, up = layer.pop("w_gate"), layer.pop("w_up")
-        return dict(layer, w_gate_up=jnp.stack([gate, up], axis=gate.ndim - 2))
+        return dict(layer, w_gate_up=_stack_keeping_sharding(gate, up, gate.ndim - 2))
 
     layers = params["layers"]
     return dict(params, layers=tuple(map(fuse, layers)) if isinstance(layers, tuple) else fuse(layers))

@@ -219,7 +219,9 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
                 plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(qb * block_q + w * ROWS_PER_WG, ROWS_PER_WG), h],
                                         q_smem.at[q_slot, w], q_ready.at[q_slot])
 
-            @pl.loop(0, sched_ref[b, h, qb, 1])
+            n_total = sched_ref[b, h, qb, 1]
+
+            @pl.loop(0, n_total)
             def _(n):
                 slot = lax.rem(step0 + n, stages)
                 tile = (b, pl.ds(idx_ref[b, h, qb, n] * block_k, block_k), kv_head)
@@ -227,7 +229,7 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
                              (k_ready.at[slot], v_ready.at[slot]), (k_free.at[slot], v_free.at[slot]),
                              step0 + n >= stages)
 
-            return step0 + sched_ref[b, h, qb, 1]
+            return step0 + n_total
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 

@@ -42,7 +42,8 @@ from lcjax.pallas.block_sparse_hopper import (ROWS_PER_WG, SMEM_BYTES, WGMMA_TIL
                                               init_softmax_state, rescale, score_update, smem_bytes, softmax_update,
                                               store_rows)
 from lcjax.pallas.vertical_slash_index import _sorted_unique
-from lcjax.pallas.vertical_slash_ranges import VerticalSlashRanges, build_vertical_slash_ranges, range_offsets
+from lcjax.pallas.vertical_slash_ranges import (VerticalSlashRanges, build_vertical_slash_ranges, columns_in_ranges,
+                                                range_offsets)
 
 BLOCK = ROWS_PER_WG  # query rows per block = keys per chunk = MInference's 64
 
@@ -89,9 +90,7 @@ def build_hopper_columns(vertical_indices: jax.Array, index: VerticalSlashRanges
     in_range = range_offsets(index)                                           # [b, h, padded + 129]
     r0 = (jnp.arange(nqb_even, dtype=jnp.int32) * BLOCK)[:, None]
     j = verticals[:, :, None, :]                                              # [b, h, 1, NV]
-    u = jnp.clip(r0 - j + 2 * BLOCK, 0, in_range.shape[-1] - 1)               # key j's offset from block r0
-    flat = jnp.broadcast_to(u, (*j.shape[:2], nqb_even, j.shape[-1])).reshape(*j.shape[:2], -1)
-    meets = jnp.take_along_axis(in_range, flat, axis=-1).reshape(*j.shape[:2], nqb_even, j.shape[-1]) != 0
+    meets = columns_in_ranges(in_range, verticals, r0, BLOCK)
     before = (j < r0) & (j < q_len) & ~meets  # a real column before the block, in none of its ranges: [b, h, nqb, NV]
     position = jnp.arange(n_pad, dtype=jnp.int32)
     last = jnp.max(jnp.where(before, position, -1), axis=-1)

@@ -43,7 +43,8 @@ from lcjax.pallas.vertical_slash_index import (_sorted_unique, compact_columns, 
 
 __all__ = ["VerticalSlashRanges", "build_vertical_slash_ranges", "vertical_slash_attention_ranges",
            "vertical_slash_attention_reference", "range_schedule_tiles", "max_groups", "cover_mask_fn",
-           "vertical_slash_cover_reference", "SEMANTICS"]
+           "vertical_slash_cover_reference", "SEMANTICS", "range_offsets",
+           "columns_in_ranges"]
 
 
 @jax.tree_util.register_dataclass
@@ -119,7 +120,6 @@ def _cover_groups(group_start: jax.Array, group_end: jax.Array, n_groups: jax.Ar
     win_start, win_end = -take(group_end), b - take(group_start)  # relative to r0: [S, M)
     phase0 = jnp.remainder(win_start[..., :1], b)
     if size == 1:
-        phases = phase0
         restart = jnp.zeros_like(valid)
     else:
         phi = jnp.arange(b, dtype=jnp.int32)
@@ -159,21 +159,35 @@ def _blocks_using(group_start: jax.Array, count: jax.Array, nqb: int, b: int) ->
     return jnp.cumsum(hist.at[bi, hi, first_block].add(1)[..., :nqb], axis=-1, dtype=jnp.int32)
 
 
-def range_offsets(index: VerticalSlashRanges) -> jax.Array:
-    """int8 `[batch, heads, L + 2 block + 1]`: entry 2 block + u is 1 iff key r0 - u lies in one of block r0's
-    group ranges (u = r0 - key, from 1 - 2 block up; the same for every block r0)."""
-    b = index.block
-    size = index.is_slash.shape[-1] + 2 * b + 1
-    count = index.group_counts[..., -1]
-    real = jnp.arange(index.group_start.shape[-1]) < count[..., None]
+def _offsets_in_ranges(group_start: jax.Array, group_end: jax.Array, count: jax.Array, padded: int,
+                       b: int) -> jax.Array:
+    """`range_offsets` from the group lists (the first `count` `[batch, heads]` of each real)."""
+    size = padded + 2 * b + 1
+    real = jnp.arange(group_start.shape[-1]) < count[..., None]
     # key r0 - u in [r0 - D1, r0 + b - 1 - D0] <=> D0 - b + 1 <= u <= D1
-    opens = jnp.where(real, index.group_start - b + 1 + 2 * b, size)
-    closes = jnp.where(real, index.group_end + 1 + 2 * b, size)
+    opens = jnp.where(real, group_start - b + 1 + 2 * b, size)
+    closes = jnp.where(real, group_end + 1 + 2 * b, size)
     bi = jnp.arange(count.shape[0])[:, None, None]
     hi = jnp.arange(count.shape[1])[None, :, None]
     delta = (jnp.zeros((*count.shape, size), jnp.int32).at[bi, hi, opens].add(1, mode="drop")
              .at[bi, hi, closes].add(-1, mode="drop"))
     return (jnp.cumsum(delta, axis=-1) > 0).astype(jnp.int8)
+
+
+def range_offsets(index: VerticalSlashRanges) -> jax.Array:
+    """int8 `[batch, heads, L + 2 block + 1]`: entry 2 block + u is 1 iff key r0 - u lies in one of block r0's
+    group ranges (u = r0 - key, from 1 - 2 block up; the same for every block r0)."""
+    return _offsets_in_ranges(index.group_start, index.group_end, index.group_counts[..., -1],
+                              index.is_slash.shape[-1], index.block)
+
+
+def columns_in_ranges(in_range: jax.Array, columns: jax.Array, r0: jax.Array, b: int) -> jax.Array:
+    """bool `[batch, heads, nqb, n]`: whether column columns[..., c] (int32 `[batch, heads, n]`) lies in one of
+    the ranges of the block starting at row r0 (int32 `[nqb, 1]`), from `range_offsets`' `in_range`."""
+    u = jnp.clip(r0 - columns[:, :, None, :] + 2 * b, 0, in_range.shape[-1] - 1)
+    shape = (*columns.shape[:2], r0.shape[0], columns.shape[-1])
+    flat = jnp.broadcast_to(u, shape).reshape(*columns.shape[:2], -1)
+    return jnp.take_along_axis(in_range, flat, axis=-1).reshape(shape) != 0
 
 
 @functools.partial(jax.jit, static_argnames=("q_len", "block", "columns", "semantics"))
@@ -216,14 +230,10 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
                                    column_counts=jnp.zeros_like(group_counts), **lists)
     # vertical column j lies in a range of block qb iff u = r0 - j is one of the ranges' offsets
     verticals = _sorted_unique(vertical_indices.astype(jnp.int32), q_len)  # [batch, heads, n_vertical]
-    in_range = range_offsets(VerticalSlashRanges(column_indices=jnp.zeros((*group_counts.shape, 0), jnp.int32),
-                                                 column_counts=jnp.zeros_like(group_counts), **lists))
+    in_range = _offsets_in_ranges(group_start, group_end, group_counts[..., -1], padded, b)
     r0 = (jnp.arange(nqb, dtype=jnp.int32) * b)[:, None]
     j = verticals[:, :, None, :]  # [batch, heads, 1, n_vertical]
-    u = jnp.clip(r0 - j + 2 * b, 0, in_range.shape[-1] - 1)
-    flat = jnp.broadcast_to(u, (*verticals.shape[:2], nqb, verticals.shape[-1])).reshape(*verticals.shape[:2], -1)
-    meets = jnp.take_along_axis(in_range, flat, axis=-1).reshape(u.shape) != 0
-    keep = (j < q_len) & (j <= r0 + b - 1) & ~meets
+    keep = (j < q_len) & (j <= r0 + b - 1) & ~columns_in_ranges(in_range, verticals, r0, b)
     n_vertical = verticals.shape[-1]
     max_columns = max(b, -(-n_vertical // b) * b)
     return VerticalSlashRanges(column_indices=compact_columns(j, keep, max_columns),

@@ -51,17 +51,18 @@ def test_hopper_block_sparse_all_blocks_is_dense_causal_attention():
     assert_matches_reference(out, attention_f64(q, k, v, mask, 0.08), mask, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("items_per_cta", [1, 3])
-def test_hopper_block_sparse_writes_every_output_element(items_per_cta):
-    """The output lands in memory filled with NaN just before (the allocator hands the freed poison buffer to
-    the kernel's output: checked by address); every element must be overwritten."""
+@pytest.mark.parametrize("num_ctas", [32, 11])
+def test_hopper_block_sparse_writes_every_output_element(num_ctas):
+    """The output lands in memory filled with NaN just before (the allocator hands freed poison buffers to the
+    kernel's output: checked by address); every element must be overwritten, with one CTA per (head, query
+    block) item (32 of them) or CTAs that take 3 or 2 items in turn."""
     rng = np.random.default_rng(4)
     q, k, v = random_inputs(rng, 1, 512, 512, 8, 2, 128, jnp.bfloat16)
     idx, counts = random_lists(rng, 1, 8, 4, 4, max_blocks=6)
     indices, schedule = canonicalize_block_indices(idx, counts, q_len=512, kv_len=512, block_q=128, block_k=128,
                                                    causal=True)
     out = run_on_poisoned_output(jax.jit(lambda *a: block_sparse_attention_hopper(*a, scale=0.1,
-                                                                               items_per_cta=items_per_cta)),
+                                                                               num_ctas=num_ctas)),
                                  q, k, v, indices, schedule)
     mask = blocks_to_mask(idx, counts, 512, 512, 128, 128, True)
     assert_matches_reference(out, attention_f64(q, k, v, mask, 0.1), mask, jnp.bfloat16)
@@ -78,12 +79,12 @@ def test_hopper_block_sparse_equals_triton_kernel():
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < TOL[jnp.bfloat16]
 
 
-@pytest.mark.parametrize("items_per_cta,stages,block_q,block_k", [(2, 2, 128, 128), (3, 3, 128, 128),
-                                                                  (5, 2, 64, 64), (4, 2, 128, 64)])
-def test_hopper_block_sparse_query_blocks_in_turn(items_per_cta, stages, block_q, block_k):
-    """A CTA that takes several (head, query block) items in turn (the last CTA fewer: 8 heads x 8 query blocks
-    is no multiple of 3 or 5), with one Q tile (3 slots of 128 x 128 leave no room for a second) or two, and
-    empty lists and duplicates, gives the float64 reference's result."""
+@pytest.mark.parametrize("num_ctas,stages,block_q,block_k", [(32, 2, 128, 128), (22, 3, 128, 128),
+                                                             (13, 2, 64, 64), (16, 2, 128, 64), (3, 2, 128, 128)])
+def test_hopper_block_sparse_query_blocks_in_turn(num_ctas, stages, block_q, block_k):
+    """CTAs that take several of the 64 (head, query block) items in turn (2, 3 or 2, 5 or 4, 4, 22 or 21
+    each), with one Q tile (3 slots of 128 x 128 leave no room for a second) or two, and empty lists and
+    duplicates, give the float64 reference's result."""
     rng = np.random.default_rng()
     q_len = 8 * block_q - 37
     q, k, v = random_inputs(rng, 1, q_len, q_len, 8, 2, 128, jnp.bfloat16)
@@ -92,6 +93,6 @@ def test_hopper_block_sparse_query_blocks_in_turn(items_per_cta, stages, block_q
     indices, schedule = canonicalize_block_indices(idx, counts, q_len=q_len, kv_len=q_len, block_q=block_q,
                                                    block_k=block_k, causal=True)
     out = block_sparse_attention_hopper(q, k, v, indices, schedule, scale=0.1, block_q=block_q, block_k=block_k,
-                                        stages=stages, items_per_cta=items_per_cta)
+                                        stages=stages, num_ctas=num_ctas)
     mask = blocks_to_mask(idx, counts, q_len, q_len, block_q, block_k, True)
     assert_matches_reference(out, attention_f64(q, k, v, mask, 0.1), mask, jnp.bfloat16)

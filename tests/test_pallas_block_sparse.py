@@ -176,3 +176,29 @@ def test_hopper_kernel_names_unsupported_configs():
     with pytest.raises(ValueError, match="implementation='cuda'"):
         block_sparse_attention(q, q, q, *lists[:1], jnp.zeros((1, 4, 1), jnp.int32), scale=1.0,
                                implementation="cuda")
+
+
+@pytest.mark.parametrize("items,num_ctas", [(64, 3), (64, 64), (2048, 132), (8192, 132), (7, 5), (1, 1)])
+def test_hopper_kernel_turns_cover_every_item_once(items, num_ctas):
+    """The persistent Hopper kernel's CTAs take items in snake order: every item exactly once, each CTA the
+    count `snake_turns` says, and on items whose lists shrink by one tile each (longest first, as the kernel
+    orders them) no CTA has more than one round's spread (num_ctas tiles) above the average work; taking them
+    round-robin would put CTA 0 about num_ctas / 2 tiles ahead every round (1033 tiles at 2048 items)."""
+    from lcjax.pallas.block_sparse_hopper import snake_turn, snake_turns
+
+    ctas = np.arange(num_ctas)
+    counts = np.asarray(snake_turns(ctas, num_ctas, items))
+    taken = [np.asarray(snake_turn(np.arange(counts[c]), c, num_ctas)) for c in ctas]
+    np.testing.assert_array_equal(np.sort(np.concatenate(taken)), np.arange(items))
+    assert counts.max() - counts.min() <= 1
+    work = np.arange(items, 0, -1, dtype=np.float64)  # item t's list: items - t tiles
+    per_cta = np.array([work[t].sum() for t in taken])
+    assert per_cta.max() - work.sum() / num_ctas <= num_ctas
+
+
+@pytest.mark.parametrize("kv_heads,bytes_per_head,want", [(8, 2 << 20, 8), (8, 4 << 20, 4), (8, 16 << 20, 1),
+                                                          (6, 4 << 20, 3), (1, 1 << 30, 1)])
+def test_hopper_kernel_runs_group_kv_heads_that_fit_l2(kv_heads, bytes_per_head, want):
+    from lcjax.pallas.block_sparse_hopper import kv_heads_per_run
+
+    assert kv_heads_per_run(kv_heads, bytes_per_head) == want

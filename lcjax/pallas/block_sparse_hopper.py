@@ -12,10 +12,13 @@ slot back through a "consumed" barrier. With two compute warpgroups a schedule b
 overlap the other's matmuls. Both compute warpgroups share the block's list, so they take the same number
 of steps and every barrier is used the same number of times by each side.
 
-A CTA takes `items_per_cta` consecutive (head, query block) items in turn: the memory warpgroup loads the
-next item's Q into a second Q tile and streams its K/V tiles on through the same ring while the compute
+The kernel is persistent: `num_ctas` CTAs (by default one per SM) take the (head, query block) items in
+turn, CTA c the items c, c + num_ctas, c + 2 num_ctas, ... Within a CTA the memory warpgroup loads the next
+item's Q into a second Q tile and streams its K/V tiles on through the same ring while the compute
 warpgroups finish the current one, so an item's fixed costs (Q load, first tiles, output store) overlap the
-previous item's work; its output leaves through its Q tile, which is handed back once the copy has read it.
+previous item's work, and no CTA pays a launch and a drain per item (with a CTA per item, short lists left
+each SM idle for about a third of the kernel between CTAs: BENCHMARKS.md). Its output leaves through its Q
+tile, which is handed back once the copy has read it.
 
 The list's first `schedule[0]` tiles need no elementwise mask (wholly below the diagonal, inside kv_len):
 they run a loop without one; the rest apply causal & (key < kv_len). The running max starts at a finite
@@ -106,27 +109,49 @@ def store_rows(acc, l, smem, rows_gmem, wait_read_only: bool = False) -> None:
     plgpu.wait_smem_to_gmem(0, wait_read_only=wait_read_only)
 
 
+def snake_turn(i, cta, num_ctas: int):
+    """The work item a CTA takes on its i-th turn: turns go round the CTAs forwards, then backwards (CTA c takes
+    item c on its first turn, 2 num_ctas - 1 - c on its second, ...), so that CTAs that drew long items in one
+    round draw short ones in the next when items come longest first. Works on traced or numpy integers."""
+    return i * num_ctas + jnp.where(lax.rem(i, 2) == 0, cta, num_ctas - 1 - cta)
+
+
+def snake_turns(cta, num_ctas: int, items: int):
+    """How many of `items` items a CTA takes under `snake_turn`."""
+    rounds, rest = divmod(items, num_ctas)
+    position = jnp.where(rounds % 2 == 0, cta, num_ctas - 1 - cta)  # the CTA's place in the last, partial round
+    return rounds + jnp.where(position < rest, 1, 0)
+
+
+def kv_heads_per_run(kv_heads: int, kv_bytes_per_head: int, budget: int = 16 * 2**20) -> int:
+    """How many KV heads' items run together, longest list first: the most (a divisor of kv_heads) whose K and
+    V fit `budget` bytes (what L2 can serve to the items in flight), at least one. More heads per run means
+    fewer restarts from the longest list, and so a better balance across CTAs."""
+    fitting = [g for g in range(1, kv_heads + 1) if kv_heads % g == 0 and g * kv_bytes_per_head <= budget]
+    return max(fitting, default=1)
+
+
 def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_wgs: int, block_k: int,
-            stages: int, q_buffers: int, num_q_blocks: int, heads: int, batch: int, items_per_cta: int,
-            groups: int, kv_len: int, causal: bool, qk_scale: float):
+            stages: int, q_buffers: int, num_q_blocks: int, heads_per_run: int, batch: int, num_ctas: int,
+            items: int, groups: int, kv_len: int, causal: bool, qk_scale: float):
     (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), schedule = scoped
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
     block_q = ROWS_PER_WG * compute_wgs
-    # this CTA's work items: t = cta * items_per_cta + i, consecutive so that the CTAs in flight (the hardware
-    # starts them in order) work on neighbouring items, whose K/V tiles L2 then serves. Items run through the
-    # query heads of one GQA group fastest (one K/V head, lists of like length: a CTA's items take like time),
-    # then batch, then query blocks (longest list first), then KV heads: the items in flight read one K/V head
-    my_items = jnp.minimum(items_per_cta, heads * num_q_blocks * batch - cta * items_per_cta)
+    # work items are numbered in runs, one per batch element and group of KV heads (`kv_heads_per_run`): in a
+    # run, query blocks longest list first and, within one, the run's query heads. CTAs take them in
+    # `snake_turn` order, so the items in flight at any time are neighbours (their K/V tiles, of one run, are
+    # what L2 holds) and every CTA's turns add up to about the same work
+    my_items = snake_turns(cta, num_ctas, items)
     head_dim = q_smem.shape[-1]
     dtype = q_smem.dtype
 
     def item(i):
-        t = cta * items_per_cta + i
-        in_group, rest = lax.rem(t, groups), lax.div(t, groups)
-        b, rest = lax.rem(rest, batch), lax.div(rest, batch)
-        qb, kv_head = num_q_blocks - 1 - lax.rem(rest, num_q_blocks), lax.div(rest, num_q_blocks)
-        return b, kv_head * groups + in_group, qb, lax.rem(i, q_buffers)
+        t = snake_turn(i, cta, num_ctas)
+        run, within = lax.div(t, num_q_blocks * heads_per_run), lax.rem(t, num_q_blocks * heads_per_run)
+        qb = num_q_blocks - 1 - lax.div(within, heads_per_run)
+        h = lax.div(run, batch) * heads_per_run + lax.rem(within, heads_per_run)
+        return lax.rem(run, batch), h, qb, lax.rem(i, q_buffers)
 
     def take_turns():  # ping-pong between the two compute warpgroups
         if compute_wgs == 2:
@@ -235,20 +260,22 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
 
 
 def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, causal: bool, block_q: int,
-                    block_k: int, stages: int, items_per_cta: int) -> jax.Array:
+                    block_k: int, stages: int, num_ctas: int) -> jax.Array:
     """The kernel on padded arrays: q `[b, nqb*block_q, h, d]`, k, v `[b, nkb*block_k, kvh, d]`, d 64 or 128."""
     batch, q_pad, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     compute_wgs = block_q // ROWS_PER_WG
     nqb = q_pad // block_q
-    num_ctas = -(-heads * nqb * batch // items_per_cta)
+    items = heads * nqb * batch
+    num_ctas = min(num_ctas, items)
     # a second Q tile lets the next item's Q load while this one runs
     fits = smem_bytes(block_q, block_k, stages, head_dim, q_buffers=2) <= SMEM_BYTES
-    q_buffers = 2 if items_per_cta > 1 and fits else 1
+    q_buffers = 2 if num_ctas < items and fits else 1
+    per_run = kv_heads_per_run(kv_heads, 2 * k.shape[1] * head_dim * k.dtype.itemsize)
     kernel = functools.partial(_kernel, compute_wgs=compute_wgs, block_k=block_k, stages=stages,
-                               q_buffers=q_buffers, num_q_blocks=nqb, heads=heads, batch=batch,
-                               items_per_cta=items_per_cta, groups=heads // kv_heads, kv_len=kv_len, causal=causal,
-                               qk_scale=scale * math.log2(math.e))
+                               q_buffers=q_buffers, num_q_blocks=nqb, heads_per_run=per_run * (heads // kv_heads),
+                               batch=batch, num_ctas=num_ctas, items=items, kv_len=kv_len, causal=causal,
+                               groups=heads // kv_heads, qk_scale=scale * math.log2(math.e))
 
     def entry(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref):
         pl.run_scoped(
@@ -285,12 +312,9 @@ def runs_on_hopper(q: jax.Array, interpret: bool = False) -> bool:
     return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
 
 
-def default_items_per_cta(items: int) -> int:
-    """Items per CTA for `items` (head, query block) pairs: up to 4 while that leaves >= 8 waves of CTAs on
-    the GPU's SMs, else 1 (few long CTAs would leave SMs idle at the end). Measured on the H100 (BENCHMARKS.md,
-    "block-sparse, query blocks in turn"): 4 was the fastest of 1, 2, 4 at 32K and 128K; at 8K (2048 items) 1."""
-    sms = int(getattr(jax.devices()[0], "core_count", 132))
-    return max(1, min(4, items // (8 * sms)))
+def default_num_ctas() -> int:
+    """One CTA per SM: a CTA's shared memory (Q tiles and the K/V ring) leaves room for one per SM."""
+    return int(getattr(jax.devices()[0], "core_count", 132))
 
 
 def smem_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize: int = 2,
@@ -323,11 +347,11 @@ def check_config(q: jax.Array, block_q: int, block_k: int, stages: int) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "stages",
-                                             "items_per_cta"))
+                                             "num_ctas"))
 def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array,
                                   schedule: jax.Array, *, scale: float, causal: bool = True, block_q: int = 128,
                                   block_k: int = 128, stages: int = 2,
-                                  items_per_cta: int | None = None) -> jax.Array:
+                                  num_ctas: int | None = None) -> jax.Array:
     """`block_sparse_attention_canonical` on Hopper: lists already in `canonicalize_block_indices`' form for
     these `block_q`, `block_k`.
 
@@ -335,9 +359,9 @@ def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indi
     head_dim 64, 96 or 128. indices int32 `[batch, heads, ceil(q_len / block_q), max_blocks]`, schedule int32
     `[batch, heads, ceil(q_len / block_q), 2]`. Returns `[batch, q_len, heads, head_dim]` in q's dtype.
     block_q: 64 or 128 query rows per CTA (one or two compute warpgroups); block_k: 64 or 128 keys per
-    tile; stages: K/V slots in shared memory. items_per_cta: consecutive (head, query block) items one CTA
-    takes in turn, loading the next one's Q and first K/V tiles while it finishes the current one (default
-    `default_items_per_cta`).
+    tile; stages: K/V slots in shared memory. num_ctas: CTAs of the persistent grid (default
+    `default_num_ctas`, one per SM); each takes every num_ctas-th (head, query block) item, loading the next
+    one's Q and first K/V tiles while it finishes the current one.
     """
     _flash.check_inputs("block_sparse_attention_hopper", q, k, v)
     check_config(q, block_q, block_k, stages)
@@ -349,12 +373,11 @@ def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indi
     q_pad, kv_pad = -(-q_len // block_q) * block_q, -(-kv_len // block_k) * block_k
 
     def run(q, k, v, lists):
-        per_cta = items_per_cta or default_items_per_cta(q.shape[0] * q.shape[2] * (q_pad // block_q))
         q_p = _flash.pad_to(_flash.pad_to(q, 1, q_pad), 3, d_pad)
         k_p = _flash.pad_to(_flash.pad_to(k, 1, kv_pad), 3, d_pad)
         v_p = _flash.pad_to(_flash.pad_to(v, 1, kv_pad), 3, d_pad)
         out = _mosaic_forward(q_p, k_p, v_p, *lists, kv_len=kv_len, scale=scale, causal=causal, block_q=block_q,
-                              block_k=block_k, stages=stages, items_per_cta=per_cta)
+                              block_k=block_k, stages=stages, num_ctas=num_ctas or default_num_ctas())
         return out[:, :q_len, :, :head_dim]
 
     return _flash.by_head_groups(run, q, k, v, (indices, schedule), padded_len=q_pad, padded_head_dim=d_pad)

@@ -13,12 +13,14 @@ overlap the other's matmuls. Both compute warpgroups share the block's list, so 
 of steps and every barrier is used the same number of times by each side.
 
 The kernel is persistent: `num_ctas` CTAs (by default one per SM) take the (head, query block) items in
-turn, CTA c the items c, c + num_ctas, c + 2 num_ctas, ... Within a CTA the memory warpgroup loads the next
-item's Q into a second Q tile and streams its K/V tiles on through the same ring while the compute
-warpgroups finish the current one, so an item's fixed costs (Q load, first tiles, output store) overlap the
-previous item's work, and no CTA pays a launch and a drain per item (with a CTA per item, short lists left
-each SM idle for about a third of the kernel between CTAs: BENCHMARKS.md). Its output leaves through its Q
-tile, which is handed back once the copy has read it.
+turns, round the CTAs forwards then backwards (`snake_turn`), longest lists first within runs of KV heads
+whose K/V fit L2 (`kv_heads_per_run`), so every CTA gets about the same work and the items in flight share
+their K/V tiles. Within a CTA the memory warpgroup loads the next item's Q into a second Q tile and streams
+its K/V tiles on through the same ring while the compute warpgroups finish the current one, so an item's
+fixed costs (Q load, first tiles) overlap the previous item's work and no CTA pays a launch and a drain per
+item (with one CTA per item, short lists left each SM idle 25-50% of the kernel between CTAs: BENCHMARKS.md).
+An item's output leaves through its Q tile; the compute warpgroups do not wait for that copy but go on to the
+next item, and hand the tile back once the copy has read it (checked after the next item's first QK^T).
 
 The list's first `schedule[0]` tiles need no elementwise mask (wholly below the diagonal, inside kv_len):
 they run a loop without one; the rest apply causal & (key < kv_len). The running max starts at a finite
@@ -97,16 +99,17 @@ def softmax_update(s, acc, m, l, qk_scale: float, dtype):
     return rescale(acc, alpha), m_new, l, p
 
 
-def store_rows(acc, l, smem, rows_gmem, wait_read_only: bool = False) -> None:
+def store_rows(acc, l, smem, rows_gmem, wait_read_only: bool = False, wait: bool = True) -> None:
     """Normalises acc by l and writes it through `smem` (the rows' Q tile, no longer needed) to `rows_gmem`,
-    then waits for the copy (with wait_read_only, only until it has read `smem`: the caller must wait for the
-    writes before the kernel ends). l >= 1 for a row with any allowed key (its max term is exp2(0)); l == 0
-    means acc == 0: zeros."""
+    then waits for the copy (with wait_read_only, only until it has read `smem`; without `wait` not at all: the
+    caller must wait before it reuses `smem`, and for the writes before the kernel ends). l >= 1 for a row
+    with any allowed key (its max term is exp2(0)); l == 0 means acc == 0: zeros."""
     acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
     smem[...] = acc.astype(smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(smem, rows_gmem)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=wait_read_only)
+    if wait:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=wait_read_only)
 
 
 def snake_turn(i, cta, num_ctas: int):
@@ -126,7 +129,8 @@ def snake_turns(cta, num_ctas: int, items: int):
 def kv_heads_per_run(kv_heads: int, kv_bytes_per_head: int, budget: int = 16 * 2**20) -> int:
     """How many KV heads' items run together, longest list first: the most (a divisor of kv_heads) whose K and
     V fit `budget` bytes (what L2 can serve to the items in flight), at least one. More heads per run means
-    fewer restarts from the longest list, and so a better balance across CTAs."""
+    fewer restarts from the longest list, and so a better balance across CTAs; on the H100 (50 MB of L2) runs
+    of 32 MiB (2 heads at 32K) were slower on random 5% lists than runs of 16 (BENCHMARKS.md)."""
     fitting = [g for g in range(1, kv_heads + 1) if kv_heads % g == 0 and g * kv_bytes_per_head <= budget]
     return max(fitting, default=1)
 
@@ -171,6 +175,13 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
             b, h, qb, q_slot = item(i)
             n_plain, n_total = sched_ref[b, h, qb, 0], sched_ref[b, h, qb, 1]
             my_q = q_smem.at[q_slot, wg]
+
+            def release_previous_q():
+                """With several Q tiles the previous item's output copy runs on while this item starts: once
+                the copy has read the tile (waited for here, after this item's first QK^T), it takes a later Q."""
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.barrier_arrive(q_free.at[lax.rem(i - 1, q_buffers)])
+
             row0 = qb * block_q + wg * ROWS_PER_WG
             plgpu.barrier_wait(q_ready.at[q_slot])
             acc, m, l = init_softmax_state(head_dim)
@@ -190,6 +201,8 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
 
                 s = pl.run_scoped(qk_scope, plgpu.ACC((ROWS_PER_WG, block_k), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
+                if q_buffers > 1:
+                    pl.when((n == 0) & (i > 0))(release_previous_q)
                 if masked:
                     start = idx_ref[b, h, qb, n] * block_k
                     rows = row0 + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
@@ -221,8 +234,14 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
             carry = lax.fori_loop(0, n_plain, functools.partial(step, masked=False), (acc, m, l))
             acc, m, l = lax.fori_loop(n_plain, n_total, functools.partial(step, masked=True), carry)
             # the output leaves through the rows' Q tile; once the copy has read it, the slot takes a later Q
-            store_rows(acc, l, my_q, o_ref.at[b, pl.ds(row0, ROWS_PER_WG), h], wait_read_only=True)
-            plgpu.barrier_arrive(q_free.at[q_slot])
+            # (with one Q tile at once, since the next item's Q goes there)
+            rows_out = o_ref.at[b, pl.ds(row0, ROWS_PER_WG), h]
+            if q_buffers > 1:
+                pl.when((n_total == 0) & (i > 0))(release_previous_q)
+                store_rows(acc, l, my_q, rows_out, wait=False)
+            else:
+                store_rows(acc, l, my_q, rows_out, wait_read_only=True)
+                plgpu.barrier_arrive(q_free.at[q_slot])
             if compute_wgs == 2:
                 pl.when(wg == 0)(take_turns)
             return step0 + n_total
@@ -268,9 +287,10 @@ def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     nqb = q_pad // block_q
     items = heads * nqb * batch
     num_ctas = min(num_ctas, items)
-    # a second Q tile lets the next item's Q load while this one runs
-    fits = smem_bytes(block_q, block_k, stages, head_dim, q_buffers=2) <= SMEM_BYTES
-    q_buffers = 2 if num_ctas < items and fits else 1
+    # more Q tiles let later items' Q load while this one runs (and its output copy leave on its own time)
+    fitting = [n for n in range(1, MAX_Q_BUFFERS + 1)
+               if smem_bytes(block_q, block_k, stages, head_dim, q_buffers=n) <= SMEM_BYTES - SMEM_RESERVED]
+    q_buffers = max(fitting) if num_ctas < items else 1
     per_run = kv_heads_per_run(kv_heads, 2 * k.shape[1] * head_dim * k.dtype.itemsize)
     kernel = functools.partial(_kernel, compute_wgs=compute_wgs, block_k=block_k, stages=stages,
                                q_buffers=q_buffers, num_q_blocks=nqb, heads_per_run=per_run * (heads // kv_heads),
@@ -303,6 +323,8 @@ def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
 
 
 SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on sm_90
+SMEM_RESERVED = 2560  # barriers and Mosaic GPU's reduction scratch (2 KiB by default)
+MAX_Q_BUFFERS = 2  # a third Q tile (which fits beside 2 K/V slots of 128 x 128) measured no faster
 
 
 def runs_on_hopper(q: jax.Array, interpret: bool = False) -> bool:

@@ -12,14 +12,14 @@ slot back through a "consumed" barrier. With two compute warpgroups a schedule b
 overlap the other's matmuls. Both compute warpgroups share the block's list, so they take the same number
 of steps and every barrier is used the same number of times by each side.
 
-The kernel is persistent: `num_ctas` CTAs (by default one per SM) take the (head, query block) items in
-turns, round the CTAs forwards then backwards (`snake_turn`), longest lists first within runs of KV heads
-whose K/V fit L2 (`kv_heads_per_run`), so every CTA gets about the same work and the items in flight share
-their K/V tiles. Within a CTA the memory warpgroup loads the next item's Q into a second Q tile and streams
-its K/V tiles on through the same ring while the compute warpgroups finish the current one, so an item's
-fixed costs (Q load, first tiles) overlap the previous item's work and no CTA pays a launch and a drain per
-item (with a CTA per item or per 4 items, short lists left each SM idle 19-41% of the kernel between
-CTAs: BENCHMARKS.md). An item's output leaves through its Q tile; the compute warpgroups do not wait for that copy but go on to the
+The kernel is persistent: `num_ctas` CTAs (by default one per SM) take the (head, query block) items in turns,
+round the CTAs forwards then backwards (`snake_turn`), longest lists first within runs of KV heads whose K/V
+fit L2 (`kv_heads_per_run`), so every CTA gets about the same work and the items in flight share their K/V
+tiles. Within a CTA the memory warpgroup loads the next item's Q into a second Q tile and streams its K/V
+tiles on through the same ring while the compute warpgroups finish the current one, so an item's fixed costs
+(Q load, first tiles) overlap the previous item's work and no CTA pays a launch and a drain per item (with a
+CTA per item or per 4 items, short lists left each SM idle 19-41% of the kernel between CTAs: BENCHMARKS.md).
+An item's output leaves through its Q tile; the compute warpgroups do not wait for that copy but go on to the
 next item, and hand the tile back once the copy has read it (checked after the next item's first QK^T).
 
 The list's first `schedule[0]` tiles need no elementwise mask (wholly below the diagonal, inside kv_len):

@@ -380,10 +380,10 @@ def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indi
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`; bfloat16 or float16;
     head_dim 64, 96 or 128. indices int32 `[batch, heads, ceil(q_len / block_q), max_blocks]`, schedule int32
     `[batch, heads, ceil(q_len / block_q), 2]`. Returns `[batch, q_len, heads, head_dim]` in q's dtype.
-    block_q: 64 or 128 query rows per CTA (one or two compute warpgroups); block_k: 64 or 128 keys per
-    tile; stages: K/V slots in shared memory. num_ctas: CTAs of the persistent grid (default
-    `default_num_ctas`, one per SM); each takes every num_ctas-th (head, query block) item, loading the next
-    one's Q and first K/V tiles while it finishes the current one.
+    block_q: 64 or 128 query rows per (head, query block) item (one or two compute warpgroups); block_k: 64
+    or 128 keys per tile; stages: K/V slots in shared memory. num_ctas: CTAs of the persistent grid (default
+    `default_num_ctas`, one per SM); they take the items in `snake_turn` order, each loading its next item's Q
+    and first K/V tiles while it finishes the current one.
     """
     _flash.check_inputs("block_sparse_attention_hopper", q, k, v)
     check_config(q, block_q, block_k, stages)

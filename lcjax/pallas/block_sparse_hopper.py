@@ -290,7 +290,7 @@ def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     # more Q tiles let later items' Q load while this one runs (and its output copy leave on its own time)
     fitting = [n for n in range(1, MAX_Q_BUFFERS + 1)
                if smem_bytes(block_q, block_k, stages, head_dim, q_buffers=n) <= SMEM_BYTES - SMEM_RESERVED]
-    q_buffers = max(fitting) if num_ctas < items else 1
+    q_buffers = max(fitting, default=1) if num_ctas < items else 1
     per_run = kv_heads_per_run(kv_heads, 2 * k.shape[1] * head_dim * k.dtype.itemsize)
     kernel = functools.partial(_kernel, compute_wgs=compute_wgs, block_k=block_k, stages=stages,
                                q_buffers=q_buffers, num_q_blocks=nqb, heads_per_run=per_run * (heads // kv_heads),

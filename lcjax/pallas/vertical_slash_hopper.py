@@ -72,15 +72,21 @@ def _pack_bits(bits: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(jnp.sum(words, axis=-1, dtype=jnp.uint32), jnp.int32)
 
 
+def require_cover(index: VerticalSlashRanges, name: str) -> None:
+    """The error for an index not built with the cover semantics this kernel runs."""
+    if index.semantics != "cover":
+        raise ValueError(f"{name}: the Hopper vertical-slash kernel runs MInference's cover semantics; the index was "
+                         f"built with semantics={index.semantics!r} (use build_hopper_index, or "
+                         "build_vertical_slash_ranges(..., semantics=\"cover\")).")
+
+
 @functools.partial(jax.jit, static_argnames=("q_len",))
 def build_hopper_columns(vertical_indices: jax.Array, index: VerticalSlashRanges, q_len: int) -> HopperColumns:
     """The column lists of `vertical_slash_attention_hopper` from the same verticals as `index` (int32
     `[batch, heads, n_vertical]`, any order; duplicates and values outside [0, q_len) dropped)."""
     if index.block != BLOCK:
         raise ValueError(f"the Hopper vertical-slash kernel runs 64-row blocks; the index has block={index.block}.")
-    if index.semantics != "cover":
-        raise ValueError("the Hopper vertical-slash kernel runs MInference's cover semantics; build the index with "
-                         "build_vertical_slash_ranges(..., semantics=\"cover\") or build_hopper_index.")
+    require_cover(index, "build_hopper_columns")
     padded = index.is_slash.shape[-1]
     nqb = padded // BLOCK
     nqb_even = nqb + nqb % 2
@@ -380,9 +386,7 @@ def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, in
     _flash.check_inputs("vertical_slash_attention_hopper", q, k, v)
     check_dtype("vertical_slash_attention_hopper", q)
     batch, q_len, heads, head_dim = q.shape
-    if index.semantics != "cover":
-        raise ValueError("vertical_slash_attention_hopper runs MInference's cover semantics; the index was built "
-                         f"with semantics={index.semantics!r} (use build_hopper_index).")
+    require_cover(index, "vertical_slash_attention_hopper")
     if k.shape[1] != q_len or index.q_len != q_len or index.block != BLOCK:
         raise ValueError(f"vertical_slash_attention_hopper is causal prefill with 64-row blocks: q_len={q_len}, "
                          f"kv_len={k.shape[1]}, index q_len={index.q_len}, block={index.block}.")

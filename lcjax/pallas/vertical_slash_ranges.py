@@ -399,8 +399,7 @@ def cover_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: 
 
     def mask_fn(rows):
         r0 = (rows // block * block)[:, None]
-        u = jnp.clip(r0 - keys[None, :] + 2 * block, 0, in_range.shape[-1] - 1)
-        meets = jnp.take(in_range, u, axis=-1) != 0
+        meets = columns_in_ranges(in_range, jnp.broadcast_to(keys, (*in_range.shape[:2], q_len)), r0, block)
         return (keys[None, :] <= rows[:, None]) & (meets | (is_vertical[:, :, None, :] != 0))
 
     return mask_fn

@@ -196,8 +196,9 @@ def test_hopper_kernel_turns_cover_every_item_once(items, num_ctas):
     assert per_cta.max() - work.sum() / num_ctas <= num_ctas
 
 
-@pytest.mark.parametrize("kv_heads,bytes_per_head,want", [(8, 2 << 20, 8), (8, 4 << 20, 4), (8, 16 << 20, 1),
-                                                          (6, 4 << 20, 3), (1, 1 << 30, 1)])
+@pytest.mark.parametrize("kv_heads,bytes_per_head,want", [(8, 2 << 20, 8), (8, 4 << 20, 8), (8, 8 << 20, 2),
+                                                          (8, 16 << 20, 1), (6, 8 << 20, 2), (6, 4 << 20, 6),
+                                                          (1, 1 << 30, 1)])
 def test_hopper_kernel_runs_group_kv_heads_that_fit_l2(kv_heads, bytes_per_head, want):
     from lcjax.pallas.block_sparse_hopper import kv_heads_per_run
 

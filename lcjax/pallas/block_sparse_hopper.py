@@ -126,11 +126,16 @@ def snake_turns(cta, num_ctas: int, items: int):
     return rounds + jnp.where(position < rest, 1, 0)
 
 
-def kv_heads_per_run(kv_heads: int, kv_bytes_per_head: int, budget: int = 16 * 2**20) -> int:
-    """How many KV heads' items run together, longest list first: the most (a divisor of kv_heads) whose K and
-    V fit `budget` bytes (what L2 can serve to the items in flight), at least one. More heads per run means
-    fewer restarts from the longest list, and so a better balance across CTAs; on the H100 (50 MB of L2) runs
-    of 32 MiB (2 heads at 32K) were slower on random 5% lists than runs of 16 (BENCHMARKS.md)."""
+def kv_heads_per_run(kv_heads: int, kv_bytes_per_head: int, budget: int = 16 * 2**20,
+                     whole: int = 32 * 2**20) -> int:
+    """How many KV heads' items run together, longest list first: all of them when their K and V together fit
+    `whole` bytes (all of one sequence's K/V stays in L2), else the most (a divisor of kv_heads) whose K and V
+    fit `budget` bytes (what L2 can serve to the items in flight), at least one. More heads per run means
+    fewer restarts from the longest list, and so a better balance across CTAs. On the H100 (50 MB of L2):
+    runs of 32 MiB at 32K (2 heads) were slower on random 5% lists than runs of 16; at 8K one run of all 8
+    heads (32 MiB) was faster than runs of 4 (dense 6-7%, 25% lists 5-9%; BENCHMARKS.md)."""
+    if kv_heads * kv_bytes_per_head <= whole:
+        return kv_heads
     fitting = [g for g in range(1, kv_heads + 1) if kv_heads % g == 0 and g * kv_bytes_per_head <= budget]
     return max(fitting, default=1)
 

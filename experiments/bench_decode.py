@@ -3,8 +3,10 @@
 Per (batch, context): time to first token (the prefill of `context` random tokens, logits of the last) and decode
 speed (`--new` greedy tokens after it; lcjax: the jitted `lax.while_loop` of `lcjax.generate`; transformers:
 `generate(..., cache_implementation="static")`, sdpa, eager (`disable_compile=True`) and with the decode
-step auto-compiled by transformers (torch.compile, its default for a static cache on CUDA); its decode time
-taken as generate(new + 1 tokens) minus generate(1 token)). The same weights are copied into transformers (DLPack).
+step auto-compiled by transformers (torch.compile, its default for a static cache on CUDA), decode time taken as
+generate(new + 1 tokens) minus generate(1 token); and at its fastest, "loop": a `StaticCache` filled by an eager
+prefill, then a `torch.compile(mode="reduce-overhead")` step per token in a Python loop, timed alone). The same
+weights are copied into transformers (DLPack).
 Roofline: a decode step must read the weights (15.01 GB: all but the input embedding table, of which it gathers
 one row per sequence) and each sequence's KV cache once; floor = bytes /
 2972 GB/s (the H100's measured copy bandwidth, KERNELS.md); "of roofline" = floor / measured step time.
@@ -128,6 +130,48 @@ def torch_rows(tm, cfg, shapes, new: int, samples: int, rng, compiled: bool) -> 
     return rows
 
 
+def torch_loop_rows(tm, cfg, shapes, new: int, samples: int, rng) -> list[dict]:
+    """transformers at its fastest: transformers' static-cache recipe with a hand-written greedy loop (prefill
+    eager, then one `torch.compile(mode="reduce-overhead", fullgraph=True)` decode step per token, CUDA graphs),
+    no `generate` around it. Decode time: the loop of `new` steps alone."""
+    import torch
+    from transformers import StaticCache
+
+    def step(tok, pos, cache):
+        logits = tm(tok, cache_position=pos, past_key_values=cache, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    rows = []
+    for batch, context in shapes:
+        cache = StaticCache(config=tm.config, max_cache_len=context + new + 1)
+        ttft, step_s = [], []
+        for i in range(samples + 2):                   # the first two runs compile and record the graph
+            ids = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, context)), device="cuda")
+            cache.reset()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                tok = step(ids, torch.arange(context, device="cuda"), cache)
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                for j in range(new):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    tok = compiled(tok, torch.tensor([context + j], device="cuda"), cache).clone()
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            if i > 1:
+                ttft.append(t1 - t0)
+                step_s.append((t2 - t1) / new)
+        rows.append(dict(impl="transformers (compiled step, own loop)", batch=batch, context=context,
+                         ttft_ms=statistics.median(ttft) * 1e3, step_ms=statistics.median(step_s) * 1e3,
+                         samples=samples))
+        print("ROW", rows[-1], flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="1x4096,8x4096,1x32768,8x32768,1x131072", help="batch x context list")
@@ -140,7 +184,8 @@ def main(argv=None):
     p.add_argument("--mlp", default="separate", choices=("separate", "fused", "both"),
                    help="lcjax rows with the MLP's gate and up matrices separate, fused (`with_fused_mlp`), or both")
     p.add_argument("--caches", default="dense", help="lcjax cache methods (SCBench names): dense, kivi, quest, ...")
-    p.add_argument("--torch-modes", default="compiled,eager", help="transformers rows: compiled and/or eager")
+    p.add_argument("--torch-modes", default="compiled,eager,loop",
+                   help="transformers rows: compiled (generate's own compile), eager, loop (compiled step, own loop)")
     p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
                    "XLA_PYTHON_CLIENT_ALLOCATOR=platform so the JAX copy of the weights is freed for torch)")
     a = p.parse_args(argv)
@@ -161,11 +206,14 @@ def main(argv=None):
         del model
         gc.collect()
         print(f"torch {torch.__version__}, transformers model built", flush=True)
-        for compiled in [m == "compiled" for m in a.torch_modes.split(",")]:
+        for mode in a.torch_modes.split(","):
             try:
-                rows += torch_rows(tm, cfg, shapes, a.new, a.samples, rng, compiled)
+                if mode == "loop":
+                    rows += torch_loop_rows(tm, cfg, shapes, a.new, a.samples, rng)
+                else:
+                    rows += torch_rows(tm, cfg, shapes, a.new, a.samples, rng, mode == "compiled")
             except Exception as e:  # noqa: BLE001 (report, keep the other rows)
-                print(f"transformers (compiled={compiled}) failed: {type(e).__name__}: {str(e)[:300]}")
+                print(f"transformers ({mode}) failed: {type(e).__name__}: {str(e)[:300]}")
     weights = cfg.decode_params_read() * 2  # bf16; the embedding table is gathered, not read whole
     print("\n| batch | context | implementation | TTFT ms | ms / step | tokens/s | of roofline | cache GiB | samples |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -6,6 +6,8 @@ kernels were running, and a table of kernels by time per step. Tracing stretches
 kernels), not the kernels' own durations, which is why busy time per step is the figure to compare.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python -m experiments.profile_decode --batch 1 --context 4096
+
+`--cache kivi` (or another SCBench cache-method name) profiles the decode loop over that method's cache.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from lcjax.attention import DenseAttention
 from lcjax.config import llama3_8b_config
 from lcjax.generate import _bucket, _decode_loop, _token_buffer
+from lcjax.methods import cache_method
 from lcjax.models.transformer import Transformer
 from lcjax.sampling import Greedy
 
@@ -75,10 +78,12 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--new", type=int, default=32, help="tokens per decode loop")
     p.add_argument("--rows", type=int, default=25, help="kernels listed")
+    p.add_argument("--cache", default="dense", help="cache method (SCBench name): dense, kivi, quest, ...")
     a = p.parse_args(argv)
     cfg = llama3_8b_config()
     model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16,
                              attention=DenseAttention(decode="auto")).with_layer_layout("unstacked")
+    model = model.with_transforms(cache=cache_method(a.cache) or "dense")
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.context)), jnp.int32)
     logits, cache = model.prefill(prompt, capacity=_bucket(a.context + a.new), logits="last")
     first = jax.block_until_ready(jnp.argmax(logits, -1).astype(jnp.int32))
@@ -105,7 +110,8 @@ def main(argv=None):
         jax.profiler.stop_trace()
         totals, span = kernel_times(trace_dir)
     busy = sum(t for _, t in totals.values())
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {a.batch} x {a.context}, {a.new} tokens")
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {a.batch} x {a.context}, {a.new} tokens, "
+          f"{a.cache} cache")
     print(f"step {step_ms:.3f} ms (untraced, median of 3 loops); traced: kernels busy {busy / 1e6 / a.new:.3f} ms "
           f"per step over a span of {span / 1e6 / a.new:.3f} ms")
     print("\n| kernel | HLO ops fused | calls per step | us per call | us per step | share of busy |")

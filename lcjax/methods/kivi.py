@@ -134,38 +134,50 @@ class KIVICache:
         done = self.quantized[layer]                                       # [batch]
         now = done + (jnp.maximum(lengths - done, 0) // R) * R             # quantised once written
         shift = now - done
-        pending_len = -(-(R + seq) // G) * G
         rows = jnp.arange(batch)[:, None]
-
-        def pending(res, new):                                             # residual then new tokens, [b, P, ...]
-            buf = jnp.zeros((batch, pending_len) + new.shape[2:], res.dtype).at[:, :R].set(res)
-            return buf.at[rows, (start - done)[:, None] + jnp.arange(seq)[None, :]].set(new.astype(res.dtype),
-                                                                                         mode="drop")
-
-        pk, pv = pending(self.k_res[layer], k_new), pending(self.v_res[layer], v_new)
-        take = jnp.minimum(shift[:, None] + jnp.arange(R)[None, :], pending_len - 1)[:, :, None, None]
-        state = dict(k_res=jnp.take_along_axis(pk, take, axis=1), v_res=jnp.take_along_axis(pv, take, axis=1))
         layer_state = tuple(getattr(self, name)[layer] for name in _QUANTISED)
-
-        def flush(layer_state):
-            """Quantise the pending tokens and write the whole residual blocks among them."""
-            k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = layer_state
-            qk, qv = quantize_keys(pk, G, self.bits), quantize_values(pv, G, self.bits)
-            j = jnp.arange(pending_len)[None, :]
-            dst = (rows, jnp.where(j < shift[:, None], done[:, None] + j, self.capacity))      # beyond: dropped
-            g = jnp.arange(pending_len // G)[None, :]
-            gdst = (rows, jnp.where(g * G < shift[:, None], (done // G)[:, None] + g, self.capacity // G))
-            put = lambda x, index, values: x.at[index].set(values.astype(x.dtype), mode="drop")
-            return (put(k_codes, dst, qk.packed), put(k_scale, gdst, qk.scale), put(k_zero, gdst, qk.zero),
-                    put(v_codes, dst, qv.packed), put(v_scale, dst, qv.scale), put(v_zero, dst, qv.zero))
-
-        if seq == 1:   # a decode step fills a residual block once every R steps: skip the quantiser otherwise
-            layer_state = jax.lax.cond(jnp.any(shift > 0), flush, lambda s: s, layer_state)
+        if seq == 1:
+            # a decode step: the token goes into its residual row (start - done < R: the residual never fills up
+            # before it is flushed); once every R steps the full residual becomes one block of codes and the
+            # residual starts over (its rows are then stale, and past every valid count)
+            slot = (rows, (start - done)[:, None])
+            put_row = lambda res, new: res.at[slot].set(new.astype(res.dtype), mode="drop")
+            k_res, v_res = put_row(self.k_res[layer], k_new), put_row(self.v_res[layer], v_new)
+            state = dict(k_res=k_res, v_res=v_res)
+            layer_state = jax.lax.cond(jnp.any(shift > 0), lambda s: self._write_blocks(s, k_res, v_res, done, shift),
+                                       lambda s: s, layer_state)
         else:
-            layer_state = flush(layer_state)
+            pending_len = -(-(R + seq) // G) * G
+
+            def pending(res, new):                                         # residual then new tokens, [b, P, ...]
+                buf = jnp.zeros((batch, pending_len) + new.shape[2:], res.dtype).at[:, :R].set(res)
+                return buf.at[rows, (start - done)[:, None] + jnp.arange(seq)[None, :]].set(new.astype(res.dtype),
+                                                                                             mode="drop")
+
+            pk, pv = pending(self.k_res[layer], k_new), pending(self.v_res[layer], v_new)
+            take = jnp.minimum(shift[:, None] + jnp.arange(R)[None, :], pending_len - 1)[:, :, None, None]
+            state = dict(k_res=jnp.take_along_axis(pk, take, axis=1), v_res=jnp.take_along_axis(pv, take, axis=1))
+            layer_state = self._write_blocks(layer_state, pk, pv, done, shift)
         state.update(zip(_QUANTISED, layer_state))
         return dataclasses.replace(self, **{name: set_layer(getattr(self, name), layer, x) for name, x in state.items()},
                                    quantized=self.quantized.at[layer].set(now))
+
+    def _write_blocks(self, layer_state: tuple, keys: jax.Array, values: jax.Array, done: jax.Array,
+                      shift: jax.Array) -> tuple:
+        """One layer's codes (`_QUANTISED` order) with `keys, values: [batch, P, kv_heads, head_dim]` (P a multiple
+        of the group) quantised and their first `shift[b]` rows (whole groups) written at slots `done[b]...`."""
+        G = self.group
+        batch, P = keys.shape[:2]
+        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = layer_state
+        qk, qv = quantize_keys(keys, G, self.bits), quantize_values(values, G, self.bits)
+        rows = jnp.arange(batch)[:, None]
+        j = jnp.arange(P)[None, :]
+        dst = (rows, jnp.where(j < shift[:, None], done[:, None] + j, self.capacity))          # beyond: dropped
+        g = jnp.arange(P // G)[None, :]
+        gdst = (rows, jnp.where(g * G < shift[:, None], (done // G)[:, None] + g, self.capacity // G))
+        put = lambda x, index, new: x.at[index].set(new.astype(x.dtype), mode="drop")
+        return (put(k_codes, dst, qk.packed), put(k_scale, gdst, qk.scale), put(k_zero, gdst, qk.zero),
+                put(v_codes, dst, qv.packed), put(v_scale, dst, qv.scale), put(v_zero, dst, qv.zero))
 
     def attend_decode(self, q: jax.Array, layer, lengths: jax.Array, scale: float, implementation: str) -> jax.Array:
         """One query per sequence, `q: [batch, heads, head_dim]`, over `layer` (its new token written; `lengths`

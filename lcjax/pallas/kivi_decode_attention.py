@@ -19,7 +19,8 @@ The kernel follows `decode_attention`'s flash-decoding scheme: grid (batch, kv_h
 quantised slots, one program attending the GQA group's query heads (zero-padded to 16 rows: Triton's dot
 minimum) over its split in blocks of block_k slots (default key_group, so one key-scale row per block), base-2
 online softmax, partials (unnormalised acc, max, sum) per split. The full-precision residual (the newest
-tokens, R <= a few hundred rows) is one more partial computed in XLA, and `merge_splits` combines them all.
+tokens, R <= a few hundred rows) is one more split's partial: in the kernel when R is a power of two >= 16 (one
+Triton tile), else computed in XLA; `merge_splits` combines them all.
 Valid quantised slots are [first, n_quant), valid residual rows [0, n_res); a sequence with none gives zeros.
 
 Numerics: the scales are folded into the query and probability side (see `_kernel`), so the dots read the raw
@@ -76,12 +77,15 @@ def kivi_kernel_supported(head_dim: int, bits: int, key_group: int, value_group:
     return _unsupported(head_dim, bits, key_group, value_group) is None
 
 
-def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, acc_ref, m_ref, l_ref, *,
-            bits: int, head_dim: int, key_group: int, value_group: int, block_k: int, split_len: int,
-            qk_scale: float, dot_dtype):
+def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *refs, bits: int,
+            head_dim: int, key_group: int, value_group: int, block_k: int, split_len: int, qk_scale: float, dot_dtype,
+            residual_split: int | None):
     """One (batch, kv head, split) program. Refs (block views): q `[rows, d]`; kc, vc uint8 `[capacity, m]`;
-    ks, kz fp16 `[capacity / key_group, d]`; vs, vz fp16 `[capacity, d / value_group]`. Writes acc `[rows, d]`
-    (unnormalised), m and l `[rows]` (base-2 running max and sum).
+    ks, kz fp16 `[capacity / key_group, d]`; vs, vz fp16 `[capacity, d / value_group]`; then, with a
+    `residual_split`, n_res `[1]` and the residual rows res_k, res_v `[R, d]`; then the outputs. Writes acc
+    `[rows, d]` (unnormalised), m and l `[rows]` (base-2 running max and sum). The program of split
+    `residual_split` (past the quantised slots) attends the residual rows [0, n_res) instead, so its partial
+    merges with the others' and no separate residual step or concatenation is needed.
 
     The scales are folded into the 16-row side instead of dequantising the `[block_k, d]` tiles: a block's keys
     share one scale/zero row per channel, so q.k = (q * scale) . code + q . zero, and a value chunk's tokens
@@ -155,10 +159,30 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
     rows = q_ref.shape[0]
     init = (tuple(jnp.zeros((rows, c), jnp.float32) for _ in range(head_dim // c)),
             jnp.full((rows,), _flash.M_FLOOR, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    accs, m_run, l_run = jax.lax.fori_loop(0, n_blocks, body, init)
-    for j, acc in enumerate(accs):
-        acc_ref[:, pl.ds(j * c, c)] = acc
-    m_ref[...], l_ref[...] = m_run, l_run
+    if residual_split is None:
+        acc_ref, m_ref, l_ref = refs
+    else:
+        n_res_ref, rk_ref, rv_ref, acc_ref, m_ref, l_ref = refs
+
+    def quantised():
+        accs, m_run, l_run = jax.lax.fori_loop(0, n_blocks, body, init)
+        for j, acc in enumerate(accs):
+            acc_ref[:, pl.ds(j * c, c)] = acc
+        m_ref[...], l_ref[...] = m_run, l_run
+
+    if residual_split is None:
+        quantised()
+    else:
+        pl.when(split != residual_split)(quantised)
+
+        @pl.when(split == residual_split)
+        def _residual():
+            valid = jnp.arange(rk_ref.shape[0], dtype=jnp.int32) < n_res_ref[0]
+            k = rk_ref[...].astype(dot_dtype)
+            v = jnp.where(valid[:, None], rv_ref[...], 0).astype(dot_dtype)   # stale rows may hold NaN: 0 * NaN
+            acc, m_run, l_run = _flash.update(_flash.init_state(rows, head_dim), q_ref[...].astype(dot_dtype), k, v,
+                                              qk_scale, valid[None, :])
+            acc_ref[...], m_ref[...], l_ref[...] = acc, m_run, l_run
 
 
 def _check_inputs(name: str, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant, res_k, res_v, n_res,
@@ -274,33 +298,41 @@ def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, 
     # 132 splits per (sequence, KV head) and 3 stages took 1x128K from 552 to 373 us and 8x32K from 712 to 630
     n_splits, split_len = _splits(capacity, block_k, batch * kv_heads,
                                   min(-(-capacity // block_k), 132) if num_splits is None else num_splits)
+    # the residual rows as one more split when they make a Triton tile (a power of two >= 16 rows), else in XLA
+    res_len = res_k.shape[1]
+    in_kernel = res_len >= MIN_DOT and _pow2(res_len)
     qk_scale = scale * _flash.LOG2E
     kernel = functools.partial(_kernel, bits=bits, head_dim=head_dim, key_group=key_group, value_group=value_group,
                                block_k=block_k, split_len=split_len, qk_scale=qk_scale,
-                               dot_dtype=q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32)
+                               dot_dtype=q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32,
+                               residual_split=n_splits if in_kernel else None)
     whole = lambda length, width: pl.BlockSpec((None, length, None, width), lambda b, h, s: (b, 0, h, 0))
-    out_specs, out_shape = split_partials(batch, kv_heads, n_splits, rows, head_dim)
+    per_sequence = pl.BlockSpec((None, 1), lambda b, h, s: (b, 0))
+    in_specs = [per_sequence, per_sequence, pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+                whole(capacity, n_bytes), whole(capacity // key_group, head_dim), whole(capacity // key_group, head_dim),
+                whole(capacity, n_bytes), whole(capacity, head_dim // value_group),
+                whole(capacity, head_dim // value_group)]
+    args = [n_quant.astype(jnp.int32)[:, None], first[:, None], qg, k_codes, k_scale, k_zero, v_codes, v_scale,
+            v_zero]
+    if in_kernel:
+        in_specs += [per_sequence, whole(res_len, head_dim), whole(res_len, head_dim)]
+        args += [n_res.astype(jnp.int32)[:, None], res_k, res_v]
+    grid_splits = n_splits + in_kernel
+    out_specs, out_shape = split_partials(batch, kv_heads, grid_splits, rows, head_dim)
     acc, m, l = pl.pallas_call(
         kernel,
-        grid=(batch, kv_heads, n_splits),
-        in_specs=[pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
-                  pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
-                  pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-                  whole(capacity, n_bytes),
-                  whole(capacity // key_group, head_dim),
-                  whole(capacity // key_group, head_dim),
-                  whole(capacity, n_bytes),
-                  whole(capacity, head_dim // value_group),
-                  whole(capacity, head_dim // value_group)],
+        grid=(batch, kv_heads, grid_splits),
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3),
         interpret=interpret,
         name="kivi_decode_attention",
-    )(n_quant.astype(jnp.int32)[:, None], first[:, None], qg, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
-    r_acc, r_m, r_l = _residual_partial(qg.astype(jnp.float32), res_k, res_v, n_res.astype(jnp.int32), qk_scale)
-    out = merge_splits(jnp.concatenate([acc, r_acc], axis=2), jnp.concatenate([m, r_m], axis=2),
-                       jnp.concatenate([l, r_l], axis=2))                   # [batch, kv_heads, rows, d]
+    )(*args)
+    if not in_kernel:
+        r_acc, r_m, r_l = _residual_partial(qg.astype(jnp.float32), res_k, res_v, n_res.astype(jnp.int32), qk_scale)
+        acc, m, l = (jnp.concatenate(pair, axis=2) for pair in ((acc, r_acc), (m, r_m), (l, r_l)))
+    out = merge_splits(acc, m, l)                                           # [batch, kv_heads, rows, d]
     return out[:, :, :group].reshape(batch, heads, head_dim).astype(q.dtype)
 
 

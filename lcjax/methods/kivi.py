@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lcjax.cache import pad_slots, repeat_batch, set_layer
+from lcjax.cache import pad_slots, repeat_batch, scatter_layer, set_layer
 from lcjax.config import ModelConfig
 from lcjax.methods.kivi_quant import (CHANNEL, TOKEN, QuantizedTensor, dequantize, quantize_keys,
                                       quantize_values)
@@ -141,11 +141,12 @@ class KIVICache:
             # before it is flushed); once every R steps the full residual becomes one block of codes and the
             # residual starts over (its rows are then stale, and past every valid count)
             slot = (rows, (start - done)[:, None])
-            put_row = lambda res, new: res.at[slot].set(new.astype(res.dtype), mode="drop")
-            k_res, v_res = put_row(self.k_res[layer], k_new), put_row(self.v_res[layer], v_new)
-            state = dict(k_res=k_res, v_res=v_res)
-            layer_state = jax.lax.cond(jnp.any(shift > 0), lambda s: self._write_blocks(s, k_res, v_res, done, shift),
-                                       lambda s: s, layer_state)
+            residual = dict(k_res=scatter_layer(self.k_res, layer, slot, k_new),
+                            v_res=scatter_layer(self.v_res, layer, slot, v_new))
+            layer_state = jax.lax.cond(
+                jnp.any(shift > 0),
+                lambda s: self._write_blocks(s, residual["k_res"][layer], residual["v_res"][layer], done, shift),
+                lambda s: s, layer_state)
         else:
             pending_len = -(-(R + seq) // G) * G
 
@@ -156,11 +157,11 @@ class KIVICache:
 
             pk, pv = pending(self.k_res[layer], k_new), pending(self.v_res[layer], v_new)
             take = jnp.minimum(shift[:, None] + jnp.arange(R)[None, :], pending_len - 1)[:, :, None, None]
-            state = dict(k_res=jnp.take_along_axis(pk, take, axis=1), v_res=jnp.take_along_axis(pv, take, axis=1))
+            residual = {name: set_layer(getattr(self, name), layer, jnp.take_along_axis(p, take, axis=1))
+                        for name, p in (("k_res", pk), ("v_res", pv))}
             layer_state = self._write_blocks(layer_state, pk, pv, done, shift)
-        state.update(zip(_QUANTISED, layer_state))
-        return dataclasses.replace(self, **{name: set_layer(getattr(self, name), layer, x) for name, x in state.items()},
-                                   quantized=self.quantized.at[layer].set(now))
+        codes = {name: set_layer(getattr(self, name), layer, x) for name, x in zip(_QUANTISED, layer_state)}
+        return dataclasses.replace(self, **residual, **codes, quantized=self.quantized.at[layer].set(now))
 
     def _write_blocks(self, layer_state: tuple, keys: jax.Array, values: jax.Array, done: jax.Array,
                       shift: jax.Array) -> tuple:

@@ -135,16 +135,18 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("scale",))
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
                                scale: float, first: jax.Array | None = None) -> jax.Array:
-    """`decode_attention` in plain XLA (fp32 softmax over the valid slots; GQA by reshaping q)."""
+    """`decode_attention` in plain XLA (fp32 softmax over the valid slots; GQA by reshaping q). Its dots run at
+    float32 precision (not TF32, XLA's default on the GPU)."""
+    hp = jax.lax.Precision.HIGHEST
     batch, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
-    s = jnp.einsum("bkgd,btkd->bkgt", qg, k.astype(jnp.float32)) * scale
+    s = jnp.einsum("bkgd,btkd->bkgt", qg, k.astype(jnp.float32), precision=hp) * scale
     slot = jnp.arange(k.shape[1])[None, :]
     valid = (slot < lengths[:, None]) & (slot >= (0 if first is None else first[:, None]))
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     row_max = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(row_max), row_max, 0.0))             # exp(-inf) = 0 off the slots
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgt,btkd->bkgd", p / jnp.where(denom == 0, 1.0, denom), v.astype(jnp.float32))
+    out = jnp.einsum("bkgt,btkd->bkgd", p / jnp.where(denom == 0, 1.0, denom), v.astype(jnp.float32), precision=hp)
     return out.reshape(batch, heads, head_dim).astype(q.dtype)

@@ -128,7 +128,7 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
             k_scale = ks_ref[key_row, cols].astype(jnp.float32)  # [1, m]
             k_zero = kz_ref[key_row, cols].astype(jnp.float32)
             q_scaled = (q_planes[i] * k_scale).astype(dot_dtype)  # [rows, m]
-            part = plgpu.dot(q_scaled, plane(k_bytes, i), trans_b=True)        # [rows, bk]
+            part = _flash.dot(q_scaled, plane(k_bytes, i), trans_b=True)        # [rows, bk]
             zero_part = jnp.sum(q_planes[i] * k_zero, axis=1)                    # [rows]
             logits = part if logits is None else logits + part
             bias = zero_part if bias is None else bias + zero_part
@@ -152,7 +152,7 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
                 folded[g] = ((p * v_scale[None, :]).astype(dot_dtype), jnp.sum(p * v_zero[None, :], axis=1))
             p_scaled, zero_sum = folded[g]
             v_bytes = vc_ref[slots, pl.ds(ch % m, c)]             # [bk, c] bytes holding channels [ch, ch + c)
-            new_accs.append(acc * alpha[:, None] + plgpu.dot(p_scaled, plane(v_bytes, ch // m))
+            new_accs.append(acc * alpha[:, None] + _flash.dot(p_scaled, plane(v_bytes, ch // m))
                             + zero_sum[:, None])
         return tuple(new_accs), m_new, l_new
 

@@ -1,7 +1,12 @@
 """Independent float64 numpy references shared by the attention and kernel tests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+# the Triton-lowered kernels run compiled on a GPU (`JAX_PLATFORMS=cuda pytest tests/test_pallas_*.py` on the
+# device), in Pallas' interpreter elsewhere
+INTERPRET = jax.default_backend() != "gpu"
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2, jnp.float16: 3e-3}  # relative L2 error by input dtype
 

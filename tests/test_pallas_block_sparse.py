@@ -1,4 +1,4 @@
-"""block_sparse_attention (Pallas, interpret mode on CPU) against a float64 numpy reference."""
+"""block_sparse_attention (Pallas: interpret mode on CPU, compiled on a GPU) against a float64 numpy reference."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from lcjax.pallas.block_sparse_attention import (
     _pallas_forward, block_sparse_attention, block_sparse_attention_reference, canonicalize_block_indices)
 
-from reference import TOL, assert_matches_reference, attention_f64
+from reference import INTERPRET, TOL, assert_matches_reference, attention_f64
 
 
 def blocks_to_mask(idx, counts, q_len, kv_len, block_q, block_k, causal):
@@ -64,7 +64,7 @@ def test_block_sparse_matches_float64_reference(batch, q_len, kv_len, heads, kv_
     idx, counts = random_lists(rng, batch, heads, nqb, nkb, max_blocks=nkb + 3)
     scale = head_dim ** -0.5
     out = block_sparse_attention(q, k, v, idx, counts, scale=scale, causal=causal, block_q=block_q,
-                                 block_k=block_k, interpret=True)
+                                 block_k=block_k, interpret=INTERPRET)
     assert out.shape == q.shape and out.dtype == q.dtype
     mask = blocks_to_mask(idx, counts, q_len, kv_len, block_q, block_k, causal)
     ref = attention_f64(q, k, v, mask, scale)
@@ -79,7 +79,7 @@ def test_block_sparse_all_blocks_is_dense_causal_attention(heads_fastest):
     nqb = nkb = 5
     idx = jnp.broadcast_to(jnp.arange(nkb, dtype=jnp.int32), (1, 8, nqb, nkb))
     counts = jnp.full((1, 8, nqb), nkb, jnp.int32)
-    out = block_sparse_attention(q, k, v, idx, counts, scale=0.1, block_q=32, block_k=32, interpret=True,
+    out = block_sparse_attention(q, k, v, idx, counts, scale=0.1, block_q=32, block_k=32, interpret=INTERPRET,
                                  heads_fastest=heads_fastest)
     mask = np.broadcast_to(np.tril(np.ones((130, 130), bool)), (1, 8, 130, 130))
     np.testing.assert_allclose(np.asarray(out), attention_f64(q, k, v, mask, 0.1), rtol=1e-4, atol=1e-5)
@@ -93,7 +93,7 @@ def test_block_sparse_kernel_writes_every_output_element():
                                                    causal=True)
     poison = jnp.full(q.shape, jnp.nan, q.dtype)
     out = _pallas_forward(q, k, v, indices, schedule, kv_len=96, scale=0.125, causal=True, block_q=32,
-                          block_k=32, interpret=True, num_warps=None, num_stages=None, out_init=poison)
+                          block_k=32, interpret=INTERPRET, num_warps=None, num_stages=None, out_init=poison)
     assert np.isfinite(np.asarray(out.astype(jnp.float32))).all()
     ref = attention_f64(q, k, v, blocks_to_mask(idx, counts, 96, 96, 32, 32, True), 0.125)
     assert np.linalg.norm(np.asarray(out.astype(jnp.float32)) - ref) / np.linalg.norm(ref) < TOL[jnp.bfloat16]
@@ -154,7 +154,7 @@ def test_block_sparse_past_the_int32_offset_limit_runs_in_kv_head_groups(monkeyp
     calls = []
     real = bsa._pallas_forward
     monkeypatch.setattr(bsa, "_pallas_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
-    out = block_sparse_attention(q, k, v, idx, counts, scale=0.125, block_q=block, block_k=block, interpret=True)
+    out = block_sparse_attention(q, k, v, idx, counts, scale=0.125, block_q=block, block_k=block, interpret=INTERPRET)
     assert calls == [(1, 96, 2, 64)] * kv_heads
     mask = blocks_to_mask(idx, counts, q_len, q_len, block, block, True)
     assert_matches_reference(out, attention_f64(q, k, v, mask, 0.125), mask, jnp.float32)

@@ -1,4 +1,5 @@
-"""Split-K decode attention (Pallas, interpret mode on CPU) against float64 numpy, on ragged cache lengths."""
+"""Split-K decode attention (Pallas: interpret mode on CPU, compiled on a GPU) against float64 numpy, on ragged
+cache lengths."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 
 from lcjax.pallas.decode_attention import decode_attention, decode_attention_reference
 
-from reference import TOL, assert_matches_reference, attention_f64
+from reference import INTERPRET, TOL, assert_matches_reference, attention_f64
 
 CASES = [  # batch, capacity, heads, kv_heads, head_dim, dtype, block_k, num_splits
     (3, 200, 8, 2, 64, jnp.float32, 32, None),
@@ -30,7 +31,7 @@ def test_decode_attention_matches_float64_on_ragged_lengths(batch, capacity, hea
         lengths[1] = 0                       # an empty one: zeros, never NaN
     lengths = jnp.asarray(lengths, jnp.int32)
     scale = head_dim ** -0.5
-    out = decode_attention(q, k, v, lengths, scale=scale, block_k=block_k, num_splits=num_splits, interpret=True)
+    out = decode_attention(q, k, v, lengths, scale=scale, block_k=block_k, num_splits=num_splits, interpret=INTERPRET)
     assert out.shape == q.shape and out.dtype == q.dtype
     mask = np.zeros((batch, heads, 1, capacity), bool)
     for b, n in enumerate(np.asarray(lengths)):
@@ -46,7 +47,7 @@ def test_decode_attention_names_bad_input():
     q = jnp.zeros((1, 6, 64))
     with pytest.raises(ValueError, match="not a multiple of kv_heads"):
         decode_attention(q, jnp.zeros((1, 8, 4, 64)), jnp.zeros((1, 8, 4, 64)), jnp.ones((1,), jnp.int32),
-                         scale=1.0, interpret=True)
+                         scale=1.0, interpret=INTERPRET)
 
 
 def test_decode_attention_reads_one_layer_of_a_stacked_cache():
@@ -61,7 +62,7 @@ def test_decode_attention_reads_one_layer_of_a_stacked_cache():
         lengths = jnp.asarray([capacity, capacity // 3], jnp.int32)
         for layer in range(layers):
             out = decode_attention(q, k, v, lengths, scale=0.125, layer=jnp.int32(layer), block_k=32,
-                                   interpret=True)
+                                   interpret=INTERPRET)
             ref = decode_attention_reference(q, k[layer], v[layer], lengths, scale=0.125)
             np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
@@ -74,7 +75,7 @@ def test_decode_attention_skips_slots_before_first():
     k, v = (jnp.asarray(rng.standard_normal((batch, capacity, kv_heads, d)), jnp.float32) for _ in range(2))
     lengths = jnp.asarray([96, 50, 7], jnp.int32)
     first = jnp.asarray([10, 49, 0], jnp.int32)
-    out = decode_attention(q, k, v, lengths, scale=0.125, first=first, block_k=16, interpret=True)
+    out = decode_attention(q, k, v, lengths, scale=0.125, first=first, block_k=16, interpret=INTERPRET)
     mask = np.zeros((batch, heads, 1, capacity), bool)
     for b in range(batch):
         mask[b, :, 0, int(first[b]):int(lengths[b])] = True

@@ -1,7 +1,7 @@
-"""KIVI decode attention (Pallas kernel in interpret mode on CPU, and its XLA reference) against an independent
-float64 numpy reference that unpacks the planar codes and dequantises itself: bits 2 and 4, head_dim 64 and
-128, GQA groups 1/4/8, ragged quantised and residual lengths, first > 0, empty sequences, poisoned storage
-outside the valid slots, and the configuration errors."""
+"""KIVI decode attention (the Pallas kernel, interpret mode on CPU and compiled on a GPU; its XLA reference)
+against an independent float64 numpy reference that unpacks the planar codes and dequantises itself: bits 2 and
+4, head_dim 64 and 128, GQA groups 1/4/8, ragged quantised and residual lengths, first > 0, empty sequences,
+poisoned storage outside the valid slots, and the configuration errors."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +11,7 @@ from lcjax.methods.kivi_quant import quantize_keys, quantize_values
 from lcjax.pallas.kivi_decode_attention import (kivi_decode_attention, kivi_decode_attention_reference,
                                                 kivi_kernel_supported)
 
-from reference import assert_matches_reference
+from reference import INTERPRET, assert_matches_reference
 
 
 def f64(x) -> np.ndarray:
@@ -117,7 +117,7 @@ def test_kernel_and_reference_match_float64(name):
     case = make_case(sorted(CASES).index(name), **spec)
     ref = attention_np(case)
     mask = valid_mask(case)
-    out = run(kivi_decode_attention, case, interpret=True, **kw)
+    out = run(kivi_decode_attention, case, interpret=INTERPRET, **kw)
     assert out.shape == case["q"].shape and out.dtype == case["q"].dtype
     empty = assert_matches_reference(out[:, None], ref[:, None], mask, spec["dtype"])
     assert empty.any() == (name in ("b2_d128_gqa4", "b4_d128_gqa4_f16"))      # the cases with an empty sequence
@@ -146,7 +146,7 @@ def test_storage_outside_the_valid_slots_is_never_read_into_the_output(name):
     dirty = dict(clean, k_scale=poison(clean["k_scale"], bad_group), k_zero=poison(clean["k_zero"], bad_group),
                  v_scale=poison(clean["v_scale"], bad_slot), v_zero=poison(clean["v_zero"], bad_slot),
                  res_k=poison(clean["res_k"], bad_res), res_v=poison(clean["res_v"], bad_res))
-    for fn, kw in ((kivi_decode_attention, dict(interpret=True, block_k=16)), (kivi_decode_attention_reference, {})):
+    for fn, kw in ((kivi_decode_attention, dict(interpret=INTERPRET, block_k=16)), (kivi_decode_attention_reference, {})):
         out = np.asarray(run(fn, dirty, **kw))
         assert np.isfinite(out).all()
         np.testing.assert_array_equal(out, np.asarray(run(fn, clean, **kw)))
@@ -159,7 +159,7 @@ def test_reference_handles_configurations_the_kernel_refuses():
                      value_group=8, dtype=jnp.float32, n_quant=[64, 32], n_res=[8, 3], first=[0, 5])
     assert not kivi_kernel_supported(64, 2, 32, 8)
     with pytest.raises(ValueError, match="dot minimum"):
-        run(kivi_decode_attention, case, interpret=True)
+        run(kivi_decode_attention, case, interpret=INTERPRET)
     np.testing.assert_allclose(np.asarray(run(kivi_decode_attention_reference, case)), attention_np(case),
                                atol=2e-5, rtol=2e-5)
 
@@ -179,18 +179,18 @@ def test_errors_name_the_problem():
     case = make_case(5, batch=1, capacity=64, heads=4, kv_heads=2, head_dim=64, res_len=8, bits=4, key_group=32,
                      value_group=32, dtype=jnp.float32, n_quant=[64], n_res=[0], first=[0])
     with pytest.raises(ValueError, match="block_k=64"):
-        run(kivi_decode_attention, case, interpret=True, block_k=64)    # a block would span two key groups
+        run(kivi_decode_attention, case, interpret=INTERPRET, block_k=64)    # a block would span two key groups
     with pytest.raises(ValueError, match="k_scale"):
-        run(kivi_decode_attention, dict(case, k_scale=case["k_scale"][:, :1]), interpret=True)
+        run(kivi_decode_attention, dict(case, k_scale=case["k_scale"][:, :1]), interpret=INTERPRET)
     with pytest.raises(ValueError, match="capacity=48 is not a multiple of key_group=32"):
-        run(kivi_decode_attention, dict(case, k_codes=case["k_codes"][:, :48]), interpret=True)
+        run(kivi_decode_attention, dict(case, k_codes=case["k_codes"][:, :48]), interpret=INTERPRET)
     with pytest.raises(ValueError, match="not a multiple of kv_heads"):
-        run(kivi_decode_attention, dict(case, q=jnp.zeros((1, 3, 64))), interpret=True)
+        run(kivi_decode_attention, dict(case, q=jnp.zeros((1, 3, 64))), interpret=INTERPRET)
     d96 = dict(q=jnp.zeros((1, 4, 96)), k_codes=jnp.zeros((1, 64, 2, 48), jnp.uint8),
                v_codes=jnp.zeros((1, 64, 2, 48), jnp.uint8), k_scale=jnp.zeros((1, 2, 2, 96), jnp.float16),
                k_zero=jnp.zeros((1, 2, 2, 96), jnp.float16), v_scale=jnp.zeros((1, 64, 2, 3), jnp.float16),
                v_zero=jnp.zeros((1, 64, 2, 3), jnp.float16), res_k=jnp.zeros((1, 8, 2, 96)),
                res_v=jnp.zeros((1, 8, 2, 96)))
     with pytest.raises(ValueError, match="head_dim=96 is not supported"):
-        run(kivi_decode_attention, dict(case, **d96), interpret=True)
+        run(kivi_decode_attention, dict(case, **d96), interpret=INTERPRET)
     run(kivi_decode_attention_reference, dict(case, **d96))      # the reference takes it

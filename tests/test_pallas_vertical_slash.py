@@ -1,4 +1,5 @@
-"""vertical_slash_attention (Pallas, interpret mode on CPU) and its index builder, against float64 numpy."""
+"""vertical_slash_attention (Pallas: interpret mode on CPU, compiled on a GPU) and its index builder, against
+float64 numpy."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from lcjax.pallas.vertical_slash_attention import (
     vertical_slash_attention_reference)
 from lcjax.pallas.vertical_slash_index import slash_words
 
-from reference import TOL, assert_matches_reference, attention_f64, cover_mask
+from reference import INTERPRET, TOL, assert_matches_reference, attention_f64, cover_mask
 
 
 def pattern_mask(verticals, slashes, q_len):
@@ -101,7 +102,7 @@ def test_vertical_slash_matches_float64_reference(q_len, heads, kv_heads, head_d
         verticals, slashes = nearest_diagonals(1, heads, n_vertical, n_slash)
     index = build_vertical_slash_index(verticals, slashes, q_len, block, block)
     scale = head_dim ** -0.5
-    out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=True, slash_mask=slash_mask)
+    out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=INTERPRET, slash_mask=slash_mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     mask = pattern_mask(verticals, slashes, q_len)
     ref = attention_f64(q, k, v, mask, scale)
@@ -115,7 +116,7 @@ def test_vertical_slash_kernel_writes_every_output_element(heads_fastest):
     verticals, slashes = random_pattern(rng, 1, 4, 96, 6, 5)
     index = build_vertical_slash_index(verticals, slashes, 96, 32, 32)
     poison = jnp.full(q.shape, jnp.nan, q.dtype)
-    out = _pallas_forward(q, k, v, index, scale=0.125, interpret=True, num_warps=None, num_stages=None,
+    out = _pallas_forward(q, k, v, index, scale=0.125, interpret=INTERPRET, num_warps=None, num_stages=None,
                           heads_fastest=heads_fastest, out_init=poison)
     out = np.asarray(out.astype(jnp.float32))
     assert np.isfinite(out).all()
@@ -186,7 +187,7 @@ def test_vertical_slash_rejects_rectangular_tiles_and_mismatched_index():
     q = jnp.ones((1, 64, 2, 64), jnp.float32)
     index = build_vertical_slash_index(v, v, 32, 16, 16)
     with pytest.raises(ValueError, match="must agree"):
-        vertical_slash_attention(q, q, q, index, scale=1.0, interpret=True)
+        vertical_slash_attention(q, q, q, index, scale=1.0, interpret=INTERPRET)
 
 
 # --- range schedule (lcjax/pallas/vertical_slash_ranges.py) ---------------------------------------------------
@@ -292,7 +293,7 @@ def test_vertical_slash_ranges_matches_float64_reference(q_len, heads, kv_heads,
     verticals, slashes = range_case_pattern(rng, pattern, heads, q_len)
     index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block)
     scale = head_dim ** -0.5
-    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=True, slash_mask=slash_mask)
+    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=INTERPRET, slash_mask=slash_mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     mask = pattern_mask(verticals, slashes, q_len)
     ref = attention_f64(q, k, v, mask, scale)
@@ -307,7 +308,7 @@ def test_vertical_slash_ranges_writes_every_output_element():
     verticals, slashes = run_pattern(rng, 1, 4, 96, n_runs=3, n_nearest=5)
     index = vsr.build_vertical_slash_ranges(verticals, slashes, 96, 32)
     poison = jnp.full(q.shape, jnp.nan, q.dtype)
-    out = vsr._pallas_forward(q, k, v, index, scale=0.125, interpret=True, num_warps=None, num_stages=None,
+    out = vsr._pallas_forward(q, k, v, index, scale=0.125, interpret=INTERPRET, num_warps=None, num_stages=None,
                               out_init=poison)
     out = np.asarray(out.astype(jnp.float32))
     assert np.isfinite(out).all()
@@ -383,7 +384,7 @@ def test_vertical_slash_ranges_cover_semantics_matches_float64_reference(q_len, 
     assert (mask >= pattern_mask(verticals, slashes, q_len)).all()  # a superset of the exact pattern
     index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block, semantics="cover")
     scale = head_dim ** -0.5
-    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=True)
+    out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=INTERPRET)
     assert_matches_reference(out, attention_f64(q, k, v, mask, scale), mask, dtype)
     fn_mask = np.asarray(vsr.cover_mask_fn(verticals, slashes, q_len, block)(jnp.arange(q_len)))
     np.testing.assert_array_equal(fn_mask, mask)
@@ -407,8 +408,8 @@ def test_calls_past_the_int32_offset_limit_run_in_kv_head_groups(monkeypatch):
     calls = []
     real = vsr._pallas_forward
     monkeypatch.setattr(vsr, "_pallas_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
-    out = vertical_slash_attention(q, k, v, index, scale=0.125, interpret=True)
-    out_r = vsr.vertical_slash_attention_ranges(q, k, v, ranges, scale=0.125, interpret=True)
+    out = vertical_slash_attention(q, k, v, index, scale=0.125, interpret=INTERPRET)
+    out_r = vsr.vertical_slash_attention_ranges(q, k, v, ranges, scale=0.125, interpret=INTERPRET)
     assert calls == [(1, 80, 2, 64)] * kv_heads
     ref = attention_f64(q, k, v, mask, 0.125)
     assert_matches_reference(out, ref, mask, jnp.float32)
@@ -465,6 +466,6 @@ def test_cover_index_and_kernel_semantics_must_agree():
     index = vsr.build_vertical_slash_ranges(verticals, slashes, 64, 16)  # exact
     q = jnp.ones((1, 64, 2, 64), jnp.float32)
     with pytest.raises(ValueError, match="built with semantics='exact'"):
-        vsr.vertical_slash_attention_ranges(q, q, q, index, scale=0.1, interpret=True, semantics="cover")
+        vsr.vertical_slash_attention_ranges(q, q, q, index, scale=0.1, interpret=INTERPRET, semantics="cover")
     with pytest.raises(ValueError, match="semantics='nope'"):
         vsr.build_vertical_slash_ranges(verticals, slashes, 64, 16, semantics="nope")

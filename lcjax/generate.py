@@ -7,6 +7,7 @@ passing the returned cache back in.
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import partial
 from typing import Callable
 
@@ -78,6 +79,17 @@ def _bucket(n: int) -> int:
     return -(-n // CAPACITY_BUCKET) * CAPACITY_BUCKET
 
 
+def _check_host_callbacks_can_run(what: str) -> None:
+    """Host callbacks from compiled code (`jax.debug.callback`) place their inputs on a CPU device; with
+    JAX_PLATFORMS=cuda the CPU platform is absent and the callback fails inside the loop, after the prefill."""
+    try:
+        jax.local_devices(backend="cpu")
+    except RuntimeError:
+        raise ValueError(f"{what}= needs JAX's CPU platform (a host callback's inputs go to a CPU device), which "
+                         f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} leaves out: list it too, e.g. "
+                         "JAX_PLATFORMS=cuda,cpu.") from None
+
+
 def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache | None = None, lengths=None,
              sampler: Sampler = Greedy(), seed: int | jax.Array = 0, stop_tokens: tuple[int, ...] = (),
              stream: Callable[[int, np.ndarray], None] | None = None,
@@ -101,6 +113,8 @@ def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache 
         raise ValueError(f"prompt must be a non-empty list of ids or [batch, seq], got shape {prompt.shape}.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if stream is not None:
+        _check_host_callbacks_can_run("stream")
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     if cache is None:
         need = prompt.shape[1] + max_new_tokens

@@ -1,4 +1,5 @@
-"""Test setup: CPU only, with 8 fake devices so sharding tests can build real meshes."""
+"""Test setup: the CPU with 8 fake devices (so sharding tests can build real meshes) unless JAX_PLATFORMS says
+otherwise; on a GPU, float32 dots at float32 precision."""
 
 import os
 
@@ -8,7 +9,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+if os.environ["JAX_PLATFORMS"] != "cpu":
+    # the tests compare float32 computations with float32/float64 references; on a GPU XLA's default for float32
+    # dots is TF32 (~5e-4 relative error), so ask for float32 as the CPU computes it
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -158,7 +158,7 @@ def test_decode_through_the_pallas_kernel_gives_the_same_tokens(llama):
 
 def test_unstacked_layers_give_the_same_tokens_and_logits(llama):
     """The per-layer (Python loop) layout must be the same model as the stacked (scan) one."""
-    model, _ = llama
+    model = llama[0].with_layer_layout("stacked")   # load_model's default is unstacked on a GPU
     flat = model.with_layer_layout("unstacked")
     assert flat.layer_layout == "unstacked" and model.layer_layout == "stacked"
     prompt = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 12))
@@ -172,3 +172,18 @@ def test_unstacked_layers_give_the_same_tokens_and_logits(llama):
     back = flat.with_layer_layout("stacked")
     for x, y in zip(jax.tree.leaves(back.params), jax.tree.leaves(model.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_streaming_without_the_cpu_platform_names_the_fix(llama, monkeypatch):
+    """With JAX_PLATFORMS=cuda a host callback has no CPU device to run on and failed inside the compiled loop,
+    after the prefill: `generate` says so before doing any work. (The CPU platform's absence is simulated: on
+    this machine it is the only one.)"""
+    model, ids = llama
+
+    def no_cpu(backend=None):
+        raise RuntimeError("Unknown backend cpu")
+
+    monkeypatch.setattr(jax, "local_devices", no_cpu)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    with pytest.raises(ValueError, match=r"stream= needs JAX's CPU platform.*'cuda'.*JAX_PLATFORMS=cuda,cpu"):
+        generate(model, ids[:5], 3, stream=lambda step, tokens: None)

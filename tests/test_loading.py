@@ -48,7 +48,7 @@ def test_round_trip_through_sharded_safetensors(tmp_path, family, kw):
         model = Transformer(dict(model.params, layers=layers), model.config)
     shards = save_checkpoint(model.params, model.config, tmp_path, max_shard_bytes=20_000)
     assert len(shards) > 1
-    loaded, tokenizer = lcjax.load_model(tmp_path, dtype="float32")
+    loaded, tokenizer = lcjax.load_model(tmp_path, dtype="float32", layer_layout="stacked")  # as tiny_model's
     assert tokenizer is None and loaded.config == model.config
     jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
     tokens = np.arange(20).reshape(2, 10) % TINY["vocab_size"]

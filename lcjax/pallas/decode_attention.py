@@ -135,9 +135,10 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("scale",))
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
                                scale: float, first: jax.Array | None = None) -> jax.Array:
-    """`decode_attention` in plain XLA (fp32 softmax over the valid slots; GQA by reshaping q). Its dots run at
-    float32 precision (not TF32, XLA's default on the GPU)."""
-    hp = jax.lax.Precision.HIGHEST
+    """`decode_attention` in plain XLA (fp32 softmax over the valid slots; GQA by reshaping q). For float32 inputs
+    its dots run at float32 precision (not TF32, XLA's default on the GPU); bf16/fp16 ones are upcast and keep
+    XLA's default, as the benchmarks' XLA peer."""
+    hp = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     batch, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)

@@ -74,6 +74,13 @@ def attention_mask(q_slots: jax.Array, kv_len: int, lengths: jax.Array,
     return mask
 
 
+def float32_precision(*arrays: jax.Array) -> jax.lax.Precision | None:
+    """The dot precision for these operands: HIGHEST where any is float32, else None (the backend's default).
+    On the GPU, XLA's and Triton's default for float32 dots is TF32 (~5e-4 relative error); bf16/fp16 operands
+    are unaffected."""
+    return jax.lax.Precision.HIGHEST if any(x.dtype == jnp.float32 for x in arrays) else None
+
+
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_fn, scale: float,
                      q_chunk: int = 1024) -> jax.Array:
     """Softmax attention in plain XLA under a mask computed chunk by chunk; the reference for every kernel.
@@ -87,8 +94,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_fn, scale: f
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
-    # float32 inputs keep float32 precision: XLA's default on the GPU is TF32 (~5e-4 relative error)
-    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    precision = float32_precision(q)
 
     def block(q_blk, rows):
         qg = q_blk.reshape(batch, -1, kv_heads, groups, head_dim)

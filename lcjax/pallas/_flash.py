@@ -15,9 +15,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from lcjax.attention import float32_precision
 
 LOG2E = math.log2(math.e)
 M_FLOOR = -1e30
@@ -60,11 +61,9 @@ def init_state(rows: int, head_dim: int) -> State:
 
 
 def dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
-    """`a @ b` (or `a @ b.T`) with fp32 accumulation. Float32 operands keep float32 precision: Triton's default
-    for them on the GPU is TF32 (10-bit mantissas), ~5e-4 relative error where the CPU interpreter, and a user
-    who passed float32, expects ~1e-6. bf16/fp16 operands are unaffected."""
-    precision = lax.Precision.HIGHEST if jnp.float32 in (a.dtype, b.dtype) else None
-    return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
+    """`a @ b` (or `a @ b.T`) with fp32 accumulation; float32 operands keep float32 precision
+    (`float32_precision`), as the CPU interpreter and a user who passed float32 expect."""
+    return plgpu.dot(a, b, trans_b=trans_b, precision=float32_precision(a, b))
 
 
 def update(state: State, q: jax.Array, k: jax.Array, v: jax.Array, qk_scale: float,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from lcjax.attention import float32_precision
 from lcjax.pallas import _flash
 
 MIN_ROWS = 16  # Triton's dot needs at least 16 rows: a GQA group of 4-8 query heads is zero-padded to 16
@@ -138,7 +139,7 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
     """`decode_attention` in plain XLA (fp32 softmax over the valid slots; GQA by reshaping q). For float32 inputs
     its dots run at float32 precision (not TF32, XLA's default on the GPU); bf16/fp16 ones are upcast and keep
     XLA's default, as the benchmarks' XLA peer."""
-    hp = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    hp = float32_precision(q)
     batch, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)

@@ -197,8 +197,8 @@ def main(argv=None):
     model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16,
                              attention=DenseAttention(decode=a.decode_attention)).with_layer_layout(a.layer_layout)
     variants = {"separate": [False], "fused": [True], "both": [False, True]}[a.mlp]
-    if variants == [True] and a.no_torch:  # one copy of the weights: both did not fit beside an 8 x 32K cache
-        model, variants = model.with_fused_mlp(), [False]
+    if a.mlp == "fused" and a.no_torch:  # one copy of the weights: both did not fit beside an 8 x 32K cache
+        model = model.with_fused_mlp()        # (fusing it again below returns the same arrays)
     rows = [] if a.no_lcjax else [row for fused in variants for row in lcjax_rows(
         model.with_fused_mlp() if fused else model, shapes, a.new, a.samples, rng, a.caches.split(","))]
     if not a.no_torch:

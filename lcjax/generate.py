@@ -79,13 +79,14 @@ def _bucket(n: int) -> int:
     return -(-n // CAPACITY_BUCKET) * CAPACITY_BUCKET
 
 
-def _check_host_callbacks_can_run(what: str) -> None:
-    """Host callbacks from compiled code (`jax.debug.callback`) place their inputs on a CPU device; with
-    JAX_PLATFORMS=cuda the CPU platform is absent and the callback fails inside the loop, after the prefill."""
+def _check_streaming_can_run() -> None:
+    """`stream` runs a host callback from the compiled loop (`jax.debug.callback`), which places its inputs on a
+    CPU device; with JAX_PLATFORMS=cuda the CPU platform is absent and it would fail inside the loop, after the
+    prefill."""
     try:
         jax.local_devices(backend="cpu")
     except RuntimeError:
-        raise ValueError(f"{what}= needs JAX's CPU platform (a host callback's inputs go to a CPU device), which "
+        raise ValueError("stream= needs JAX's CPU platform (a host callback's inputs go to a CPU device), which "
                          f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} leaves out: list it too, e.g. "
                          "JAX_PLATFORMS=cuda,cpu.") from None
 
@@ -114,7 +115,7 @@ def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     if stream is not None:
-        _check_host_callbacks_can_run("stream")
+        _check_streaming_can_run()
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     if cache is None:
         need = prompt.shape[1] + max_new_tokens

@@ -33,7 +33,6 @@ mode on CPU (Mosaic GPU's interpreter cannot run wgmma), so its tests run on the
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -300,7 +299,7 @@ def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     kernel = functools.partial(_kernel, compute_wgs=compute_wgs, block_k=block_k, stages=stages,
                                q_buffers=q_buffers, num_q_blocks=nqb, heads_per_run=per_run * (heads // kv_heads),
                                batch=batch, num_ctas=num_ctas, items=items, kv_len=kv_len, causal=causal,
-                               groups=heads // kv_heads, qk_scale=scale * math.log2(math.e))
+                               groups=heads // kv_heads, qk_scale=scale * _flash.LOG2E)
 
     def entry(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref):
         pl.run_scoped(

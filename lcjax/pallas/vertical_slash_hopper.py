@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -330,7 +329,7 @@ def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: Hopper
     num_pairs = padded // (2 * BLOCK)
     counts = _flash.pad_to(index.group_counts, 2, 2 * num_pairs)
     kernel = functools.partial(_kernel, stages=stages, num_pairs=num_pairs, groups=heads // k.shape[2],
-                               padded=padded, qk_scale=scale * math.log2(math.e))
+                               padded=padded, qk_scale=scale * _flash.LOG2E)
     halves = head_dim // 64
     row_tiles = dict(transforms=(plgpu.TilingTransform((1, 64)), plgpu.SwizzleTransform(128)))
     # wgmma reads 8-row tiles; a TMA copy into an 8-row tiling must start at a multiple of 8 rows. A 64-row,

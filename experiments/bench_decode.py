@@ -189,6 +189,8 @@ def main(argv=None):
     p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
                    "XLA_PYTHON_CLIENT_ALLOCATOR=platform so the JAX copy of the weights is freed for torch)")
     a = p.parse_args(argv)
+    if unknown := set(a.torch_modes.split(",")) - {"compiled", "eager", "loop"}:
+        p.error(f"--torch-modes {a.torch_modes!r}: unknown {sorted(unknown)}; choose from compiled, eager, loop")
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     rng = np.random.default_rng(int(time.time()))
     cfg = llama3_8b_config()

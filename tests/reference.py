@@ -90,8 +90,6 @@ def run_on_poisoned_output(fn, *args, copies: int = 8, attempts: int = 16):
     A small live buffer after each poisoned one keeps the freed ones from merging into one large hole, which
     the allocator would pass over for a closer-fitting hole left by earlier tests; an attempt that lands in
     such a hole keeps its output alive, filling it, and the next attempt poisons afresh."""
-    import jax
-
     compiled = fn.lower(*args).compile()  # compile first: its allocations must not take the poison
     jax.block_until_ready(args)
     shape = compiled.out_info

@@ -123,11 +123,12 @@ def run_settings(a) -> dict:
             for k in SETTINGS}
 
 
-def check_settings(rows: list[dict], settings: dict, path) -> None:
-    """Refuses to resume into results made with other settings (they would be mixed in one table)."""
+def check_settings(rows: list[dict], settings: dict, path, unknown: tuple[str, ...] = ()) -> None:
+    """Refuses to resume into results made with other settings (they would be mixed in one table); settings
+    named in `unknown` (not decided yet) are left out."""
     for row in rows:
         old = row.get("settings", {})
-        differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        differ = {k: (old.get(k), v) for k, v in settings.items() if k not in unknown and old.get(k) != v}
         if differ:
             detail = ", ".join(f"{k}: {o!r} there, {n!r} now" for k, (o, n) in differ.items())
             raise SystemExit(f"{path} holds results made with other settings ({detail}); pass another "
@@ -153,6 +154,11 @@ def build_method(model, attn: str, kv: str, a):
 def main(argv=None) -> None:
     a = parse_args(argv)
     from tqdm import tqdm
+    log = ResultLog(f"{a.output_dir}/results.jsonl", ("task", "method", "mode", "id"))
+    # before the model loads (minutes for a large one); whether prompts use the chat template may wait for
+    # the tokenizer
+    check_settings(log.rows, run_settings(a), log.path,
+                   unknown=("use_chat_template",) if a.use_chat_template is None else ())
     model, tok = lcjax.load_model(a.model, dtype=a.dtype, layer_layout=a.layer_layout)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer; SCBench needs one.")
@@ -163,7 +169,6 @@ def main(argv=None) -> None:
     print(f"prompts: {'the chat template' if a.use_chat_template else 'plain SCBench templates'}")
     count = lambda text: len(tok.encode(text, add_special_tokens=False))
     methods = a.method_pairs
-    log = ResultLog(f"{a.output_dir}/results.jsonl", ("task", "method", "mode", "id"))
     settings = run_settings(a)
     check_settings(log.rows, settings, log.path)
     work = []

@@ -87,9 +87,9 @@ def test_first_prompt_is_cut_in_the_middle_to_scbench_budget(smollm2, kv_row):
         assert cut[0][-20:] == full[0][-20:] and cut[0][:20] == full[0][:20]
 
 
-def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, capsys):
+def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, capsys, monkeypatch):
     """The whole job: results appended per example, tables and plot written; a rerun (as after a kill) skips
-    what is done, so nothing is duplicated or lost."""
+    what is done, so nothing is duplicated or lost; a rerun with other settings stops before loading the model."""
     from experiments import scbench
     from lcjax.scbench.results import read_results
     argv = ["--task", "scbench_kv,scbench_mf", "--kv_type", "dense,snapkv", "--kv_budget", "64",
@@ -112,6 +112,10 @@ def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, cap
     assert len(again) == 8 and {(r["task"], r["method"], r["mode"]) for r in again} == keys
     assert "| scbench_kv | multi-turn |" in (tmp_path / "scores.md").read_text()
     assert all(r["settings"]["use_chat_template"] is True for r in again)       # SmolLM2 has a template
+    def no_load(*args, **kwargs):
+        raise AssertionError("the settings check should come before the model loads")
+
+    monkeypatch.setattr(lcjax, "load_model", no_load)
     with pytest.raises(SystemExit, match="other settings .*kv_budget: 64 there, 32 now"):
         scbench.main(argv[:5] + ["32"] + argv[6:])
 

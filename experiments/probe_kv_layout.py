@@ -20,7 +20,15 @@ Also: the copies that fold q, k, v (what the layout costs when the inputs come i
 (the rate's denominator), and XLA reads of one KV head's slice, strided vs contiguous, streamed and as random
 tiles. Medians of 10 after warm-up, fresh random inputs, two repetitions with the order swapped.
 
+Second question (after the first run, 2026-12-07, found the layout is not the limit): is it L2's reach? One KV
+head's K and V are 64 MiB at 128K, more than the 50 MB L2, and random lists touch them all. `--spans` runs 128K 1%
+lists of the same lengths whose off-diagonal tiles are drawn only among the first `span` key blocks (the diagonal
+kept), so each KV head's tiles in use are span x 64 KiB. Prediction, written before that run: if L2 is the limit,
+span 256 (16 MiB a KV head) runs >= 10% faster than span 1024 (all, 64 MiB); if it moves by less than 5%, it is
+not.
+
     PYTHONPATH=. python3 -m experiments.probe_kv_layout [--lengths 8192,131072] [--densities 0.01,0.05,0.1]
+    PYTHONPATH=. python3 -m experiments.probe_kv_layout --spans 1024,512,256 [--span-length 131072]
     python -m experiments.probe_kv_layout --interpret     # CPU: the fold checked on the Triton kernel
 """
 
@@ -66,6 +74,33 @@ def unfold_output(out_f, batch: int):
     kv_heads = bk // batch
     return out_f.reshape(batch, kv_heads, seq, group, d).transpose(0, 2, 1, 3, 4).reshape(
         batch, seq, kv_heads * group, d)
+
+
+def span_block_lists(key, length: int, block_q: int, block_k: int, density: float, span: int):
+    """`random_block_lists`' list lengths (round(density * causal blocks), at least 1), the diagonal kept, the
+    other blocks drawn among key blocks [0, min(span, diagonal)): int32 indices `[1, heads, nqb, max_blocks]`
+    and counts `[1, heads, nqb]`."""
+    nqb, nkb = -(-length // block_q), -(-length // block_k)
+    last = (np.arange(nqb) * block_q + block_q - 1) // block_k
+    pool = np.minimum(span, last)                                   # off-diagonal blocks to draw from
+    want = np.minimum(np.maximum(1, np.round(density * (last + 1))), pool + 1).astype(np.int32)
+    j = jnp.arange(nkb)
+    scores = jax.random.uniform(key, (1, HEADS, nqb, nkb))
+    scores = jnp.where(j == jnp.asarray(last)[:, None], -1.0, jnp.where(j < jnp.asarray(pool)[:, None], scores, 2.0))
+    idx = jnp.argsort(scores, axis=-1)[..., :int(want.max())].astype(jnp.int32)
+    return idx, jnp.asarray(np.broadcast_to(want, (1, HEADS, nqb)))
+
+
+def span_case(key, length: int, density: float, span: int, block_q: int, block_k: int) -> dict:
+    """The kernel as lcjax calls it on `span_block_lists`: tiles computed and kernel ms (median of 10)."""
+    q, k, v = qkv(jax.random.fold_in(key, length), length)
+    idx, counts = span_block_lists(jax.random.fold_in(key, span), length, block_q, block_k, density, span)
+    ci, sc = canonicalize_block_indices(idx, counts, q_len=length, kv_len=length, block_q=block_q,
+                                        block_k=block_k, causal=True)
+    tiles = int(jnp.sum(sc[..., 1]))
+    return dict(length=length, density=density, span=span, tiles=tiles,
+                ms=timeit(kernel_fn(False, block_q, block_k), q, k, v, ci, sc) * 1e3,
+                flops=4 * block_q * block_k * HEAD_DIM * tiles)
 
 
 def kernel_fn(interpret: bool, block_q: int, block_k: int):
@@ -137,6 +172,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="8192,131072")
     p.add_argument("--densities", default="0.01,0.05,0.1")
+    p.add_argument("--spans", default="",
+                   help="run the L2-reach question instead: comma list of key-block spans (1024 = all at 128K)")
+    p.add_argument("--span-length", type=int, default=131072)
+    p.add_argument("--span-density", type=float, default=0.01)
     p.add_argument("--interpret", action="store_true",
                    help="CPU check of the fold: the Triton kernel in interpret mode at 256 and 200 tokens, lists "
                         "of 30%% and 60%% of the causal blocks and all of them (sparser lists hold only the "
@@ -154,6 +193,8 @@ def main(argv=None):
         return
     log(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
     bq, bk = MOSAIC_CONFIG[:2]
+    if a.spans:
+        return span_main(key, a, bq, bk)
     results = dict(reads=read_bandwidth(), kernels=[], cudnn={})
     for length in (int(x) for x in a.lengths.split(",")):
         results["cudnn"][length] = cudnn_case(*qkv(jax.random.fold_in(key, 3), length))["tflops"]
@@ -176,6 +217,27 @@ def main(argv=None):
         print(f"| {r['length'] // 1024}K | {r['density']:.0%} | {'/'.join(f'{t:.3f}' for t in r['ms_as_is'])} "
               f"({rate(a_ms):.0%}) | {'/'.join(f'{t:.3f}' for t in r['ms_folded'])} ({rate(b_ms):.0%}) | "
               f"{b_ms / a_ms:.2f} | {r['fold_qkv_ms']:.3f} | {r['bitwise_equal']} |")
+
+
+def span_main(key, a, block_q: int, block_k: int) -> None:
+    """Every span twice, the order reversed the second time; a table of ms and rates last."""
+    cudnn = cudnn_case(*qkv(jax.random.fold_in(key, 3), a.span_length))["tflops"]
+    spans = [int(x) for x in a.spans.split(",")]
+    rows = {s: [] for s in spans}
+    for order in (spans, spans[::-1]):
+        for span in order:
+            r = span_case(key, a.span_length, a.span_density, span, block_q, block_k)
+            rows[span].append(r)
+            log(r)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "probe_l2_span.json"), "w") as f:
+            json.dump(dict(cudnn_tflops=cudnn, rows=rows), f, indent=1)
+    print(f"\ncuDNN dense {cudnn:.0f} TFLOP/s\n| span (key blocks) | K/V per KV head | tiles | ms (rep 1 / rep 2) | "
+          f"rate / cuDNN's |\n|---|---|---|---|---|")
+    for span, rs in rows.items():
+        ms = float(np.median([r["ms"] for r in rs]))
+        print(f"| {span} | {span * block_k * HEAD_DIM * 4 / 2**20:.0f} MiB | {rs[0]['tiles']} | "
+              f"{' / '.join(f'{r['ms']:.3f}' for r in rs)} | {rs[0]['flops'] / (ms * 1e-3) / 1e12 / cudnn:.0%} |")
 
 
 if __name__ == "__main__":

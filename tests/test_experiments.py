@@ -4,6 +4,7 @@ model, and the prefill benchmark's CPU smoke mode (their real settings run on th
 import json
 
 import jax
+import numpy as np
 
 import pytest
 
@@ -111,3 +112,20 @@ def test_kv_layout_probe_folds_the_kv_heads_into_the_batch_exactly():
     r = layout_case(jax.random.key(0), 128, 0.6, True, 32, 32)
     assert r["tiles"] > 32 * 4          # more than the 4 diagonal blocks of each of the 32 heads
     assert r["bitwise_equal"] and r["finite"]
+
+
+def test_span_lists_keep_lengths_and_the_diagonal_and_draw_within_the_span():
+    """The L2-reach probe's lists: each query block's list as long as the random lists' (where the span allows),
+    distinct causal blocks, the diagonal kept, every other block below the span."""
+    from experiments.bench_sparse_kernels import random_block_lists
+    from experiments.probe_kv_layout import span_block_lists
+    length, bq, bk, span, density = 4096, 64, 64, 16, 0.1
+    idx, counts = (np.asarray(x) for x in span_block_lists(jax.random.key(1), length, bq, bk, density, span))
+    _, random_counts = random_block_lists(jax.random.key(1), length, bq, bk, density)
+    np.testing.assert_array_equal(counts, np.minimum(np.asarray(random_counts), np.minimum(span, np.arange(64)) + 1))
+    for h in range(idx.shape[1]):
+        for qb in range(idx.shape[2]):
+            blocks = idx[0, h, qb, :counts[0, h, qb]]
+            assert qb in blocks and len(set(blocks.tolist())) == len(blocks)
+            assert all(b < min(span, qb) for b in blocks if b != qb)
+    assert len({tuple(idx[0, h, 63, :counts[0, h, 63]]) for h in range(idx.shape[1])}) > 1   # heads differ

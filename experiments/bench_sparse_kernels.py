@@ -80,19 +80,23 @@ def qkv(key, length):
             jax.random.normal(kv, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16))
 
 
-def random_block_lists(key, length: int, block_q: int, block_k: int, density: float | None):
+def random_block_lists(key, length: int, block_q: int, block_k: int, density: float | None,
+                       span: int | None = None):
     """Per (head, query block i): round(density * causal blocks) distinct key blocks drawn among the causal
-    ones, the diagonal always kept; density None = every causal block."""
+    ones, the diagonal always kept; density None = every causal block. With `span`, the blocks other than the
+    diagonal are drawn among key blocks [0, span) only (lists capped at what that leaves). Returns int32
+    indices `[1, heads, nqb, max_blocks]` and counts `[1, heads, nqb]`."""
     nqb, nkb = -(-length // block_q), -(-length // block_k)
     last = (np.arange(nqb) * block_q + block_q - 1) // block_k  # last causal key block per query block
     if density is None:
         counts = np.broadcast_to(last + 1, (1, HEADS, nqb))
         return jnp.broadcast_to(jnp.arange(nkb, dtype=jnp.int32), (1, HEADS, nqb, nkb)), jnp.asarray(counts)
-    want = np.maximum(1, np.round(density * (last + 1))).astype(np.int32)
+    pool = last if span is None else np.minimum(span, last)  # off-diagonal blocks to draw from: [0, pool)
+    want = np.minimum(np.maximum(1, np.round(density * (last + 1))), pool + 1).astype(np.int32)
     max_blocks = int(want.max())
     scores = jax.random.uniform(key, (1, HEADS, nqb, nkb))
     j = jnp.arange(nkb)
-    scores = jnp.where(j == jnp.asarray(last)[:, None], -1.0, jnp.where(j <= jnp.asarray(last)[:, None], scores, 2.0))
+    scores = jnp.where(j == jnp.asarray(last)[:, None], -1.0, jnp.where(j < jnp.asarray(pool)[:, None], scores, 2.0))
     idx = jnp.argsort(scores, axis=-1)[..., :max_blocks].astype(jnp.int32)
     return idx, jnp.asarray(np.broadcast_to(want, (1, HEADS, nqb)))
 

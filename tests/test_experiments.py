@@ -118,9 +118,8 @@ def test_span_lists_keep_lengths_and_the_diagonal_and_draw_within_the_span():
     """The L2-reach probe's lists: each query block's list as long as the random lists' (where the span allows),
     distinct causal blocks, the diagonal kept, every other block below the span."""
     from experiments.bench_sparse_kernels import random_block_lists
-    from experiments.probe_kv_layout import span_block_lists
     length, bq, bk, span, density = 4096, 64, 64, 16, 0.1
-    idx, counts = (np.asarray(x) for x in span_block_lists(jax.random.key(1), length, bq, bk, density, span))
+    idx, counts = (np.asarray(x) for x in random_block_lists(jax.random.key(1), length, bq, bk, density, span))
     _, random_counts = random_block_lists(jax.random.key(1), length, bq, bk, density)
     np.testing.assert_array_equal(counts, np.minimum(np.asarray(random_counts), np.minimum(span, np.arange(64)) + 1))
     for h in range(idx.shape[1]):

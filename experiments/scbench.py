@@ -157,8 +157,8 @@ def main(argv=None) -> None:
     log = ResultLog(f"{a.output_dir}/results.jsonl", ("task", "method", "mode", "id"))
     # before the model loads (minutes for a large one); whether prompts use the chat template may wait for
     # the tokenizer
-    check_settings(log.rows, run_settings(a), log.path,
-                   unknown=("use_chat_template",) if a.use_chat_template is None else ())
+    deferred = ("use_chat_template",) if a.use_chat_template is None else ()
+    check_settings(log.rows, run_settings(a), log.path, unknown=deferred)
     model, tok = lcjax.load_model(a.model, dtype=a.dtype, layer_layout=a.layer_layout)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer; SCBench needs one.")
@@ -170,7 +170,8 @@ def main(argv=None) -> None:
     count = lambda text: len(tok.encode(text, add_special_tokens=False))
     methods = a.method_pairs
     settings = run_settings(a)
-    check_settings(log.rows, settings, log.path)
+    if deferred:
+        check_settings(log.rows, settings, log.path)
     work = []
     for task in a.task.split(","):
         # generated contexts are sized to fit every requested mode uncut (a middle cut could drop answers);

@@ -100,13 +100,14 @@ def span_case(key, length: int, density: float, span: int, block_q: int, block_k
                 ms=timeit(kernel_fn(False, block_q, block_k), *args) * 1e3)
 
 
-def kernel_fn(interpret: bool, block_q: int, block_k: int):
-    """The kernel on canonical lists: the Mosaic GPU one, or (CPU check) the Triton one in interpret mode."""
+def kernel_fn(interpret: bool, block_q: int, block_k: int, stages: int = MOSAIC_CONFIG[2]):
+    """The kernel on canonical lists: the Mosaic GPU one (with `stages` K/V slots), or (CPU check) the Triton one
+    in interpret mode."""
     if interpret:
         return jax.jit(lambda q, k, v, i, s: block_sparse_attention_canonical(
             q, k, v, i, s, scale=SCALE, block_q=block_q, block_k=block_k, interpret=True))
     return jax.jit(lambda q, k, v, i, s: block_sparse_attention_hopper(
-        q, k, v, i, s, scale=SCALE, block_q=block_q, block_k=block_k, stages=MOSAIC_CONFIG[2]))
+        q, k, v, i, s, scale=SCALE, block_q=block_q, block_k=block_k, stages=stages))
 
 
 def layout_case(key, length: int, density: float, interpret: bool, block_q: int, block_k: int) -> dict:

@@ -34,23 +34,15 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_sparse_kernels import SCALE, cudnn_case, log, qkv, random_block_lists, rel_err, timeit
-from experiments.probe_kv_layout import canonical_case, rate
-from lcjax.pallas.block_sparse_attention import block_sparse_attention_reference
-from lcjax.pallas.block_sparse_hopper import block_sparse_attention_hopper
-from lcjax.pallas.block_sparse_attention import canonicalize_block_indices
+from experiments.probe_kv_layout import canonical_case, kernel_fn, rate
+from lcjax.pallas.block_sparse_attention import block_sparse_attention_reference, canonicalize_block_indices
 
 CONFIGS = ((128, 128, 2), (128, 128, 3), (128, 64, 4), (128, 64, 5))
 DENSITIES = (None, 0.01, 0.05, 0.1, 0.25)
 
 
-def kernel(cfg):
-    bq, bk, stages = cfg
-    return jax.jit(lambda q, k, v, i, s: block_sparse_attention_hopper(q, k, v, i, s, scale=SCALE, block_q=bq,
-                                                                       block_k=bk, stages=stages))
-
-
-def check(key, cfg) -> list[str]:
-    """The configuration against the fp32 reference at 2K 10% and 1000 tokens dense."""
+def check(key, cfg, kernel) -> list[str]:
+    """The configuration's kernel against the fp32 reference at 2K 10% and 1000 tokens dense."""
     bq, bk, _ = cfg
     lines = []
     for length, density in ((2048, 0.1), (1000, None)):
@@ -58,7 +50,7 @@ def check(key, cfg) -> list[str]:
         idx, counts = random_block_lists(jax.random.fold_in(key, 5), length, bq, bk, density)
         ci, sc = canonicalize_block_indices(idx, counts, q_len=length, kv_len=length, block_q=bq, block_k=bk,
                                             causal=True)
-        out = kernel(cfg)(q, k, v, ci, sc)
+        out = kernel(q, k, v, ci, sc)
         with jax.default_matmul_precision("highest"):
             ref = block_sparse_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), idx, counts,
                                                    scale=SCALE, block_q=bq, block_k=bk)
@@ -73,7 +65,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     key = jax.random.key(int(time.time()))
     log(f"jax {jax.__version__}, {jax.devices()[0].device_kind}")
-    checks = [line for cfg in CONFIGS for line in check(key, cfg)]
+    kernels = {cfg: kernel_fn(False, *cfg) for cfg in CONFIGS}  # one jit each: compiled once per shape
+    checks = [line for cfg in CONFIGS for line in check(key, cfg, kernels[cfg])]
     for line in checks:
         log(line)
     if any("FAIL" in line for line in checks):
@@ -86,7 +79,7 @@ def main(argv=None):
             times = {cfg: [] for cfg in CONFIGS}
             for order in (CONFIGS, CONFIGS[::-1]):
                 for cfg in order:
-                    times[cfg].append(timeit(kernel(cfg), *cases[cfg][0]) * 1e3)
+                    times[cfg].append(timeit(kernels[cfg], *cases[cfg][0]) * 1e3)
             for cfg in CONFIGS:
                 tiles = cases[cfg][1]
                 row = dict(length=length, density=density, config=cfg, tiles=tiles, ms=times[cfg],

@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine:
 #   make demo   creates .venv (Python 3.12) and runs the main job (SCBench) on the built-in model
-#   make test   creates .venv if needed and runs the test suite
+#   make test   creates .venv if needed, then lints (ruff), checks the import layers (import-linter) and runs the tests
 # Python 3.12 is found in pyenv (`pyenv root`/versions/3.12.*), else on PATH (a pyenv shim that does not
 # run 3.12 is skipped); or set PYTHON=/path/to/python3.12
 
@@ -28,6 +28,9 @@ demo: venv
 	$(PY) -m experiments.scbench
 
 test: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
 clean:

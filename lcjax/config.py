@@ -13,12 +13,42 @@ import json
 import os
 from typing import Any, Mapping
 
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Phi3ForCausalLM": "phi3",
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What sets one model family apart, as data: the checkpoint's layout and `config.json`'s keys. The forward
+    pass is the same for every family.
+
+    architecture: transformers' class name; gguf_arch: llama.cpp's `general.architecture` (None: not read from
+    GGUF); fused_qkv / fused_gate_up: the checkpoint stores q, k, v as one `qkv_proj` and the MLP's gate and up
+    as one `gate_up_proj`; qkv_bias: whether q/k/v have biases when `config.json` does not say
+    (`attention_bias`); writes_attention_bias: whether `config.json` carries `attention_bias`; window_switch: the
+    key that turns a configured sliding window on (None: a window in the config is on);
+    top_level_original_max_position: whether `config.json` repeats `original_max_position_embeddings` beside
+    `rope_scaling`; gguf_rope_permuted: whether llama.cpp's converter permuted the q/k rows to its
+    interleaved RoPE layout.
+    """
+
+    architecture: str
+    gguf_arch: str | None = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    qkv_bias: bool = False
+    writes_attention_bias: bool = False
+    window_switch: str | None = None
+    top_level_original_max_position: bool = False
+    gguf_rope_permuted: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM", gguf_arch="llama", writes_attention_bias=True, gguf_rope_permuted=True),
+    "mistral": Family("MistralForCausalLM", writes_attention_bias=True),
+    "qwen2": Family("Qwen2ForCausalLM", gguf_arch="qwen2", qkv_bias=True, window_switch="use_sliding_window"),
+    "phi3": Family(
+        "Phi3ForCausalLM", gguf_arch="phi3", fused_qkv=True, fused_gate_up=True, top_level_original_max_position=True
+    ),
 }
+ARCHITECTURES = {f.architecture: name for name, f in FAMILIES.items()}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
@@ -52,9 +82,7 @@ class RopeConfig:
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(
-                f"Unsupported rope type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}."
-            )
+            raise ValueError(f"Unsupported rope type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}.")
         needs = {
             "linear": ("factor",),
             "dynamic": ("factor",),
@@ -76,8 +104,8 @@ class RopeConfig:
 class ModelConfig:
     """A decoder-only transformer of the Llama family.
 
-    Sizes follow transformers' names. `family` is one of llama, mistral, qwen2, phi3: it only decides
-    how checkpoint tensors map onto parameters (Phi-3 fuses qkv and gate/up), never the forward pass.
+    Sizes follow transformers' names. `family` names a `FAMILIES` entry (llama, mistral, qwen2, phi3): it decides
+    how checkpoint tensors and `config.json` keys map onto lcjax's, never the forward pass.
     """
 
     family: str
@@ -100,12 +128,18 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        if self.family not in ARCHITECTURES.values():
-            raise ValueError(
-                f"Unknown model family {self.family!r}; supported: {', '.join(sorted(set(ARCHITECTURES.values())))}."
-            )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        if self.family not in FAMILIES:
+            raise ValueError(f"Unknown model family {self.family!r}; supported: {', '.join(FAMILIES)}.")
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if self.num_heads % self.num_kv_heads:
@@ -154,19 +188,19 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         if family is None:
-            family = {v: v for v in ARCHITECTURES.values()}.get(hf.get("model_type"))
+            family = hf.get("model_type") if hf.get("model_type") in FAMILIES else None
         if family is None:
             raise ValueError(
-                f"Unsupported architecture {archs or hf.get('model_type')!r}; supported: "
-                f"{', '.join(ARCHITECTURES)}."
+                f"Unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(ARCHITECTURES)}."
             )
         num_heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         sliding = hf.get("sliding_window")
-        if family == "qwen2" and not hf.get("use_sliding_window", False):
-            sliding = None  # Qwen2 configs carry a window size that is off unless use_sliding_window
+        switch = FAMILIES[family].window_switch
+        if switch is not None and not hf.get(switch, False):
+            sliding = None  # e.g. Qwen2 configs carry a window size that is off unless use_sliding_window
         rope_params = _rope_parameters(hf)
         return cls(
             family=family,
@@ -181,7 +215,7 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             rope=_rope_config(rope_params, hf),
             partial_rotary_factor=float(rope_params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
-            qkv_bias=bool(hf.get("attention_bias", family == "qwen2")),
+            qkv_bias=bool(hf.get("attention_bias", FAMILIES[family].qkv_bias)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=hf.get("bos_token_id"),
@@ -203,7 +237,7 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """The transformers (v5 layout) `config.json` dict for this config."""
-        arch = {v: k for k, v in ARCHITECTURES.items()}[self.family]
+        family = FAMILIES[self.family]
         rope = {k: v for k, v in dataclasses.asdict(self.rope).items() if v is not None}
         rope["rope_theta"] = rope.pop("theta")
         if self.rope.rope_type != "yarn":
@@ -214,7 +248,7 @@ class ModelConfig:
         if self.partial_rotary_factor != 1.0:
             rope["partial_rotary_factor"] = self.partial_rotary_factor
         hf = {
-            "architectures": [arch],
+            "architectures": [family.architecture],
             "model_type": self.family,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -232,11 +266,11 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,
         }
-        if self.family in ("llama", "mistral"):
+        if family.writes_attention_bias:
             hf["attention_bias"] = self.qkv_bias
-        if self.family == "qwen2":
-            hf["use_sliding_window"] = self.sliding_window is not None
-        if self.family == "phi3" and self.rope.original_max_position_embeddings:
+        if family.window_switch is not None:
+            hf[family.window_switch] = self.sliding_window is not None
+        if family.top_level_original_max_position and self.rope.original_max_position_embeddings:
             hf["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
         return hf
 
@@ -292,8 +326,15 @@ def _rope_config(params: Mapping[str, Any], hf: Mapping[str, Any]) -> RopeConfig
 def llama3_8b_config(max_position_embeddings: int = 131072) -> ModelConfig:
     """Llama-3-8B's shape (used for benchmarks with random weights)."""
     return ModelConfig(
-        family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0),
+        family="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=500000.0),
     )
-

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcjax.cache import KVCache
+from lcjax.cache import Cache
 from lcjax.models.transformer import Transformer, forward, lm_logits
 from lcjax.sampling import Greedy, Sampler
 
@@ -25,22 +25,33 @@ CAPACITY_BUCKET = 256  # caches are sized in multiples of this, so nearby length
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _DecodeState:
-    step: jax.Array        # int32 [], tokens emitted so far
-    tokens: jax.Array      # int32 [batch, max_new_tokens]
-    last: jax.Array        # int32 [batch], the token to feed next
-    done: jax.Array        # bool [batch]
-    cache: KVCache
+    step: jax.Array  # int32 [], tokens emitted so far
+    tokens: jax.Array  # int32 [batch, max_new_tokens]
+    last: jax.Array  # int32 [batch], the token to feed next
+    done: jax.Array  # bool [batch]
+    cache: Cache
 
 
-def decode_step(model: Transformer, tokens: jax.Array, cache: KVCache,
-                active: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+def decode_step(
+    model: Transformer, tokens: jax.Array, cache: Cache, active: jax.Array | None = None
+) -> tuple[jax.Array, Cache]:
     """Feeds `tokens: int32 [batch]` (one per sequence) and returns their logits `[batch, vocab]`. Sequences
     where `active: bool [batch]` is False compute but do not advance their cache (their slot is rewritten)."""
     start = cache.lengths
     step = jnp.ones_like(start) if active is None else active.astype(jnp.int32)
     # a stopped sequence's token is written past its length: invalid, so caches with derived state ignore it
-    hidden, cache = forward(model.params, model.config, tokens[:, None], cache.positions[:, None], start,
-                            start + step, cache, "extend", model.attention, model.positions)
+    hidden, cache = forward(
+        model.params,
+        model.config,
+        tokens[:, None],
+        cache.positions[:, None],
+        start,
+        start + step,
+        cache,
+        "extend",
+        model.attention,
+        model.positions,
+    )
     return lm_logits(model.params, model.config, hidden[:, 0]), cache.advance(step)
 
 
@@ -51,9 +62,17 @@ def _token_buffer(max_new_tokens: int) -> int:
 
 
 @partial(jax.jit, static_argnames=("buffer", "stop_tokens", "sampler", "stream"), donate_argnames=("cache",))
-def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, key: jax.Array, max_new_tokens: jax.Array,
-                 buffer: int, stop_tokens: tuple[int, ...], sampler: Sampler, stream: Callable | None
-                 ) -> _DecodeState:
+def _decode_loop(
+    model: Transformer,
+    first: jax.Array,
+    cache: Cache,
+    key: jax.Array,
+    max_new_tokens: jax.Array,
+    buffer: int,
+    stop_tokens: tuple[int, ...],
+    sampler: Sampler,
+    stream: Callable | None,
+) -> _DecodeState:
     batch = first.shape[0]
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
@@ -70,8 +89,7 @@ def _decode_loop(model: Transformer, first: jax.Array, cache: KVCache, key: jax.
         nxt = sampler(logits, jax.random.fold_in(key, s.step + 1))
         return _DecodeState(s.step + 1, tokens, nxt, done, cache)
 
-    init = _DecodeState(jnp.int32(0), jnp.full((batch, buffer), -1, jnp.int32), first,
-                        jnp.zeros((batch,), bool), cache)
+    init = _DecodeState(jnp.int32(0), jnp.full((batch, buffer), -1, jnp.int32), first, jnp.zeros((batch,), bool), cache)
     return jax.lax.while_loop(cond, body, init)
 
 
@@ -86,18 +104,29 @@ def _check_streaming_can_run() -> None:
     try:
         jax.local_devices(backend="cpu")
     except RuntimeError:
-        raise ValueError("stream= needs JAX's CPU platform (a host callback's inputs go to a CPU device), which "
-                         f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} leaves out: list it too, e.g. "
-                         "JAX_PLATFORMS=cuda,cpu.") from None
+        raise ValueError(
+            "stream= needs JAX's CPU platform (a host callback's inputs go to a CPU device), which "
+            f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} leaves out: list it too, e.g. "
+            "JAX_PLATFORMS=cuda,cpu."
+        ) from None
 
 
-def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache | None = None, lengths=None,
-             sampler: Sampler = Greedy(), seed: int | jax.Array = 0, stop_tokens: tuple[int, ...] = (),
-             stream: Callable[[int, np.ndarray], None] | None = None,
-             capacity: int | None = None) -> tuple[list[list[int]], KVCache]:
+def generate(
+    model: Transformer,
+    prompt,
+    max_new_tokens: int,
+    *,
+    cache: Cache | None = None,
+    lengths=None,
+    sampler: Sampler = Greedy(),
+    seed: int | jax.Array = 0,
+    stop_tokens: tuple[int, ...] = (),
+    stream: Callable[[int, np.ndarray], None] | None = None,
+    capacity: int | None = None,
+) -> tuple[list[list[int]], Cache]:
     """Continues `prompt: int [batch, seq]` (right-padded to `lengths: [batch]`), or one list of ids.
 
-    cache: None prefills the prompt from scratch; a `KVCache` from an earlier call appends the prompt to it
+    cache: None prefills the prompt from scratch; a `Cache` from an earlier call appends the prompt to it
     as the next turn (the cache is grown, by a copy, when the turn and `max_new_tokens` do not fit).
     sampler: `Greedy()` (default), `Temperature`, `TopK`, `TopP` from `lcjax.sampling`; seed: int or PRNG key.
     stream: called as `stream(step, tokens)` after each step with int `[batch]` tokens (-1 where a sequence
@@ -121,17 +150,29 @@ def generate(model: Transformer, prompt, max_new_tokens: int, *, cache: KVCache 
         need = prompt.shape[1] + max_new_tokens
         if capacity is not None and capacity < need:
             raise ValueError(f"capacity {capacity} is below the prompt and max_new_tokens ({need} slots).")
-        logits, cache = model.prefill(prompt, lengths, capacity=_bucket(need) if capacity is None else capacity,
-                                      logits="last")
+        logits, cache = model.prefill(
+            prompt, lengths, capacity=_bucket(need) if capacity is None else capacity, logits="last"
+        )
     else:
         if cache.batch != prompt.shape[0]:
-            raise ValueError(f"the cache holds {cache.batch} sequences, the prompt {prompt.shape[0]}; "
-                             "fork the cache (cache.fork(n)) to continue one context several ways.")
+            raise ValueError(
+                f"the cache holds {cache.batch} sequences, the prompt {prompt.shape[0]}; "
+                "fork the cache (cache.fork(n)) to continue one context several ways."
+            )
         need = int(jnp.max(cache.lengths)) + prompt.shape[1] + max_new_tokens
         if need > cache.capacity:
             cache = cache.with_capacity(_bucket(need))
         logits, cache = model.extend(prompt, cache, lengths)
     first = sampler(logits, jax.random.fold_in(key, 0))
-    state = _decode_loop(model, first, cache, key, jnp.int32(max_new_tokens), _token_buffer(max_new_tokens),
-                         tuple(int(t) for t in stop_tokens), sampler, stream)
+    state = _decode_loop(
+        model,
+        first,
+        cache,
+        key,
+        jnp.int32(max_new_tokens),
+        _token_buffer(max_new_tokens),
+        tuple(int(t) for t in stop_tokens),
+        sampler,
+        stream,
+    )
     return [[int(t) for t in row if t >= 0] for row in np.asarray(state.tokens)], state.cache

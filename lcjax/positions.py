@@ -42,7 +42,7 @@ class Rotary:
         cos = self.cos[:, :, None, :]
         sin = self.sin[:, :, None, :]
         xf = x.astype(jnp.float32)
-        x1, x2, rest = xf[..., :half], xf[..., half:2 * half], xf[..., 2 * half:]
+        x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
         out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
         return out.astype(x.dtype)
 
@@ -86,8 +86,14 @@ def linear(dim: int, theta: float, factor: float) -> FixedRope:
     return _fixed(_base_inv_freq(theta, dim) / np.float32(factor))
 
 
-def llama3(dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float,
-           original_max_position_embeddings: int) -> FixedRope:
+def llama3(
+    dim: int,
+    theta: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> FixedRope:
     """Llama-3.1 scaling: long wavelengths divided by `factor`, short kept, a smooth ramp between."""
     inv = _base_inv_freq(theta, dim).astype(np.float64)
     low_wavelen = original_max_position_embeddings / low_freq_factor
@@ -100,9 +106,18 @@ def llama3(dim: int, theta: float, factor: float, low_freq_factor: float, high_f
     return _fixed(np.where(medium, smoothed, scaled))
 
 
-def yarn(dim: int, theta: float, factor: float, original_max_position_embeddings: int,
-         beta_fast: float = 32.0, beta_slow: float = 1.0, attention_factor: float | None = None,
-         mscale: float | None = None, mscale_all_dim: float | None = None, truncate: bool = True) -> FixedRope:
+def yarn(
+    dim: int,
+    theta: float,
+    factor: float,
+    original_max_position_embeddings: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    attention_factor: float | None = None,
+    mscale: float | None = None,
+    mscale_all_dim: float | None = None,
+    truncate: bool = True,
+) -> FixedRope:
     """YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, scale attention."""
 
     def get_mscale(scale: float, m: float = 1.0) -> float:
@@ -144,9 +159,10 @@ class DynamicNTKRope:
     def __call__(self, positions: jax.Array) -> Rotary:
         seq_len = jnp.maximum(jnp.max(positions) + 1, self.max_position_embeddings).astype(jnp.float32)
         base = self.theta * ((self.factor * seq_len / self.max_position_embeddings) - (self.factor - 1)) ** (
-            self.dim / (self.dim - 2))
+            self.dim / (self.dim - 2)
+        )
         exponents = jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim
-        return _rotary(positions, 1.0 / (base ** exponents))
+        return _rotary(positions, 1.0 / (base**exponents))
 
 
 def dynamic_ntk(dim: int, theta: float, factor: float, max_position_embeddings: int) -> DynamicNTKRope:
@@ -169,14 +185,22 @@ class LongRope:
 
     def __call__(self, positions: jax.Array) -> Rotary:
         use_long = jnp.max(positions) + 1 > self.original_max_position_embeddings
-        inv = jnp.where(use_long, jnp.asarray(self.long_inv_freq, jnp.float32),
-                        jnp.asarray(self.short_inv_freq, jnp.float32))
+        inv = jnp.where(
+            use_long, jnp.asarray(self.long_inv_freq, jnp.float32), jnp.asarray(self.short_inv_freq, jnp.float32)
+        )
         return _rotary(positions, inv, self.attention_factor)
 
 
-def longrope(dim: int, theta: float, short_factor, long_factor, original_max_position_embeddings: int,
-             max_position_embeddings: int | None = None, attention_factor: float | None = None,
-             factor: float | None = None) -> LongRope:
+def longrope(
+    dim: int,
+    theta: float,
+    short_factor,
+    long_factor,
+    original_max_position_embeddings: int,
+    max_position_embeddings: int | None = None,
+    attention_factor: float | None = None,
+    factor: float | None = None,
+) -> LongRope:
     """LongRoPE with your own `short_factor`/`long_factor` (each `dim // 2` values).
 
     The attention factor defaults to sqrt(1 + ln(s) / ln(original)) with s the extension ratio
@@ -192,8 +216,9 @@ def longrope(dim: int, theta: float, short_factor, long_factor, original_max_pos
     if factor is None:
         factor = (max_position_embeddings or original_max_position_embeddings) / original_max_position_embeddings
     if attention_factor is None:
-        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(
-            1 + math.log(factor) / math.log(original_max_position_embeddings))
+        attention_factor = (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))
+        )
     base = (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
     return LongRope(
         short_inv_freq=tuple(float(x) for x in 1.0 / (short * base)),
@@ -208,14 +233,24 @@ ROPE_BUILDERS: dict[str, Callable[[RopeConfig, int, int], PositionTransform]] = 
     "default": lambda r, dim, n: rope(dim, r.theta),
     "linear": lambda r, dim, n: linear(dim, r.theta, r.factor),
     "dynamic": lambda r, dim, n: dynamic_ntk(dim, r.theta, r.factor, n),
-    "llama3": lambda r, dim, n: llama3(dim, r.theta, r.factor, r.low_freq_factor, r.high_freq_factor,
-                                       r.original_max_position_embeddings),
-    "yarn": lambda r, dim, n: yarn(dim, r.theta, r.factor, r.original_max_position_embeddings,
-                                   beta_fast=r.beta_fast or 32.0, beta_slow=r.beta_slow or 1.0,
-                                   attention_factor=r.attention_factor, mscale=r.mscale,
-                                   mscale_all_dim=r.mscale_all_dim, truncate=r.truncate),
-    "longrope": lambda r, dim, n: longrope(dim, r.theta, r.short_factor, r.long_factor,
-                                           r.original_max_position_embeddings, n, r.attention_factor, r.factor),
+    "llama3": lambda r, dim, n: llama3(
+        dim, r.theta, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings
+    ),
+    "yarn": lambda r, dim, n: yarn(
+        dim,
+        r.theta,
+        r.factor,
+        r.original_max_position_embeddings,
+        beta_fast=r.beta_fast or 32.0,
+        beta_slow=r.beta_slow or 1.0,
+        attention_factor=r.attention_factor,
+        mscale=r.mscale,
+        mscale_all_dim=r.mscale_all_dim,
+        truncate=r.truncate,
+    ),
+    "longrope": lambda r, dim, n: longrope(
+        dim, r.theta, r.short_factor, r.long_factor, r.original_max_position_embeddings, n, r.attention_factor, r.factor
+    ),
 }
 
 
@@ -223,6 +258,5 @@ def from_config(config: ModelConfig) -> PositionTransform:
     """The position transform a model config asks for."""
     builder = ROPE_BUILDERS.get(config.rope.rope_type)
     if builder is None:
-        raise ValueError(
-            f"Unsupported rope type {config.rope.rope_type!r}; supported: {', '.join(ROPE_BUILDERS)}.")
+        raise ValueError(f"Unsupported rope type {config.rope.rope_type!r}; supported: {', '.join(ROPE_BUILDERS)}.")
     return builder(config.rope, config.rotary_dim, config.max_position_embeddings)

@@ -83,7 +83,7 @@ class TopP(_Sampling):
     def keep(self, logits: jax.Array) -> jax.Array:
         order = jnp.argsort(-logits, axis=-1)
         probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs          # probability of the strictly more likely tokens
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
         keep_sorted = before < self.p
         rows = jnp.arange(logits.shape[0])[:, None]
         return jnp.zeros(logits.shape, bool).at[rows, order].set(keep_sorted)

@@ -37,8 +37,9 @@ def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Dev
     return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
 
 
-def logical_to_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
-                    rules: Mapping[str, str | None] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+def logical_to_spec(
+    shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_AXIS_RULES
+) -> PartitionSpec:
     """The PartitionSpec for an array of `shape` whose dims are named `axes`.
 
     A dim whose size the mesh axis does not divide (e.g. 8 KV heads on 16 devices) is replicated
@@ -58,6 +59,7 @@ def logical_to_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh
     return PartitionSpec(*spec)
 
 
-def logical_sharding(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
-                     rules: Mapping[str, str | None] = LOGICAL_AXIS_RULES) -> NamedSharding:
+def logical_sharding(
+    shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_AXIS_RULES
+) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(shape, axes, mesh, rules))

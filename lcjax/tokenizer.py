@@ -23,22 +23,37 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from lcjax.loading.gguf import gguf_field, open_gguf
+
 # Tokens that chat templates end a turn with; generation should stop on them as well as on eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 # Split regexes of the byte-level pre-tokenizers, by `tokenizer.ggml.pre` (llama.cpp's names).
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_TOKENIZERS = {
-    "default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2",
+    "default": "gpt2",
+    "gpt-2": "gpt2",
+    "gpt2": "gpt2",
     # GPT-2's regex after splitting every digit off on its own
-    "smollm": "digits", "starcoder": "digits", "refact": "digits",
-    "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3", "smaug-bpe": "llama3",
-    "falcon3": "llama3", "dbrx": "llama3",
-    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
+    "smollm": "digits",
+    "starcoder": "digits",
+    "refact": "digits",
+    "llama-bpe": "llama3",
+    "llama3": "llama3",
+    "llama-v3": "llama3",
+    "smaug-bpe": "llama3",
+    "falcon3": "llama3",
+    "dbrx": "llama3",
+    "qwen2": "qwen2",
+    "deepseek-r1-qwen": "qwen2",
 }
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -82,9 +97,14 @@ class Tokenizer:
         """Text of `ids` (a list of ints or a 1-D integer array)."""
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            tokenize: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
-                            **template_kwargs: Any) -> list[int] | str:
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> list[int] | str:
         """Renders `messages` ([{"role": ..., "content": ...}, ...]) with the chat template.
 
         Returns the prompt's token ids (tokenised without adding special tokens, since the template
@@ -92,9 +112,11 @@ class Tokenizer:
         template as variables (e.g. `enable_thinking=False`).
         """
         if self.chat_template is None:
-            raise ValueError("This tokenizer has no chat template (none in tokenizer_config.json, "
-                             "chat_template.jinja or the GGUF's tokenizer.chat_template); format the prompt "
-                             "yourself and call encode().")
+            raise ValueError(
+                "This tokenizer has no chat template (none in tokenizer_config.json, "
+                "chat_template.jinja or the GGUF's tokenizer.chat_template); format the prompt "
+                "yourself and call encode()."
+            )
         variables = {
             "bos_token": self.token(self.bos_token_id) or "",
             "eos_token": self.token(self.eos_token_id) or "",
@@ -125,8 +147,10 @@ class Tokenizer:
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.json; lcjax needs a fast-tokenizer file (save one "
-                                    "with transformers' tokenizer.save_pretrained) or a GGUF file.")
+            raise FileNotFoundError(
+                f"{path}: no tokenizer.json; lcjax needs a fast-tokenizer file (save one "
+                "with transformers' tokenizer.save_pretrained) or a GGUF file."
+            )
         try:
             tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as e:
@@ -175,7 +199,6 @@ class Tokenizer:
         become added tokens so they are never split. SentencePiece files (`"llama"`) raise
         NotImplementedError.
         """
-        from lcjax.loading.gguf import gguf_field, open_gguf  # the GGUF reader pulls in numpy/gguf
 
         path = Path(path)
         reader = reader or open_gguf(path)
@@ -185,18 +208,23 @@ class Tokenizer:
 
         model = field("ggml.model")
         if model is None:
-            raise ValueError(f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.model key); load the "
-                             "tokenizer from the model's transformers directory with Tokenizer.from_hf_dir.")
+            raise ValueError(
+                f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.model key); load the "
+                "tokenizer from the model's transformers directory with Tokenizer.from_hf_dir."
+            )
         if model != "gpt2":
             raise NotImplementedError(
                 f"{path}: tokenizer.ggml.model is {model!r}; lcjax builds only byte-level BPE ('gpt2') "
                 f"tokenizers from GGUF. {'SentencePiece (llama) is not implemented yet; ' if model == 'llama' else ''}"
-                "use Tokenizer.from_hf_dir on the original model's tokenizer files instead.")
+                "use Tokenizer.from_hf_dir on the original model's tokenizer files instead."
+            )
         tokens = field("ggml.tokens")
         merges = field("ggml.merges")
         if not tokens or merges is None:
-            raise ValueError(f"{path}: a gpt2 GGUF tokenizer needs tokenizer.ggml.tokens and "
-                             "tokenizer.ggml.merges; the file lacks one of them.")
+            raise ValueError(
+                f"{path}: a gpt2 GGUF tokenizer needs tokenizer.ggml.tokens and "
+                "tokenizer.ggml.merges; the file lacks one of them."
+            )
         types = field("ggml.token_type") or [1] * len(tokens)
         pre = field("ggml.pre", "default")
         tok = _byte_level_bpe(path, tokens, merges, types, pre)
@@ -210,8 +238,8 @@ class Tokenizer:
         if add_bos:
             bos_text = tokens[bos]
             tok.post_processor = processors.TemplateProcessing(
-                single=f"{bos_text} $A:0", pair=f"{bos_text} $A:0 {bos_text}:1 $B:1",
-                special_tokens=[(bos_text, bos)])
+                single=f"{bos_text} $A:0", pair=f"{bos_text} $A:0 {bos_text}:1 $B:1", special_tokens=[(bos_text, bos)]
+            )
         template = field("chat_template")
         return cls(
             tokenizer=tok,
@@ -223,14 +251,17 @@ class Tokenizer:
         )
 
 
-def _byte_level_bpe(path: Path, tokens: list[str], merges: list[str], types: list[int],
-                    pre: str) -> tokenizers.Tokenizer:
+def _byte_level_bpe(
+    path: Path, tokens: list[str], merges: list[str], types: list[int], pre: str
+) -> tokenizers.Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` equal to the one llama.cpp builds for `pre`."""
     kind = _PRE_TOKENIZERS.get(pre)
     if kind is None:
-        warnings.warn(f"{path}: unknown GGUF pre-tokenizer {pre!r}; using GPT-2's. Known: "
-                      f"{', '.join(sorted(_PRE_TOKENIZERS))}. Token ids may differ from the original model's.",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path}: unknown GGUF pre-tokenizer {pre!r}; using GPT-2's. Known: "
+            f"{', '.join(sorted(_PRE_TOKENIZERS))}. Token ids may differ from the original model's.",
+            stacklevel=3,
+        )
         kind = "gpt2"
     pairs = []
     for merge in merges:
@@ -248,25 +279,29 @@ def _byte_level_bpe(path: Path, tokens: list[str], merges: list[str], types: lis
     if kind == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     elif kind == "digits":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     else:
         split = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}[kind]
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False), byte_level])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False), byte_level]
+        )
     if kind == "qwen2":
         tok.normalizer = normalizers.NFC()  # Qwen2's tokenizer.json normalises to NFC first
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(tokens[i], special=True, normalized=False)
-               for i, t in enumerate(types) if t == _CONTROL]
-    user = [AddedToken(tokens[i], special=False, normalized=False)
-            for i, t in enumerate(types) if t == _USER_DEFINED]
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _CONTROL]
+    user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == _USER_DEFINED]
     tok.add_special_tokens(special)
     tok.add_tokens(user)
     if tok.get_vocab_size(with_added_tokens=True) != len(vocab):
-        raise ValueError(f"{path}: rebuilding the tokenizer gave {tok.get_vocab_size(with_added_tokens=True)} "
-                         f"ids for {len(vocab)} distinct tokens; the file's token list is inconsistent.")
+        raise ValueError(
+            f"{path}: rebuilding the tokenizer gave {tok.get_vocab_size(with_added_tokens=True)} "
+            f"ids for {len(vocab)} distinct tokens; the file's token list is inconsistent."
+        )
     return tok
 
 
@@ -304,6 +339,7 @@ def _hf_chat_template(path: Path, config: Mapping[str, Any]) -> str | None:
 
 # ---- chat templates ---------------------------------------------------------------------------------
 
+
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (marks assistant spans for training); renders its body."""
 
@@ -328,8 +364,9 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

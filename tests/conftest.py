@@ -29,6 +29,7 @@ def fixtures_dir() -> Path:
 def smollm2():
     """The built-in SmolLM2-135M-Instruct (model, tokenizer) in float32; skips when it is not installed."""
     import lcjax
+
     try:
         return lcjax.load_model("smollm2-135m", dtype="float32")
     except FileNotFoundError as e:
@@ -43,4 +44,5 @@ def _free_compiled_programs():
     that passes alone: most likely the kernel's limit of 65530 mappings per process (`vm.max_map_count`)."""
     yield
     import jax
+
     jax.clear_caches()

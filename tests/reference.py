@@ -67,7 +67,6 @@ def cover_mask(verticals, slashes, q_len, block, clamp=False):
     verticals, slashes = np.asarray(verticals), np.asarray(slashes)
     batch, heads = verticals.shape[:2]
     mask = np.zeros((batch, heads, q_len, q_len), bool)
-    rows = np.arange(q_len)
     for b in range(batch):
         for h in range(heads):
             desc = sorted({int(d) for d in slashes[b, h] if 0 <= d < q_len}, reverse=True)

@@ -2,21 +2,18 @@
 steps, turns, forks, crops and growth (Quest's bounds equal bounds recomputed from the keys; KIVI's codes equal
 the quantised dense keys), a budget that covers the cache gives dense tokens, and SnapKV + Quest compose."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import lcjax
+from lcjax.cache import cache_nbytes
 from lcjax.generate import generate
-from lcjax.methods import KIVICache, QuestCache, SnapKVPress, kivi, quest
-from lcjax.methods.cache_transform import cache_nbytes
-from lcjax.methods.kivi_quant import dequantize, quantize_keys, quantize_values
+from lcjax.methods import KIVI, KIVICache, Quest, QuestCache, SnapKVPress
 from lcjax.methods.quest_pages import page_bounds
-
-from conftest import FIXTURES
+from lcjax.pallas.kivi_quant import quantize_keys, quantize_values
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +39,11 @@ def assert_bounds_exact(cache: QuestCache):
 def test_quest_full_budget_is_dense_over_turns_and_bounds_stay_exact(llama, layout):
     model = llama.with_layer_layout(layout)
     prompt, turn2 = prompt_of(model, 1, (2, 40)), prompt_of(model, 2, (2, 7))
-    q = model.with_transforms(cache=quest(token_budget=1024, chunk_size=16))
+    q = model.with_transforms(cache_transform=Quest(token_budget=1024, chunk_size=16))
     a, ca = generate(model, prompt, 6, stop_tokens=(int(prompt[1, 3]),))
     b, cb = generate(q, prompt, 6, stop_tokens=(int(prompt[1, 3]),))
     assert isinstance(cb, QuestCache) and a == b
-    assert_bounds_exact(cb)                       # incremental updates during decode, stopped rows ignored
+    assert_bounds_exact(cb)  # incremental updates during decode, stopped rows ignored
     assert generate(model, turn2, 4, cache=ca)[0] == generate(q, turn2, 4, cache=cb)[0]
     for derived in (cb.fork(2), cb.crop(30), cb.with_capacity(cb.capacity + 40)):
         assert_bounds_exact(derived)
@@ -57,7 +54,7 @@ def test_quest_small_budget_reads_fewer_pages_and_changes_tokens(llama):
     page choice is really applied) while the prompt's cache itself stays the dense one."""
     prompt = prompt_of(llama, 3, (2, 40))
     dense, cd = generate(llama, prompt, 6)
-    small, cs = generate(llama.with_transforms(cache=quest(token_budget=16, chunk_size=8)), prompt, 6)
+    small, cs = generate(llama.with_transforms(cache_transform=Quest(token_budget=16, chunk_size=8)), prompt, 6)
     assert small != dense
     np.testing.assert_array_equal(np.asarray(cs.k)[:, :, :40], np.asarray(cd.k)[:, :, :40])
 
@@ -67,17 +64,17 @@ def test_snapkv_then_quest_compose(llama):
     Quest budget over the whole compressed cache the tokens equal SnapKV alone."""
     prompt = prompt_of(llama, 4, (2, 40))
     snap = SnapKVPress(capacity=24, window_size=4)
-    alone, _ = generate(llama.with_transforms(cache=snap), prompt, 5)
-    both = llama.with_transforms(cache=(snap, quest(token_budget=64, chunk_size=8)))
+    alone, _ = generate(llama.with_transforms(cache_transform=snap), prompt, 5)
+    both = llama.with_transforms(cache_transform=(snap, Quest(token_budget=64, chunk_size=8)))
     toks, cache = generate(both, prompt, 5)
     assert toks == alone and isinstance(cache, QuestCache)
     assert np.asarray(cache.lengths).tolist() == [24 + 5] * 2
     assert_bounds_exact(cache)
     with pytest.raises(ValueError, match="at most one transform may observe"):
-        llama.with_transforms(cache=(snap, SnapKVPress(capacity=8)))
+        llama.with_transforms(cache_transform=(snap, SnapKVPress(capacity=8)))
 
 
-KIVI_SMALL = dict(bits=2, group_size=8, residual_length=16)     # the fixture's head_dim is 16
+KIVI_SMALL = dict(bits=2, group_size=8, residual_length=16)  # the fixture's head_dim is 16
 
 
 def assert_kivi_holds(cache: KIVICache, layer: int, keys, values, lengths):
@@ -88,18 +85,22 @@ def assert_kivi_holds(cache: KIVICache, layer: int, keys, values, lengths):
         done = int(cache.quantized[layer][b])
         assert done == n // R * R
         if done:
-            qk = quantize_keys(jnp.asarray(keys[b:b + 1, :done]), G, bits)
-            qv = quantize_values(jnp.asarray(values[b:b + 1, :done]), G, bits)
-            np.testing.assert_array_equal(np.asarray(cache.k_codes[layer][b:b + 1, :done]), np.asarray(qk.packed))
-            np.testing.assert_array_equal(np.asarray(cache.k_scale[layer][b:b + 1, :done // G]), np.asarray(qk.scale))
-            np.testing.assert_array_equal(np.asarray(cache.k_zero[layer][b:b + 1, :done // G]), np.asarray(qk.zero))
-            np.testing.assert_array_equal(np.asarray(cache.v_codes[layer][b:b + 1, :done]), np.asarray(qv.packed))
-            np.testing.assert_array_equal(np.asarray(cache.v_scale[layer][b:b + 1, :done]), np.asarray(qv.scale))
+            qk = quantize_keys(jnp.asarray(keys[b : b + 1, :done]), G, bits)
+            qv = quantize_values(jnp.asarray(values[b : b + 1, :done]), G, bits)
+            np.testing.assert_array_equal(np.asarray(cache.k_codes[layer][b : b + 1, :done]), np.asarray(qk.packed))
+            np.testing.assert_array_equal(
+                np.asarray(cache.k_scale[layer][b : b + 1, : done // G]), np.asarray(qk.scale)
+            )
+            np.testing.assert_array_equal(np.asarray(cache.k_zero[layer][b : b + 1, : done // G]), np.asarray(qk.zero))
+            np.testing.assert_array_equal(np.asarray(cache.v_codes[layer][b : b + 1, :done]), np.asarray(qv.packed))
+            np.testing.assert_array_equal(np.asarray(cache.v_scale[layer][b : b + 1, :done]), np.asarray(qv.scale))
         # (decode steps project one token at a time: float32 rounding differs from the batched prefill's)
-        np.testing.assert_allclose(np.asarray(cache.k_res[layer][b, :n - done]), np.asarray(keys[b, done:n]),
-                                   rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(cache.v_res[layer][b, :n - done]), np.asarray(values[b, done:n]),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(cache.k_res[layer][b, : n - done]), np.asarray(keys[b, done:n]), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(cache.v_res[layer][b, : n - done]), np.asarray(values[b, done:n]), rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("layout", ["stacked", "unstacked"])
@@ -108,7 +109,7 @@ def test_kivi_cache_is_the_quantised_dense_cache(llama, layout):
     only, so a dense prefill of the final sequence gives the exact full-precision keys KIVI was handed."""
     model = llama.with_layer_layout(layout)
     prompt, lengths = prompt_of(model, 5, (2, 45)), np.array([45, 30])
-    m = model.with_transforms(cache=kivi(**KIVI_SMALL))
+    m = model.with_transforms(cache_transform=KIVI(**KIVI_SMALL))
     _, cache = m.prefill(prompt, lengths, capacity=64)
     _, dense = model.prefill(prompt, lengths, capacity=64)
     assert isinstance(cache, KIVICache) and cache.capacity == 64
@@ -117,30 +118,36 @@ def test_kivi_cache_is_the_quantised_dense_cache(llama, layout):
     toks, cache = generate(m, prompt, 9, lengths=lengths)
     full = np.zeros((2, 54), np.int64)
     for b in range(2):
-        full[b, :lengths[b] + 9] = np.concatenate([prompt[b, :lengths[b]], toks[b]])
+        full[b, : lengths[b] + 9] = np.concatenate([prompt[b, : lengths[b]], toks[b]])
     _, dense = model.prefill(full, lengths + 9)
-    assert_kivi_holds(cache, 0, *dense.layer_kv(0), lengths + 8)     # the last sampled token is not yet written
+    assert_kivi_holds(cache, 0, *dense.layer_kv(0), lengths + 8)  # the last sampled token is not yet written
 
 
 def test_kivi_decode_reads_exactly_what_is_stored(llama):
     """A KIVI decode step's logits equal the dense model's over a dense cache holding KIVI's dequantised keys
     and values (so the quantised read path, codes and residual together, is the stored cache)."""
-    m = llama.with_transforms(cache=kivi(**KIVI_SMALL))
+    m = llama.with_transforms(cache_transform=KIVI(**KIVI_SMALL))
     prompt, lengths = prompt_of(llama, 6, (2, 40)), np.array([40, 27])
     _, cache = m.prefill(prompt, lengths, capacity=48)
     layers = range(llama.config.num_layers)
     views = [cache.layer_kv(l) for l in layers]
-    dense = lcjax.KVCache(k=jnp.stack([k for k, _ in views]), v=jnp.stack([v for _, v in views]),
-                          lengths=cache.lengths, positions=cache.positions, first=cache.first)
+    dense = lcjax.KVCache(
+        k=jnp.stack([k for k, _ in views]),
+        v=jnp.stack([v for _, v in views]),
+        lengths=cache.lengths,
+        positions=cache.positions,
+        first=cache.first,
+    )
     nxt = jnp.asarray(prompt_of(llama, 7, (2,)), jnp.int32)
     from lcjax.generate import decode_step
+
     got, _ = jax.jit(decode_step)(m, nxt, cache)
     want, _ = jax.jit(decode_step)(llama, nxt, dense)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_kivi_fork_crop_capacity(llama):
-    m = llama.with_transforms(cache=kivi(**KIVI_SMALL))
+    m = llama.with_transforms(cache_transform=KIVI(**KIVI_SMALL))
     prompt = prompt_of(llama, 8, (1, 37))
     toks, cache = generate(m, prompt, 6)
     forked = cache.fork(2)
@@ -151,7 +158,7 @@ def test_kivi_fork_crop_capacity(llama):
     for layer in range(llama.config.num_layers):
         for a, b in zip(grown.layer_kv(layer), cache.layer_kv(layer)):
             np.testing.assert_array_equal(np.asarray(a)[:, :43], np.asarray(b)[:, :43])
-    cropped = cache.crop(20)                           # back into the quantised blocks (done was 32)
+    cropped = cache.crop(20)  # back into the quantised blocks (done was 32)
     assert int(cropped.quantized[0, 0]) == 16 and int(cropped.lengths[0]) == 20
     for layer in range(llama.config.num_layers):
         for a, b in zip(cropped.layer_kv(layer), cache.layer_kv(layer)):
@@ -165,16 +172,17 @@ def test_kivi_memory_is_real():
     layers, batch, cap, kvh, d = 2, 1, 4096, 8, 128
     cache = KIVICache.init(layers, batch, cap, kvh, d, jnp.bfloat16, stacked=False)
     dense = lcjax.KVCache.init(layers, batch, cap, kvh, d, jnp.bfloat16, stacked=False)
-    per_layer = 2 * cap * kvh * d // 4 + 2 * 2 * (cap // 32) * kvh * d + 2 * 2 * cap * kvh * (d // 32) \
-        + 2 * 2 * 32 * kvh * d
-    counters = 2 * 4 * layers * batch + 2 * 4 * batch     # quantized, first [layers, batch]; lengths, positions
+    per_layer = (
+        2 * cap * kvh * d // 4 + 2 * 2 * (cap // 32) * kvh * d + 2 * 2 * cap * kvh * (d // 32) + 2 * 2 * 32 * kvh * d
+    )
+    counters = 2 * 4 * layers * batch + 2 * 4 * batch  # quantized, first [layers, batch]; lengths, positions
     assert cache_nbytes(cache) == layers * per_layer + counters
     ratio = cache_nbytes(cache) / cache_nbytes(dense)
     assert 0.1875 < ratio < 0.1875 + 0.01
 
 
 def test_kivi_cannot_follow_a_press(llama):
-    m = llama.with_transforms(cache=(SnapKVPress(capacity=8, window_size=4), kivi(**KIVI_SMALL)))
+    m = llama.with_transforms(cache_transform=(SnapKVPress(capacity=8, window_size=4), KIVI(**KIVI_SMALL)))
     with pytest.raises(ValueError, match="KIVI cannot follow a press"):
         m.prefill(prompt_of(llama, 10, (1, 20)))
 
@@ -184,7 +192,7 @@ def test_prefill_in_batch_chunks_equals_whole_batch(llama, method):
     """`prefill(batch_chunk=...)` runs groups of sequences and writes each group's cache into the batch's: the
     logits and every cache leaf equal one batched prefill (ragged rows, each cache kind)."""
     kw = dict(kivi=KIVI_SMALL, snapkv=dict(capacity=20, window_size=4), quest=dict(token_budget=32, chunk_size=8))
-    m = llama.with_transforms(cache=lcjax.methods.cache_method(method, **kw.get(method, {})) or "dense")
+    m = llama.with_transforms(cache_transform=lcjax.methods.cache_method(method, **kw.get(method, {})) or "dense")
     prompt, lengths = prompt_of(llama, 11, (3, 37)), np.array([37, 22, 30])
     whole_logits, whole = m.prefill(prompt, lengths, capacity=48, logits="last")
     logits, cache = m.prefill(prompt, lengths, capacity=48, logits="last", batch_chunk=2)

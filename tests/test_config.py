@@ -7,12 +7,26 @@ import pytest
 from lcjax.config import ModelConfig, RopeConfig
 
 LLAMA31_V4 = {
-    "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000,
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
     "eos_token_id": [128001, 128008, 128009],
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 }
 
 
@@ -30,20 +44,35 @@ def test_llama31_from_transformers4_and_5_layouts_agree():
 def test_to_hf_config_round_trips():
     cfg = ModelConfig.from_hf_config(LLAMA31_V4)
     assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
-    phi = dataclasses.replace(cfg, family="phi3", rope=RopeConfig(
-        "longrope", 10000.0, short_factor=(1.0,) * 64, long_factor=(2.0,) * 64, original_max_position_embeddings=4096))
+    phi = dataclasses.replace(
+        cfg,
+        family="phi3",
+        rope=RopeConfig(
+            "longrope",
+            10000.0,
+            short_factor=(1.0,) * 64,
+            long_factor=(2.0,) * 64,
+            original_max_position_embeddings=4096,
+        ),
+    )
     assert ModelConfig.from_hf_config(phi.to_hf_config()) == dataclasses.replace(
-        phi, rope=dataclasses.replace(phi.rope, factor=131072 / 4096))
+        phi, rope=dataclasses.replace(phi.rope, factor=131072 / 4096)
+    )
 
 
 def test_phi3_su_and_qwen2_window_switch():
-    phi = dict(LLAMA31_V4, architectures=["Phi3ForCausalLM"], original_max_position_embeddings=4096,
-               rope_scaling={"type": "su", "short_factor": [1.0] * 64, "long_factor": [3.0] * 64})
+    phi = dict(
+        LLAMA31_V4,
+        architectures=["Phi3ForCausalLM"],
+        original_max_position_embeddings=4096,
+        rope_scaling={"type": "su", "short_factor": [1.0] * 64, "long_factor": [3.0] * 64},
+    )
     cfg = ModelConfig.from_hf_config(phi)
     assert cfg.family == "phi3" and cfg.rope.rope_type == "longrope"
     assert cfg.rope.original_max_position_embeddings == 4096 and cfg.rope.factor == 32.0
-    qwen = dict(LLAMA31_V4, architectures=["Qwen2ForCausalLM"], rope_scaling=None, sliding_window=4096,
-                use_sliding_window=False)
+    qwen = dict(
+        LLAMA31_V4, architectures=["Qwen2ForCausalLM"], rope_scaling=None, sliding_window=4096, use_sliding_window=False
+    )
     q = ModelConfig.from_hf_config(qwen)
     assert q.sliding_window is None and q.qkv_bias
 
@@ -64,8 +93,12 @@ def test_missing_rope_parameter_is_named():
 
 
 def test_longrope_factor_length_must_match_rotary_dim():
-    phi = dict(LLAMA31_V4, architectures=["Phi3ForCausalLM"], original_max_position_embeddings=4096,
-               rope_scaling={"type": "longrope", "short_factor": [1.0] * 10, "long_factor": [3.0] * 10})
+    phi = dict(
+        LLAMA31_V4,
+        architectures=["Phi3ForCausalLM"],
+        original_max_position_embeddings=4096,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 10, "long_factor": [3.0] * 10},
+    )
     with pytest.raises(ValueError, match="needs 64"):
         ModelConfig.from_hf_config(phi)
 

@@ -5,12 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import lcjax
 from lcjax.generate import generate
 from lcjax.sampling import Greedy, Temperature, TopK, TopP
-
-from conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +49,16 @@ def numpy_keep(logits, sampler):
 
 @pytest.mark.parametrize("sampler", [TopK(k=5, temperature=0.7), TopP(p=0.6, temperature=1.3), TopP(p=1e-6)])
 def test_sampler_keeps_exactly_the_numpy_set(sampler):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(102)
     logits = rng.standard_normal((6, 40)).astype(np.float32) * 3
     keep = np.asarray(sampler.keep(jnp.asarray(logits) / sampler.temperature))
     np.testing.assert_array_equal(keep, numpy_keep(logits, sampler))
     draws = np.stack([np.asarray(sampler(jnp.asarray(logits), jax.random.key(s))) for s in range(200)])
-    assert keep[np.arange(6)[None, :], draws].all()             # every draw inside the kept set
+    assert keep[np.arange(6)[None, :], draws].all()  # every draw inside the kept set
 
 
 def test_temperature_sampling_follows_the_softmax():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(103)
     logits = rng.standard_normal((1, 8)).astype(np.float32)
     sampler = Temperature(0.8)
     n = 20000
@@ -68,7 +67,7 @@ def test_temperature_sampling_follows_the_softmax():
     p = np.exp(logits[0] / 0.8 - (logits[0] / 0.8).max())
     p /= p.sum()
     freq = np.bincount(draws, minlength=8) / n
-    assert np.abs(freq - p).max() < 5 * np.sqrt(p.max() / n)    # 5 standard errors
+    assert np.abs(freq - p).max() < 5 * np.sqrt(p.max() / n)  # 5 standard errors
 
 
 def test_sampler_arguments_are_checked():
@@ -85,7 +84,7 @@ def test_multi_turn_cache_equals_recomputing_the_conversation(llama):
     turn1, turn2 = ids[:10], ids[10:17]
     (a,), cache = generate(model, turn1, 5)
     assert a == greedy_by_recomputing(model, turn1, 5)
-    assert int(cache.lengths[0]) == 15                           # prompt + every returned token
+    assert int(cache.lengths[0]) == 15  # prompt + every returned token
     (b,), cache = generate(model, turn2, 6, cache=cache)
     assert b == greedy_by_recomputing(model, turn1 + a + turn2, 6)
     assert int(cache.lengths[0]) == 15 + 7 + 6
@@ -96,7 +95,7 @@ def test_a_turn_past_capacity_grows_the_cache_or_raises_in_extend(llama):
     _, cache = model.prefill(np.asarray([ids[:8]]), capacity=8)
     with pytest.raises(ValueError, match="holds 8; grow it with cache.with_capacity"):
         model.extend(np.asarray([ids[8:12]]), cache)
-    (b,), grown = generate(model, ids[8:12], 4, cache=cache)     # generate grows by a copy instead
+    (b,), grown = generate(model, ids[8:12], 4, cache=cache)  # generate grows by a copy instead
     assert grown.capacity >= 16 and b == greedy_by_recomputing(model, ids[:12], 4)
 
 
@@ -117,10 +116,16 @@ def test_ragged_batch_stops_early_and_streams_in_order(llama):
     prompts = np.zeros((2, 9), np.int32)
     prompts[0, :9], prompts[1, :5] = ids[:9], ids[:5]
     ref0, ref1 = greedy_by_recomputing(model, ids[:9], 6), greedy_by_recomputing(model, ids[:5], 6)
-    stop = ref1[2]                                               # sequence 1 stops at its third token
+    stop = ref1[2]  # sequence 1 stops at its third token
     steps = []
-    (a, b), cache = generate(model, prompts, 6, lengths=[9, 5], stop_tokens=(stop,),
-                             stream=lambda step, toks: steps.append((int(step), [int(t) for t in toks])))
+    (a, b), cache = generate(
+        model,
+        prompts,
+        6,
+        lengths=[9, 5],
+        stop_tokens=(stop,),
+        stream=lambda step, toks: steps.append((int(step), [int(t) for t in toks])),
+    )
     cut = ref0.index(stop) + 1 if stop in ref0 else 6
     assert a == ref0[:cut] and b == ref1[:3]
     assert [s for s, _ in steps] == list(range(len(steps)))
@@ -143,6 +148,7 @@ def test_decode_through_the_pallas_kernel_gives_the_same_tokens(llama):
     CPU); greedy tokens equal the XLA path's and recomputation's, across a second turn. A random-weight model
     of the fixture's family with head_dim 64 (the kernel's smallest)."""
     import dataclasses
+
     base, ids = llama
     config = dataclasses.replace(base.config, head_dim=64)
     model = lcjax.Transformer.init(config, jax.random.key(0), dtype=jnp.float32, std=0.2)
@@ -152,13 +158,16 @@ def test_decode_through_the_pallas_kernel_gives_the_same_tokens(llama):
     (b,), cache_b = generate(kernel, ids[:7], 5)
     assert a == b == greedy_by_recomputing(model, ids[:7], 5)
     (c,), _ = generate(kernel, ids[20:24], 4, cache=cache_b)
-    assert c == generate(xla, ids[20:24], 4, cache=cache_a)[0][0] == greedy_by_recomputing(
-        model, ids[:7] + a + ids[20:24], 4)
+    assert (
+        c
+        == generate(xla, ids[20:24], 4, cache=cache_a)[0][0]
+        == greedy_by_recomputing(model, ids[:7] + a + ids[20:24], 4)
+    )
 
 
 def test_unstacked_layers_give_the_same_tokens_and_logits(llama):
     """The per-layer (Python loop) layout must be the same model as the stacked (scan) one."""
-    model = llama[0].with_layer_layout("stacked")   # load_model's default is unstacked on a GPU
+    model = llama[0].with_layer_layout("stacked")  # load_model's default is unstacked on a GPU
     flat = model.with_layer_layout("unstacked")
     assert flat.layer_layout == "unstacked" and model.layer_layout == "stacked"
     prompt = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 12))
@@ -166,7 +175,7 @@ def test_unstacked_layers_give_the_same_tokens_and_logits(llama):
     a, _ = generate(model, prompt, 6)
     b, cache = generate(flat, prompt, 6)
     assert a == b and not cache.stacked and len(cache.k) == model.config.num_layers
-    c, _ = generate(flat, prompt[:, :3], 4, cache=cache.fork(1))       # a second turn on the per-layer cache
+    c, _ = generate(flat, prompt[:, :3], 4, cache=cache.fork(1))  # a second turn on the per-layer cache
     c_ref, _ = generate(model, prompt[:, :3], 4, cache=generate(model, prompt, 6)[1])
     assert c == c_ref
     back = flat.with_layer_layout("stacked")

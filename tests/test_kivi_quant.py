@@ -7,10 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcjax.methods.kivi_quant import (QuantizedTensor, dequantize, nbytes, pack_codes, quantize_keys,
-                                      quantize_values, unpack_codes)
+from lcjax.pallas.kivi_quant import (
+    QuantizedTensor,
+    dequantize,
+    nbytes,
+    pack_codes,
+    quantize_keys,
+    quantize_values,
+    unpack_codes,
+)
 
-EPS = {jnp.float16: 2.0 ** -10, jnp.bfloat16: 2.0 ** -7, jnp.float32: 2.0 ** -23}  # one ulp, relative
+EPS = {jnp.float16: 2.0**-10, jnp.bfloat16: 2.0**-7, jnp.float32: 2.0**-23}  # one ulp, relative
 
 
 def kv_data(seed, shape, dtype=jnp.float32):
@@ -38,7 +45,7 @@ def reference(x, axis, group, bits):
         g = x.reshape(b, t, h, d // group, group)
         lo, hi = g.min(axis=4, keepdims=True), g.max(axis=4, keepdims=True)
     lo, hi = np.broadcast_to(lo, g.shape).reshape(x.shape), np.broadcast_to(hi, g.shape).reshape(x.shape)
-    scale = (hi - lo) / (2 ** bits - 1)
+    scale = (hi - lo) / (2**bits - 1)
     q = np.where(scale > 0, (x - lo) / np.where(scale > 0, scale, 1.0), 0.0)
     return lo, scale, q
 
@@ -55,7 +62,7 @@ def quantize(axis, x, group, bits, **kw):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("n", [128, 36])
 def test_pack_unpack_round_trip(bits, n):
-    codes = np.random.default_rng(bits * n).integers(0, 2 ** bits, (3, 5, n), dtype=np.uint8)
+    codes = np.random.default_rng(bits * n).integers(0, 2**bits, (3, 5, n), dtype=np.uint8)
     packed = pack_codes(jnp.asarray(codes), bits)
     per_byte = 8 // bits
     assert packed.dtype == jnp.uint8 and packed.shape == (3, 5, n // per_byte)
@@ -66,7 +73,10 @@ def test_pack_unpack_round_trip(bits, n):
 
 
 def test_pack_known_byte():
-    assert np.asarray(pack_codes(jnp.array([1, 2, 3, 0, 2, 1, 0, 3]), 2)).tolist() == [1 | 3 << 2 | 2 << 4, 2 | 1 << 4 | 3 << 6]
+    assert np.asarray(pack_codes(jnp.array([1, 2, 3, 0, 2, 1, 0, 3]), 2)).tolist() == [
+        1 | 3 << 2 | 2 << 4,
+        2 | 1 << 4 | 3 << 6,
+    ]
     assert int(pack_codes(jnp.array([9, 6]), 4)[0]) == 9 | 6 << 4
 
 
@@ -78,10 +88,10 @@ def test_codes_match_numpy(axis, group, bits, scale_dtype):
     qt = quantize(axis, x, group, bits, scale_dtype=scale_dtype)
     lo, scale, q = reference(x, axis, group, bits)
     codes = np.asarray(unpack_codes(qt.packed, bits, x.shape[-1]))
-    assert codes.max() <= 2 ** bits - 1
+    assert codes.max() <= 2**bits - 1
     # Storing zero/scale in scale_dtype (zero rounded down, scale up) moves the real-valued code by at most
     # ~ 2 ulp(lo) / scale + levels * ulp(scale) / scale; compare codes only where that cannot flip rounding.
-    eps, levels = EPS[scale_dtype], 2 ** bits - 1
+    eps, levels = EPS[scale_dtype], 2**bits - 1
     margin = 3 * eps * np.abs(lo) / np.where(scale > 0, scale, 1.0) + 1.5 * levels * eps + 1e-4
     frac = q - np.floor(q)
     sure = np.abs(frac - 0.5) > margin
@@ -89,8 +99,9 @@ def test_codes_match_numpy(axis, group, bits, scale_dtype):
     np.testing.assert_array_equal(codes[sure], np.round(q)[sure])
     # The stored parameters are the reference ones, up to the storage rounding.
     np.testing.assert_allclose(expand(qt.zero, axis, group, x.shape), lo, rtol=2 * eps, atol=1e-30)
-    np.testing.assert_allclose(expand(qt.scale, axis, group, x.shape), scale,
-                               rtol=2 * eps, atol=(2 * eps * np.abs(lo) / levels).max())
+    np.testing.assert_allclose(
+        expand(qt.scale, axis, group, x.shape), scale, rtol=2 * eps, atol=(2 * eps * np.abs(lo) / levels).max()
+    )
 
 
 @pytest.mark.parametrize("axis,group", [("token", 16), ("channel", 32)])
@@ -159,8 +170,9 @@ def test_jit_and_pytree():
     eager = quantize_keys(x, 32, 2)
     for a, e in zip(jax.tree_util.tree_leaves(qk), jax.tree_util.tree_leaves(eager)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
-    np.testing.assert_array_equal(np.asarray(jax.jit(dequantize)(qk), np.float32),
-                                  np.asarray(dequantize(eager), np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(dequantize)(qk), np.float32), np.asarray(dequantize(eager), np.float32)
+    )
     qv = jax.jit(quantize_values, static_argnums=(1, 2))(x, 16, 4)
     assert qv.axis == "channel" and qv.scale.shape == (1, 64, 2, 2) and qk.scale.shape == (1, 2, 2, 32)
     assert jax.jit(dequantize, static_argnums=1)(qv, jnp.float32).dtype == jnp.float32

@@ -11,16 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import lcjax
-from lcjax.cache import KVCache
+from lcjax.cache import KVCache, Observation, observe_rows
 from lcjax.generate import generate
 from lcjax.methods import kv_press
 from lcjax.methods.pyramidkv import PyramidKVPress
 from lcjax.methods.snapkv import SnapKVPress
 from lcjax.methods.streaming_llm import StreamingLLMPress
-
-from conftest import FIXTURES
 
 LAYERS, BATCH, CAP, KVH, HEADS, D, WINDOW = 2, 2, 96, 2, 4, 16, 4
 
@@ -43,10 +42,10 @@ def snap_votes_f64(q, k, q_slots, q_valid, lengths, kernel, scale):
                 s = np.where(allowed, k[b, :, h // g] @ q[b, i, h] * scale, -np.inf)
                 p = np.exp(s - s.max())
                 votes[b, h // g] += p / p.sum() / (n_obs * g)
-        votes[b, :, max(int(lengths[b]) - w, 0):] = 0.0           # pooled over the tokens before the window
+        votes[b, :, max(int(lengths[b]) - w, 0) :] = 0.0  # pooled over the tokens before the window
     pad = kernel // 2
     padded = np.pad(votes, [(0, 0), (0, 0), (pad, kernel - 1 - pad)])
-    return np.stack([padded[..., i:i + cap] for i in range(kernel)]).sum(0) / kernel
+    return np.stack([padded[..., i : i + cap] for i in range(kernel)]).sum(0) / kernel
 
 
 def kept_slots_f64(scores, lengths, window, budget):
@@ -57,7 +56,7 @@ def kept_slots_f64(scores, lengths, window, budget):
         for h in range(scores.shape[1]):
             forced = set(range(max(n - window, 0), n))
             rest = [s for s in np.argsort(-scores[b, h, :n], kind="stable") if s not in forced]
-            out[b, h] = forced | set(rest[:max(min(budget, n) - len(forced), 0)])
+            out[b, h] = forced | set(rest[: max(min(budget, n) - len(forced), 0)])
     return out
 
 
@@ -75,13 +74,13 @@ def planted_case(rng, stacked: bool):
         k[:, b, slots] += 4.0 * direction
     v = rng.standard_normal(k.shape).astype(np.float32)
     start = lengths - WINDOW
-    _, slots, valid = kv_press.observe_rows(jnp.asarray(start, jnp.int32), jnp.asarray(lengths, jnp.int32), WINDOW)
+    _, slots, valid = observe_rows(jnp.asarray(start, jnp.int32), jnp.asarray(lengths, jnp.int32), WINDOW)
     first = jnp.zeros((LAYERS, BATCH), jnp.int32)
     kk, vv = jnp.asarray(k), jnp.asarray(v)
     if not stacked:
         kk, vv = tuple(kk), tuple(vv)
     cache = KVCache(kk, vv, jnp.asarray(lengths, jnp.int32), jnp.asarray(lengths + 5, jnp.int32), first)
-    return cache, kv_press.Observation(jnp.asarray(q), slots, valid), needles, (k, v, q, lengths)
+    return cache, Observation(jnp.asarray(q), slots, valid), needles, (k, v, q, lengths)
 
 
 def cache_sets(cache, k_full, layer):
@@ -91,54 +90,55 @@ def cache_sets(cache, k_full, layer):
     out = {}
     for b in range(k_new.shape[0]):
         for h in range(k_new.shape[2]):
-            kept = k_new[b, first[b]:lengths[b], h]
+            kept = k_new[b, first[b] : lengths[b], h]
             match = (kept[:, None, :] == k_full[layer, b][None, :, h, :]).all(-1)
             assert (match.sum(1) == 1).all()
             slots = match.argmax(1)
-            assert (np.diff(slots) > 0).all()          # kept in their original order
+            assert (np.diff(slots) > 0).all()  # kept in their original order
             out[b, h] = set(slots.tolist())
     return out
 
 
 def test_snapkv_votes_match_float64():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(104)
     cache, obs, _, (k, _, q, lengths) = planted_case(rng, True)
     valid = jnp.arange(CAP)[None, :] < cache.lengths[:, None]
-    scores = np.asarray(SnapKVPress(capacity=8, window_size=WINDOW).scores(cache.k[1], valid, obs, 1, D ** -0.5))
-    ref = snap_votes_f64(q[1], k[1], np.asarray(obs.slots), np.asarray(obs.valid), lengths, 5, D ** -0.5)
-    for b in range(BATCH):                          # the window is +inf (always kept); the rest are pooled votes
+    scores = np.asarray(SnapKVPress(capacity=8, window_size=WINDOW).scores(cache.k[1], valid, obs, 1, D**-0.5))
+    ref = snap_votes_f64(q[1], k[1], np.asarray(obs.slots), np.asarray(obs.valid), lengths, 5, D**-0.5)
+    for b in range(BATCH):  # the window is +inf (always kept); the rest are pooled votes
         n = int(lengths[b])
-        assert np.isposinf(scores[b, :, n - WINDOW:n]).all()
-        np.testing.assert_allclose(scores[b, :, :n - WINDOW], ref[b, :, :n - WINDOW], rtol=1e-4, atol=1e-7)
+        assert np.isposinf(scores[b, :, n - WINDOW : n]).all()
+        np.testing.assert_allclose(scores[b, :, : n - WINDOW], ref[b, :, : n - WINDOW], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("stacked", [True, False])
 def test_snapkv_keeps_exactly_the_numpy_set(stacked):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(105)
     cache, obs, needles, (k, v, q, lengths) = planted_case(rng, stacked)
-    budget = WINDOW + 3 * 5                        # the window and the three pooled needle neighbourhoods
+    budget = WINDOW + 3 * 5  # the window and the three pooled needle neighbourhoods
     press = SnapKVPress(capacity=budget, window_size=WINDOW, kernel_size=5)
-    out = kv_press.compress(press, cache, obs, D ** -0.5, new_capacity=budget + 8)
+    out = kv_press.compress(press, cache, obs, D**-0.5, new_capacity=budget + 8)
     assert out.capacity == budget + 8 and (np.asarray(out.lengths) == budget).all()
     np.testing.assert_array_equal(np.asarray(out.positions), lengths + 5)
     for layer in range(LAYERS):
-        ref_scores = snap_votes_f64(q[layer], k[layer], np.asarray(obs.slots), np.asarray(obs.valid), lengths, 5,
-                                    D ** -0.5)
+        ref_scores = snap_votes_f64(
+            q[layer], k[layer], np.asarray(obs.slots), np.asarray(obs.valid), lengths, 5, D**-0.5
+        )
         ref = kept_slots_f64(ref_scores, lengths, WINDOW, budget)
         got = cache_sets(out, k, layer)
         assert got == ref
-        for b in range(BATCH):                    # the plant worked: every needle is kept
+        for b in range(BATCH):  # the plant worked: every needle is kept
             assert set(needles[b].tolist()) <= got[b, 0]
-        vals = np.asarray(out.v[layer])           # values travel with their keys
+        vals = np.asarray(out.v[layer])  # values travel with their keys
         for (b, h), slots in got.items():
             np.testing.assert_array_equal(vals[b, :budget, h], v[layer, b, sorted(slots), h])
 
 
 def test_streaming_llm_keeps_sinks_and_recent_on_ragged_rows():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(106)
     cache, _, _, (k, _, _, lengths) = planted_case(rng, True)
     press = StreamingLLMPress(capacity=20, n_sink=3)
-    out = kv_press.compress(press, cache, None, D ** -0.5, new_capacity=24)
+    out = kv_press.compress(press, cache, None, D**-0.5, new_capacity=24)
     for layer in range(LAYERS):
         got = cache_sets(out, k, layer)
         for b in range(BATCH):
@@ -166,20 +166,21 @@ def test_pyramidkv_budgets_and_sets():
     got = np.asarray(press.budgets(32, n))
     for b, nb in enumerate(np.asarray(n)):
         assert got[:, b].tolist() == pyramid_budgets_f64(4096, int(nb), 32, 20, 32)
-    assert abs(got[:, 0].mean() - 4096) < 0.02 * 4096    # about SnapKV's total: 4096 per layer
+    assert abs(got[:, 0].mean() - 4096) < 0.02 * 4096  # about SnapKV's total: 4096 per layer
     assert (got[:, 2] == 4096).all() and (got[:, 3] == 3000).all()
     # kept sets: per layer, SnapKV's ranking cut at that layer's budget; layers right-aligned to one length
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(107)
     cache, obs, _, (k, _, q, lengths) = planted_case(rng, True)
     press = PyramidKVPress(capacity=WINDOW + 12, window_size=WINDOW, beta=4)
-    out = kv_press.compress(press, cache, obs, D ** -0.5, new_capacity=64)
+    out = kv_press.compress(press, cache, obs, D**-0.5, new_capacity=64)
     budgets = np.asarray(press.budgets(LAYERS, cache.lengths))
     assert budgets[0, 0] > budgets[1, 0]
     for layer in range(LAYERS):
-        ref_scores = snap_votes_f64(q[layer], k[layer], np.asarray(obs.slots), np.asarray(obs.valid), lengths, 5,
-                                    D ** -0.5)
+        ref_scores = snap_votes_f64(
+            q[layer], k[layer], np.asarray(obs.slots), np.asarray(obs.valid), lengths, 5, D**-0.5
+        )
         for b in range(BATCH):
-            ref = kept_slots_f64(ref_scores[b:b + 1], lengths[b:b + 1], WINDOW, int(budgets[layer, b]))
+            ref = kept_slots_f64(ref_scores[b : b + 1], lengths[b : b + 1], WINDOW, int(budgets[layer, b]))
             got = cache_sets(out, k, layer)
             assert {h: got[b, h] for h in range(KVH)} == {h: ref[0, h] for h in range(KVH)}
     np.testing.assert_array_equal(np.asarray(out.lengths), budgets.max(0))
@@ -206,8 +207,8 @@ def test_model_streaming_llm_cache_is_the_dense_cache_at_kept_slots(llama):
     prompt = np.random.default_rng(1).integers(0, llama.config.vocab_size, (2, 40))
     _, dense = llama.prefill(prompt, capacity=48)
     press = StreamingLLMPress(capacity=16, n_sink=4)
-    _, small = llama.with_transforms(cache=press).prefill(prompt, capacity=48)
-    assert small.capacity == 16 + 8                    # the press's bound plus the 8 slots of room asked for
+    _, small = llama.with_transforms(cache_transform=press).prefill(prompt, capacity=48)
+    assert small.capacity == 16 + 8  # the press's bound plus the 8 slots of room asked for
     keep = list(range(4)) + list(range(28, 40))
     for layer in range(llama.config.num_layers):
         np.testing.assert_array_equal(np.asarray(small.k[layer])[:, :16], np.asarray(dense.k[layer])[:, keep])
@@ -219,7 +220,7 @@ def test_model_press_without_effect_changes_nothing(llama):
     prompt = np.random.default_rng(2).integers(0, llama.config.vocab_size, (2, 20))
     turn2 = prompt[:, :5]
     for press in (SnapKVPress(capacity=512, window_size=4), StreamingLLMPress(capacity=512, n_sink=4)):
-        m = llama.with_transforms(cache=press)
+        m = llama.with_transforms(cache_transform=press)
         a, ca = generate(llama, prompt, 4)
         b, cb = generate(m, prompt, 4)
         assert a == b
@@ -229,13 +230,13 @@ def test_model_press_without_effect_changes_nothing(llama):
 def test_pyramidkv_cache_decodes_the_same_with_kernel_and_xla(llama):
     """Layers that keep different counts start at different slots (`first`): the split-K kernel (interpret
     mode) and the XLA path must both honour it, over a decode and a second compressed turn."""
-    config = dataclasses.replace(llama.config, head_dim=64)          # a head_dim the kernel supports
+    config = dataclasses.replace(llama.config, head_dim=64)  # a head_dim the kernel supports
     model = lcjax.Transformer.init(config, jax.random.key(0), dtype=jnp.float32, std=0.2)
     prompt = np.random.default_rng(3).integers(0, config.vocab_size, (2, 48))
     press = PyramidKVPress(capacity=20, window_size=4, beta=2)
     runs = []
     for decode in ("pallas", "xla"):
-        m = model.with_transforms(cache=press, attention=lcjax.DenseAttention(decode=decode))
+        m = model.with_transforms(cache_transform=press, attention=lcjax.DenseAttention(decode=decode))
         toks, cache = generate(m, prompt, 4)
         assert len(set(np.asarray(cache.first[:, 0]).tolist())) > 1
         logits, cache = m.extend(prompt[:, :9], cache.with_capacity(cache.capacity + 16))
@@ -250,14 +251,15 @@ def test_minference_prefill_composes_with_snapkv(llama):
     """MInference vertical-slash prefill + SnapKV cache, one line: the press sees the sparse method's queries
     and cache. With a budget above the prompt it must equal MInference alone; with a small one the cache holds
     the budget and the next turn runs over it."""
-    from lcjax.methods import vertical_slash
+    from lcjax.methods import MInference
+
     c = llama.config
-    sparse = llama.with_transforms(attention=vertical_slash(c.num_layers, c.num_heads, 8, 16, backend="xla"))
+    sparse = llama.with_transforms(attention=MInference.vertical_slash(c.num_layers, c.num_heads, 8, 16, backend="xla"))
     prompt = np.random.default_rng(4).integers(0, c.vocab_size, (1, 96))
     alone, _ = generate(sparse, prompt, 4)
-    kept_all, _ = generate(sparse.with_transforms(cache=SnapKVPress(capacity=512, window_size=8)), prompt, 4)
+    kept_all, _ = generate(sparse.with_transforms(cache_transform=SnapKVPress(capacity=512, window_size=8)), prompt, 4)
     assert kept_all == alone
-    both = sparse.with_transforms(cache=SnapKVPress(capacity=24, window_size=8))
+    both = sparse.with_transforms(cache_transform=SnapKVPress(capacity=24, window_size=8))
     toks, cache = generate(both, prompt, 4)
     assert int(cache.lengths[0]) == 24 + 4 and int(cache.positions[0]) == 96 + 4
     toks2, cache = generate(both, prompt[:, :10], 3, cache=cache)

@@ -1,17 +1,19 @@
 """vertical_slash_attention (Pallas: interpret mode on CPU, compiled on a GPU) and its index builder, against
 float64 numpy."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
+from reference import INTERPRET, TOL, assert_matches_reference, attention_f64, cover_mask
 
 from lcjax.pallas.vertical_slash_attention import (
-    SLASH_MASKS, _pallas_forward, build_vertical_slash_index, vertical_slash_attention,
-    vertical_slash_attention_reference)
+    SLASH_MASKS,
+    _pallas_forward,
+    build_vertical_slash_index,
+    vertical_slash_attention,
+    vertical_slash_attention_reference,
+)
 from lcjax.pallas.vertical_slash_index import slash_words
-
-from reference import INTERPRET, TOL, assert_matches_reference, attention_f64, cover_mask
 
 
 def pattern_mask(verticals, slashes, q_len):
@@ -32,8 +34,19 @@ def pattern_mask(verticals, slashes, q_len):
 
 def visit_counts(index, q_len):
     """How many times the kernel's schedule counts each (query, key) pair, by replaying its three loops."""
-    ix = {f: np.asarray(getattr(index, f)) for f in ("diag_plain", "diag_masked", "plain_counts", "masked_counts",
-                                                    "column_indices", "column_counts", "is_vertical", "is_slash")}
+    ix = {
+        f: np.asarray(getattr(index, f))
+        for f in (
+            "diag_plain",
+            "diag_masked",
+            "plain_counts",
+            "masked_counts",
+            "column_indices",
+            "column_counts",
+            "is_vertical",
+            "is_slash",
+        )
+    }
     b_ = index.block
     batch, heads, nqb = ix["plain_counts"].shape
     padded = nqb * b_
@@ -43,15 +56,17 @@ def visit_counts(index, q_len):
         for h in range(heads):
             for qb in range(nqb):
                 rows = slice(qb * b_, (qb + 1) * b_)
-                for t in ix["diag_plain"][b, h, :ix["plain_counts"][b, h, qb]]:
-                    seen[b, h, rows, (qb - t) * b_:(qb - t + 1) * b_] += 1
-                for t in ix["diag_masked"][b, h, :ix["masked_counts"][b, h, qb]]:
+                for t in ix["diag_plain"][b, h, : ix["plain_counts"][b, h, qb]]:
+                    seen[b, h, rows, (qb - t) * b_ : (qb - t + 1) * b_] += 1
+                for t in ix["diag_masked"][b, h, : ix["masked_counts"][b, h, qb]]:
                     off = t * b_ + r - c
                     ks = (qb - t) * b_
-                    m = (off >= 0) & ((ix["is_slash"][b, h][np.maximum(off, 0)] != 0)
-                                      | (ix["is_vertical"][b, h, ks:ks + b_] != 0)[None, :])
-                    seen[b, h, rows, ks:ks + b_] += m
-                for col in ix["column_indices"][b, h, qb, :ix["column_counts"][b, h, qb]]:
+                    m = (off >= 0) & (
+                        (ix["is_slash"][b, h][np.maximum(off, 0)] != 0)
+                        | (ix["is_vertical"][b, h, ks : ks + b_] != 0)[None, :]
+                    )
+                    seen[b, h, rows, ks : ks + b_] += m
+                for col in ix["column_indices"][b, h, qb, : ix["column_counts"][b, h, qb]]:
                     seen[b, h, rows, col] += np.arange(qb * b_, (qb + 1) * b_) >= col
     return seen[:, :, :q_len, :q_len]
 
@@ -59,6 +74,7 @@ def visit_counts(index, q_len):
 def random_inputs(rng, q_len, heads, kv_heads, head_dim, dtype, batch=1):
     def draw(h):
         return jnp.asarray(rng.standard_normal((batch, q_len, h, head_dim)) * 1.5, jnp.float32).astype(dtype)
+
     return draw(heads), draw(kv_heads), draw(kv_heads)
 
 
@@ -92,8 +108,9 @@ CASES = [  # q_len, heads, kv_heads, head_dim, dtype, block, n_vertical, n_slash
 
 @pytest.mark.parametrize("slash_mask", SLASH_MASKS)
 @pytest.mark.parametrize("q_len,heads,kv_heads,head_dim,dtype,block,n_vertical,n_slash,pattern", CASES)
-def test_vertical_slash_matches_float64_reference(q_len, heads, kv_heads, head_dim, dtype, block, n_vertical,
-                                                  n_slash, pattern, slash_mask):
+def test_vertical_slash_matches_float64_reference(
+    q_len, heads, kv_heads, head_dim, dtype, block, n_vertical, n_slash, pattern, slash_mask
+):
     rng = np.random.default_rng(q_len * 7 + heads)
     q, k, v = random_inputs(rng, q_len, heads, kv_heads, head_dim, dtype)
     if pattern == "random":
@@ -101,7 +118,7 @@ def test_vertical_slash_matches_float64_reference(q_len, heads, kv_heads, head_d
     else:
         verticals, slashes = nearest_diagonals(1, heads, n_vertical, n_slash)
     index = build_vertical_slash_index(verticals, slashes, q_len, block, block)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=INTERPRET, slash_mask=slash_mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     mask = pattern_mask(verticals, slashes, q_len)
@@ -116,8 +133,18 @@ def test_vertical_slash_kernel_writes_every_output_element(heads_fastest):
     verticals, slashes = random_pattern(rng, 1, 4, 96, 6, 5)
     index = build_vertical_slash_index(verticals, slashes, 96, 32, 32)
     poison = jnp.full(q.shape, jnp.nan, q.dtype)
-    out = _pallas_forward(q, k, v, index, scale=0.125, interpret=INTERPRET, num_warps=None, num_stages=None,
-                          heads_fastest=heads_fastest, out_init=poison)
+    out = _pallas_forward(
+        q,
+        k,
+        v,
+        index,
+        scale=0.125,
+        interpret=INTERPRET,
+        num_warps=None,
+        num_stages=None,
+        heads_fastest=heads_fastest,
+        out_init=poison,
+    )
     out = np.asarray(out.astype(jnp.float32))
     assert np.isfinite(out).all()
     ref = attention_f64(q, k, v, pattern_mask(verticals, slashes, 96), 0.125)
@@ -159,7 +186,7 @@ def test_index_planted_vertical_line_and_diagonal():
 
 @pytest.mark.parametrize("block", [16, 64])
 def test_slash_words_hold_each_offsets_bit(block):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(112)
     length = 203
     is_slash = rng.integers(0, 2, (2, 3, length)).astype(np.int8)
     words = np.asarray(slash_words(jnp.asarray(is_slash), block)).view(np.uint32)
@@ -209,7 +236,7 @@ def run_pattern(rng, batch, heads, q_len, n_runs, n_nearest=20, widths=(10, 40))
     width = max(len(o) for o in per_head)
     s = np.full((batch * heads, width), -1)
     for i, o in enumerate(per_head):
-        s[i, :len(o)] = o
+        s[i, : len(o)] = o
     v = rng.integers(0, q_len, (batch, heads, 6))
     return jnp.asarray(v, jnp.int32), jnp.asarray(s.reshape(batch, heads, width), jnp.int32)
 
@@ -217,8 +244,11 @@ def run_pattern(rng, batch, heads, q_len, n_runs, n_nearest=20, widths=(10, 40))
 def range_visit_counts(index, q_len):
     """How many times the range schedule counts each (query, key) pair, replaying the kernel's loops (chunk
     starts, load clamping, plain/masked decision and masks as the kernel computes them)."""
-    ix = {f.name: np.asarray(getattr(index, f.name)) for f in vsr.dataclasses.fields(index)
-          if f.name not in ("q_len", "block")}
+    ix = {
+        f.name: np.asarray(getattr(index, f.name))
+        for f in vsr.dataclasses.fields(index)
+        if f.name not in ("q_len", "block")
+    }
     b_ = index.block
     batch, heads, nqb = ix["group_counts"].shape
     padded = nqb * b_
@@ -252,11 +282,14 @@ def range_visit_counts(index, q_len):
                             m = in_range & (((off >= a) & (off <= c_)) | ((off >= 0) & (is_vert[keys] != 0)[None, :]))
                             n_band += 1
                         else:
-                            m = ((off >= 0) & in_range
-                                 & ((is_slash[np.maximum(off, 0)] != 0) | (is_vert[keys] != 0)[None, :]))
-                        seen[b, h, r0:r0 + b_, first:first + b_] += m
-                for col in ix["column_indices"][b, h, qb, :ix["column_counts"][b, h, qb]]:
-                    seen[b, h, r0:r0 + b_, col] += rows >= col
+                            m = (
+                                (off >= 0)
+                                & in_range
+                                & ((is_slash[np.maximum(off, 0)] != 0) | (is_vert[keys] != 0)[None, :])
+                            )
+                        seen[b, h, r0 : r0 + b_, first : first + b_] += m
+                for col in ix["column_indices"][b, h, qb, : ix["column_counts"][b, h, qb]]:
+                    seen[b, h, r0 : r0 + b_, col] += rows >= col
     return seen[:, :, :q_len, :q_len], (n_plain, n_band)
 
 
@@ -286,13 +319,14 @@ def range_case_pattern(rng, pattern, heads, q_len):
 
 @pytest.mark.parametrize("slash_mask", SLASH_MASKS)
 @pytest.mark.parametrize("q_len,heads,kv_heads,head_dim,dtype,block,pattern", RANGE_CASES)
-def test_vertical_slash_ranges_matches_float64_reference(q_len, heads, kv_heads, head_dim, dtype, block,
-                                                         pattern, slash_mask):
-    rng = np.random.default_rng()  # fresh inputs every run
+def test_vertical_slash_ranges_matches_float64_reference(
+    q_len, heads, kv_heads, head_dim, dtype, block, pattern, slash_mask
+):
+    rng = np.random.default_rng(113)
     q, k, v = random_inputs(rng, q_len, heads, kv_heads, head_dim, dtype)
     verticals, slashes = range_case_pattern(rng, pattern, heads, q_len)
     index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=INTERPRET, slash_mask=slash_mask)
     assert out.shape == q.shape and out.dtype == q.dtype
     mask = pattern_mask(verticals, slashes, q_len)
@@ -303,13 +337,14 @@ def test_vertical_slash_ranges_matches_float64_reference(q_len, heads, kv_heads,
 
 
 def test_vertical_slash_ranges_writes_every_output_element():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(114)
     q, k, v = random_inputs(rng, 96, 4, 2, 64, jnp.bfloat16)
     verticals, slashes = run_pattern(rng, 1, 4, 96, n_runs=3, n_nearest=5)
     index = vsr.build_vertical_slash_ranges(verticals, slashes, 96, 32)
     poison = jnp.full(q.shape, jnp.nan, q.dtype)
-    out = vsr._pallas_forward(q, k, v, index, scale=0.125, interpret=INTERPRET, num_warps=None, num_stages=None,
-                              out_init=poison)
+    out = vsr._pallas_forward(
+        q, k, v, index, scale=0.125, interpret=INTERPRET, num_warps=None, num_stages=None, out_init=poison
+    )
     out = np.asarray(out.astype(jnp.float32))
     assert np.isfinite(out).all()
     ref = attention_f64(q, k, v, pattern_mask(verticals, slashes, 96), 0.125)
@@ -318,7 +353,7 @@ def test_vertical_slash_ranges_writes_every_output_element():
 
 @pytest.mark.parametrize("pattern", ["random", "runs", "nearest", "dense_slashes", "ragged_runs"])
 def test_range_index_counts_every_allowed_pair_exactly_once(pattern):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(115)
     q_len, block = 150, 16
     if pattern == "random":
         verticals, slashes = random_pattern(rng, 2, 3, q_len, 25, 20)
@@ -366,8 +401,10 @@ def test_range_schedule_visits_fewer_tiles_on_runs():
     verticals, slashes = run_pattern(rng, 1, 2, q_len, n_runs=10, n_nearest=128, widths=(64, 64))
     diag = build_vertical_slash_index(verticals, slashes, q_len, block, block)
     ranges = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block)
-    diag_tiles = int(np.asarray(diag.plain_counts + diag.masked_counts).sum()
-                     + ((np.asarray(diag.column_counts) + block - 1) // block).sum())
+    diag_tiles = int(
+        np.asarray(diag.plain_counts + diag.masked_counts).sum()
+        + ((np.asarray(diag.column_counts) + block - 1) // block).sum()
+    )
     stats = vsr.range_schedule_tiles(ranges)
     range_tiles = int(stats["chunks"].sum() + stats["columns"].sum())
     assert range_tiles < diag_tiles
@@ -375,15 +412,16 @@ def test_range_schedule_visits_fewer_tiles_on_runs():
 
 
 @pytest.mark.parametrize("q_len,heads,kv_heads,head_dim,dtype,block,pattern", RANGE_CASES)
-def test_vertical_slash_ranges_cover_semantics_matches_float64_reference(q_len, heads, kv_heads, head_dim, dtype,
-                                                                         block, pattern):
-    rng = np.random.default_rng()
+def test_vertical_slash_ranges_cover_semantics_matches_float64_reference(
+    q_len, heads, kv_heads, head_dim, dtype, block, pattern
+):
+    rng = np.random.default_rng(116)
     q, k, v = random_inputs(rng, q_len, heads, kv_heads, head_dim, dtype)
     verticals, slashes = range_case_pattern(rng, pattern, heads, q_len)
     mask = cover_mask(verticals, slashes, q_len, block)
     assert (mask >= pattern_mask(verticals, slashes, q_len)).all()  # a superset of the exact pattern
     index = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, block, semantics="cover")
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     out = vsr.vertical_slash_attention_ranges(q, k, v, index, scale=scale, interpret=INTERPRET)
     assert_matches_reference(out, attention_f64(q, k, v, mask, scale), mask, dtype)
     fn_mask = np.asarray(vsr.cover_mask_fn(verticals, slashes, q_len, block)(jnp.arange(q_len)))
@@ -396,15 +434,16 @@ def test_vertical_slash_ranges_cover_semantics_matches_float64_reference(q_len, 
 def test_calls_past_the_int32_offset_limit_run_in_kv_head_groups(monkeypatch):
     """At 1M tokens x 32 heads q has 2^32 elements, past Triton's int32 offsets: the wrappers then split the
     call by whole KV-head groups. Forced here with a small limit; the result must not change."""
-    from lcjax.pallas import _flash
-    rng = np.random.default_rng()
+    from lcjax.pallas import _common
+
+    rng = np.random.default_rng(117)
     q_len, heads, kv_heads = 72, 8, 4
     q, k, v = random_inputs(rng, q_len, heads, kv_heads, 64, jnp.float32)
     verticals, slashes = random_pattern(rng, 1, heads, q_len, 5, 9)
     mask = pattern_mask(verticals, slashes, q_len)
     index = build_vertical_slash_index(verticals, slashes, q_len, 16, 16)
     ranges = vsr.build_vertical_slash_ranges(verticals, slashes, q_len, 16)
-    monkeypatch.setattr(_flash, "MAX_KERNEL_ELEMENTS", 80 * 2 * 64 + 1)  # one KV group (2 q heads) per call
+    monkeypatch.setattr(_common, "MAX_KERNEL_ELEMENTS", 80 * 2 * 64 + 1)  # one KV group (2 q heads) per call
     calls = []
     real = vsr._pallas_forward
     monkeypatch.setattr(vsr, "_pallas_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
@@ -427,8 +466,10 @@ def cover_case(rng, pattern, q_len, block):
     if pattern.startswith("spaced_"):  # one range per slash or one chain, decided by each gap's phase
         step = int(pattern.split("_")[1]) * block // 64
         offsets = np.arange(int(rng.integers(0, step)), q_len, step)
-        return (jnp.zeros((2, 3, 1), jnp.int32) - 1,
-                jnp.broadcast_to(jnp.asarray(offsets, jnp.int32), (2, 3, offsets.size)))
+        return (
+            jnp.zeros((2, 3, 1), jnp.int32) - 1,
+            jnp.broadcast_to(jnp.asarray(offsets, jnp.int32), (2, 3, offsets.size)),
+        )
     if pattern == "dense":
         return nearest_diagonals(2, 3, 4, q_len)
     far = rng.integers(q_len // 2, q_len, (2, 3, 6))  # only slashes far from the diagonal
@@ -441,7 +482,7 @@ def test_cover_ranges_are_minference_ranges(pattern, block):
     """The cover mask (from `_cover_groups`' associative scan over the gaps' phase maps) equals the mask of
     MInference's range loop transcribed per block; and equals MInference's own loop, clamp included, on every
     block whose slash windows all start at or after key 0 (offsets <= r0); ranges are whole chunks."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(118)
     q_len = 300 if block == 16 else 700
     verticals, slashes = cover_case(rng, pattern, q_len, block)
     mask = np.asarray(vsr.cover_mask_fn(verticals, slashes, q_len, block)(jnp.arange(q_len)))
@@ -458,7 +499,7 @@ def test_cover_ranges_are_minference_ranges(pattern, block):
     for b, h in np.ndindex(*count.shape):
         n = count[b, h]
         assert ((d1[b, h, :n] - d0[b, h, :n]) % block == 0).all()  # [r0 - D1, r0 + b - 1 - D0']: whole chunks
-        assert (np.diff(d0[b, h, :n]) > 0).all() and (d0[b, h, 1:n] > d1[b, h, :n - 1] + block - 1).all()
+        assert (np.diff(d0[b, h, :n]) > 0).all() and (d0[b, h, 1:n] > d1[b, h, : n - 1] + block - 1).all()
 
 
 def test_cover_index_and_kernel_semantics_must_agree():

@@ -6,11 +6,10 @@ float32 logits and 16 greedy tokens per family. lcjax must match the logits to 1
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import lcjax
 from lcjax.generate import generate
-
-from conftest import FIXTURES
 
 FAMILIES = ["llama", "llama_tied", "mistral", "qwen2", "phi3"]
 
@@ -55,6 +54,7 @@ def test_mistral_sequence_longer_than_window():
     assert ref["input_ids"].shape[1] > model.config.sliding_window
     # the window matters: without it the logits differ
     import dataclasses
+
     unwindowed = lcjax.Transformer(model.params, dataclasses.replace(model.config, sliding_window=None))
     assert np.abs(np.asarray(unwindowed(ref["input_ids"])) - ref["logits"]).max() > 1e-2
 

@@ -5,11 +5,10 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 from lcjax import positions
 from lcjax.config import ModelConfig
-
-from conftest import FIXTURES
 
 ROPE = FIXTURES / "rope"
 
@@ -25,9 +24,14 @@ def rope_cases():
 def hf_config(entry: dict) -> dict:
     """A minimal transformers config dict around the fixture's rope parameters."""
     return {
-        "architectures": [ARCH[entry["config_class"]]], "vocab_size": 8, "intermediate_size": 8,
-        "num_hidden_layers": 1, "hidden_size": entry["hidden_size"], "head_dim": entry["head_dim"],
-        "num_attention_heads": entry["num_attention_heads"], "max_position_embeddings": entry["max_position_embeddings"],
+        "architectures": [ARCH[entry["config_class"]]],
+        "vocab_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "hidden_size": entry["hidden_size"],
+        "head_dim": entry["head_dim"],
+        "num_attention_heads": entry["num_attention_heads"],
+        "max_position_embeddings": entry["max_position_embeddings"],
         "original_max_position_embeddings": entry["original_max_position_embeddings"],
         "rope_parameters": entry["rope_parameters"],
     }
@@ -60,12 +64,21 @@ def test_angles_stay_float32_at_long_range():
 
 
 def test_longrope_switches_at_original_window():
-    t = positions.longrope(8, 10000.0, short_factor=[1.0] * 4, long_factor=[4.0] * 4,
-                           original_max_position_embeddings=64, max_position_embeddings=256)
+    t = positions.longrope(
+        8,
+        10000.0,
+        short_factor=[1.0] * 4,
+        long_factor=[4.0] * 4,
+        original_max_position_embeddings=64,
+        max_position_embeddings=256,
+    )
     short = t(jnp.arange(64)[None])
     long = t(jnp.arange(65)[None])
-    np.testing.assert_allclose(np.asarray(short.cos[0, 10]), np.asarray(positions.rope(8)(jnp.array([[10]])).cos[0, 0])
-                               * t.attention_factor, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(short.cos[0, 10]),
+        np.asarray(positions.rope(8)(jnp.array([[10]])).cos[0, 0]) * t.attention_factor,
+        rtol=1e-6,
+    )
     assert not np.allclose(np.asarray(short.cos[0, 10]), np.asarray(long.cos[0, 10]))
     assert t.attention_factor == pytest.approx(np.sqrt(1 + np.log(4) / np.log(64)))
 

@@ -10,8 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcjax.methods.quest_pages import (num_valid_pages, page_bounds, page_scores, quest_decode_attention,
-                                       select_pages, update_page_bounds)
+from lcjax.methods.quest_pages import (
+    num_valid_pages,
+    page_bounds,
+    page_scores,
+    quest_decode_attention,
+    select_pages,
+    update_page_bounds,
+)
 
 bounds_jit = jax.jit(page_bounds, static_argnames="page_size")
 update_jit = jax.jit(update_page_bounds, static_argnames="page_size")
@@ -35,7 +41,7 @@ def np_bounds(k, lengths, ps):
     kmax = np.full((batch, pages, kvh, d), -np.inf)
     for b in range(batch):
         for p in range(pages):
-            keys = np.asarray(k[b, p * ps:min((p + 1) * ps, lengths[b])], np.float64)
+            keys = np.asarray(k[b, p * ps : min((p + 1) * ps, lengths[b])], np.float64)
             if len(keys):
                 kmin[b, p], kmax[b, p] = keys.min(0), keys.max(0)
     return kmin, kmax
@@ -51,8 +57,10 @@ def np_scores(q, kmin, kmax, lengths, ps):
     for b in range(batch):
         for p in range(-(-lengths[b] // ps)):
             for h in range(kvh):
-                out[b, h, p] = max(np.maximum(q[b, hq] * kmin[b, p, h], q[b, hq] * kmax[b, p, h]).sum()
-                                   for hq in range(h * group, (h + 1) * group))
+                out[b, h, p] = max(
+                    np.maximum(q[b, hq] * kmin[b, p, h], q[b, hq] * kmax[b, p, h]).sum()
+                    for hq in range(h * group, (h + 1) * group)
+                )
     return out
 
 
@@ -68,7 +76,7 @@ def np_select(scores, n_sel, ps, lengths):
                 continue
             cur = (lengths[b] - 1) // ps
             rest = sorted((p for p in live if p != cur), key=lambda p: -scores[b, h, p])
-            chosen[b, h] = {cur, *rest[:n_sel - 1]}
+            chosen[b, h] = {cur, *rest[: n_sel - 1]}
     return chosen
 
 
@@ -121,8 +129,7 @@ def test_incremental_update_equals_recompute():
         k_new[~active] = np.nan
         lengths = lengths + active
         k[active, slots[active, 0]] = k_new[active, 0]
-        kmin, kmax = update_jit(kmin, kmax, jnp.asarray(k_new), jnp.asarray(slots), jnp.asarray(lengths),
-                                page_size=ps)
+        kmin, kmax = update_jit(kmin, kmax, jnp.asarray(k_new), jnp.asarray(slots), jnp.asarray(lengths), page_size=ps)
         ref_min, ref_max = np_bounds(k, lengths, ps)
         np.testing.assert_array_equal(np.asarray(kmin), ref_min, err_msg=f"step {step}")
         np.testing.assert_array_equal(np.asarray(kmax), ref_max, err_msg=f"step {step}")
@@ -131,16 +138,14 @@ def test_incremental_update_equals_recompute():
     lengths = np.array([10, 3, 0], np.int32)
     k = with_garbage(rng.standard_normal((3, cap, 2, 4)), lengths)
     kmin, kmax = bounds_jit(jnp.asarray(k), jnp.asarray(lengths), page_size=ps)
-    slots = np.array([[10, 11, 12, 13, 14, 15, 16, 17], [3, 4, 5, 6, 7, 8, 9, 10],
-                      [0, 1, 2, 3, 4, 5, 6, 7]], np.int32)
+    slots = np.array([[10, 11, 12, 13, 14, 15, 16, 17], [3, 4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 4, 5, 6, 7]], np.int32)
     after = np.array([18, 11, 5], np.int32)
     k_new = rng.standard_normal((3, 8, 2, 4)).astype(np.float32)
     for b in range(3):
         for i, s in enumerate(slots[b]):
             if s < after[b]:
                 k[b, s] = k_new[b, i]
-    kmin, kmax = update_jit(kmin, kmax, jnp.asarray(k_new), jnp.asarray(slots), jnp.asarray(after),
-                            page_size=ps)
+    kmin, kmax = update_jit(kmin, kmax, jnp.asarray(k_new), jnp.asarray(slots), jnp.asarray(after), page_size=ps)
     ref_min, ref_max = np_bounds(k, after, ps)
     np.testing.assert_array_equal(np.asarray(kmin), ref_min)
     np.testing.assert_array_equal(np.asarray(kmax), ref_max)
@@ -153,8 +158,7 @@ def test_scores_upper_bound_every_valid_key():
     k = with_garbage(rng.standard_normal((2, 50, 2, 8)) * rng.uniform(0.2, 3.0, (1, 1, 1, 8)), lengths)
     q = rng.standard_normal((2, 2 * group, 8)).astype(np.float32)
     kmin, kmax = bounds_jit(jnp.asarray(k), jnp.asarray(lengths), page_size=ps)
-    scores = np.asarray(jax.jit(page_scores)(jnp.asarray(q), kmin, kmax,
-                                             num_valid_pages(jnp.asarray(lengths), ps)))
+    scores = np.asarray(jax.jit(page_scores)(jnp.asarray(q), kmin, kmax, num_valid_pages(jnp.asarray(lengths), ps)))
     ref = np_scores(q, *np_bounds(k, lengths, ps), lengths, ps)
     assert scores.shape == (2, 2, 7)
     assert np.array_equal(np.isinf(scores), np.isinf(ref)) and (scores[np.isinf(scores)] < 0).all()
@@ -244,12 +248,13 @@ def test_sparse_budget_planted_needles():
         picked = min(ref_scores[b, h, p] for p in pages - {(lengths[b] - 1) // ps})
         assert picked - rest[0] > 1e-3 * abs(picked)  # the reference's choice is not a near-tie
         for p in pages:
-            allowed[b, h, p * ps:min((p + 1) * ps, lengths[b])] = True
+            allowed[b, h, p * ps : min((p + 1) * ps, lengths[b])] = True
 
     jq, jk, jv, jl = (jnp.asarray(x) for x in (q, k, v, lengths))
     kmin, kmax = bounds_jit(jk, jl, page_size=ps)
-    pages, valid = select_jit(page_scores(jq, kmin, kmax, num_valid_pages(jl, ps)), token_budget=32,
-                              page_size=ps, lengths=jl)
+    pages, valid = select_jit(
+        page_scores(jq, kmin, kmax, num_valid_pages(jl, ps)), token_budget=32, page_size=ps, lengths=jl
+    )
     for (b, h), want in chosen.items():
         assert set(np.asarray(pages)[b, h][np.asarray(valid)[b, h]]) == want
 
@@ -274,21 +279,37 @@ def test_first_slot_is_honoured():
     q = rng.standard_normal((2, 4, d)).astype(np.float32)
     jk, jl, jf = jnp.asarray(k), jnp.asarray(lengths), jnp.asarray(first)
     kmin, kmax = jax.jit(page_bounds, static_argnames="page_size")(jk, jl, page_size=ps, first=jf)
-    ref_min, ref_max = np_bounds(np.where(np.isnan(k), np.inf, k), lengths, ps)     # NaN-free copy for numpy
-    ref_min[0, :2], ref_max[0, :2] = np.inf, -np.inf                                  # pages 0-1: before first
-    keys = np.asarray(k[0, 19:24], np.float64)                                        # page 2 starts at slot 16
+    ref_min, ref_max = np_bounds(np.where(np.isnan(k), np.inf, k), lengths, ps)  # NaN-free copy for numpy
+    ref_min[0, :2], ref_max[0, :2] = np.inf, -np.inf  # pages 0-1: before first
+    keys = np.asarray(k[0, 19:24], np.float64)  # page 2 starts at slot 16
     ref_min[0, 2], ref_max[0, 2] = keys.min(0), keys.max(0)
     np.testing.assert_array_equal(np.asarray(kmin), ref_min)
     np.testing.assert_array_equal(np.asarray(kmax), ref_max)
     allowed = causal_mask(lengths, cap, 2) & (np.arange(cap)[None, None, :] >= first[:, None, None])
     ref = np_attention(q, np.nan_to_num(k), np.nan_to_num(v), allowed, 0.25)
     for budget in (64, 24):
-        out = np.asarray(jax.jit(quest_decode_attention, static_argnames=("scale", "token_budget", "page_size"))(
-            jnp.asarray(q), jk, jnp.asarray(v), jl, kmin, kmax, scale=0.25, token_budget=budget, page_size=ps,
-            first=jf))
+        out = np.asarray(
+            jax.jit(quest_decode_attention, static_argnames=("scale", "token_budget", "page_size"))(
+                jnp.asarray(q),
+                jk,
+                jnp.asarray(v),
+                jl,
+                kmin,
+                kmax,
+                scale=0.25,
+                token_budget=budget,
+                page_size=ps,
+                first=jf,
+            )
+        )
         assert np.isfinite(out).all()
-        pages, valid = select_jit(page_scores(jnp.asarray(q), kmin, kmax, num_valid_pages(jl, ps)),
-                                  token_budget=budget, page_size=ps, lengths=jl, first=jf)
-        assert (np.asarray(pages)[0][np.asarray(valid)[0]] >= 2).all()                # never a page before first
+        pages, valid = select_jit(
+            page_scores(jnp.asarray(q), kmin, kmax, num_valid_pages(jl, ps)),
+            token_budget=budget,
+            page_size=ps,
+            lengths=jl,
+            first=jf,
+        )
+        assert (np.asarray(pages)[0][np.asarray(valid)[0]] >= 2).all()  # never a page before first
         if budget == 64:
             assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-5

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import lcjax
 from lcjax.generate import generate
-
-from conftest import FIXTURES
 
 REF = FIXTURES / "qwen25"
 GGUF = Path(os.environ.get("LCJAX_QWEN25_GGUF", Path.home() / ".cache/lcjax/qwen2.5-coder-0.5b-instruct.gguf"))
@@ -33,7 +32,7 @@ def test_logits_and_greedy_answer_match_transformers(qwen):
     assert ids == ref["prompt_ids"][0].tolist()
     for text, want in zip(expected["tricky_strings"], expected["tricky_ids_no_special"]):
         assert tokenizer.encode(text, add_special_tokens=False) == want
-    logits = np.asarray(model(ref["prompt_ids"]))[0, -ref["argmax"].shape[0]:]
+    logits = np.asarray(model(ref["prompt_ids"]))[0, -ref["argmax"].shape[0] :]
     np.testing.assert_array_equal(logits.argmax(-1), ref["argmax"])
     np.testing.assert_allclose(logits[-1], ref["last_logits"], atol=5e-3)
     (tokens,), _ = generate(model, ref["prompt_ids"][0], ref["greedy_ids"].shape[1])

@@ -13,8 +13,14 @@ def write_rows(path, rows):
 
 
 def test_reads_the_original_file_and_cuts_examples_and_turns(tmp_path):
-    rows = [{"id": f"r{i}", "context": "ctx " * 10, "multi_turns": [{"input": f"q{j}", "answer": f"a{j}"}
-                                                                 for j in range(6)]} for i in range(4)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "context": "ctx " * 10,
+            "multi_turns": [{"input": f"q{j}", "answer": f"a{j}"} for j in range(6)],
+        }
+        for i in range(4)
+    ]
     write_rows(tmp_path / "scbench_qa_eng.jsonl", rows)
     got, source = load_task("scbench_qa_eng", tmp_path, num_examples=3, max_turns=2)
     assert source == f"file {tmp_path / 'scbench_qa_eng.jsonl'}"
@@ -35,12 +41,14 @@ def test_format_and_absence_errors_say_what_to_do(tmp_path):
 
 def test_synthetic_tasks_are_generated_at_the_asked_length_in_the_given_tokens(tmp_path):
     words = lambda text: len(text.split())
-    rows, source = load_task("scbench_kv", tmp_path, count_tokens=words, target_tokens=600, num_examples=2,
-                             max_turns=3, seed=5)
+    rows, source = load_task(
+        "scbench_kv", tmp_path, count_tokens=words, target_tokens=600, num_examples=2, max_turns=3, seed=5
+    )
     assert source == "generated" and len(rows) == 2 and all(len(r["multi_turns"]) == 3 for r in rows)
     assert all(480 <= words(r["context"]) <= 600 for r in rows)
-    again, _ = load_task("scbench_kv", tmp_path, count_tokens=words, target_tokens=600, num_examples=2,
-                         max_turns=3, seed=5)
+    again, _ = load_task(
+        "scbench_kv", tmp_path, count_tokens=words, target_tokens=600, num_examples=2, max_turns=3, seed=5
+    )
     assert again == rows
     with pytest.raises(ValueError, match="needs count_tokens"):
         load_task("scbench_vt", tmp_path)
@@ -50,15 +58,24 @@ def test_repoqa_stand_in_only_when_asked_and_labelled(tmp_path):
     words = lambda text: len(text.split())
     with pytest.raises(MissingDataError, match="scbench_repoqa.jsonl.*stand-in exists: repoqa_stdlib_standin"):
         load_task("scbench_repoqa", tmp_path, count_tokens=words, target_tokens=800)
-    rows, source = load_task("scbench_repoqa", tmp_path, count_tokens=words, target_tokens=800, num_examples=1,
-                             max_turns=2, standins=True)
+    rows, source = load_task(
+        "scbench_repoqa", tmp_path, count_tokens=words, target_tokens=800, num_examples=1, max_turns=2, standins=True
+    )
     assert source == "generated stand-in repoqa_stdlib_standin" and rows[0]["id"].startswith("stdlib-standin-")
-    write_rows(tmp_path / "scbench_repoqa.jsonl", [{"id": "real", "context": "c", "multi_turns": [
-        {"input": "q", "answer": "a"}]}])
-    rows, source = load_task("scbench_repoqa", tmp_path, standins=True)          # the file wins
+    write_rows(
+        tmp_path / "scbench_repoqa.jsonl",
+        [{"id": "real", "context": "c", "multi_turns": [{"input": "q", "answer": "a"}]}],
+    )
+    rows, source = load_task("scbench_repoqa", tmp_path, standins=True)  # the file wins
     assert source.startswith("file") and rows[0]["id"] == "real"
     from lcjax.scbench.report import table
-    result = lambda id_: {"task": "scbench_repoqa", "id": id_, "method": "dense+dense", "mode": "multi-turn",
-                          "turns": [{"turn": 0, "sub_task": "scbench_repoqa", "score": 1.0}]}
+
+    result = lambda id_: {
+        "task": "scbench_repoqa",
+        "id": id_,
+        "method": "dense+dense",
+        "mode": "multi-turn",
+        "turns": [{"turn": 0, "sub_task": "scbench_repoqa", "score": 1.0}],
+    }
     _, lines = table([result("real"), result("stdlib-standin-0-0")])
     assert [l[0] for l in lines] == ["scbench_repoqa", "scbench_repoqa (stand-in)"]

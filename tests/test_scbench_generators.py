@@ -28,9 +28,11 @@ SYNTHETIC = ("scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_mf")
 STANDINS = ("repoqa_stdlib_standin", "repoqa_and_kv_stdlib_standin")
 SUBTASKS = {"scbench_passkey", "scbench_summary", "scbench_kv", "scbench_repoqa"}
 DOCUMENT = "\n\n".join(
-    " ".join(f"Paragraph {chr(65 + p % 26)} sentence {chr(97 + s % 26)} talks about rivers and hills."
-             for s in range(12))
-    for p in range(40))
+    " ".join(
+        f"Paragraph {chr(65 + p % 26)} sentence {chr(97 + s % 26)} talks about rivers and hills." for s in range(12)
+    )
+    for p in range(40)
+)
 
 
 def rows_of(task: str, target: int = 4000, counter=chars4, seed: int = 0, n: int = 2, turns: int = 5) -> list[dict]:
@@ -47,7 +49,8 @@ def parse_kv(context: str) -> dict[str, str]:
         keys = [k for k, _ in pairs]
         assert len(keys) == len(set(keys)), "duplicate key"
         return dict(pairs)
-    return json.loads(context[context.index("{"):], object_pairs_hook=no_duplicates)
+
+    return json.loads(context[context.index("{") :], object_pairs_hook=no_duplicates)
 
 
 def check_kv_turn(obj: dict[str, str], turn: dict) -> None:
@@ -149,8 +152,9 @@ def test_prefix_suffix_answers():
         strings = re.findall(r"^[A-Za-z0-9]+$", row["context"], re.MULTILINE)
         assert len(strings) > 50
         for turn in row["multi_turns"]:
-            prefix, suffix = re.search(r'starts with "([A-Za-z0-9]+)" and ends with "([A-Za-z0-9]+)"',
-                                       turn["input"]).groups()
+            prefix, suffix = re.search(
+                r'starts with "([A-Za-z0-9]+)" and ends with "([A-Za-z0-9]+)"', turn["input"]
+            ).groups()
             assert [s for s in strings if s.startswith(prefix) and s.endswith(suffix)] == [turn["answer"]]
             assert any(s.startswith(prefix) and s != turn["answer"] for s in strings)  # a prefix-only distractor
             assert any(s.endswith(suffix) and s != turn["answer"] for s in strings)  # a suffix-only distractor
@@ -185,16 +189,20 @@ def test_mf_answers():
 
 def test_needle_turns():
     context, turns = g.needle_turns(DOCUMENT, 4, seed=3)
-    needles = re.findall(r"The pass key for the ([a-z]+ [a-z]+) is (\d+)\. Remember it\. (\d+) is the pass key "
-                         r"for the ([a-z]+ [a-z]+)\.", context)
+    needles = re.findall(
+        r"The pass key for the ([a-z]+ [a-z]+) is (\d+)\. Remember it\. (\d+) is the pass key "
+        r"for the ([a-z]+ [a-z]+)\.",
+        context,
+    )
     assert len(needles) == 4 and all(a == d and k1 == k2 for a, k1, k2, d in needles)
     keys = {label: key for label, key, _, _ in needles}
     for turn in turns:
         label = re.fullmatch(r"What is the pass key for the (.+)\?", turn["input"]).group(1)
         assert turn["task"] == "scbench_passkey" and turn["answer"] == keys[label]
         assert re.fullmatch(r"\d{5}", turn["answer"])
-    stripped = re.sub(r" The pass key for the [a-z ]+ is \d+\. Remember it\. \d+ is the pass key for the [a-z ]+\.",
-                      "", context)
+    stripped = re.sub(
+        r" The pass key for the [a-z ]+ is \d+\. Remember it\. \d+ is the pass key for the [a-z ]+\.", "", context
+    )
     assert stripped == DOCUMENT  # only the needles were added
     depths = sorted(context.index(f"for the {label} is") / len(context) for label in keys)
     assert depths[0] < 0.3 and depths[-1] > 0.7  # spread over the document
@@ -217,7 +225,7 @@ def test_kv_block_turns_and_add_kv_block():
     code = "def f(x):\n    return x + 1\n"
     context, turns = g.kv_block_turns(code, 3, seed=2, n_pairs=40)
     assert context.startswith(code + "\n\n")
-    obj = parse_kv(context[len(code) + 2:])
+    obj = parse_kv(context[len(code) + 2 :])
     assert len(obj) == 40
     for turn in turns:
         assert turn["task"] == "scbench_kv"
@@ -225,8 +233,13 @@ def test_kv_block_turns_and_add_kv_block():
         check_kv_turn(obj, turn)
     sized, _ = g.kv_block_turns(code, 3, seed=2, count_tokens=chars4, target_tokens=2000)
     assert 0.8 * 2000 <= chars4(sized) <= 2000
-    row = {"id": "r0", "context": code, "lang": "python", "repo": "x",
-           "multi_turns": [{"input": "Function Description: adds one.", "answer": code.strip(), "name": "f"}] * 2}
+    row = {
+        "id": "r0",
+        "context": code,
+        "lang": "python",
+        "repo": "x",
+        "multi_turns": [{"input": "Function Description: adds one.", "answer": code.strip(), "name": "f"}] * 2,
+    }
     out = g.add_kv_block(row, 2, seed=2, n_pairs=10)
     assert [t["task"] for t in out["multi_turns"]] == ["scbench_repoqa", "scbench_kv"] * 2
     assert out["multi_turns"][0]["name"] == "f" and out["repo"] == "x"
@@ -243,7 +256,7 @@ def test_repoqa_stdlib_standin_answers():
 def test_repoqa_and_kv_stdlib_standin_answers():
     for row in rows_of("repoqa_and_kv_stdlib_standin", target=8000, seed=3):
         cut = row["context"].rindex("\n\nJSON data:\n")
-        code, block = row["context"][:cut], row["context"][cut + 2:]
+        code, block = row["context"][:cut], row["context"][cut + 2 :]
         tree, obj = ast.parse(code), parse_kv(block)
         for turn in row["multi_turns"]:
             if turn["task"] == "scbench_repoqa":
@@ -257,8 +270,9 @@ def test_repoqa_and_kv_stdlib_standin_answers():
 
 
 @pytest.mark.parametrize("counter", list(COUNTERS))
-@pytest.mark.parametrize("task,targets", [(t, (1000, 4000, 16000)) for t in SYNTHETIC]
-                         + [(t, (3000, 12000)) for t in STANDINS])
+@pytest.mark.parametrize(
+    "task,targets", [(t, (1000, 4000, 16000)) for t in SYNTHETIC] + [(t, (3000, 12000)) for t in STANDINS]
+)
 def test_context_fills_target(task, targets, counter):
     count = COUNTERS[counter]
     for target in targets:
@@ -284,9 +298,19 @@ def test_generate_names_what_it_cannot_make():
     with pytest.raises(ValueError) as err:
         g.generate("scbench_qa_eng", 1, 1000, chars4, 0)
     message = str(err.value)
-    for name in ("scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_mf", "repoqa_stdlib_standin",
-                 "scbench_qa_eng", "scbench_qa_chn", "scbench_choice_eng", "scbench_many_shot", "scbench_summary",
-                 "<data_dir>/<task>.jsonl"):
+    for name in (
+        "scbench_kv",
+        "scbench_prefix_suffix",
+        "scbench_vt",
+        "scbench_mf",
+        "repoqa_stdlib_standin",
+        "scbench_qa_eng",
+        "scbench_qa_chn",
+        "scbench_choice_eng",
+        "scbench_many_shot",
+        "scbench_summary",
+        "<data_dir>/<task>.jsonl",
+    ):
         assert name in message
     assert "scbench_repoqa" not in g.GENERATORS  # the stand-in never poses as the real task
 
@@ -295,7 +319,9 @@ def test_needles_filler_standin_answers_are_in_the_context():
     """The passkey half of summary_with_needles over filler text: each turn's key is found by parsing the
     context, the context fits the target, and the rows say they are stand-ins."""
     import re
+
     from lcjax.scbench.generators import GENERATORS
+
     words = lambda text: len(text.split())
     rows = GENERATORS["scbench_summary_with_needles"](2, 800, words, 4, 3)
     assert rows == GENERATORS["scbench_summary_with_needles"](2, 800, words, 4, 3)

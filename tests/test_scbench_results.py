@@ -30,8 +30,9 @@ os._exit(1)              # killed: no cleanup, no flush beyond what append did
 def test_kill_then_resume_without_duplicates_or_losses(tmp_path):
     path = tmp_path / "results.jsonl"
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", KILLED_RUN, str(path)], cwd=root,
-                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(path)], cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    )
     assert done.returncode == 1
     log = ResultLog(path, KEYS)
     assert [r["id"] for r in log.rows] == ["ex0", "ex1", "ex2"]
@@ -40,7 +41,7 @@ def test_kill_then_resume_without_duplicates_or_losses(tmp_path):
     for r in todo:
         log.append(r)
     assert [r["id"] for r in read_results(path)] == [f"ex{i}" for i in range(6)]
-    assert row(0, method="snapkv") not in log                   # another method's example is not done
+    assert row(0, method="snapkv") not in log  # another method's example is not done
     with pytest.raises(ValueError, match="already recorded"):
         log.append(row(2))
 
@@ -56,7 +57,7 @@ def test_corrupt_line_is_reported_set_aside_and_rerun(tmp_path):
         log = ResultLog(path, KEYS)
     assert [r["id"] for r in log.rows] == ["ex0", "ex2"]
     assert (tmp_path / "results.jsonl.corrupt").read_text().startswith('{"task": "scbench_kv", "meth')
-    assert [r["id"] for r in read_results(path)] == ["ex0", "ex2"]    # rewritten without the bad line
+    assert [r["id"] for r in read_results(path)] == ["ex0", "ex2"]  # rewritten without the bad line
     log.append(row(1))
     assert sorted(r["id"] for r in read_results(path)) == ["ex0", "ex1", "ex2"]
 

@@ -15,9 +15,20 @@ from lcjax.scbench.scoring import (
     sub_task,
 )
 
-TASKS = ("scbench_kv", "scbench_prefix_suffix", "scbench_vt", "scbench_repoqa", "scbench_qa_eng", "scbench_qa_chn",
-         "scbench_choice_eng", "scbench_many_shot", "scbench_mf", "scbench_summary",
-         "scbench_summary_with_needles", "scbench_repoqa_and_kv")
+TASKS = (
+    "scbench_kv",
+    "scbench_prefix_suffix",
+    "scbench_vt",
+    "scbench_repoqa",
+    "scbench_qa_eng",
+    "scbench_qa_chn",
+    "scbench_choice_eng",
+    "scbench_many_shot",
+    "scbench_mf",
+    "scbench_summary",
+    "scbench_summary_with_needles",
+    "scbench_repoqa_and_kv",
+)
 
 
 def test_every_task_and_sub_task_has_a_scorer():
@@ -96,25 +107,28 @@ OPTIONS = ["red", "green", "blue", "yellow"]
 TURN = {"input": "Which colour?", "answer": "green", "options": OPTIONS}
 
 
-@pytest.mark.parametrize("prediction,expected", [
-    ("B. green", 1.0),                       # rule 1: first character
-    ("C", 0.0),
-    ("Although B looks odd, B", 0.0),        # rule 1 fires on the leading "A" before any later rule
-    ("Because C is wrong", 1.0),             # ... and reads the leading "B" of a word
-    ("green", 1.0),                          # rule 2: the whole prediction is a label
-    ("I believe the answer is B.", 1.0),     # rule 3: "answer is" prefix
-    ("so the answer is: green!", 1.0),       # "answer is:" takes the option text too
-    ("the answer is C", 0.0),
-    ("the answer is (B)", 0.0),              # one character skipped after the prefix, then "(B" != "B"
-    ("My final answer: B", 1.0),             # "answer:"
-    ("the correct option is B", 1.0),        # "option is"
-    ("I would go with B here", 1.0),         # rule 4: first word inside "ABCD"
-    ("I would go with D here", 0.0),
-    ("pick AB then B", 0.0),                 # "AB" is a substring of "ABCD", and not a label
-    ("b. green", 0.0),                       # case-sensitive letters, and no rule finds "green" here
-    ("none of them", 0.0),
-    ("   ", 0.0),
-])
+@pytest.mark.parametrize(
+    "prediction,expected",
+    [
+        ("B. green", 1.0),  # rule 1: first character
+        ("C", 0.0),
+        ("Although B looks odd, B", 0.0),  # rule 1 fires on the leading "A" before any later rule
+        ("Because C is wrong", 1.0),  # ... and reads the leading "B" of a word
+        ("green", 1.0),  # rule 2: the whole prediction is a label
+        ("I believe the answer is B.", 1.0),  # rule 3: "answer is" prefix
+        ("so the answer is: green!", 1.0),  # "answer is:" takes the option text too
+        ("the answer is C", 0.0),
+        ("the answer is (B)", 0.0),  # one character skipped after the prefix, then "(B" != "B"
+        ("My final answer: B", 1.0),  # "answer:"
+        ("the correct option is B", 1.0),  # "option is"
+        ("I would go with B here", 1.0),  # rule 4: first word inside "ABCD"
+        ("I would go with D here", 0.0),
+        ("pick AB then B", 0.0),  # "AB" is a substring of "ABCD", and not a label
+        ("b. green", 0.0),  # case-sensitive letters, and no rule finds "green" here
+        ("none of them", 0.0),
+        ("   ", 0.0),
+    ],
+)
 def test_choice_parsing(prediction, expected):
     assert score_turn("scbench_choice_eng", prediction, "green", TURN) == expected
 
@@ -217,12 +231,21 @@ def test_repoqa_best_candidate_must_be_the_gold_function():
 
 
 def test_repoqa_needles_from_rows():
-    rows = [{"repo": "r1", "multi_turns": [{"name": "f", "answer": "def f(): pass", "task": "scbench_repoqa"},
-                                            {"answer": "k1", "task": "scbench_kv"}]},
-            {"repo": "r1", "multi_turns": [{"name": "g", "answer": "def g(): pass"}]},
-            {"repo": "r2", "multi_turns": [{"name": "h", "answer": "def h(): pass"}]}]
-    assert repoqa_needles(rows) == {"r1": [("f", "def f(): pass"), ("g", "def g(): pass")],
-                                    "r2": [("h", "def h(): pass")]}
+    rows = [
+        {
+            "repo": "r1",
+            "multi_turns": [
+                {"name": "f", "answer": "def f(): pass", "task": "scbench_repoqa"},
+                {"answer": "k1", "task": "scbench_kv"},
+            ],
+        },
+        {"repo": "r1", "multi_turns": [{"name": "g", "answer": "def g(): pass"}]},
+        {"repo": "r2", "multi_turns": [{"name": "h", "answer": "def h(): pass"}]},
+    ]
+    assert repoqa_needles(rows) == {
+        "r1": [("f", "def f(): pass"), ("g", "def g(): pass")],
+        "r2": [("h", "def h(): pass")],
+    }
 
 
 # --- multi-task routing -------------------------------------------------------------------------------------

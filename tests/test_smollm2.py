@@ -3,12 +3,9 @@
 import json
 
 import numpy as np
-import pytest
-
-import lcjax
-from lcjax.generate import generate
-
 from conftest import FIXTURES
+
+from lcjax.generate import generate
 
 REF = FIXTURES / "smollm2"
 
@@ -30,24 +27,42 @@ def test_greedy_answer_matches_transformers(smollm2):
     assert tokens == ref["greedy_ids"][0].tolist()
     expected = json.loads((REF / "tokenizer_reference.json").read_text())
     assert "Paris" in tokenizer.decode(tokens)
-    assert tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-        add_generation_prompt=True) == ref["prompt_ids"][0].tolist()
+    assert (
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+            add_generation_prompt=True,
+        )
+        == ref["prompt_ids"][0].tolist()
+    )
     assert expected["chat_template"]
 
 
 def test_chat_with_a_press_keeps_the_cache_bounded_across_turns(smollm2, capsys):
-    """experiments.chat with StreamingLLM at 32 tokens: every turn's cache holds at most the budget plus the
+    """The chat job with StreamingLLM at 32 tokens: every turn's cache holds at most the budget plus the
     turn's new tokens, while the positions count every token of the conversation."""
     import re
 
-    from experiments import chat
-    chat.main(["--press", "streamingllm", "--press-capacity", "32", "--max-new-tokens", "6",
-               "--prompt", "List three colours of the rainbow, please, and say which one you like most.",
-               "--prompt", "Why?"])
-    turns = re.findall(r"\((\d+) prompt tokens, (\d+) of them reused.*?(\d+) new tokens.*?holds (\d+) of (\d+) tokens",
-                       capsys.readouterr().out)
+    from lcjax.jobs import chat
+
+    chat.main(
+        [
+            "--press",
+            "streamingllm",
+            "--press-capacity",
+            "32",
+            "--max-new-tokens",
+            "6",
+            "--prompt",
+            "List three colours of the rainbow, please, and say which one you like most.",
+            "--prompt",
+            "Why?",
+        ]
+    )
+    turns = re.findall(
+        r"\((\d+) prompt tokens, (\d+) of them reused.*?(\d+) new tokens.*?holds (\d+) of (\d+) tokens",
+        capsys.readouterr().out,
+    )
     assert len(turns) == 2
     for prompt, reused, new, held, seen in (map(int, t) for t in turns):
         assert held <= 32 + new and seen == prompt + new
-    assert int(turns[1][1]) > 0                      # the second turn reused the compressed cache
+    assert int(turns[1][1]) > 0  # the second turn reused the compressed cache

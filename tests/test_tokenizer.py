@@ -13,13 +13,25 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from lcjax.tokenizer import Tokenizer
 
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world! Hello there, world.",
-          "Numbers like 12345 and 2024 appear here.", "Tokenizers split text into tokens.",
-          "  indented line\n\nnew paragraph\twith tab", "émoji 🤗 and 中文 text"] * 20
-TEXTS = ["Hello world!", "The lazy fox, 12345 times.", "  two spaces\n\nand\ttabs", "émoji 🤗 中文 unseen zq",
-         "<|im_start|>user\nhi<|im_end|>"]
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world! Hello there, world.",
+    "Numbers like 12345 and 2024 appear here.",
+    "Tokenizers split text into tokens.",
+    "  indented line\n\nnew paragraph\twith tab",
+    "émoji 🤗 and 中文 text",
+] * 20
+TEXTS = [
+    "Hello world!",
+    "The lazy fox, 12345 times.",
+    "  two spaces\n\nand\ttabs",
+    "émoji 🤗 中文 unseen zq",
+    "<|im_start|>user\nhi<|im_end|>",
+]
 
 
 def train_tiny_bpe() -> tokenizers.Tokenizer:
@@ -27,8 +39,13 @@ def train_tiny_bpe() -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, min_frequency=1, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
@@ -38,8 +55,9 @@ def tiny_bpe() -> tokenizers.Tokenizer:
     return train_tiny_bpe()
 
 
-def write_hf_dir(directory: Path, tok: tokenizers.Tokenizer, config: dict, jinja: str | None = None,
-                 generation: dict | None = None) -> Path:
+def write_hf_dir(
+    directory: Path, tok: tokenizers.Tokenizer, config: dict, jinja: str | None = None, generation: dict | None = None
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
@@ -50,8 +68,14 @@ def write_hf_dir(directory: Path, tok: tokenizers.Tokenizer, config: dict, jinja
     return directory
 
 
-def write_tokenizer_gguf(path: Path, tok: tokenizers.Tokenizer, pre: str = "gpt-2", model: str = "gpt2",
-                         template: str | None = CHATML, add_bos: bool = False) -> Path:
+def write_tokenizer_gguf(
+    path: Path,
+    tok: tokenizers.Tokenizer,
+    pre: str = "gpt-2",
+    model: str = "gpt2",
+    template: str | None = CHATML,
+    add_bos: bool = False,
+) -> Path:
     """A GGUF holding only tokenizer metadata, laid out as llama.cpp's converter writes it."""
     spec = json.loads(tok.to_str())["model"]
     vocab = sorted(spec["vocab"].items(), key=lambda kv: kv[1])
@@ -77,12 +101,16 @@ def write_tokenizer_gguf(path: Path, tok: tokenizers.Tokenizer, pre: str = "gpt-
 
 # ---- transformers directories -------------------------------------------------------------------------
 
+
 def test_from_hf_dir_reads_config_and_template(tmp_path, tiny_bpe):
     tok = tokenizers.Tokenizer.from_str(tiny_bpe.to_str())
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    d = write_hf_dir(tmp_path / "tok", tok, {"bos_token": "<s>", "eos_token": {"content": "</s>"},
-                                             "pad_token": "</s>", "chat_template": CHATML},
-                     generation={"eos_token_id": [1, 3]})
+    d = write_hf_dir(
+        tmp_path / "tok",
+        tok,
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "</s>", "chat_template": CHATML},
+        generation={"eos_token_id": [1, 3]},
+    )
     t = Tokenizer.from_hf_dir(d)
     assert (t.bos_token_id, t.pad_token_id, t.add_bos) == (0, 1, True)
     assert t.eos_token_ids == (1, 3)  # eos, then generation_config's <|im_end|>
@@ -102,8 +130,9 @@ def test_from_hf_dir_reads_config_and_template(tmp_path, tiny_bpe):
 
 def test_from_hf_dir_chat_template_jinja_and_add_bos(tmp_path, tiny_bpe):
     # transformers 5 saves the template beside the config instead of inside it
-    d = write_hf_dir(tmp_path / "tok", tiny_bpe, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True},
-                     jinja=CHATML)
+    d = write_hf_dir(
+        tmp_path / "tok", tiny_bpe, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}, jinja=CHATML
+    )
     t = Tokenizer.from_hf_dir(d)
     assert t.chat_template == CHATML and t.eos_token_ids == (1, 3)  # template ends turns with <|im_end|>
     assert t.encode("Hello")[0] == 0  # add_bos_token without a post-processor still adds bos
@@ -123,13 +152,16 @@ def test_missing_tokenizer_json(tmp_path):
 
 
 def test_chat_template_helpers(tiny_bpe):
-    template = ("{% if messages[0]['role'] == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
-                "{{ strftime_now('%Y') | length }}|{{ messages | tojson }}|"
-                "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}"
-                "{% generation %}G{% endgeneration %}")
+    template = (
+        "{% if messages[0]['role'] == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
+        "{{ strftime_now('%Y') | length }}|{{ messages | tojson }}|"
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}"
+        "{% generation %}G{% endgeneration %}"
+    )
     t = Tokenizer(tiny_bpe, chat_template=template)
-    text = t.apply_chat_template([{"role": "user", "content": "a<b>"}, {"role": "user", "content": "z"}],
-                                 tokenize=False)
+    text = t.apply_chat_template(
+        [{"role": "user", "content": "a<b>"}, {"role": "user", "content": "z"}], tokenize=False
+    )
     assert text == '4|[{"role": "user", "content": "a<b>"}, {"role": "user", "content": "z"}]|a<b>G'
     with pytest.raises(jinja2.TemplateError, match="bad role"):
         t.apply_chat_template([{"role": "bad", "content": ""}])
@@ -140,6 +172,7 @@ def test_chat_template_helpers(tiny_bpe):
 
 # ---- GGUF ---------------------------------------------------------------------------------------------
 
+
 def test_from_gguf_matches_the_tokenizer_it_came_from(tmp_path, tiny_bpe):
     t = Tokenizer.from_gguf(write_tokenizer_gguf(tmp_path / "tok.gguf", tiny_bpe))
     assert (t.bos_token_id, t.eos_token_ids, t.pad_token_id, t.add_bos) == (0, (1, 3), 1, False)
@@ -149,7 +182,8 @@ def test_from_gguf_matches_the_tokenizer_it_came_from(tmp_path, tiny_bpe):
         assert t.decode(t.encode(text), skip_special_tokens=False) == text
     assert t.decode(t.encode("<|im_start|>hi<|im_end|>")) == "hi"
     assert t.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == (
-        "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_from_gguf_add_bos(tmp_path, tiny_bpe):
@@ -158,12 +192,15 @@ def test_from_gguf_add_bos(tmp_path, tiny_bpe):
     assert t.encode("Hello", add_special_tokens=False) == tiny_bpe.encode("Hello").ids
 
 
-@pytest.mark.parametrize("pre,pieces", [
-    ("gpt-2", ["The", "Ġyear", "Ġ12345", ",", "Ġdon", "'t"]),
-    ("smollm", ["The", "Ġyear", "Ġ", "1", "2", "3", "4", "5", ",", "Ġdon", "'t"]),
-    ("llama-bpe", ["The", "Ġyear", "Ġ", "123", "45", ",", "Ġdon", "'t"]),
-    ("qwen2", ["The", "Ġyear", "Ġ", "1", "2", "3", "4", "5", ",", "Ġdon", "'t"]),
-])
+@pytest.mark.parametrize(
+    "pre,pieces",
+    [
+        ("gpt-2", ["The", "Ġyear", "Ġ12345", ",", "Ġdon", "'t"]),
+        ("smollm", ["The", "Ġyear", "Ġ", "1", "2", "3", "4", "5", ",", "Ġdon", "'t"]),
+        ("llama-bpe", ["The", "Ġyear", "Ġ", "123", "45", ",", "Ġdon", "'t"]),
+        ("qwen2", ["The", "Ġyear", "Ġ", "1", "2", "3", "4", "5", ",", "Ġdon", "'t"]),
+    ],
+)
 def test_gguf_pre_tokenizers(tmp_path, tiny_bpe, pre, pieces):
     t = Tokenizer.from_gguf(write_tokenizer_gguf(tmp_path / "tok.gguf", tiny_bpe, pre=pre))
     got = [piece for piece, _ in t.tokenizer.pre_tokenizer.pre_tokenize_str("The year 12345, don't")]
@@ -214,8 +251,10 @@ def test_smollm2_tokenizer(smollm2):
     assert t.decode([1, 4093, 2]) == "user"
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     text = t.apply_chat_template(msgs, tokenize=False)
-    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-                    "<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = t.apply_chat_template(msgs)
     assert ids[0] == 1 and ids[-3:] == [520, 9531, 198] and t.decode(ids, skip_special_tokens=False) == text
 
@@ -230,19 +269,25 @@ def test_smollm2_matches_transformers_reference(smollm2):
     for text, ids, ids_plain in zip(ref["tricky_strings"], ref["tricky_ids"], ref["tricky_ids_no_special"]):
         assert smollm2.encode(text) == ids, text
         assert smollm2.encode(text, add_special_tokens=False) == ids_plain, text
-    text = smollm2.apply_chat_template(ref["conversation"], add_generation_prompt=ref["add_generation_prompt"],
-                                       tokenize=False)
+    text = smollm2.apply_chat_template(
+        ref["conversation"], add_generation_prompt=ref["add_generation_prompt"], tokenize=False
+    )
     assert text == ref["chat_rendered"]
-    assert smollm2.apply_chat_template(ref["conversation"], add_generation_prompt=ref["add_generation_prompt"]) \
+    assert (
+        smollm2.apply_chat_template(ref["conversation"], add_generation_prompt=ref["add_generation_prompt"])
         == ref["prompt_ids"]
-    assert smollm2.decode(ref["greedy_ids"][:ref["greedy_first_eos"]]) == ref["greedy_decoded_until_eos"]
+    )
+    assert smollm2.decode(ref["greedy_ids"][: ref["greedy_first_eos"]]) == ref["greedy_decoded_until_eos"]
     assert smollm2.decode(ref["greedy_ids"], skip_special_tokens=False) == ref["greedy_decoded"]
 
 
 def test_hf_fixture_dirs_match_transformers_reference():
     """Every fixture checkpoint with a tokenizer encodes and renders chats as transformers did."""
-    dirs = [d for d in sorted((Path(__file__).parent / "fixtures" / "hf").glob("*"))
-            if (d / "tokenizer.json").exists() and (d / "tokenizer_reference.json").exists()]
+    dirs = [
+        d
+        for d in sorted((Path(__file__).parent / "fixtures" / "hf").glob("*"))
+        if (d / "tokenizer.json").exists() and (d / "tokenizer_reference.json").exists()
+    ]
     if not dirs:
         pytest.skip("no tests/fixtures/hf/*/ with tokenizer.json and tokenizer_reference.json")
     for d in dirs:

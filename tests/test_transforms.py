@@ -4,11 +4,10 @@ the model, and the README's example transform behaves as documented."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import lcjax
-from lcjax.attention import attention_mask, xla_attention
-
-from conftest import FIXTURES
+from lcjax.numerics import attention_mask, xla_attention
 
 
 def sinks_and_window(window: int, sinks: int):
@@ -19,6 +18,7 @@ def sinks_and_window(window: int, sinks: int):
         mask = attention_mask(slots, k.shape[1], meta.lengths, sliding_window=window)
         mask |= attention_mask(slots, k.shape[1], meta.lengths, None) & (jnp.arange(k.shape[1]) < sinks)
         return xla_attention(q, k, v, mask, meta.scale), cache
+
     return attention
 
 

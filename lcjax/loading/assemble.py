@@ -18,7 +18,8 @@ import numpy as np
 
 from lcjax.config import ModelConfig
 from lcjax.loading.safetensors import CheckpointError
-from lcjax.models.params import ParamSpec, checkpoint_shape, checkpoint_targets, expected_slots, get_path, param_specs
+from lcjax.models.checkpoint import checkpoint_layout, get_path, ignored, to_param
+from lcjax.models.params import ParamSpec, param_specs
 from lcjax.sharding import LOGICAL_AXIS_RULES, logical_sharding
 
 
@@ -36,19 +37,27 @@ def _set_layer(buf, x, i):
     return fn(buf, x, jnp.int32(i))
 
 
-def assemble_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, Path | str]],
-                    dtype=jnp.bfloat16, mesh=None, rules=LOGICAL_AXIS_RULES, stacked: bool = True) -> dict:
+def assemble_params(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, np.ndarray, Path | str]],
+    dtype=jnp.bfloat16,
+    mesh=None,
+    rules=LOGICAL_AXIS_RULES,
+    stacked: bool = True,
+) -> dict:
     """Builds the params pytree from `(transformers name, array, source file)` triples; `stacked=False` gives
     `layers` as a tuple of per-layer dicts (`lcjax.models.params.unstack_layers`'s layout) directly.
 
     Raises `CheckpointError` naming the file and tensor for an unexpected name, a wrong shape, a tensor
-    given twice, or (at the end) any parameter the checkpoint never provided.
+    given twice, or (at the end) every tensor of `checkpoint_layout` the checkpoint never provided, by its
+    checkpoint name.
     """
     specs = param_specs(config)
+    layout = checkpoint_layout(config)
     np_dtype = np.dtype(jnp.dtype(dtype))
     out: dict = {"layers": {}}
-    per_layer_arrays: dict[str, dict[int, jax.Array]] = {}     # unstacked: key -> layer -> array
-    filled: dict[tuple[tuple[str, ...], int | None], str] = {}
+    per_layer_arrays: dict[str, dict[int, jax.Array]] = {}  # unstacked: key -> layer -> array
+    seen: dict[str, str | Path] = {}
 
     def sharding_of(spec: ParamSpec, per_layer: bool):
         if mesh is None:
@@ -57,45 +66,44 @@ def assemble_params(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray
         return logical_sharding(shape, axes, mesh, rules)
 
     for name, array, source in tensors:
-        targets = checkpoint_targets(config, name)
-        if targets is None:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} for a {config.family} model with "
-                                  f"{config.num_layers} layers; is this the right config.json?")
-        expected = checkpoint_shape(config, name)
-        if expected is not None and tuple(array.shape) != expected:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, but the config "
-                                  f"implies {expected}.")
-        for target in targets:
-            slot = (target.path, target.layer)
-            if slot in filled:
-                raise CheckpointError(f"{source}: tensor {name!r} fills {'.'.join(target.path)} layer "
-                                      f"{target.layer}, already filled from {filled[slot]}.")
-            filled[slot] = f"{source}:{name}"
-            spec = get_path(specs, target.path)
-            host = np.ascontiguousarray(target.convert(np.asarray(array)).astype(np_dtype))
-            per_layer = target.layer is not None
+        if ignored(config, name):
+            continue
+        tensor = layout.get(name)
+        if tensor is None:
+            raise CheckpointError(
+                f"{source}: unexpected tensor {name!r} for a {config.family} model with "
+                f"{config.num_layers} layers; is this the right config.json?"
+            )
+        if tuple(array.shape) != tensor.shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(array.shape)}, but the config implies {tensor.shape}."
+            )
+        if name in seen:
+            raise CheckpointError(f"{source}: tensor {name!r} appears again (first in {seen[name]}).")
+        seen[name] = source
+        for part in tensor.parts:
+            spec = get_path(specs, part.path)
+            per_layer = part.layer is not None
             want = spec.shape[1:] if per_layer else spec.shape
-            if host.shape != want:
-                raise CheckpointError(f"{source}: tensor {name!r} converts to {host.shape} for "
-                                      f"{'.'.join(target.path)}, expected {want}.")
+            host = np.ascontiguousarray(to_param(np.asarray(array), part, want).astype(np_dtype))
             device = jax.device_put(host, sharding_of(spec, per_layer))
             if not per_layer:
-                out[target.path[0]] = device
+                out[part.path[0]] = device
                 continue
-            key = target.path[1]
+            key = part.path[1]
             if not stacked:
-                per_layer_arrays.setdefault(key, {})[target.layer] = device
+                per_layer_arrays.setdefault(key, {})[part.layer] = device
                 continue
             if key not in out["layers"]:
                 out["layers"][key] = jnp.zeros(spec.shape, dtype, device=sharding_of(spec, False))
-            out["layers"][key] = _set_layer(out["layers"][key], device, target.layer)
+            out["layers"][key] = _set_layer(out["layers"][key], device, part.layer)
 
-    missing = [(path, layer) for path, layer in expected_slots(config) if (path, layer) not in filled]
+    missing = [name for name in layout if name not in seen]
     if missing:
-        shown = ", ".join(f"{'.'.join(p)}" + ("" if l is None else f"[layer {l}]") for p, l in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        raise CheckpointError(f"checkpoint is missing {len(missing)} parameter(s): {shown}{more}.")
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}{more}.")
     if not stacked:
-        out["layers"] = tuple({key: arrays[layer] for key, arrays in per_layer_arrays.items()}
-                              for layer in range(config.num_layers))
+        out["layers"] = tuple(
+            {key: arrays[layer] for key, arrays in per_layer_arrays.items()} for layer in range(config.num_layers)
+        )
     return out

@@ -22,20 +22,46 @@ from typing import Any, Iterator
 import gguf
 import numpy as np
 
-from lcjax.config import ModelConfig
+from lcjax.config import FAMILIES, ModelConfig
 from lcjax.loading.safetensors import CheckpointError
-from lcjax.models.params import checkpoint_shape
+from lcjax.models.checkpoint import checkpoint_layout
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+# llama.cpp's architecture names -> lcjax's families
+GGUF_FAMILIES = {f.gguf_arch: name for name, f in FAMILIES.items() if f.gguf_arch is not None}
 
 _Q = gguf.GGMLQuantizationType
 # Types gguf.quants can turn into floats (plus the plain float types numpy reads directly).
 SUPPORTED_TYPES = tuple(
-    _Q[name] for name in (
-        "F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
-        "Q5_K", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL",
-        "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4",
-    ) if name in _Q.__members__
+    _Q[name]
+    for name in (
+        "F32",
+        "F16",
+        "BF16",
+        "F64",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "IQ1_S",
+        "IQ1_M",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ2_S",
+        "IQ3_XXS",
+        "IQ3_S",
+        "IQ4_NL",
+        "IQ4_XS",
+        "TQ1_0",
+        "TQ2_0",
+        "MXFP4",
+    )
+    if name in _Q.__members__
 )
 
 # Tensors that carry RoPE data for the config, not weights.
@@ -68,6 +94,7 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 # ---- opening and metadata ---------------------------------------------------------------------------
 
+
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     """A `GGUFReader` over a memory map of `path`; errors name the file and say what is wrong."""
     path = Path(path)
@@ -79,12 +106,14 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     except Exception as e:  # GGUFReader reports truncation as whatever numpy raises first
         raise CheckpointError(
             f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or corrupt "
-            f"({size} bytes), re-download or re-convert it.") from e
+            f"({size} bytes), re-download or re-convert it."
+        ) from e
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise CheckpointError(
                 f"{path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} but the file has "
-                f"{size}; it is truncated, re-download it.")
+                f"{size}; it is truncated, re-download it."
+            )
     return reader
 
 
@@ -97,8 +126,10 @@ def gguf_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
 def _require(reader: gguf.GGUFReader, path: Path, key: str) -> Any:
     value = gguf_field(reader, key)
     if value is None:
-        raise CheckpointError(f"{path}: GGUF metadata lacks {key!r}, which lcjax needs to build the model "
-                              "config; the file was written by an incomplete converter.")
+        raise CheckpointError(
+            f"{path}: GGUF metadata lacks {key!r}, which lcjax needs to build the model "
+            "config; the file was written by an incomplete converter."
+        )
     return value
 
 
@@ -118,6 +149,7 @@ def _hf_shape(tensor) -> tuple[int, ...]:
 
 # ---- config -----------------------------------------------------------------------------------------
 
+
 def read_gguf_config(path: str | os.PathLike, reader: gguf.GGUFReader | None = None) -> dict[str, Any]:
     """A transformers `config.json`-style dict for the model in a GGUF file (llama, qwen2 or phi3).
 
@@ -131,9 +163,11 @@ def read_gguf_config(path: str | os.PathLike, reader: gguf.GGUFReader | None = N
 
 def _read_config(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
     arch = gguf_field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-                              f"{', '.join(ARCHITECTURES)}.")
+    if arch not in GGUF_FAMILIES:
+        raise CheckpointError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_FAMILIES)}."
+        )
+    family = FAMILIES[GGUF_FAMILIES[arch]]
 
     def meta(key: str, default: Any = None) -> Any:
         return _scalar(path, f"{arch}.{key}", gguf_field(reader, f"{arch}.{key}", default))
@@ -155,8 +189,10 @@ def _read_config(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
     else:
         vocab = meta("vocab_size") or len(gguf_field(reader, "tokenizer.ggml.tokens", []))
     if not vocab:
-        raise CheckpointError(f"{path}: cannot tell the vocabulary size (no token_embd.weight tensor, "
-                              f"no {arch}.vocab_size key, no tokenizer.ggml.tokens).")
+        raise CheckpointError(
+            f"{path}: cannot tell the vocabulary size (no token_embd.weight tensor, "
+            f"no {arch}.vocab_size key, no tokenizer.ggml.tokens)."
+        )
 
     bos = gguf_field(reader, "tokenizer.ggml.bos_token_id")
     eos_ids = [gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
@@ -165,7 +201,7 @@ def _read_config(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
     sliding = int(sliding) if sliding else None  # Phi-3 files write 0 for "no window"
 
     config: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[arch]],
+        "architectures": [family.architecture],
         "model_type": arch,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
@@ -187,9 +223,9 @@ def _read_config(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
     }
     if rope_dim != head_dim:
         config["partial_rotary_factor"] = rope_dim / head_dim
-    if arch == "qwen2":
-        config["use_sliding_window"] = sliding is not None
-    if arch == "phi3" and meta("rope.scaling.original_context_length"):
+    if family.window_switch is not None:
+        config[family.window_switch] = sliding is not None
+    if family.top_level_original_max_position and meta("rope.scaling.original_context_length"):
         config["original_max_position_embeddings"] = int(meta("rope.scaling.original_context_length"))
     return config
 
@@ -205,21 +241,29 @@ def _head_dim(tensors: dict, key_length: Any, hidden: int, n_heads: int, n_kv: i
     return hidden // n_heads
 
 
-def _rope_scaling(reader, path: Path, arch: str, tensors: dict, theta: float, rope_dim: int,
-                  context: int) -> dict[str, Any] | None:
+def _rope_scaling(
+    reader, path: Path, arch: str, tensors: dict, theta: float, rope_dim: int, context: int
+) -> dict[str, Any] | None:
     def meta(key: str) -> Any:
         return gguf_field(reader, f"{arch}.rope.scaling.{key}")
 
     original = meta("original_context_length")
-    if arch == "phi3" and "rope_factors_long.weight" in tensors:
+    if "rope_factors_long.weight" in tensors:  # Phi-3's LongRoPE factors
         if "rope_factors_short.weight" not in tensors or not original:
-            raise CheckpointError(f"{path}: has rope_factors_long.weight but lacks rope_factors_short.weight "
-                                  f"or {arch}.rope.scaling.original_context_length; LongRoPE needs all three.")
+            raise CheckpointError(
+                f"{path}: has rope_factors_long.weight but lacks rope_factors_short.weight "
+                f"or {arch}.rope.scaling.original_context_length; LongRoPE needs all three."
+            )
         long = _small_tensor(path, tensors["rope_factors_long.weight"])
         short = _small_tensor(path, tensors["rope_factors_short.weight"])
         factor = context / int(original)
-        scaling = {"rope_type": "longrope", "factor": factor, "original_max_position_embeddings": int(original),
-                   "short_factor": short.tolist(), "long_factor": long.tolist()}
+        scaling = {
+            "rope_type": "longrope",
+            "factor": factor,
+            "original_max_position_embeddings": int(original),
+            "short_factor": short.tolist(),
+            "long_factor": long.tolist(),
+        }
         attn = meta("attn_factor")
         derived = float(np.sqrt(1 + np.log(factor) / np.log(int(original)))) if factor > 1 else 1.0
         if attn is not None and abs(float(attn) - derived) > 1e-5:  # llama.cpp writes the derived value
@@ -228,33 +272,38 @@ def _rope_scaling(reader, path: Path, arch: str, tensors: dict, theta: float, ro
 
     kind = meta("type")
     if kind in (None, "none"):
-        if arch == "llama" and "rope_freqs.weight" in tensors:
+        if "rope_freqs.weight" in tensors:  # Llama 3's precomputed frequency divisors
             factors = _small_tensor(path, tensors["rope_freqs.weight"])
             return _llama3_from_freq_factors(path, factors, theta, rope_dim)
         return None
     factor = meta("factor")
     if factor is None:
-        raise CheckpointError(f"{path}: {arch}.rope.scaling.type is {kind!r} but "
-                              f"{arch}.rope.scaling.factor is missing.")
+        raise CheckpointError(
+            f"{path}: {arch}.rope.scaling.type is {kind!r} but {arch}.rope.scaling.factor is missing."
+        )
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": float(factor),
-                   "original_max_position_embeddings": int(original or context / float(factor))}
+        scaling = {
+            "rope_type": "yarn",
+            "factor": float(factor),
+            "original_max_position_embeddings": int(original or context / float(factor)),
+        }
         for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
             if meta(key) is not None:
                 scaling[hf_key] = float(meta(key))
         return scaling
-    raise CheckpointError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported; supported: none, "
-                          "linear, yarn (and Phi-3 LongRoPE / Llama 3 rope_freqs tensors).")
+    raise CheckpointError(
+        f"{path}: {arch}.rope.scaling.type {kind!r} is not supported; supported: none, "
+        "linear, yarn (and Phi-3 LongRoPE / Llama 3 rope_freqs tensors)."
+    )
 
 
 def _small_tensor(path: Path, tensor) -> np.ndarray:
     return _dequantize(path, tensor).reshape(-1).astype(np.float64)
 
 
-def _llama3_freq_factors(theta: float, dim: int, factor: float, low: float, high: float,
-                         original: float) -> np.ndarray:
+def _llama3_freq_factors(theta: float, dim: int, factor: float, low: float, high: float, original: float) -> np.ndarray:
     """Per-frequency divisors of Llama 3 RoPE scaling, `[dim // 2]` (what llama.cpp stores as rope_freqs)."""
     inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
     wavelen = 2 * np.pi / inv_freq
@@ -283,23 +332,32 @@ def _llama3_from_freq_factors(path: Path, factors: np.ndarray, theta: float, dim
         slope, intercept = np.polyfit(1 / wavelen[ramp], smooth, 1)
         high = round(1 - 1 / intercept, 4)
         original = float(round(slope * (high - 1)))
-    params = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
-              "original_max_position_embeddings": int(original)}
+    params = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": int(original),
+    }
     expected = _llama3_freq_factors(theta, dim, factor, 1.0, high, original)
     if not np.allclose(expected, factors, rtol=1e-3):
-        raise CheckpointError(f"{path}: rope_freqs.weight does not follow Llama 3 RoPE scaling (best fit "
-                              f"{params}); lcjax cannot represent these frequencies.")
+        raise CheckpointError(
+            f"{path}: rope_freqs.weight does not follow Llama 3 RoPE scaling (best fit "
+            f"{params}); lcjax cannot represent these frequencies."
+        )
     return params
 
 
 # ---- tensors ----------------------------------------------------------------------------------------
+
 
 def check_tensor_type(path: str | os.PathLike, name: str, qtype: gguf.GGMLQuantizationType) -> None:
     """Raises CheckpointError naming the file, tensor and type when lcjax cannot dequantise `qtype`."""
     if qtype not in SUPPORTED_TYPES:
         raise CheckpointError(
             f"{path}: tensor {name!r} has GGML type {qtype.name}, which lcjax cannot dequantise; supported: "
-            f"{', '.join(t.name for t in SUPPORTED_TYPES)}. Re-quantise the model to one of those.")
+            f"{', '.join(t.name for t in SUPPORTED_TYPES)}. Re-quantise the model to one of those."
+        )
 
 
 def _dequantize(path: Path, tensor) -> np.ndarray:
@@ -310,8 +368,10 @@ def _dequantize(path: Path, tensor) -> np.ndarray:
     try:
         out = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
-        raise CheckpointError(f"{path}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be "
-                              f"dequantised by this gguf package ({e}); upgrade gguf.") from e
+        raise CheckpointError(
+            f"{path}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be "
+            f"dequantised by this gguf package ({e}); upgrade gguf."
+        ) from e
     if tensor.tensor_type == _Q.F32:
         return np.array(out, dtype=np.float32)  # a read-only view of the memory map: hand out a copy
     return np.asarray(out, dtype=np.float32)
@@ -329,7 +389,7 @@ def gguf_to_hf_name(name: str, arch: str) -> str | None:
     if not m or m.group(2) not in _LAYER_NAMES:
         return None
     rest = _LAYER_NAMES[m.group(2)]
-    if arch == "phi3" and rest == "mlp.up_proj.weight":
+    if FAMILIES[GGUF_FAMILIES[arch]].fused_gate_up and rest == "mlp.up_proj.weight":
         rest = "mlp.gate_up_proj.weight"
     return f"model.layers.{m.group(1)}.{rest}"
 
@@ -345,8 +405,9 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(path: str | os.PathLike,
-                      reader: gguf.GGUFReader | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_gguf_tensors(
+    path: str | os.PathLike, reader: gguf.GGUFReader | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yields `(transformers name, float32 array)` for each weight in a GGUF file, in file order.
 
     Arrays are in transformers layout (`[out_features, in_features]` for matrices; Llama q/k rows
@@ -360,25 +421,32 @@ def iter_gguf_tensors(path: str | os.PathLike,
     config = _read_config(reader, path)
     model_config = ModelConfig.from_hf_config(config)
     arch = config["model_type"]
+    layout = checkpoint_layout(model_config)
+    permuted = FAMILIES[model_config.family].gguf_rope_permuted
     if reader.byte_order != "I":
-        raise CheckpointError(f"{path}: the file's byte order differs from this machine's; lcjax reads only "
-                              "native-endian GGUF files.")
+        raise CheckpointError(
+            f"{path}: the file's byte order differs from this machine's; lcjax reads only native-endian GGUF files."
+        )
     for tensor in reader.tensors:
         if tensor.name in _ROPE_TENSORS:
             continue
         hf_name = gguf_to_hf_name(tensor.name, arch)
-        expected = None if hf_name is None else checkpoint_shape(model_config, hf_name)
+        expected = None if hf_name is None or hf_name not in layout else layout[hf_name].shape
         if expected is None:
-            raise CheckpointError(f"{path}: tensor {tensor.name!r} has no transformers counterpart in a "
-                                  f"{arch} model with {config['num_hidden_layers']} layers; lcjax cannot "
-                                  "load this file.")
+            raise CheckpointError(
+                f"{path}: tensor {tensor.name!r} has no transformers counterpart in a "
+                f"{arch} model with {config['num_hidden_layers']} layers; lcjax cannot "
+                "load this file."
+            )
         shape = _hf_shape(tensor)
         if shape != expected:
-            raise CheckpointError(f"{path}: tensor {tensor.name!r} ({hf_name}) has shape {shape} but the file's "
-                                  f"metadata implies {expected}; the file is inconsistent.")
+            raise CheckpointError(
+                f"{path}: tensor {tensor.name!r} ({hf_name}) has shape {shape} but the file's "
+                f"metadata implies {expected}; the file is inconsistent."
+            )
         array = _dequantize(path, tensor).reshape(shape)
-        if arch == "llama" and ".self_attn.q_proj." in hf_name:
+        if permuted and ".self_attn.q_proj." in hf_name:
             array = unpermute_rope_rows(array, config["num_attention_heads"])
-        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+        elif permuted and ".self_attn.k_proj." in hf_name:
             array = unpermute_rope_rows(array, config["num_key_value_heads"])
         yield hf_name, array

@@ -18,8 +18,16 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -37,8 +45,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors.")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
-            raise CheckpointError(f"{path}: header claims {header_len} bytes but the file has {size}; "
-                                  "the file is truncated or not safetensors.")
+            raise CheckpointError(
+                f"{path}: header claims {header_len} bytes but the file has {size}; "
+                "the file is truncated or not safetensors."
+            )
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -49,7 +59,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     if data_start + end > size:
         raise CheckpointError(
             f"{path}: tensors need {data_start + end} bytes but the file has {size}; it is truncated "
-            "(re-download or re-save it).")
+            "(re-download or re-save it)."
+        )
     return header, data_start
 
 
@@ -60,15 +71,19 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which lcjax cannot "
-                                  f"read; supported: {', '.join(_DTYPES)}.")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {entry['dtype']}, which lcjax cannot "
+                f"read; supported: {', '.join(_DTYPES)}."
+            )
         begin, end = entry["data_offsets"]
         shape = tuple(entry["shape"])
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if end - begin != expected:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} of "
-                                  f"{entry['dtype']} needs {expected}.")
-        yield name, mm[data_start + begin: data_start + end].view(dtype).reshape(shape)
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} of "
+                f"{entry['dtype']} needs {expected}."
+            )
+        yield name, mm[data_start + begin : data_start + end].view(dtype).reshape(shape)
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[Path]:

@@ -1,63 +1,128 @@
-"""Long-context methods as transforms, one file each; `ATTENTION_METHODS` and `CACHE_METHODS` build them by
-SCBench's names."""
+"""Long-context methods, one file each, named after the paper; each is a value passed to the model.
+
+Attention transforms (the prefill): `AShape`, `TriShape`, `MInference` (vertical-slash, block-sparse, or a
+searched per-head config). Cache transforms (what the KV cache is and what happens to it after each turn):
+`StreamingLLMPress`, `SnapKVPress`, `PyramidKVPress` (compression), `KIVI` (2/4-bit storage), `Quest` (page
+selection at decode). Each class's defaults are SCBench's released settings.
+
+`ATTENTION_METHODS` and `CACHE_METHODS` name them as SCBench's `--attn_type` / `--kv_type` do; `attention_method`
+and `cache_method` build one from its name and hyperparameters, naming the valid ones when a key is unknown.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
-from lcjax.attention import DenseAttention
+from lcjax.cache import CacheTransform
 from lcjax.config import ModelConfig
 from lcjax.methods.a_shape import AShape, TriShape
-from lcjax.methods.cache_transform import Chain
-from lcjax.methods.kivi import KIVI, KIVICache, kivi
-from lcjax.methods.minference import MInference, MInferenceConfig, block_sparse, vertical_slash
-from lcjax.methods.pyramidkv import PyramidKVPress, pyramidkv
-from lcjax.methods.quest import Quest, QuestCache, quest
-from lcjax.methods.snapkv import SnapKVPress, snapkv
-from lcjax.methods.streaming_llm import StreamingLLMPress, streaming_llm
+from lcjax.methods.kivi import KIVI, KIVICache
+from lcjax.methods.minference import MInference, MInferenceConfig
+from lcjax.methods.pyramidkv import PyramidKVPress
+from lcjax.methods.quest import Quest, QuestCache
+from lcjax.methods.snapkv import SnapKVPress
+from lcjax.methods.streaming_llm import StreamingLLMPress
+from lcjax.models.attention import AttentionFn, DenseAttention
 
 
-def _minference(config: ModelConfig, pattern_config: str | None = None, backend: str = "auto",
-                slash_semantics: str = "exact", **kw):
+def _minference(config: ModelConfig, pattern_config: str | None = None, **kw) -> MInference:
+    """SCBench's `minference`: every head vertical-slash, or the per-head patterns of `pattern_config` (a JSON
+    path in MInference's format)."""
     if pattern_config is None:
-        return vertical_slash(config.num_layers, config.num_heads, backend=backend, slash_semantics=slash_semantics,
-                              **kw)
-    cfg = MInferenceConfig.from_json(pattern_config)
-    cfg.check(config.num_layers, config.num_heads)
-    return MInference(cfg, backend, slash_semantics)
+        return MInference.vertical_slash(config.num_layers, config.num_heads, **kw)
+    patterns = MInferenceConfig.from_json(pattern_config)
+    patterns.check(config.num_layers, config.num_heads)
+    return MInference(patterns, **kw)
 
 
 # SCBench's --attn_type names -> builder(model config, **hyperparameters)
-ATTENTION_METHODS: dict[str, Callable[..., object]] = {
+ATTENTION_METHODS: dict[str, Callable[..., AttentionFn]] = {
     "dense": lambda config, **kw: DenseAttention(**kw),
     "a_shape": lambda config, **kw: AShape(**kw),
     "tri_shape": lambda config, **kw: TriShape(**kw),
     "minference": _minference,
-    "vertical_slash": lambda config, **kw: vertical_slash(config.num_layers, config.num_heads, **kw),
-    "block_sparse": lambda config, **kw: block_sparse(config.num_layers, config.num_heads, **kw),
+    "vertical_slash": lambda config, **kw: MInference.vertical_slash(config.num_layers, config.num_heads, **kw),
+    "block_sparse": lambda config, **kw: MInference.block_sparse(config.num_layers, config.num_heads, **kw),
+}
+
+# SCBench's --kv_type names -> cache-transform class (None: the dense cache)
+CACHE_METHODS: dict[str, type | None] = {
+    "dense": None,
+    "streamingllm": StreamingLLMPress,
+    "snapkv": SnapKVPress,
+    "pyramidkv": PyramidKVPress,
+    "kivi": KIVI,
+    "quest": Quest,
 }
 
 
-# SCBench's --kv_type names -> cache-transform builder(**hyperparameters) (SCBench's defaults)
-CACHE_METHODS: dict[str, Callable[..., object]] = {
-    "dense": lambda **kw: None,
-    "streamingllm": streaming_llm,
-    "snapkv": snapkv,
-    "pyramidkv": pyramidkv,
-    "kivi": kivi,
-    "quest": quest,
-}
+def method_fields(cls: type) -> tuple[str, ...]:
+    """The hyperparameters a method class takes (its dataclass fields set at construction)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
-def cache_method(name: str, **hyperparameters):
-    """The cache transform SCBench calls `name` (None for "dense")."""
+def _unknown_keys(name: str, given: dict, valid: tuple[str, ...]) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"{name} has no hyperparameter {', '.join(map(repr, unknown))}; its hyperparameters: "
+            f"{', '.join(valid) or 'none'}."
+        )
+
+
+# the hyperparameter a token budget (SCBench's --kv_budget) sets in each cache method
+BUDGET_FIELDS = {"streamingllm": "capacity", "snapkv": "capacity", "pyramidkv": "capacity", "quest": "token_budget"}
+
+
+def cache_method(name: str, budget: int | None = None, **hyperparameters) -> CacheTransform | None:
+    """The cache transform SCBench calls `name` (None for "dense"), its defaults SCBench's.
+
+    budget: tokens the method keeps or reads (`BUDGET_FIELDS`); StreamingLLM then keeps at most a quarter of it as
+    sinks (SCBench's 128 of 4096). Explicit `hyperparameters` win over both."""
     if name not in CACHE_METHODS:
         raise ValueError(f"Unknown cache method {name!r}; available: {', '.join(CACHE_METHODS)}.")
-    return CACHE_METHODS[name](**hyperparameters)
+    cls = CACHE_METHODS[name]
+    _unknown_keys(name, hyperparameters, () if cls is None else method_fields(cls))
+    if cls is None:
+        return None
+    settings = {}
+    if budget is not None and name in BUDGET_FIELDS:
+        settings[BUDGET_FIELDS[name]] = budget
+        if cls is StreamingLLMPress:
+            settings["n_sink"] = min(field_default(cls, "n_sink"), budget // 4)
+    return cls(**{**settings, **hyperparameters})
 
 
-def attention_method(name: str, config: ModelConfig, **hyperparameters):
+def field_default(cls: type, name: str):
+    """The default of dataclass field `name` of `cls` (a method's own setting, declared once there)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def attention_method(name: str, config: ModelConfig, **hyperparameters) -> AttentionFn:
     """Builds the attention transform SCBench calls `name` for a model with `config`."""
     if name not in ATTENTION_METHODS:
         raise ValueError(f"Unknown attention method {name!r}; available: {', '.join(ATTENTION_METHODS)}.")
     return ATTENTION_METHODS[name](config, **hyperparameters)
+
+
+__all__ = [
+    "ATTENTION_METHODS",
+    "AShape",
+    "CACHE_METHODS",
+    "KIVI",
+    "KIVICache",
+    "MInference",
+    "MInferenceConfig",
+    "PyramidKVPress",
+    "Quest",
+    "QuestCache",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "TriShape",
+    "BUDGET_FIELDS",
+    "attention_method",
+    "cache_method",
+    "field_default",
+    "method_fields",
+]

@@ -17,8 +17,9 @@ from lcjax.methods.sparse_pattern import SparsePattern
 from lcjax.methods.sparse_prefill import Backend, sparse_prefill
 
 
-def a_shape_pattern(batch: int, heads: int, n_init: int, n_local: int, q_len: int,
-                    dense_last: int = 0) -> SparsePattern:
+def a_shape_pattern(
+    batch: int, heads: int, n_init: int, n_local: int, q_len: int, dense_last: int = 0
+) -> SparsePattern:
     """Verticals 0..n_init-1 and slashes 0..n_local-1 for every head (clipped to q_len)."""
     n_init, n_local = min(n_init, q_len), min(n_local, q_len)
     vertical = jnp.broadcast_to(jnp.arange(n_init, dtype=jnp.int32), (batch, heads, n_init))

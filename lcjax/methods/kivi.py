@@ -22,14 +22,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lcjax.cache import pad_slots, repeat_batch, scatter_layer, set_layer
+from lcjax.cache.layers import layered, pad_slots, repeat_batch, scatter_layer, set_layer
 from lcjax.config import ModelConfig
-from lcjax.methods.kivi_quant import (CHANNEL, TOKEN, QuantizedTensor, dequantize, quantize_keys,
-                                      quantize_values)
+from lcjax.pallas import kivi_decode_attention as kernel
+from lcjax.pallas.kivi_quant import CHANNEL, TOKEN, QuantizedTensor, dequantize, quantize_keys, quantize_values
 
-
-_QUANTISED = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")   # KIVICache's per-layer codes
-_RESIDUAL = ("k_res", "v_res")                                                   # and full-precision rows
+_QUANTISED = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")  # KIVICache's per-layer codes
+_RESIDUAL = ("k_res", "v_res")  # and full-precision rows
 
 
 @jax.tree_util.register_dataclass
@@ -63,25 +62,50 @@ class KIVICache:
     residual: int = dataclasses.field(default=32, metadata=dict(static=True))
 
     @classmethod
-    def init(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype=jnp.bfloat16,
-             stacked: bool = True, bits: int = 2, group: int = 32, residual: int = 32) -> "KIVICache":
+    def init(
+        cls,
+        num_layers: int,
+        batch: int,
+        capacity: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype=jnp.bfloat16,
+        stacked: bool = True,
+        bits: int = 2,
+        group: int = 32,
+        residual: int = 32,
+    ) -> "KIVICache":
         """An empty cache with room for `capacity` tokens (rounded up to a multiple of `group`)."""
         per_byte = 8 // bits
         if residual % group or head_dim % group or head_dim % per_byte:
-            raise ValueError(f"KIVI: residual_length ({residual}) and head_dim ({head_dim}) must be multiples of "
-                             f"group_size ({group}), and head_dim of {per_byte}.")
+            raise ValueError(
+                f"KIVI: residual_length ({residual}) and head_dim ({head_dim}) must be multiples of "
+                f"group_size ({group}), and head_dim of {per_byte}."
+            )
         capacity = -(-capacity // group) * group
-        layered = lambda shape, dt, value=0: (jnp.full((num_layers,) + shape, value, dt) if stacked else
-                                              tuple(jnp.full(shape, value, dt) for _ in range(num_layers)))
+        per_layer = lambda shape, dt: layered(num_layers, shape, dt, stacked)
         codes = (batch, capacity, kv_heads, head_dim // per_byte)
         k_groups = (batch, capacity // group, kv_heads, head_dim)
         v_groups = (batch, capacity, kv_heads, head_dim // group)
         res = (batch, residual, kv_heads, head_dim)
         zeros = jnp.zeros((batch,), jnp.int32)
-        return cls(layered(codes, jnp.uint8), layered(k_groups, jnp.float16), layered(k_groups, jnp.float16),
-                   layered(codes, jnp.uint8), layered(v_groups, jnp.float16), layered(v_groups, jnp.float16),
-                   layered(res, dtype), layered(res, dtype), jnp.zeros((num_layers, batch), jnp.int32), zeros, zeros,
-                   jnp.zeros((num_layers, batch), jnp.int32), bits, group, residual)
+        return cls(
+            per_layer(codes, jnp.uint8),
+            per_layer(k_groups, jnp.float16),
+            per_layer(k_groups, jnp.float16),
+            per_layer(codes, jnp.uint8),
+            per_layer(v_groups, jnp.float16),
+            per_layer(v_groups, jnp.float16),
+            per_layer(res, dtype),
+            per_layer(res, dtype),
+            jnp.zeros((num_layers, batch), jnp.int32),
+            zeros,
+            zeros,
+            jnp.zeros((num_layers, batch), jnp.int32),
+            bits,
+            group,
+            residual,
+        )
 
     @property
     def stacked(self) -> bool:
@@ -109,10 +133,12 @@ class KIVICache:
         batch, capacity, kv_heads = self.k_codes[layer].shape[:3]
         shape = (batch, capacity, kv_heads, self.k_res[layer].shape[-1])
         dtype = jnp.dtype(self.dtype).name
-        keys = QuantizedTensor(self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.bits, self.group,
-                               TOKEN, shape, dtype)
-        values = QuantizedTensor(self.v_codes[layer], self.v_scale[layer], self.v_zero[layer], self.bits, self.group,
-                                 CHANNEL, shape, dtype)
+        keys = QuantizedTensor(
+            self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.bits, self.group, TOKEN, shape, dtype
+        )
+        values = QuantizedTensor(
+            self.v_codes[layer], self.v_scale[layer], self.v_zero[layer], self.bits, self.group, CHANNEL, shape, dtype
+        )
         return keys, values
 
     def layer_kv(self, layer) -> tuple[jax.Array, jax.Array]:
@@ -123,16 +149,17 @@ class KIVICache:
         overlay = lambda full, res: full.at[index].set(res, mode="drop")
         return (overlay(dequantize(keys), self.k_res[layer]), overlay(dequantize(values), self.v_res[layer]))
 
-    def update(self, layer, k_new: jax.Array, v_new: jax.Array, start: jax.Array,
-               lengths: jax.Array | None = None) -> "KIVICache":
+    def update(
+        self, layer, k_new: jax.Array, v_new: jax.Array, start: jax.Array, lengths: jax.Array | None = None
+    ) -> "KIVICache":
         """Appends `k_new, v_new: [batch, seq, kv_heads, head_dim]` at slots `start[b] + t` (start = the cached
         length: KIVI only appends); `lengths` (default start + seq) counts the valid slots afterwards. The residual
         and the new tokens are quantised in whole residual blocks up to `lengths`; the rest becomes the residual."""
         batch, seq = k_new.shape[:2]
         R, G = self.residual, self.group
         lengths = start + seq if lengths is None else lengths
-        done = self.quantized[layer]                                       # [batch]
-        now = done + (jnp.maximum(lengths - done, 0) // R) * R             # quantised once written
+        done = self.quantized[layer]  # [batch]
+        now = done + (jnp.maximum(lengths - done, 0) // R) * R  # quantised once written
         shift = now - done
         rows = jnp.arange(batch)[:, None]
         layer_state = tuple(getattr(self, name)[layer] for name in _QUANTISED)
@@ -141,30 +168,37 @@ class KIVICache:
             # before it is flushed); once every R steps the full residual becomes one block of codes and the
             # residual starts over (its rows are then stale, and past every valid count)
             slot = (rows, (start - done)[:, None])
-            residual = dict(k_res=scatter_layer(self.k_res, layer, slot, k_new),
-                            v_res=scatter_layer(self.v_res, layer, slot, v_new))
+            residual = dict(
+                k_res=scatter_layer(self.k_res, layer, slot, k_new), v_res=scatter_layer(self.v_res, layer, slot, v_new)
+            )
             layer_state = jax.lax.cond(
                 jnp.any(shift > 0),
                 lambda s: self._write_blocks(s, residual["k_res"][layer], residual["v_res"][layer], done, shift),
-                lambda s: s, layer_state)
+                lambda s: s,
+                layer_state,
+            )
         else:
             pending_len = -(-(R + seq) // G) * G
 
-            def pending(res, new):                                         # residual then new tokens, [b, P, ...]
+            def pending(res, new):  # residual then new tokens, [b, P, ...]
                 buf = jnp.zeros((batch, pending_len) + new.shape[2:], res.dtype).at[:, :R].set(res)
-                return buf.at[rows, (start - done)[:, None] + jnp.arange(seq)[None, :]].set(new.astype(res.dtype),
-                                                                                             mode="drop")
+                return buf.at[rows, (start - done)[:, None] + jnp.arange(seq)[None, :]].set(
+                    new.astype(res.dtype), mode="drop"
+                )
 
             pk, pv = pending(self.k_res[layer], k_new), pending(self.v_res[layer], v_new)
             take = jnp.minimum(shift[:, None] + jnp.arange(R)[None, :], pending_len - 1)[:, :, None, None]
-            residual = {name: set_layer(getattr(self, name), layer, jnp.take_along_axis(p, take, axis=1))
-                        for name, p in (("k_res", pk), ("v_res", pv))}
+            residual = {
+                name: set_layer(getattr(self, name), layer, jnp.take_along_axis(p, take, axis=1))
+                for name, p in (("k_res", pk), ("v_res", pv))
+            }
             layer_state = self._write_blocks(layer_state, pk, pv, done, shift)
         codes = {name: set_layer(getattr(self, name), layer, x) for name, x in zip(_QUANTISED, layer_state)}
         return dataclasses.replace(self, **residual, **codes, quantized=self.quantized.at[layer].set(now))
 
-    def _write_blocks(self, layer_state: tuple, keys: jax.Array, values: jax.Array, done: jax.Array,
-                      shift: jax.Array) -> tuple:
+    def _write_blocks(
+        self, layer_state: tuple, keys: jax.Array, values: jax.Array, done: jax.Array, shift: jax.Array
+    ) -> tuple:
         """One layer's codes (`_QUANTISED` order) with `keys, values: [batch, P, kv_heads, head_dim]` (P a multiple
         of the group) quantised and their first `shift[b]` rows (whole groups) written at slots `done[b]...`."""
         G = self.group
@@ -173,21 +207,36 @@ class KIVICache:
         qk, qv = quantize_keys(keys, G, self.bits), quantize_values(values, G, self.bits)
         rows = jnp.arange(batch)[:, None]
         j = jnp.arange(P)[None, :]
-        dst = (rows, jnp.where(j < shift[:, None], done[:, None] + j, self.capacity))          # beyond: dropped
+        dst = (rows, jnp.where(j < shift[:, None], done[:, None] + j, self.capacity))  # beyond: dropped
         g = jnp.arange(P // G)[None, :]
         gdst = (rows, jnp.where(g * G < shift[:, None], (done // G)[:, None] + g, self.capacity // G))
         put = lambda x, index, new: x.at[index].set(new.astype(x.dtype), mode="drop")
-        return (put(k_codes, dst, qk.packed), put(k_scale, gdst, qk.scale), put(k_zero, gdst, qk.zero),
-                put(v_codes, dst, qv.packed), put(v_scale, dst, qv.scale), put(v_zero, dst, qv.zero))
+        return (
+            put(k_codes, dst, qk.packed),
+            put(k_scale, gdst, qk.scale),
+            put(k_zero, gdst, qk.zero),
+            put(v_codes, dst, qv.packed),
+            put(v_scale, dst, qv.scale),
+            put(v_zero, dst, qv.zero),
+        )
 
     def attend_decode(self, q: jax.Array, layer, lengths: jax.Array, scale: float, implementation: str) -> jax.Array:
         """One query per sequence, `q: [batch, heads, head_dim]`, over `layer` (its new token written; `lengths`
         counts it): the Pallas kernel on GPU (dequantising in registers), else the XLA reference."""
-        from lcjax.pallas import kivi_decode_attention as kernel
         done = self.quantized[layer]
-        args = (q, self.k_codes[layer], self.k_scale[layer], self.k_zero[layer], self.v_codes[layer],
-                self.v_scale[layer], self.v_zero[layer], done, self.k_res[layer], self.v_res[layer],
-                jnp.maximum(lengths - done, 0))
+        args = (
+            q,
+            self.k_codes[layer],
+            self.k_scale[layer],
+            self.k_zero[layer],
+            self.v_codes[layer],
+            self.v_scale[layer],
+            self.v_zero[layer],
+            done,
+            self.k_res[layer],
+            self.v_res[layer],
+            jnp.maximum(lengths - done, 0),
+        )
         kw = dict(scale=scale, bits=self.bits, key_group=self.group, value_group=self.group, first=self.first[layer])
         on_gpu = jax.default_backend() == "gpu"
         supported = kernel.kivi_kernel_supported(q.shape[-1], self.bits, self.group, self.group)
@@ -203,16 +252,22 @@ class KIVICache:
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}.")
         state = {name: repeat_batch(getattr(self, name), n) for name in _QUANTISED + _RESIDUAL}
-        return dataclasses.replace(self, **state, quantized=jnp.repeat(self.quantized, n, axis=1),
-                                   lengths=jnp.repeat(self.lengths, n), positions=jnp.repeat(self.positions, n),
-                                   first=jnp.repeat(self.first, n, axis=1))
+        return dataclasses.replace(
+            self,
+            **state,
+            quantized=jnp.repeat(self.quantized, n, axis=1),
+            lengths=jnp.repeat(self.lengths, n),
+            positions=jnp.repeat(self.positions, n),
+            first=jnp.repeat(self.first, n, axis=1),
+        )
 
     def with_capacity(self, capacity: int) -> "KIVICache":
         """The same cache with room for `capacity` tokens (rounded up to a multiple of the group; a copy)."""
         capacity = -(-capacity // self.group) * self.group
         if capacity < self.capacity:
-            raise ValueError(f"with_capacity({capacity}) would cut a cache of capacity {self.capacity}; "
-                             "use crop() to forget tokens.")
+            raise ValueError(
+                f"with_capacity({capacity}) would cut a cache of capacity {self.capacity}; use crop() to forget tokens."
+            )
         extra = capacity - self.capacity
         grow = {name: pad_slots(getattr(self, name), extra) for name in ("k_codes", "v_codes", "v_scale", "v_zero")}
         grow.update({name: pad_slots(getattr(self, name), extra // self.group) for name in ("k_scale", "k_zero")})
@@ -231,8 +286,14 @@ class KIVICache:
             take = jnp.minimum(take, self.capacity - 1)
             k_res = set_layer(k_res, layer, jnp.take_along_axis(k, take, axis=1))
             v_res = set_layer(v_res, layer, jnp.take_along_axis(v, take, axis=1))
-        return dataclasses.replace(self, k_res=k_res, v_res=v_res, quantized=keep, lengths=lengths,
-                                   positions=self.positions - (self.lengths - lengths))
+        return dataclasses.replace(
+            self,
+            k_res=k_res,
+            v_res=v_res,
+            quantized=keep,
+            lengths=lengths,
+            positions=self.positions - (self.lengths - lengths),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,26 +304,33 @@ class KIVI:
     bits: int = 2
     group_size: int = 32
     residual_length: int = 32
-    window_size: int = dataclasses.field(default=0, init=False)   # needs no queries
+    window_size: int = dataclasses.field(default=0, init=False)  # needs no queries
 
     def __post_init__(self):
         if self.bits not in (2, 4):
             raise ValueError(f"KIVI: bits must be 2 or 4, got {self.bits}.")
         if self.group_size < 1 or self.residual_length < self.group_size or self.residual_length % self.group_size:
-            raise ValueError(f"KIVI: residual_length ({self.residual_length}) must be a positive multiple of "
-                             f"group_size ({self.group_size}).")
+            raise ValueError(
+                f"KIVI: residual_length ({self.residual_length}) must be a positive multiple of "
+                f"group_size ({self.group_size})."
+            )
 
     def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype, stacked: bool) -> KIVICache:
-        return KIVICache.init(config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim, dtype,
-                              stacked, self.bits, self.group_size, self.residual_length)
+        return KIVICache.init(
+            config.num_layers,
+            batch,
+            capacity,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype,
+            stacked,
+            self.bits,
+            self.group_size,
+            self.residual_length,
+        )
 
     def max_budget(self, num_layers: int, capacity: int) -> int:
         return capacity
 
     def after_turn(self, cache, observation, scale: float, new_capacity: int) -> KIVICache:
-        return cache            # quantisation happens as tokens are written
-
-
-def kivi(bits: int = 2, group_size: int = 32, residual_length: int = 32) -> KIVI:
-    """`KIVI` with SCBench's defaults (2 bits, groups of 32, a 32-token residual)."""
-    return KIVI(bits=bits, group_size=group_size, residual_length=residual_length)
+        return cache  # quantisation happens as tokens are written

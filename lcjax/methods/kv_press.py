@@ -6,8 +6,8 @@ stays bounded across turns. A press is a frozen, hashable value passed to the mo
 (`model.with_transforms(cache=SnapKVPress(compression_ratio=0.5))`); it supplies
 
 - `window_size`: how many of the turn's last queries it needs (0: none). The model records those queries,
-  already rotated, for every layer while it runs the turn (`observe_queries`), whatever the attention method
-  (so MInference prefill + SnapKV compose);
+  already rotated, for every layer while it runs the turn (an `lcjax.cache.Observation`), whatever the
+  attention method (so MInference prefill + SnapKV compose);
 - `scores(keys, valid, observation, layer, scale)`: float32 `[batch, kv_heads, capacity]` per slot, +inf for
   slots that must stay, -inf for empty slots; higher is kept first;
 - `budgets(num_layers, n_valid)`: int32 `[layers, batch]` tokens to keep per layer (from the valid count), and
@@ -28,29 +28,16 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from lcjax.cache import KVCache
-from lcjax.methods.cache_transform import DenseStorage
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Observation:
-    """The last queries of a turn, per layer.
-
-    q: `[layers, batch, window, heads, head_dim]` (rotated); slots: int32 `[batch, window]`, the cache slot of
-    each query; valid: bool `[batch, window]` (False where the turn had fewer than `window` tokens).
-    """
-
-    q: jax.Array
-    slots: jax.Array
-    valid: jax.Array
+from lcjax.cache import DenseStorage, KVCache, Observation
+from lcjax.numerics import masked_softmax
 
 
 class KVPress(Protocol):
     window_size: int
 
-    def scores(self, keys: jax.Array, valid: jax.Array, observation: Observation | None, layer,
-               scale: float) -> jax.Array: ...
+    def scores(
+        self, keys: jax.Array, valid: jax.Array, observation: Observation | None, layer, scale: float
+    ) -> jax.Array: ...
 
     def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array: ...
 
@@ -79,10 +66,9 @@ SCBENCH_CAPACITY = 4096  # tokens kept per layer in SCBench's released settings
 
 class Press(DenseStorage):
     """Mixin for presses: a dense cache, compressed by `compress` after every turn (the cache-transform
-    protocol of `lcjax.methods.cache_transform`)."""
+    protocol of `lcjax.cache.CacheTransform`)."""
 
-    def after_turn(self, cache: KVCache, observation: Observation | None, scale: float,
-                   new_capacity: int) -> KVCache:
+    def after_turn(self, cache: KVCache, observation: Observation | None, scale: float, new_capacity: int) -> KVCache:
         return compress(self, cache, observation, scale, new_capacity)
 
 
@@ -111,47 +97,15 @@ class UniformBudget(Press):
 def check_budget(name: str, capacity: int | None, compression_ratio: float | None, floor: int = 1):
     """Exactly one of capacity / compression_ratio, each in range (a clear error otherwise)."""
     if (capacity is None) == (compression_ratio is None):
-        raise ValueError(f"{name}: give exactly one of capacity (tokens kept, SCBench) or compression_ratio "
-                         f"(fraction removed, kvpress); got capacity={capacity}, "
-                         f"compression_ratio={compression_ratio}.")
+        raise ValueError(
+            f"{name}: give exactly one of capacity (tokens kept, SCBench) or compression_ratio "
+            f"(fraction removed, kvpress); got capacity={capacity}, "
+            f"compression_ratio={compression_ratio}."
+        )
     if compression_ratio is not None and not 0.0 <= compression_ratio < 1.0:
         raise ValueError(f"{name}: compression_ratio must be in [0, 1), got {compression_ratio}.")
     if capacity is not None and capacity < floor:
         raise ValueError(f"{name}: capacity must be >= {floor}, got {capacity}.")
-
-
-def observe_rows(start: jax.Array, lengths: jax.Array, window: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rows (within this call), cache slots and validity of the last `window` new tokens of each sequence.
-
-    start: int32 `[batch]`, the slot of the first new token; lengths: int32 `[batch]`, valid slots after the
-    call. Returns rows, slots int32 `[batch, window]` and valid bool `[batch, window]`."""
-    new = lengths - start
-    rows = new[:, None] - window + jnp.arange(window, dtype=jnp.int32)[None, :]
-    return jnp.maximum(rows, 0), start[:, None] + rows, rows >= 0
-
-
-@dataclasses.dataclass(frozen=True)
-class ObserveQueries:
-    """Wraps an attention transform so it also records each layer's last `window` queries.
-
-    The model threads `(cache, Observation)` through its layers in place of the cache; the wrapped method
-    sees only the cache. Used by `Transformer` when its press needs queries."""
-
-    attention: object
-    window: int
-
-    def __call__(self, q, k, v, carry, meta):
-        cache, obs = carry
-        out, cache = self.attention(q, k, v, cache, meta)
-        rows, _, _ = observe_rows(meta.start, meta.lengths, self.window)
-        q_obs = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)          # [batch, window, heads, d]
-        return out, (cache, dataclasses.replace(obs, q=obs.q.at[meta.layer].set(q_obs.astype(obs.q.dtype))))
-
-
-def empty_observation(num_layers: int, batch: int, window: int, num_heads: int, head_dim: int, dtype,
-                      start: jax.Array, lengths: jax.Array) -> Observation:
-    _, slots, valid = observe_rows(start, lengths, window)
-    return Observation(jnp.zeros((num_layers, batch, window, num_heads, head_dim), dtype), slots, valid)
 
 
 def _keep_slots(scores: jax.Array, kept: jax.Array, k_static: int) -> jax.Array:
@@ -166,44 +120,46 @@ def _keep_slots(scores: jax.Array, kept: jax.Array, k_static: int) -> jax.Array:
 def _gather_layer(x: jax.Array, slots: jax.Array, first: jax.Array, new_capacity: int) -> jax.Array:
     """x `[batch, capacity, kv_heads, d]` -> `[batch, new_capacity, kv_heads, d]` holding `slots[b, h, i]` at
     slot `first[b] + i` (other slots get slot 0's data: they are masked as empty)."""
-    j = jnp.arange(new_capacity)[None, :] - first[:, None]                         # [batch, new_capacity]
+    j = jnp.arange(new_capacity)[None, :] - first[:, None]  # [batch, new_capacity]
     src = jnp.take_along_axis(slots, jnp.clip(j, 0, slots.shape[-1] - 1)[:, None, :], axis=-1)
-    src = jnp.where((j >= 0)[:, None, :] & (src < x.shape[1]), src, 0)             # [batch, kv_heads, new_cap]
+    src = jnp.where((j >= 0)[:, None, :] & (src < x.shape[1]), src, 0)  # [batch, kv_heads, new_cap]
     return jnp.take_along_axis(x, jnp.swapaxes(src, 1, 2)[..., None], axis=1)
 
 
-def compress(press: KVPress, cache: KVCache, observation: Observation | None, scale: float,
-             new_capacity: int) -> KVCache:
+def compress(
+    press: KVPress, cache: KVCache, observation: Observation | None, scale: float, new_capacity: int
+) -> KVCache:
     """The cache after `press`: every layer keeps its budget of top-scoring slots per KV head (in order),
     right-aligned to one shared length; `new_capacity` slots (static, >= the press's static bound).
 
     Positions are unchanged (new tokens keep their true RoPE positions); lengths become the kept count."""
     if not isinstance(cache, KVCache):
-        raise ValueError(f"{type(press).__name__} evicts tokens from a dense KVCache, not a {type(cache).__name__}; "
-                         "put it before the transform that changes the storage (KIVI cannot follow a press).")
+        raise ValueError(
+            f"{type(press).__name__} evicts tokens from a dense KVCache, not a {type(cache).__name__}; "
+            "put it before the transform that changes the storage (KIVI cannot follow a press)."
+        )
     num_layers = len(cache.k) if not cache.stacked else cache.k.shape[0]
     capacity = cache.capacity
     k_static = min(capacity, press.max_budget(num_layers, capacity))
     if new_capacity < k_static:
         raise ValueError(f"compress: new_capacity {new_capacity} < the press's bound {k_static}.")
     slot = jnp.arange(capacity, dtype=jnp.int32)[None, :]
-    budgets = press.budgets(num_layers, cache.lengths - jnp.min(cache.first, axis=0))          # [layers, batch]
+    budgets = press.budgets(num_layers, cache.lengths - jnp.min(cache.first, axis=0))  # [layers, batch]
 
     def layer_slots(keys, first, budget, layer):
-        valid = (slot >= first[:, None]) & (slot < cache.lengths[:, None])                      # [batch, capacity]
+        valid = (slot >= first[:, None]) & (slot < cache.lengths[:, None])  # [batch, capacity]
         scores = press.scores(keys, valid, observation, layer, scale)
         scores = jnp.where(valid[:, None, :], scores, -jnp.inf)
         kept = jnp.minimum(budget, cache.lengths - first)
         return _keep_slots(scores, kept, k_static), kept
 
     if cache.stacked:
-        slots, kept = jax.lax.map(lambda xs: layer_slots(*xs), (cache.k, cache.first, budgets,
-                                                                jnp.arange(num_layers)))
+        slots, kept = jax.lax.map(lambda xs: layer_slots(*xs), (cache.k, cache.first, budgets, jnp.arange(num_layers)))
     else:
         outs = [layer_slots(cache.k[l], cache.first[l], budgets[l], l) for l in range(num_layers)]
         slots, kept = jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
-    lengths = jnp.max(kept, axis=0)                                                             # [batch]
-    first = lengths[None, :] - kept                                                             # [layers, batch]
+    lengths = jnp.max(kept, axis=0)  # [batch]
+    first = lengths[None, :] - kept  # [layers, batch]
     if cache.stacked:
         gather = jax.vmap(lambda x, s, f: _gather_layer(x, s, f, new_capacity))
         k, v = gather(cache.k, slots, first), gather(cache.v, slots, first)
@@ -220,30 +176,32 @@ def pool_scores(scores: jax.Array, kernel_size: int) -> jax.Array:
         return scores
     pad = kernel_size // 2
     padded = jnp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(pad, kernel_size - 1 - pad)])
-    return jax.lax.reduce_window(padded, 0.0, jax.lax.add, (1,) * (scores.ndim - 1) + (kernel_size,),
-                                 (1,) * scores.ndim, "VALID") / kernel_size
+    return (
+        jax.lax.reduce_window(
+            padded, 0.0, jax.lax.add, (1,) * (scores.ndim - 1) + (kernel_size,), (1,) * scores.ndim, "VALID"
+        )
+        / kernel_size
+    )
 
 
-def window_attention_scores(keys: jax.Array, valid: jax.Array, observation: Observation, layer,
-                            scale: float) -> jax.Array:
+def window_attention_scores(
+    keys: jax.Array, valid: jax.Array, observation: Observation, layer, scale: float
+) -> jax.Array:
     """SnapKV's evidence: the softmax attention of the observation window's queries over the cached keys
     (causal by slot), averaged over the window's valid queries and the KV head's query group.
 
     keys `[batch, capacity, kv_heads, d]`; valid bool `[batch, capacity]`; returns float32 `[batch, kv_heads,
     capacity]`."""
-    q = observation.q[layer]                                                          # [batch, w, heads, d]
+    q = observation.q[layer]  # [batch, w, heads, d]
     batch, window, heads, d = q.shape
     kv_heads = keys.shape[2]
     qg = q.reshape(batch, window, kv_heads, heads // kv_heads, d)
     logits = jnp.einsum("bwkgd,btkd->bkgwt", qg, keys, preferred_element_type=jnp.float32) * scale
     slot = jnp.arange(keys.shape[1], dtype=jnp.int32)
-    allowed = valid[:, None, :] & (slot[None, None, :] <= observation.slots[:, :, None])     # [batch, w, capacity]
+    allowed = valid[:, None, :] & (slot[None, None, :] <= observation.slots[:, :, None])  # [batch, w, capacity]
     allowed &= observation.valid[:, :, None]
-    logits = jnp.where(allowed[:, None, None], logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    probs = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-30)
-    n_obs = jnp.maximum(jnp.sum(observation.valid, axis=1), 1).astype(jnp.float32)         # [batch]
+    probs = masked_softmax(logits, allowed[:, None, None])
+    n_obs = jnp.maximum(jnp.sum(observation.valid, axis=1), 1).astype(jnp.float32)  # [batch]
     return jnp.sum(probs, axis=(2, 3)) / (n_obs[:, None, None] * (heads // kv_heads))
 
 

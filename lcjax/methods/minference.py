@@ -29,8 +29,10 @@ from lcjax.methods.sparse_pattern import SparsePattern
 from lcjax.methods.sparse_prefill import Backend, budget_mask, last_rows, sparse_prefill
 
 KINDS = ("vertical_and_slash", "stream_llm", "block_sparse")
-ALWAYS_VERTICAL = 30   # MInference always keeps the first 30 key columns ...
-ALWAYS_SLASH = 100     # ... and the 100 nearest diagonals
+VERTICAL_SIZE, SLASH_SIZE = 1000, 6096  # MInference's (and SCBench's) vertical-slash budgets
+TOP_K = 100  # MInference's block-sparse budget: key blocks per query block
+ALWAYS_VERTICAL = 30  # MInference always keeps the first 30 key columns ...
+ALWAYS_SLASH = 100  # ... and the 100 nearest diagonals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +59,14 @@ class MInferenceConfig:
     block_size: int = 64
 
     @classmethod
-    def uniform(cls, num_layers: int, num_heads: int, kind: str = "vertical_and_slash", v: int = 1000,
-                s: int = 6096) -> "MInferenceConfig":
+    def uniform(
+        cls,
+        num_layers: int,
+        num_heads: int,
+        kind: str = "vertical_and_slash",
+        v: int = VERTICAL_SIZE,
+        s: int = SLASH_SIZE,
+    ) -> "MInferenceConfig":
         """Every head the same pattern (the defaults are MInference's vertical-slash budgets)."""
         return cls(tuple(tuple(HeadPattern(kind, v, s) for _ in range(num_heads)) for _ in range(num_layers)))
 
@@ -73,7 +81,9 @@ class MInferenceConfig:
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"{path}: cannot read an MInference pattern config ({e}).") from e
         if not isinstance(data, list) or not all(isinstance(layer, dict) for layer in data):
-            raise ValueError("An MInference config is a JSON list (one entry per layer) of {head: [type, v, s, score]}.")
+            raise ValueError(
+                "An MInference config is a JSON list (one entry per layer) of {head: [type, v, s, score]}."
+            )
         layers = []
         for li, layer in enumerate(data):
             heads = []
@@ -81,8 +91,9 @@ class MInferenceConfig:
                 entry = layer.get(str(hi))
                 if entry is None or len(entry) < 3:
                     raise ValueError(f"MInference config layer {li} lacks head {hi} (or its [type, v, s]).")
-                heads.append(HeadPattern(entry[0], int(entry[1]), int(entry[2]),
-                                         float(entry[3]) if len(entry) > 3 else 0.0))
+                heads.append(
+                    HeadPattern(entry[0], int(entry[1]), int(entry[2]), float(entry[3]) if len(entry) > 3 else 0.0)
+                )
             layers.append(tuple(heads))
         return cls(tuple(layers))
 
@@ -95,8 +106,9 @@ class MInferenceConfig:
     def check(self, num_layers: int, num_heads: int) -> None:
         if len(self.patterns) != num_layers or any(len(layer) != num_heads for layer in self.patterns):
             shape = (len(self.patterns), len(self.patterns[0]) if self.patterns else 0)
-            raise ValueError(f"MInference config has {shape[0]} layers x {shape[1]} heads; the model has "
-                             f"{num_layers} x {num_heads}.")
+            raise ValueError(
+                f"MInference config has {shape[0]} layers x {shape[1]} heads; the model has {num_layers} x {num_heads}."
+            )
 
     def table(self) -> dict[str, np.ndarray]:
         """int32 arrays `[layers, heads]`: kind id, v, s."""
@@ -107,6 +119,7 @@ class MInferenceConfig:
 
 
 # ---- online estimation --------------------------------------------------------------------------------
+
 
 def _line_scores(q_last: jax.Array, k: jax.Array, rows: jax.Array, lengths: jax.Array, scale: float):
     """Column and diagonal mass of the last queries' softmax attention, for whole KV-head query groups.
@@ -128,8 +141,7 @@ def _line_scores(q_last: jax.Array, k: jax.Array, rows: jax.Array, lengths: jax.
     width = seq + last_q
     reversed_keys = jnp.pad(probs[..., ::-1], [(0, 0)] * 4 + [(0, width)])
     # from_last[t, x] = probs[t, length - 1 - x] (zero past the first key)
-    from_last = jax.vmap(lambda p, n: jax.lax.dynamic_slice_in_dim(p, seq - n, width, axis=-1))(
-        reversed_keys, lengths)
+    from_last = jax.vmap(lambda p, n: jax.lax.dynamic_slice_in_dim(p, seq - n, width, axis=-1))(reversed_keys, lengths)
     flat = from_last[..., ::-1, :].reshape(*probs.shape[:3], last_q * width)
     skewed = jnp.pad(flat, [(0, 0)] * 3 + [(0, last_q)]).reshape(*probs.shape[:3], last_q, width + 1)
     slash = skewed[..., :seq].sum(axis=3)
@@ -142,8 +154,9 @@ def _line_scores(q_last: jax.Array, k: jax.Array, rows: jax.Array, lengths: jax.
 ESTIMATE_BYTES = 1 << 30  # fp32 score rows of one step of the estimate (a few copies of it are alive at once)
 
 
-def estimate_vertical_slash(q: jax.Array, k: jax.Array, lengths: jax.Array, n_vertical: int, n_slash: int,
-                            last_q: int = 64, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def estimate_vertical_slash(
+    q: jax.Array, k: jax.Array, lengths: jax.Array, n_vertical: int, n_slash: int, last_q: int = 64, scale: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
     """MInference's online estimate: top key columns and diagonals of the last queries' attention.
 
     q `[batch, seq, heads, head_dim]`, k `[batch, seq, kv_heads, head_dim]` (rotated), lengths `[batch]`.
@@ -162,24 +175,25 @@ def estimate_vertical_slash(q: jax.Array, k: jax.Array, lengths: jax.Array, n_ve
 
     def some_groups(i):
         pick = lambda x: jax.lax.dynamic_slice_in_dim(x, i * step, step, axis=2)
-        return _line_scores(pick(q_last), pick(k), rows, lengths, scale)          # [b, step, g, seq] each
+        return _line_scores(pick(q_last), pick(k), rows, lengths, scale)  # [b, step, g, seq] each
 
-    vertical, slash = jax.lax.map(some_groups, jnp.arange(kvh // step))         # [steps, b, step, g, seq]
+    vertical, slash = jax.lax.map(some_groups, jnp.arange(kvh // step))  # [steps, b, step, g, seq]
     vertical, slash = (jnp.moveaxis(x, 0, 1).reshape(b, h, seq) for x in (vertical, slash))
     keys = jnp.arange(seq)
     valid_key = keys[None, None, :] < lengths[:, None, None]
     vertical = jnp.where(keys < ALWAYS_VERTICAL, jnp.inf, vertical)
     vertical = jnp.where(valid_key, vertical, -jnp.inf)
     slash = jnp.where(keys < ALWAYS_SLASH, jnp.inf, slash)
-    slash = jnp.where(valid_key, slash, -jnp.inf)                              # offsets < length
+    slash = jnp.where(valid_key, slash, -jnp.inf)  # offsets < length
     v_score, v_idx = jax.lax.top_k(vertical, min(n_vertical, seq))
     s_score, s_idx = jax.lax.top_k(slash, min(n_slash, seq))
-    return (jnp.where(v_score > -jnp.inf, v_idx, -1).astype(jnp.int32),
-            jnp.where(s_score > -jnp.inf, s_idx, -1).astype(jnp.int32))
+    return (
+        jnp.where(v_score > -jnp.inf, v_idx, -1).astype(jnp.int32),
+        jnp.where(s_score > -jnp.inf, s_idx, -1).astype(jnp.int32),
+    )
 
 
-def estimate_blocks(q: jax.Array, k: jax.Array, lengths: jax.Array, top_k: int,
-                    block_size: int = 64) -> jax.Array:
+def estimate_blocks(q: jax.Array, k: jax.Array, lengths: jax.Array, top_k: int, block_size: int = 64) -> jax.Array:
     """MInference's block-sparse estimate: top key blocks per query block by mean-pooled q.k.
 
     Returns int32 `[batch, heads, num_q_blocks, min(top_k, num_blocks)]`, best first, -1 for unused slots;
@@ -189,13 +203,16 @@ def estimate_blocks(q: jax.Array, k: jax.Array, lengths: jax.Array, top_k: int,
     kvh = k.shape[2]
     nb = -(-seq // block_size)
     pad = nb * block_size - seq
-    pool = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(
-        b, nb, block_size, x.shape[2], d).mean(axis=2)
-    qp, kp = pool(q), pool(k)                                                   # [b, nb, h|kvh, d]
+    pool = lambda x: (
+        jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+        .reshape(b, nb, block_size, x.shape[2], d)
+        .mean(axis=2)
+    )
+    qp, kp = pool(q), pool(k)  # [b, nb, h|kvh, d]
     scores = jnp.einsum("bmkgd,bnkd->bkgmn", qp.reshape(b, nb, kvh, h // kvh, d), kp).reshape(b, h, nb, nb)
     blocks = jnp.arange(nb)
     causal = blocks[:, None] >= blocks[None, :]
-    in_len = blocks[None, :] * block_size < lengths[:, None]                     # key block holds a valid token
+    in_len = blocks[None, :] * block_size < lengths[:, None]  # key block holds a valid token
     ok = causal[None] & in_len[:, None, :]
     scores = jnp.where(ok[:, None], scores, -jnp.inf)
     scores = jnp.where((blocks[:, None] == blocks[None, :])[None, None], jnp.inf, scores)
@@ -245,11 +262,33 @@ class MInference:
             est = estimate_blocks(q, k, meta.lengths, top_k, self.config.block_size)
             est = jnp.where(jnp.arange(est.shape[-1])[None, None, None, :] < v[None, :, None, None], est, -1)
             blocks = jnp.where(block[None, :, None, None], est, -1)
-        return SparsePattern(vertical, slash, blocks, block_size=self.config.block_size,
-                             slash_semantics=self.slash_semantics)
+        return SparsePattern(
+            vertical, slash, blocks, block_size=self.config.block_size, slash_semantics=self.slash_semantics
+        )
 
     def __call__(self, q, k, v, cache, meta):
         return sparse_prefill(q, k, v, cache, meta, self.pattern, self.backend)
+
+    @classmethod
+    def vertical_slash(
+        cls,
+        num_layers: int,
+        num_heads: int,
+        vertical_size: int = VERTICAL_SIZE,
+        slash_size: int = SLASH_SIZE,
+        backend: Backend = "auto",
+        slash_semantics: str = "exact",
+    ) -> "MInference":
+        """Every head vertical-slash (SCBench's `minference` setting)."""
+        config = MInferenceConfig.uniform(num_layers, num_heads, "vertical_and_slash", vertical_size, slash_size)
+        return cls(config, backend, slash_semantics)
+
+    @classmethod
+    def block_sparse(
+        cls, num_layers: int, num_heads: int, top_k: int = TOP_K, backend: Backend = "auto"
+    ) -> "MInference":
+        """Every head block-sparse: the top-k 64x64 key blocks of each query block by pooled q.k."""
+        return cls(MInferenceConfig.uniform(num_layers, num_heads, "block_sparse", top_k, 0), backend)
 
 
 SHIPPED_CONFIGS = {"smollm2-135m": "smollm2_135m.json"}
@@ -258,18 +297,8 @@ SHIPPED_CONFIGS = {"smollm2-135m": "smollm2_135m.json"}
 def shipped_config(model_name: str) -> MInferenceConfig:
     """A pattern config lcjax ships, searched by `experiments.minference_search` (see README)."""
     if model_name not in SHIPPED_CONFIGS:
-        raise ValueError(f"No shipped MInference config for {model_name!r}; shipped: {', '.join(SHIPPED_CONFIGS)}. "
-                         "Run `python -m experiments.minference_search --model ...` to make one.")
+        raise ValueError(
+            f"No shipped MInference config for {model_name!r}; shipped: {', '.join(SHIPPED_CONFIGS)}. "
+            "Run `python -m experiments.minference_search --model ...` to make one."
+        )
     return MInferenceConfig.from_json(Path(__file__).parent / "configs" / SHIPPED_CONFIGS[model_name])
-
-
-def vertical_slash(num_layers: int, num_heads: int, vertical_size: int = 1000, slash_size: int = 6096,
-                   backend: Backend = "auto", slash_semantics: str = "exact") -> MInference:
-    """MInference with every head vertical-slash (SCBench's `minference` defaults: 1000 / 6096)."""
-    return MInference(MInferenceConfig.uniform(num_layers, num_heads, "vertical_and_slash", vertical_size,
-                                               slash_size), backend, slash_semantics)
-
-
-def block_sparse(num_layers: int, num_heads: int, top_k: int = 100, backend: Backend = "auto") -> MInference:
-    """MInference with every head block-sparse: top-k 64x64 blocks from pooled q/k (default 100)."""
-    return MInference(MInferenceConfig.uniform(num_layers, num_heads, "block_sparse", top_k, 0), backend)

@@ -25,12 +25,12 @@ class PyramidKVPress(SnapKVPress):
     beta: int = 20
 
     def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array:
-        average = kv_press.kept_count(n_valid, self.capacity, self.compression_ratio)        # [batch]
+        average = kv_press.kept_count(n_valid, self.capacity, self.compression_ratio)  # [batch]
         w = self.window_size
         spare = jnp.maximum(average - w, 0)
         lo = spare // self.beta
         hi = 2 * spare - lo
-        over = hi >= n_valid - w                  # the prompt is shorter than the top budget
+        over = hi >= n_valid - w  # the prompt is shorter than the top budget
         hi = jnp.where(over, jnp.maximum(n_valid - w, 0), hi)
         lo = jnp.where(over, 2 * spare - hi, lo)
         step = (hi - lo) // max(num_layers - 1, 1)
@@ -43,15 +43,3 @@ class PyramidKVPress(SnapKVPress):
     def max_budget(self, num_layers: int, capacity: int) -> int:
         average = kv_press.static_kept(capacity, self.capacity, self.compression_ratio)
         return min(capacity, 2 * max(average - self.window_size, 0) + self.window_size)
-
-
-def pyramidkv(
-        capacity: int | None = kv_press.SCBENCH_CAPACITY,
-        compression_ratio: float | None = None,
-        window_size: int = 32,
-        kernel_size: int = 5,
-        beta: int = 20,
-) -> PyramidKVPress:
-    """`PyramidKVPress` with SCBench's defaults (window 32, kernel 5, 4096 tokens on average, beta 20)."""
-    return PyramidKVPress(capacity=capacity, compression_ratio=compression_ratio, window_size=window_size,
-                          kernel_size=kernel_size, beta=beta)

@@ -18,7 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lcjax.cache import KVCache, repeat_batch, set_layer
+from lcjax.cache import KVCache
+from lcjax.cache.layers import layered, repeat_batch, set_layer
 from lcjax.config import ModelConfig
 from lcjax.methods import quest_pages
 
@@ -49,10 +50,12 @@ class QuestCache(KVCache):
         """The bounds recomputed from every layer's valid keys (after eviction, a crop or a capacity change)."""
         if self.stacked:
             kmin, kmax = jax.vmap(lambda k, f: quest_pages.page_bounds(k, self.lengths, self.page_size, f))(
-                self.k, self.first)
+                self.k, self.first
+            )
         else:
-            pairs = [quest_pages.page_bounds(k, self.lengths, self.page_size, self.first[l])
-                     for l, k in enumerate(self.k)]
+            pairs = [
+                quest_pages.page_bounds(k, self.lengths, self.page_size, self.first[l]) for l, k in enumerate(self.k)
+            ]
             kmin, kmax = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
         return dataclasses.replace(self, kmin=kmin, kmax=kmax)
 
@@ -65,18 +68,29 @@ class QuestCache(KVCache):
         seq = k_new.shape[1]
         lengths = start + seq if lengths is None else lengths
         slots = start[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
-        kmin, kmax = quest_pages.update_page_bounds(self.kmin[layer], self.kmax[layer], k_new, slots, lengths,
-                                                    self.page_size)
-        return dataclasses.replace(cache, kmin=set_layer(self.kmin, layer, kmin),
-                                   kmax=set_layer(self.kmax, layer, kmax))
+        kmin, kmax = quest_pages.update_page_bounds(
+            self.kmin[layer], self.kmax[layer], k_new, slots, lengths, self.page_size
+        )
+        return dataclasses.replace(
+            cache, kmin=set_layer(self.kmin, layer, kmin), kmax=set_layer(self.kmax, layer, kmax)
+        )
 
     def attend_decode(self, q: jax.Array, layer, lengths: jax.Array, scale: float, implementation: str) -> jax.Array:
         """One query per sequence, `q: [batch, heads, head_dim]`, over the top pages of `layer` (its new key
         written; `lengths` counts it). Returns `[batch, heads, head_dim]`."""
         k, v = self.layer_kv(layer)
-        return quest_pages.quest_decode_attention(q, k, v, lengths, self.kmin[layer], self.kmax[layer], scale=scale,
-                                                  token_budget=self.token_budget, page_size=self.page_size,
-                                                  first=self.layer_first(layer))
+        return quest_pages.quest_decode_attention(
+            q,
+            k,
+            v,
+            lengths,
+            self.kmin[layer],
+            self.kmax[layer],
+            scale=scale,
+            token_budget=self.token_budget,
+            page_size=self.page_size,
+            first=self.layer_first(layer),
+        )
 
     def fork(self, n: int) -> "QuestCache":
         cache = super().fork(n)
@@ -86,7 +100,7 @@ class QuestCache(KVCache):
         return super().with_capacity(capacity).with_bounds()
 
     def crop(self, max_length: int) -> "QuestCache":
-        return super().crop(max_length).with_bounds()   # a min/max cannot forget the cropped keys
+        return super().crop(max_length).with_bounds()  # a min/max cannot forget the cropped keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,35 +110,35 @@ class Quest:
 
     token_budget: int = 1024
     chunk_size: int = 16
-    window_size: int = dataclasses.field(default=0, init=False)   # needs no queries
+    window_size: int = dataclasses.field(default=0, init=False)  # needs no queries
 
     def __post_init__(self):
         if self.chunk_size < 1 or self.token_budget < self.chunk_size or self.token_budget % self.chunk_size:
-            raise ValueError(f"Quest: token_budget ({self.token_budget}) must be a positive multiple of chunk_size "
-                             f"({self.chunk_size}).")
+            raise ValueError(
+                f"Quest: token_budget ({self.token_budget}) must be a positive multiple of chunk_size "
+                f"({self.chunk_size})."
+            )
 
     def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype, stacked: bool) -> QuestCache:
         if config.sliding_window is not None:
             raise ValueError("Quest selects pages over the whole cache; this model uses a sliding window.")
-        dense = KVCache.init(config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim, dtype,
-                             stacked=stacked)
+        dense = KVCache.init(
+            config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim, dtype, stacked=stacked
+        )
         shape = (batch, _num_pages(capacity, self.chunk_size), config.num_kv_heads, config.head_dim)
-        full = lambda value: (jnp.full((config.num_layers,) + shape, value, jnp.float32) if stacked else
-                              tuple(jnp.full(shape, value, jnp.float32) for _ in range(config.num_layers)))
+        full = lambda value: layered(config.num_layers, shape, jnp.float32, stacked, fill=value)
         fields = {f.name: getattr(dense, f.name) for f in dataclasses.fields(KVCache)}
-        return QuestCache(**fields, kmin=full(jnp.inf), kmax=full(-jnp.inf), page_size=self.chunk_size,
-                          token_budget=self.token_budget)
+        return QuestCache(
+            **fields, kmin=full(jnp.inf), kmax=full(-jnp.inf), page_size=self.chunk_size, token_budget=self.token_budget
+        )
 
     def max_budget(self, num_layers: int, capacity: int) -> int:
         return capacity
 
     def after_turn(self, cache, observation, scale: float, new_capacity: int) -> QuestCache:
         if not isinstance(cache, QuestCache):
-            raise ValueError(f"Quest needs the cache it makes (QuestCache), got {type(cache).__name__}; put quest() "
-                             "last among the cache transforms.")
-        return cache        # bounds follow every write, and a press's gather rebuilds them (with_slots_rebuilt)
-
-
-def quest(token_budget: int = 1024, chunk_size: int = 16) -> Quest:
-    """`Quest` with SCBench's defaults (1024-token budget, 16-token pages)."""
-    return Quest(token_budget=token_budget, chunk_size=chunk_size)
+            raise ValueError(
+                f"Quest needs the cache it makes (QuestCache), got {type(cache).__name__}; put quest() "
+                "last among the cache transforms."
+            )
+        return cache  # bounds follow every write, and a press's gather rebuilds them (with_slots_rebuilt)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lcjax.numerics import masked_softmax
+
 
 def num_valid_pages(lengths: jax.Array, page_size: int) -> jax.Array:
     """Pages holding at least one valid slot: ceil(lengths / page_size), int32 `[batch]`."""
@@ -42,8 +44,9 @@ def _paged(x: jax.Array, page_size: int, fill: float | None = None) -> jax.Array
     return x.reshape(batch, -1, page_size, *x.shape[2:])
 
 
-def page_bounds(k: jax.Array, lengths: jax.Array, page_size: int = 16,
-                first: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def page_bounds(
+    k: jax.Array, lengths: jax.Array, page_size: int = 16, first: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Channel-wise min and max of each page's valid keys (slots in `[first, lengths)`).
 
     k: `[batch, capacity, kv_heads, head_dim]`; lengths, first (default 0): int32 `[batch]`. Returns (kmin, kmax), fp32
@@ -63,8 +66,9 @@ def page_bounds(k: jax.Array, lengths: jax.Array, page_size: int = 16,
     return kmin, kmax
 
 
-def update_page_bounds(kmin: jax.Array, kmax: jax.Array, k_new: jax.Array, slots: jax.Array,
-                       lengths_after: jax.Array, page_size: int = 16) -> tuple[jax.Array, jax.Array]:
+def update_page_bounds(
+    kmin: jax.Array, kmax: jax.Array, k_new: jax.Array, slots: jax.Array, lengths_after: jax.Array, page_size: int = 16
+) -> tuple[jax.Array, jax.Array]:
     """Fold newly written keys into the page bounds, touching only their pages (scatter-min/max).
 
     kmin, kmax: fp32 `[batch, num_pages, kv_heads, head_dim]`; k_new: `[batch, n, kv_heads, head_dim]`
@@ -100,8 +104,10 @@ def page_scores(q: jax.Array, kmin: jax.Array, kmax: jax.Array, num_valid_pages:
     # HIGHEST keeps the bound a bound on GPU/TPU, whose default fp32 matmul rounds inputs to tf32/bf16.
     # (Empty pages hold +-inf and may give NaN here; they are replaced below.)
     hi = jax.lax.Precision.HIGHEST
-    scores = (jnp.einsum("bkgd,bpkd->bkgp", jnp.maximum(qg, 0), kmax, precision=hi)
-              + jnp.einsum("bkgd,bpkd->bkgp", jnp.minimum(qg, 0), kmin, precision=hi)).max(axis=2)
+    scores = (
+        jnp.einsum("bkgd,bpkd->bkgp", jnp.maximum(qg, 0), kmax, precision=hi)
+        + jnp.einsum("bkgd,bpkd->bkgp", jnp.minimum(qg, 0), kmin, precision=hi)
+    ).max(axis=2)
     live = jnp.arange(num_pages, dtype=jnp.int32)[None, :] < num_valid_pages[:, None]
     return jnp.where(live[:, None, :], scores, -jnp.inf)
 
@@ -114,8 +120,9 @@ def budget_pages(token_budget: int, page_size: int, capacity: int) -> int:
     return min(token_budget // page_size, _num_pages(capacity, page_size))
 
 
-def select_pages(scores: jax.Array, token_budget: int, page_size: int, lengths: jax.Array,
-                 first: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def select_pages(
+    scores: jax.Array, token_budget: int, page_size: int, lengths: jax.Array, first: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Top-scoring pages per KV head, always including the page of the newest token.
 
     scores: `[batch, kv_heads, num_pages]` (from `page_scores`); lengths, first (default 0): int32 `[batch]`, the
@@ -139,9 +146,19 @@ def select_pages(scores: jax.Array, token_budget: int, page_size: int, lengths: 
     return pages.astype(jnp.int32), top > -jnp.inf
 
 
-def quest_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, kmin: jax.Array,
-                           kmax: jax.Array, *, scale: float, token_budget: int, page_size: int = 16,
-                           first: jax.Array | None = None) -> jax.Array:
+def quest_decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    kmin: jax.Array,
+    kmax: jax.Array,
+    *,
+    scale: float,
+    token_budget: int,
+    page_size: int = 16,
+    first: jax.Array | None = None,
+) -> jax.Array:
     """One decode step of attention over the Quest-selected pages of each KV head.
 
     q: `[batch, heads, head_dim]`; k, v: `[batch, capacity, kv_heads, head_dim]`; lengths: int32 `[batch]`
@@ -172,11 +189,7 @@ def quest_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: ja
 
     qg = q.reshape(batch, kv_heads, groups, head_dim)
     logits = jnp.einsum("bkgd,btkd->bkgt", qg, kg, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, :, None, :], logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    probs = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    probs = probs / jnp.where(denom == 0, 1.0, denom)
+    probs = masked_softmax(logits, mask[:, :, None, :])
     # Zero masked values too: a zero weight times garbage (inf/NaN) would still poison the sum.
     vg = jnp.where(mask.transpose(0, 2, 1)[..., None], vg, 0)
     out = jnp.einsum("bkgt,btkd->bkgd", probs.astype(v.dtype), vg, preferred_element_type=jnp.float32)

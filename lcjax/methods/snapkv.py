@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from lcjax.methods import kv_press
@@ -29,8 +28,10 @@ class SnapKVPress(kv_press.UniformBudget):
     def __post_init__(self):
         self._settle_budget(type(self).__name__)
         if self.window_size < 1 or self.kernel_size < 1:
-            raise ValueError(f"{type(self).__name__}: window_size and kernel_size must be >= 1, got "
-                             f"{self.window_size} and {self.kernel_size}.")
+            raise ValueError(
+                f"{type(self).__name__}: window_size and kernel_size must be >= 1, got "
+                f"{self.window_size} and {self.kernel_size}."
+            )
 
     def scores(self, keys, valid, observation, layer, scale):
         window = kv_press.newest(valid, self.window_size)[:, None, :]
@@ -38,14 +39,3 @@ class SnapKVPress(kv_press.UniformBudget):
         # pooled over the tokens before the window only (the window is kept anyway), as SnapKV does
         votes = kv_press.pool_scores(jnp.where(window, 0.0, votes), self.kernel_size)
         return jnp.where(window, jnp.inf, votes)
-
-
-def snapkv(
-        capacity: int | None = kv_press.SCBENCH_CAPACITY,
-        compression_ratio: float | None = None,
-        window_size: int = 32,
-        kernel_size: int = 5,
-) -> SnapKVPress:
-    """`SnapKVPress` with SCBench's defaults (window 32, kernel 5, 4096 tokens)."""
-    return SnapKVPress(capacity=capacity, compression_ratio=compression_ratio, window_size=window_size,
-                       kernel_size=kernel_size)

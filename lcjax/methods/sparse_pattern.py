@@ -15,8 +15,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lcjax.attention import masked_attention
+from lcjax.numerics import masked_attention
 from lcjax.pallas.vertical_slash_ranges import SEMANTICS as SLASH_SEMANTICS  # one list for kernel and pattern
+from lcjax.pallas.vertical_slash_ranges import cover_mask_fn
 
 
 @jax.tree_util.register_dataclass
@@ -59,25 +60,24 @@ def _table(indices: jax.Array, size: int) -> jax.Array:
 
 
 def pattern_mask_fn(pattern: SparsePattern, kv_len: int, lengths: jax.Array, sliding_window: int | None = None):
-    """mask_fn(rows) -> bool `[batch, heads, len(rows), kv_len]` for `lcjax.attention.masked_attention`.
+    """mask_fn(rows) -> bool `[batch, heads, len(rows), kv_len]` for `lcjax.numerics.masked_attention`.
 
     A model's own sliding window (Mistral) still applies on top of the pattern.
     """
-    vertical = _table(pattern.vertical, kv_len)           # [b, h, kv]
-    slash = _table(pattern.slash, kv_len)                  # [b, h, offsets]
+    vertical = _table(pattern.vertical, kv_len)  # [b, h, kv]
+    slash = _table(pattern.slash, kv_len)  # [b, h, offsets]
     blocks = None
     if pattern.blocks is not None:
         nkb = -(-kv_len // pattern.block_size)
-        blocks = _table(pattern.blocks, nkb)               # [b, h, nqb, nkb]
+        blocks = _table(pattern.blocks, nkb)  # [b, h, nqb, nkb]
     keys = jnp.arange(kv_len, dtype=jnp.int32)
     cover = None
     if pattern.slash_semantics == "cover":
-        from lcjax.pallas.vertical_slash_ranges import cover_mask_fn
         cover = cover_mask_fn(pattern.vertical, pattern.slash, kv_len, pattern.block_size)
 
     def mask_fn(rows):
         i = rows[:, None]
-        offset = i - keys[None, :]                         # [chunk, kv]
+        offset = i - keys[None, :]  # [chunk, kv]
         causal = (offset >= 0)[None, None] & (keys < lengths[:, None])[:, None, None, :]
         if sliding_window is not None:
             causal &= (offset < sliding_window)[None, None]
@@ -97,9 +97,16 @@ def pattern_mask_fn(pattern: SparsePattern, kv_len: int, lengths: jax.Array, sli
     return mask_fn
 
 
-def pattern_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, pattern: SparsePattern,
-                                lengths: jax.Array, scale: float, q_chunk: int = 512,
-                                sliding_window: int | None = None) -> jax.Array:
+def pattern_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pattern: SparsePattern,
+    lengths: jax.Array,
+    scale: float,
+    q_chunk: int = 512,
+    sliding_window: int | None = None,
+) -> jax.Array:
     """Exact attention under `pattern` in XLA. q `[batch, seq, heads, head_dim]`, k/v `[batch, seq, kv_heads,
     head_dim]`, lengths `[batch]`; returns `[batch, seq, heads, head_dim]`."""
     mask_fn = pattern_mask_fn(pattern, k.shape[1], lengths, sliding_window)

@@ -14,29 +14,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcjax.attention import AttentionMeta, DenseAttention
-from lcjax.methods.sparse_pattern import (SparsePattern, pattern_attention_reference, pattern_mask_fn,
-                                          tile_fraction)
+from lcjax.methods.sparse_pattern import SparsePattern, pattern_attention_reference, pattern_mask_fn, tile_fraction
+from lcjax.models.attention import AttentionMeta, DenseAttention
+from lcjax.models.transformer import forward
+from lcjax.numerics import masked_attention
+from lcjax.pallas import dispatch
 
 Backend = Literal["auto", "xla", "pallas"]
 
 
-def run_pattern(q: jax.Array, k: jax.Array, v: jax.Array, pattern: SparsePattern, meta: AttentionMeta,
-                backend: Backend = "auto") -> jax.Array:
+def run_pattern(
+    q: jax.Array, k: jax.Array, v: jax.Array, pattern: SparsePattern, meta: AttentionMeta, backend: Backend = "auto"
+) -> jax.Array:
     """Attention of `q [batch, seq, heads, head_dim]` over `k, v [batch, seq, kv_heads, head_dim]` under `pattern`.
 
     The Pallas kernels do not model a sliding window (Mistral), so such models run the XLA reference.
     """
     use_pallas = backend == "pallas" or (backend == "auto" and jax.default_backend() == "gpu")
     if use_pallas and meta.sliding_window is None:
-        return pallas_pattern_attention(q, k, v, pattern, meta.lengths, meta.scale,
-                                        interpret=jax.default_backend() == "cpu")
-    return pattern_attention_reference(q, k, v, pattern, meta.lengths, meta.scale,
-                                       sliding_window=meta.sliding_window)
+        return pallas_pattern_attention(
+            q, k, v, pattern, meta.lengths, meta.scale, interpret=jax.default_backend() == "cpu"
+        )
+    return pattern_attention_reference(q, k, v, pattern, meta.lengths, meta.scale, sliding_window=meta.sliding_window)
 
 
-def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array, scale: float,
-                             interpret: bool = False) -> jax.Array:
+def pallas_pattern_attention(
+    q, k, v, pattern: SparsePattern, lengths: jax.Array, scale: float, interpret: bool = False
+) -> jax.Array:
     """`pattern` through the Pallas kernels: vertical-slash lines in one kernel, blocks in the other (on an
     sm_90 GPU with 16-bit inputs the Mosaic GPU kernels, elsewhere the Triton-lowered ones).
 
@@ -44,31 +48,25 @@ def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array
     block list is non-empty takes the block kernel's output. Tri-shape's dense tail is recomputed exactly.
     Rows past a sequence's length are garbage (as they are for dense attention).
     """
-    from lcjax.pallas.block_sparse_attention import block_sparse_attention
-    from lcjax.pallas.block_sparse_hopper import runs_on_hopper
-    from lcjax.pallas.vertical_slash_hopper import build_hopper_index, vertical_slash_attention_hopper
-    from lcjax.pallas.vertical_slash_attention import vertical_slash_attention
-    from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
-    from lcjax.pallas.vertical_slash_ranges import build_vertical_slash_ranges, vertical_slash_attention_ranges
-
-    seq = q.shape[1]
     bs = pattern.block_size
-    if pattern.slash_semantics == "cover" and bs == 64 and runs_on_hopper(q, interpret):
-        # MInference's semantics on the Mosaic GPU kernel (BENCHMARKS.md: the fastest here)
-        out = vertical_slash_attention_hopper(q, k, v, *build_hopper_index(pattern.vertical, pattern.slash, seq),
-                                              scale=scale)
-    elif pattern.slash_semantics == "cover":  # the range schedule, no per-element test
-        ranges = build_vertical_slash_ranges(pattern.vertical, pattern.slash, seq, bs, semantics="cover")
-        out = vertical_slash_attention_ranges(q, k, v, ranges, scale=scale, interpret=interpret)
-    else:
-        index = build_vertical_slash_index(pattern.vertical, pattern.slash, seq, bs, bs)
-        out = vertical_slash_attention(q, k, v, index, scale=scale, interpret=interpret)
+    out = dispatch.vertical_slash_attention(
+        q,
+        k,
+        v,
+        pattern.vertical,
+        pattern.slash,
+        scale=scale,
+        semantics=pattern.slash_semantics,
+        block=bs,
+        interpret=interpret,
+    )
     if pattern.blocks is not None:
         counts = (pattern.blocks >= 0).sum(-1).astype(jnp.int32)
         blocks = jnp.sort(jnp.where(pattern.blocks >= 0, pattern.blocks, jnp.iinfo(jnp.int32).max), axis=-1)
-        by_blocks = block_sparse_attention(q, k, v, blocks, counts, scale=scale, block_q=bs, block_k=bs,
-                                           interpret=interpret)
-        block_head = (counts > 0).any(axis=2)                                  # [batch, heads]
+        by_blocks = dispatch.block_sparse_attention(
+            q, k, v, blocks, counts, scale=scale, block_q=bs, block_k=bs, interpret=interpret
+        )
+        block_head = (counts > 0).any(axis=2)  # [batch, heads]
         out = jnp.where(block_head[:, None, :, None], by_blocks, out)
     if pattern.dense_last:
         out = _dense_tail(q, k, v, out, lengths, pattern.dense_last, scale)
@@ -77,7 +75,6 @@ def pallas_pattern_attention(q, k, v, pattern: SparsePattern, lengths: jax.Array
 
 def _dense_tail(q, k, v, out, lengths, n_last: int, scale: float):
     """Overwrites each sequence's last `n_last` rows of `out` with exact causal attention."""
-    from lcjax.attention import masked_attention
 
     seq = q.shape[1]
     rows = jnp.clip(lengths[:, None] - n_last + jnp.arange(n_last, dtype=jnp.int32)[None, :], 0, seq - 1)
@@ -85,15 +82,23 @@ def _dense_tail(q, k, v, out, lengths, n_last: int, scale: float):
     keys = jnp.arange(seq, dtype=jnp.int32)
 
     def mask_fn(t):
-        r = rows[:, jnp.minimum(t, n_last - 1)]                                # [batch, chunk]
+        r = rows[:, jnp.minimum(t, n_last - 1)]  # [batch, chunk]
         return ((keys[None, None, :] <= r[:, :, None]) & (keys[None, None, :] < lengths[:, None, None]))[:, None]
 
     tail = masked_attention(q_tail, k, v, mask_fn, scale)
     return out.at[jnp.arange(out.shape[0])[:, None], rows].set(tail)
 
 
-def sparse_prefill(q, k, v, cache, meta: AttentionMeta, make_pattern: Callable[..., SparsePattern],
-                   backend: Backend, dense: DenseAttention = DenseAttention()):
+def sparse_prefill(
+    q,
+    k,
+    v,
+    cache,
+    meta: AttentionMeta,
+    make_pattern: Callable[..., SparsePattern],
+    backend: Backend,
+    dense: DenseAttention = DenseAttention(),
+):
     """The body of every sparse-prefill transform's `__call__` (see module docstring)."""
     if meta.phase != "prefill":
         return dense(q, k, v, cache, meta)
@@ -132,8 +137,6 @@ class _TileCostProbe:
 def tile_costs(model, method, tokens, tile: int = 64) -> np.ndarray:
     """float32 `[layers, heads]`: the share of causal `tile`-square tiles `method` computes when prefilling
     `tokens: int [seq]` (what a tiled sparse kernel's time scales with; dense is 1)."""
-    from lcjax.models.transformer import forward
-
     tokens = jnp.asarray(tokens, jnp.int32).reshape(1, -1)
     cfg = model.config
     seq = tokens.shape[1]
@@ -141,9 +144,18 @@ def tile_costs(model, method, tokens, tile: int = 64) -> np.ndarray:
     @jax.jit
     def run(params, tokens):
         costs = jnp.zeros((cfg.num_layers, cfg.num_heads), jnp.float32)
-        _, costs = forward(params, cfg, tokens, jnp.arange(seq, dtype=jnp.int32)[None], jnp.zeros((1,), jnp.int32),
-                           jnp.full((1,), seq, jnp.int32), costs, "prefill", _TileCostProbe(method, tile),
-                           model.positions)
+        _, costs = forward(
+            params,
+            cfg,
+            tokens,
+            jnp.arange(seq, dtype=jnp.int32)[None],
+            jnp.zeros((1,), jnp.int32),
+            jnp.full((1,), seq, jnp.int32),
+            costs,
+            "prefill",
+            _TileCostProbe(method, tile),
+            model.positions,
+        )
         return costs
 
     return np.asarray(run(model.params, tokens))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from lcjax.methods import kv_press
@@ -32,12 +31,3 @@ class StreamingLLMPress(kv_press.UniformBudget):
         slot = jnp.arange(valid.shape[1], dtype=jnp.float32)[None, :]
         score = jnp.where(kv_press.oldest(valid, self.n_sink), jnp.inf, slot)
         return jnp.broadcast_to(score[:, None, :], (valid.shape[0], keys.shape[2], valid.shape[1]))
-
-
-def streaming_llm(
-        capacity: int | None = kv_press.SCBENCH_CAPACITY,
-        compression_ratio: float | None = None,
-        n_sink: int = 128,
-) -> StreamingLLMPress:
-    """`StreamingLLMPress` with SCBench's defaults (128 sinks + 3968 recent)."""
-    return StreamingLLMPress(capacity=capacity, compression_ratio=compression_ratio, n_sink=n_sink)

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from lcjax import positions as positions_lib
-from lcjax.attention import AttentionFn, AttentionMeta, DenseAttention, Phase
-from lcjax.cache import KVCache
+from lcjax.cache import Cache, CacheTransform, KVCache, as_cache_transform, empty_observation, observe_rows
 from lcjax.config import ModelConfig
+from lcjax.models.attention import AttentionFn, AttentionMeta, DenseAttention, Phase
+from lcjax.models.params import fuse_mlp, init_params, stack_layers, unstack_layers
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -54,17 +55,23 @@ def _residual_mlp(p: dict, h: jax.Array, eps: float, chunk: int | None) -> jax.A
 
     def body(i, h):
         start = i * chunk
-        return jax.lax.dynamic_update_slice_in_dim(h, block(jax.lax.dynamic_slice_in_dim(h, start, chunk, 1)),
-                                                   start, 1)
+        return jax.lax.dynamic_update_slice_in_dim(h, block(jax.lax.dynamic_slice_in_dim(h, start, chunk, 1)), start, 1)
 
     h = jax.lax.fori_loop(0, full, body, h)
-    if full * chunk < seq:                       # the ragged last chunk, statically
-        h = h.at[:, full * chunk:].set(block(h[:, full * chunk:]))
+    if full * chunk < seq:  # the ragged last chunk, statically
+        h = h.at[:, full * chunk :].set(block(h[:, full * chunk :]))
     return h
 
 
-def _layer(config: ModelConfig, attention: AttentionFn, rotary: positions_lib.Rotary, meta_base: dict,
-           mlp_chunk: int | None, carry, xs):
+def _layer(
+    config: ModelConfig,
+    attention: AttentionFn,
+    rotary: positions_lib.Rotary,
+    meta_base: dict,
+    mlp_chunk: int | None,
+    carry,
+    xs,
+):
     h, cache = carry
     p, layer = xs
     c = config
@@ -82,10 +89,19 @@ def _layer(config: ModelConfig, attention: AttentionFn, rotary: positions_lib.Ro
     return (h, cache), None
 
 
-def forward(params: dict, config: ModelConfig, tokens: jax.Array, q_positions: jax.Array, start: jax.Array,
-            lengths: jax.Array, cache: KVCache | None, phase: Phase, attention: AttentionFn,
-            position_transform: positions_lib.PositionTransform,
-            mlp_chunk: int | None = None) -> tuple[jax.Array, KVCache | None]:
+def forward(
+    params: dict,
+    config: ModelConfig,
+    tokens: jax.Array,
+    q_positions: jax.Array,
+    start: jax.Array,
+    lengths: jax.Array,
+    cache: Cache | None,
+    phase: Phase,
+    attention: AttentionFn,
+    position_transform: positions_lib.PositionTransform,
+    mlp_chunk: int | None = None,
+) -> tuple[jax.Array, Cache | None]:
     """Runs the decoder over `tokens: int [batch, seq]`; returns final hidden states `[batch, seq, hidden]`
     (after the final norm) and the cache with every layer's keys and values written.
 
@@ -94,17 +110,23 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, q_positions: j
     """
     h = jnp.take(params["embed"], tokens, axis=0)
     rotary = position_transform(q_positions)
-    meta_base = dict(q_positions=q_positions, start=start, lengths=lengths, phase=phase,
-                     sliding_window=config.sliding_window, scale=config.head_dim ** -0.5)
+    meta_base = dict(
+        q_positions=q_positions,
+        start=start,
+        lengths=lengths,
+        phase=phase,
+        sliding_window=config.sliding_window,
+        scale=config.head_dim**-0.5,
+    )
     step = partial(_layer, config, attention, rotary, meta_base, mlp_chunk)
-    if isinstance(params["layers"], tuple):   # unstacked (`unstack_layers`): one traced copy per layer
+    if isinstance(params["layers"], tuple):  # unstacked (`unstack_layers`): one traced copy per layer
         for i, p in enumerate(params["layers"]):
             (h, cache), _ = step((h, cache), (p, i))
             if tokens.shape[1] > 1 and cache is not None:
                 # finish each layer's cache write before the next layer: nothing downstream reads it, so XLA
                 # otherwise deferred every layer's KIVI quantisation to the end (32 GiB of live K/V at 128K)
                 h, cache = jax.lax.optimization_barrier((h, cache))
-    else:                                     # stacked: one scan, compile time independent of depth
+    else:  # stacked: one scan, compile time independent of depth
         layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
         (h, cache), _ = jax.lax.scan(step, (h, cache), (params["layers"], layer_ids))
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), cache
@@ -125,44 +147,48 @@ class Transformer:
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
     attention: AttentionFn = dataclasses.field(default=DenseAttention(), metadata=dict(static=True))
     positions: positions_lib.PositionTransform | None = dataclasses.field(default=None, metadata=dict(static=True))
-    cache: object | None = dataclasses.field(default=None, metadata=dict(static=True))  # a cache transform, or None
+    cache_transform: CacheTransform | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def __post_init__(self):
         if self.positions is None:
             object.__setattr__(self, "positions", positions_lib.from_config(self.config))
+        object.__setattr__(self, "cache_transform", as_cache_transform(self.cache_transform))
 
     @classmethod
-    def init(cls, config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, std: float = 0.02, mesh=None,
-             **transforms) -> "Transformer":
+    def init(
+        cls, config: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, std: float = 0.02, mesh=None, **transforms
+    ) -> "Transformer":
         """A model with random weights, normal(0, std) (for tests and benchmarks)."""
-        from lcjax.models.params import init_params
         return cls(init_params(config, key, dtype, std=std, mesh=mesh), config, **transforms)
 
     @property
     def dtype(self):
         return self.params["embed"].dtype
 
-    def with_transforms(self, *, attention: AttentionFn | None = None,
-                        positions: positions_lib.PositionTransform | None = None,
-                        cache=None) -> "Transformer":
+    def with_transforms(
+        self,
+        *,
+        attention: AttentionFn | None = None,
+        positions: positions_lib.PositionTransform | None = None,
+        cache_transform=None,
+    ) -> "Transformer":
         """The same weights with other attention, position and/or cache transforms.
 
-        cache: a cache transform from `lcjax.methods` (a press such as `SnapKVPress(compression_ratio=0.5)`,
-        `kivi()`, `quest()`), or a tuple of them applied in order (`(snapkv(), quest())`): it makes the cache,
-        runs at the end of every prefill and appended turn (so later turns and decode steps read the compressed
-        cache) and may change how decode reads it; "dense" removes one."""
-        from lcjax.methods.cache_transform import as_cache_transform
+        cache_transform: what the model's KV cache is and what happens to it after each turn, from
+        `lcjax.methods` (a press such as `SnapKVPress(compression_ratio=0.5)`, `KIVI()`, `Quest()`), or a tuple
+        of them applied in order (`(SnapKVPress(), Quest())`): it makes the cache, runs at the end of every
+        prefill and appended turn (so later turns and decode steps read the compressed cache) and may change
+        how decode reads it; "dense" removes one."""
         changes = {k: v for k, v in dict(attention=attention, positions=positions).items() if v is not None}
-        if cache is not None:
-            changes["cache"] = as_cache_transform(cache)
+        if cache_transform is not None:
+            changes["cache_transform"] = as_cache_transform(cache_transform)
         return dataclasses.replace(self, **changes)
 
     def with_layer_layout(self, layout: Literal["stacked", "unstacked"]) -> "Transformer":
         """The same model with its layer weights stacked (one `lax.scan` over layers: compiles in time
         independent of depth; the layout for training and long prefill) or unstacked (a Python loop over
-        per-layer arrays: 2.3x faster decode steps on an H100, see `lcjax.models.params.unstack_layers`).
+        per-layer arrays: faster decode steps on a GPU, see `lcjax.models.params.unstack_layers`).
         Converting copies the weights; drop the old model to free them."""
-        from lcjax.models.params import stack_layers, unstack_layers
         convert = {"stacked": stack_layers, "unstacked": unstack_layers}
         if layout not in convert:
             raise ValueError(f"layout must be 'stacked' or 'unstacked', got {layout!r}.")
@@ -170,30 +196,36 @@ class Transformer:
 
     def with_fused_mlp(self) -> "Transformer":
         """The same model with each layer's MLP gate and up matrices stacked into one `w_gate_up`, so a decode
-        step reads them in one matrix-vector product (BENCHMARKS.md, "Decode: how fast the matrix-vector
-        products can go"). Same logits; a copy of those weights; `lcjax.loading.export` writes either form."""
-        from lcjax.models.params import fuse_mlp
+        step reads them in one matrix-vector product (BENCHMARKS.md, "Decode: matrix-vector products"). Same
+        logits; a copy of those weights; `lcjax.loading.export` writes either form."""
         return dataclasses.replace(self, params=fuse_mlp(self.params))
 
     @property
     def layer_layout(self) -> str:
         return "unstacked" if isinstance(self.params["layers"], tuple) else "stacked"
 
-    def init_cache(self, batch: int, capacity: int) -> KVCache:
+    def init_cache(self, batch: int, capacity: int) -> Cache:
         """An empty cache for this model's layer layout, of the kind its cache transform keeps."""
         c, stacked = self.config, self.layer_layout == "stacked"
-        if self.cache is not None:
-            return self.cache.init_cache(c, batch, capacity, self.dtype, stacked)
+        if self.cache_transform is not None:
+            return self.cache_transform.init_cache(c, batch, capacity, self.dtype, stacked)
         return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, stacked=stacked)
 
-    def prefill(self, tokens, lengths=None, *, capacity: int | None = None,
-                logits: Literal["all", "last"] = "all", mlp_chunk: int | None = None,
-                batch_chunk: int | None = None) -> tuple[jax.Array, KVCache]:
+    def prefill(
+        self,
+        tokens,
+        lengths=None,
+        *,
+        capacity: int | None = None,
+        logits: Literal["all", "last"] = "all",
+        mlp_chunk: int | None = None,
+        batch_chunk: int | None = None,
+    ) -> tuple[jax.Array, Cache]:
         """Encodes prompts from scratch.
 
         tokens: int `[batch, seq]` (numpy or jax; right-padded when `lengths: [batch]` is given).
         Returns float32 logits `[batch, seq, vocab]` (or `[batch, vocab]` at each prompt's last token with
-        `logits="last"`) and a `KVCache` holding the prompts, with room for `capacity` tokens (default seq).
+        `logits="last"`) and a cache holding the prompts, with room for `capacity` tokens (default seq).
         `capacity=0` keeps no cache and returns None for it (a Llama-3-8B cache at 512K tokens is 68 GiB);
         `mlp_chunk` runs the MLP over the sequence in chunks of that many tokens to bound its memory;
         `batch_chunk` prefills that many sequences at a time, each group's cache written in place into the
@@ -221,14 +253,15 @@ class Transformer:
             outs.append(part_logits)
         return jnp.concatenate(outs, axis=0), cache
 
-    def extend(self, tokens, cache: KVCache, lengths=None, *,
-               logits: Literal["all", "last"] = "last") -> tuple[jax.Array, KVCache]:
+    def extend(
+        self, tokens, cache: Cache, lengths=None, *, logits: Literal["all", "last"] = "last"
+    ) -> tuple[jax.Array, Cache]:
         """Appends a new turn to `cache`: tokens int `[batch, seq]` (right-padded when `lengths: [batch]`, the
         new tokens per sequence, is given) attend over everything cached before them and are added to it.
 
         Returns float32 logits (`"last"`: `[batch, vocab]` at each sequence's last new token; `"all"`:
         `[batch, seq, vocab]`) and the extended cache. Raises ValueError when the turn does not fit the
-        cache's capacity (`KVCache.with_capacity` makes room).
+        cache's capacity (`cache.with_capacity` makes room).
         """
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 2 or tokens.shape[0] != cache.batch:
@@ -237,9 +270,11 @@ class Transformer:
         lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
         need = int(jnp.max(cache.lengths)) + seq
         if need > cache.capacity:
-            raise ValueError(f"extend: {seq} new tokens after {int(jnp.max(cache.lengths))} cached need "
-                             f"{need} slots, but the cache holds {cache.capacity}; grow it with "
-                             f"cache.with_capacity(n) first.")
+            raise ValueError(
+                f"extend: {seq} new tokens after {int(jnp.max(cache.lengths))} cached need "
+                f"{need} slots, but the cache holds {cache.capacity}; grow it with "
+                f"cache.with_capacity(n) first."
+            )
         return _extend(self, tokens, lengths, cache, logits=logits)
 
     def __call__(self, tokens, lengths=None) -> jax.Array:
@@ -253,29 +288,67 @@ def _positions_for(tokens: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
-def _run_and_press(model: Transformer, tokens, q_positions, start, lengths, cache, phase: Phase,
-                   mlp_chunk: int | None, new_capacity: int | None):
+@dataclasses.dataclass(frozen=True)
+class _ObserveQueries:
+    """Wraps an attention transform so it also records each layer's last `window` queries for the cache
+    transform: the model threads `(cache, Observation)` through its layers in place of the cache; the wrapped
+    method sees only the cache."""
+
+    attention: AttentionFn
+    window: int
+
+    def __call__(self, q, k, v, carry, meta):
+        cache, obs = carry
+        out, cache = self.attention(q, k, v, cache, meta)
+        rows, _, _ = observe_rows(meta.start, meta.lengths, self.window)
+        q_obs = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [batch, window, heads, d]
+        return out, (cache, dataclasses.replace(obs, q=obs.q.at[meta.layer].set(q_obs.astype(obs.q.dtype))))
+
+
+def _run_and_press(
+    model: Transformer,
+    tokens,
+    q_positions,
+    start,
+    lengths,
+    cache,
+    phase: Phase,
+    mlp_chunk: int | None,
+    new_capacity: int | None,
+):
     """forward, then (when the model has a cache transform) its end-of-turn step on the cache it wrote (a press
     compresses it). lengths: valid slots after the call. new_capacity: the cache's slots afterwards (None: keep
     the capacity)."""
-    press = model.cache
-    if cache is None or press is None:
-        hidden, cache = forward(model.params, model.config, tokens, q_positions, start, lengths, cache, phase,
-                                model.attention, model.positions, mlp_chunk)
+    transform = model.cache_transform
+    if cache is None or transform is None:
+        hidden, cache = forward(
+            model.params,
+            model.config,
+            tokens,
+            q_positions,
+            start,
+            lengths,
+            cache,
+            phase,
+            model.attention,
+            model.positions,
+            mlp_chunk,
+        )
         return hidden, None if cache is None else cache.advance(lengths - start)
-    from lcjax.methods import kv_press
     c = model.config
     attention, carry, obs = model.attention, cache, None
-    if press.window_size:
-        obs = kv_press.empty_observation(c.num_layers, tokens.shape[0], press.window_size, c.num_heads,
-                                         c.head_dim, model.dtype, start, lengths)
-        attention, carry = kv_press.ObserveQueries(model.attention, press.window_size), (cache, obs)
-    hidden, carry = forward(model.params, c, tokens, q_positions, start, lengths, carry, phase, attention,
-                            model.positions, mlp_chunk)
-    cache, obs = carry if press.window_size else (carry, None)
+    if transform.window_size:
+        obs = empty_observation(
+            c.num_layers, tokens.shape[0], transform.window_size, c.num_heads, c.head_dim, model.dtype, start, lengths
+        )
+        attention, carry = _ObserveQueries(model.attention, transform.window_size), (cache, obs)
+    hidden, carry = forward(
+        model.params, c, tokens, q_positions, start, lengths, carry, phase, attention, model.positions, mlp_chunk
+    )
+    cache, obs = carry if transform.window_size else (carry, None)
     cache = cache.advance(lengths - start)
     new_capacity = cache.capacity if new_capacity is None else new_capacity
-    return hidden, press.after_turn(cache, obs, c.head_dim ** -0.5, new_capacity)
+    return hidden, transform.after_turn(cache, obs, c.head_dim**-0.5, new_capacity)
 
 
 @partial(jax.jit, static_argnames=("capacity", "logits", "mlp_chunk"))
@@ -283,11 +356,13 @@ def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str, ml
     cache = model.init_cache(tokens.shape[0], capacity) if capacity else None
     zeros = jnp.zeros_like(lengths)
     new_capacity = None
-    if model.cache is not None and capacity:       # keep the press's bound plus the room asked for after the prompt
-        new_capacity = min(capacity, model.cache.max_budget(model.config.num_layers, capacity)
-                           + capacity - tokens.shape[1])
-    hidden, cache = _run_and_press(model, tokens, _positions_for(tokens), zeros, lengths, cache, "prefill",
-                                   mlp_chunk, new_capacity)
+    if model.cache_transform is not None and capacity:  # the transform's bound plus the room asked after the prompt
+        new_capacity = min(
+            capacity, model.cache_transform.max_budget(model.config.num_layers, capacity) + capacity - tokens.shape[1]
+        )
+    hidden, cache = _run_and_press(
+        model, tokens, _positions_for(tokens), zeros, lengths, cache, "prefill", mlp_chunk, new_capacity
+    )
     if logits == "last":
         hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return lm_logits(model.params, model.config, hidden), cache
@@ -297,15 +372,16 @@ def _prefill(model: Transformer, tokens, lengths, capacity: int, logits: str, ml
 def _write_rows(cache, part, start):
     """`cache` with `part` (the same pytree for fewer sequences) written at batch rows `start ...`, in place: each
     leaf's batch axis is the one axis where the two shapes differ."""
+
     def put(full, rows):
         axes = [i for i, (a, b) in enumerate(zip(full.shape, rows.shape)) if a != b]
-        return full if not axes else jax.lax.dynamic_update_slice_in_dim(full, rows.astype(full.dtype), start,
-                                                                          axes[0])
+        return full if not axes else jax.lax.dynamic_update_slice_in_dim(full, rows.astype(full.dtype), start, axes[0])
+
     return jax.tree.map(put, cache, part)
 
 
 @partial(jax.jit, static_argnames=("logits",))
-def _extend(model: Transformer, tokens, lengths, cache: KVCache, logits: str):
+def _extend(model: Transformer, tokens, lengths, cache: Cache, logits: str):
     start = cache.lengths
     q_positions = cache.positions[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     hidden, cache = _run_and_press(model, tokens, q_positions, start, start + lengths, cache, "extend", None, None)
@@ -317,6 +393,16 @@ def _extend(model: Transformer, tokens, lengths, cache: KVCache, logits: str):
 @jax.jit
 def _logits_no_cache(model: Transformer, tokens, lengths):
     zeros = jnp.zeros_like(lengths)
-    hidden, _ = forward(model.params, model.config, tokens, _positions_for(tokens), zeros, lengths, None,
-                        "prefill", model.attention, model.positions)
+    hidden, _ = forward(
+        model.params,
+        model.config,
+        tokens,
+        _positions_for(tokens),
+        zeros,
+        lengths,
+        None,
+        "prefill",
+        model.attention,
+        model.positions,
+    )
     return lm_logits(model.params, model.config, hidden)

@@ -1,4 +1,5 @@
-"""Block-sparse prefill attention: a Triton-lowered Pallas kernel beside its plain-XLA reference.
+"""Block-sparse prefill attention: a Triton-lowered Pallas kernel beside its plain-XLA reference (the Mosaic GPU
+kernel for Hopper is `block_sparse_attention_mgpu`; `dispatch` picks one per call).
 
 Each (batch, head, query block) names the key blocks it attends; every (query, key) pair inside a named
 tile counts (causal: only key <= query), nothing else does. The kernel keeps one query tile in registers and
@@ -23,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lcjax.attention import masked_attention
-from lcjax.pallas import _flash
+from lcjax.numerics import masked_attention
+from lcjax.pallas import _common
+from lcjax.pallas import _triton_flash as _flash
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -37,8 +39,16 @@ def _check_blocks(name: str, **sizes: int) -> None:
             raise ValueError(f"{name}: {key}={size} must be a power of two >= 16 (Triton tile sizes).")
 
 
-def canonicalize_block_indices(block_indices: jax.Array, block_counts: jax.Array, *, q_len: int, kv_len: int,
-                               block_q: int, block_k: int, causal: bool) -> tuple[jax.Array, jax.Array]:
+def canonicalize_block_indices(
+    block_indices: jax.Array,
+    block_counts: jax.Array,
+    *,
+    q_len: int,
+    kv_len: int,
+    block_q: int,
+    block_k: int,
+    causal: bool,
+) -> tuple[jax.Array, jax.Array]:
     """The sorted, unique, in-range form of block lists that the kernel runs on.
 
     block_indices: int32 `[batch, heads, num_q_blocks, max_blocks]` key-block ids; entries at or past
@@ -50,9 +60,11 @@ def canonicalize_block_indices(block_indices: jax.Array, block_counts: jax.Array
     """
     num_q_blocks, num_kv_blocks = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
     if block_indices.shape[:3] != block_counts.shape or block_counts.shape[2] != num_q_blocks:
-        raise ValueError(f"block_indices {block_indices.shape} and block_counts {block_counts.shape} must be "
-                         f"[batch, heads, {num_q_blocks}, max_blocks] and [batch, heads, {num_q_blocks}] for "
-                         f"q_len={q_len}, block_q={block_q}.")
+        raise ValueError(
+            f"block_indices {block_indices.shape} and block_counts {block_counts.shape} must be "
+            f"[batch, heads, {num_q_blocks}, max_blocks] and [batch, heads, {num_q_blocks}] for "
+            f"q_len={q_len}, block_q={block_q}."
+        )
     j = block_indices.astype(jnp.int32)
     slot = jnp.arange(j.shape[-1], dtype=jnp.int32)
     valid = (slot < block_counts[..., None]) & (j >= 0) & (j < num_kv_blocks)
@@ -70,8 +82,21 @@ def canonicalize_block_indices(block_indices: jax.Array, block_counts: jax.Array
     return indices, schedule
 
 
-def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, *out_refs, num_q_blocks: int, block_q: int,
-            block_k: int, kv_len: int, causal: bool, qk_scale: float, q_axis: int):
+def _kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    idx_ref,
+    sched_ref,
+    *out_refs,
+    num_q_blocks: int,
+    block_q: int,
+    block_k: int,
+    kv_len: int,
+    causal: bool,
+    qk_scale: float,
+    q_axis: int,
+):
     o_ref = out_refs[-1]  # with a poisoned buffer aliased in, its input ref comes first
     qb = num_q_blocks - 1 - pl.program_id(q_axis)  # see _flash.launch_grid
     q = q_ref[...]
@@ -95,9 +120,24 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, *out_refs, num_q_blocks: in
     o_ref[...] = _flash.finish(state, o_ref.dtype)
 
 
-def _pallas_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, causal: bool, block_q: int,
-                    block_k: int, interpret: bool, num_warps: int | None, num_stages: int | None,
-                    heads_fastest: bool = False, out_init: jax.Array | None = None) -> jax.Array:
+def _pallas_forward(
+    q,
+    k,
+    v,
+    indices,
+    schedule,
+    *,
+    kv_len: int,
+    scale: float,
+    causal: bool,
+    block_q: int,
+    block_k: int,
+    interpret: bool,
+    num_warps: int | None,
+    num_stages: int | None,
+    heads_fastest: bool = False,
+    out_init: jax.Array | None = None,
+) -> jax.Array:
     """The kernel on padded arrays: q `[b, nqb*block_q, h, d]`, k, v `[b, nkb*block_k, kvh, d]`, d a power
     of two. `out_init` (testing): a buffer of q's shape aliased to the output, e.g. NaNs, to prove that the
     kernel writes every element."""
@@ -106,61 +146,118 @@ def _pallas_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     groups = heads // kv_heads
     nqb = q_pad // block_q
     grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
-    kernel = functools.partial(_kernel, num_q_blocks=nqb, block_q=block_q, block_k=block_k, kv_len=kv_len,
-                               causal=causal, qk_scale=scale * _flash.LOG2E, q_axis=q_axis)
+    kernel = functools.partial(
+        _kernel,
+        num_q_blocks=nqb,
+        block_q=block_q,
+        block_k=block_k,
+        kv_len=kv_len,
+        causal=causal,
+        qk_scale=scale * _common.LOG2E,
+        q_axis=q_axis,
+    )
     q_spec, kv_spec = _flash.qkv_specs(spec, block_q, kv_pad, head_dim, groups)
-    in_specs = [q_spec, kv_spec, kv_spec, spec((None, None, None, indices.shape[-1]), lambda h, i, b: (b, h, i, 0)),
-                spec((None, None, None, 2), lambda h, i, b: (b, h, i, 0))]
+    in_specs = [
+        q_spec,
+        kv_spec,
+        kv_spec,
+        spec((None, None, None, indices.shape[-1]), lambda h, i, b: (b, h, i, 0)),
+        spec((None, None, None, 2), lambda h, i, b: (b, h, i, 0)),
+    ]
     args = [q, k, v, indices, schedule]
-    return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
-                         tile_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                         name="block_sparse_attention", out_init=out_init)
+    return _flash.launch(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        args=args,
+        out_spec=q_spec,
+        out_like=q,
+        tile_k=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="block_sparse_attention",
+        out_init=out_init,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps",
-                                             "num_stages", "heads_fastest"))
-def block_sparse_attention_canonical(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array,
-                                     schedule: jax.Array, *, scale: float, causal: bool = True,
-                                     block_q: int = 64, block_k: int = 64, interpret: bool = False,
-                                     num_warps: int | None = None, num_stages: int | None = None,
-                                     heads_fastest: bool = False) -> jax.Array:
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps", "num_stages", "heads_fastest"),
+)
+def block_sparse_attention_canonical(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    indices: jax.Array,
+    schedule: jax.Array,
+    *,
+    scale: float,
+    causal: bool = True,
+    block_q: int = 64,
+    block_k: int = 64,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    heads_fastest: bool = False,
+) -> jax.Array:
     """`block_sparse_attention` on lists already in `canonicalize_block_indices`' form (not re-checked:
     duplicates there would be counted twice)."""
-    _flash.check_inputs("block_sparse_attention", q, k, v)
+    _common.check_inputs("block_sparse_attention", q, k, v)
     _check_blocks("block_sparse_attention", block_q=block_q, block_k=block_k)
     q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
     if causal and q_len != kv_len:
-        raise ValueError(f"causal block_sparse_attention is prefill from position 0: q_len={q_len} must equal "
-                         f"kv_len={kv_len}.")
-    d_pad = _flash.padded_head_dim(head_dim)
+        raise ValueError(
+            f"causal block_sparse_attention is prefill from position 0: q_len={q_len} must equal kv_len={kv_len}."
+        )
+    d_pad = _common.padded_head_dim(head_dim)
 
     def run(q, k, v, lists):
-        q_p = _flash.pad_to(_flash.pad_to(q, 1, _cdiv(q_len, block_q) * block_q), 3, d_pad)
-        k_p = _flash.pad_to(_flash.pad_to(k, 1, _cdiv(kv_len, block_k) * block_k), 3, d_pad)
-        v_p = _flash.pad_to(_flash.pad_to(v, 1, _cdiv(kv_len, block_k) * block_k), 3, d_pad)
-        out = _pallas_forward(q_p, k_p, v_p, *lists, kv_len=kv_len, scale=scale, causal=causal,
-                              block_q=block_q, block_k=block_k, interpret=interpret, num_warps=num_warps,
-                              num_stages=num_stages, heads_fastest=heads_fastest)
+        q_p = _common.pad_to(_common.pad_to(q, 1, _cdiv(q_len, block_q) * block_q), 3, d_pad)
+        k_p = _common.pad_to(_common.pad_to(k, 1, _cdiv(kv_len, block_k) * block_k), 3, d_pad)
+        v_p = _common.pad_to(_common.pad_to(v, 1, _cdiv(kv_len, block_k) * block_k), 3, d_pad)
+        out = _pallas_forward(
+            q_p,
+            k_p,
+            v_p,
+            *lists,
+            kv_len=kv_len,
+            scale=scale,
+            causal=causal,
+            block_q=block_q,
+            block_k=block_k,
+            interpret=interpret,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            heads_fastest=heads_fastest,
+        )
         return out[:, :q_len, :, :head_dim]
 
-    return _flash.by_head_groups(run, q, k, v, (indices, schedule), padded_len=_cdiv(q_len, block_q) * block_q,
-                                 padded_head_dim=d_pad)
+    return _common.by_head_groups(
+        run, q, k, v, (indices, schedule), padded_len=_cdiv(q_len, block_q) * block_q, padded_head_dim=d_pad
+    )
 
 
-def hopper_kernel_applies(q: jax.Array, block_q: int, block_k: int, interpret: bool) -> bool:
-    """Whether the Mosaic GPU kernel (`block_sparse_hopper`) can run this call: a Hopper GPU, 16-bit inputs,
-    64- or 128-wide tiles."""
-    from lcjax.pallas.block_sparse_hopper import runs_on_hopper
-    return block_q in (64, 128) and block_k in (64, 128) and runs_on_hopper(q, interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps",
-                                             "num_stages", "heads_fastest", "implementation"))
-def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array,
-                           block_counts: jax.Array, *, scale: float, causal: bool = True, block_q: int = 64,
-                           block_k: int = 64, interpret: bool = False, num_warps: int | None = None,
-                           num_stages: int | None = None, heads_fastest: bool = False,
-                           implementation: str = "auto") -> jax.Array:
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps", "num_stages", "heads_fastest"),
+)
+def block_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_indices: jax.Array,
+    block_counts: jax.Array,
+    *,
+    scale: float,
+    causal: bool = True,
+    block_q: int = 64,
+    block_k: int = 64,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    heads_fastest: bool = False,
+) -> jax.Array:
     """Attention over the named key blocks of each query block.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`, heads a multiple of
@@ -171,32 +268,40 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_indic
     0, key <= query inside the diagonal tiles. Rows with no allowed key are zeros.
     Returns `[batch, q_len, heads, head_dim]` in q's dtype. `interpret=True` runs the kernel on CPU; num_warps,
     num_stages (Triton) and heads_fastest (grid order, see `_flash.launch_grid`) tune speed only.
-    implementation: "mosaic" (the Hopper kernel in `block_sparse_hopper`: wgmma + TMA; num_stages = its K/V
-    slots), "triton" (this module's kernel: any CUDA GPU, and interpret mode) or "auto" (mosaic where
-    `hopper_kernel_applies`).
+    `lcjax.pallas.dispatch.block_sparse_attention` runs the Mosaic GPU kernel instead where it applies.
     """
-    _flash.check_inputs("block_sparse_attention", q, k, v)
-    if implementation not in ("auto", "mosaic", "triton"):
-        raise ValueError(f"block_sparse_attention: implementation={implementation!r}; choose auto, mosaic or "
-                         "triton.")
-    indices, schedule = canonicalize_block_indices(block_indices, block_counts, q_len=q.shape[1],
-                                                   kv_len=k.shape[1], block_q=block_q, block_k=block_k,
-                                                   causal=causal)
-    if implementation == "mosaic" or (implementation == "auto"
-                                      and hopper_kernel_applies(q, block_q, block_k, interpret)):
-        from lcjax.pallas.block_sparse_hopper import block_sparse_attention_hopper
-        return block_sparse_attention_hopper(q, k, v, indices, schedule, scale=scale, causal=causal,
-                                             block_q=block_q, block_k=block_k, stages=num_stages or 2)
-    return block_sparse_attention_canonical(q, k, v, indices, schedule, scale=scale, causal=causal,
-                                            block_q=block_q, block_k=block_k, interpret=interpret,
-                                            num_warps=num_warps, num_stages=num_stages,
-                                            heads_fastest=heads_fastest)
+    _common.check_inputs("block_sparse_attention", q, k, v)
+    indices, schedule = canonicalize_block_indices(
+        block_indices,
+        block_counts,
+        q_len=q.shape[1],
+        kv_len=k.shape[1],
+        block_q=block_q,
+        block_k=block_k,
+        causal=causal,
+    )
+    return block_sparse_attention_canonical(
+        q,
+        k,
+        v,
+        indices,
+        schedule,
+        scale=scale,
+        causal=causal,
+        block_q=block_q,
+        block_k=block_k,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        heads_fastest=heads_fastest,
+    )
 
 
-def block_sparse_mask_fn(block_indices: jax.Array, block_counts: jax.Array, *, kv_len: int, block_q: int,
-                         block_k: int, causal: bool):
+def block_sparse_mask_fn(
+    block_indices: jax.Array, block_counts: jax.Array, *, kv_len: int, block_q: int, block_k: int, causal: bool
+):
     """mask_fn(rows) -> bool `[batch, heads, len(rows), kv_len]`: the pairs the block lists allow, for
-    `lcjax.attention.masked_attention` (no full `[q_len, kv_len]` mask is built)."""
+    `lcjax.numerics.masked_attention` (no full `[q_len, kv_len]` mask is built)."""
     batch, heads, nqb, max_blocks = block_indices.shape
     nkb = _cdiv(kv_len, block_k)
     j = block_indices.astype(jnp.int32)
@@ -214,10 +319,20 @@ def block_sparse_mask_fn(block_indices: jax.Array, block_counts: jax.Array, *, k
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k"))
-def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, block_indices: jax.Array,
-                                     block_counts: jax.Array, *, scale: float, causal: bool = True,
-                                     block_q: int = 64, block_k: int = 64) -> jax.Array:
+def block_sparse_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_indices: jax.Array,
+    block_counts: jax.Array,
+    *,
+    scale: float,
+    causal: bool = True,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> jax.Array:
     """`block_sparse_attention` in plain XLA: masked softmax attention under the lists' per-head mask."""
-    mask_fn = block_sparse_mask_fn(block_indices, block_counts, kv_len=k.shape[1], block_q=block_q,
-                                   block_k=block_k, causal=causal)
+    mask_fn = block_sparse_mask_fn(
+        block_indices, block_counts, kv_len=k.shape[1], block_q=block_q, block_k=block_k, causal=causal
+    )
     return masked_attention(q, k, v, mask_fn, scale, q_chunk=512)

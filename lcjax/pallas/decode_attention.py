@@ -17,14 +17,29 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lcjax.attention import float32_precision
-from lcjax.pallas import _flash
+from lcjax.numerics import float32_precision, masked_softmax
+from lcjax.pallas import _common
+from lcjax.pallas import _triton_flash as _flash
 
+DECODE_HEAD_DIMS = _common.SUPPORTED_HEAD_DIMS
 MIN_ROWS = 16  # Triton's dot needs at least 16 rows: a GQA group of 4-8 query heads is zero-padded to 16
 
 
-def _kernel(len_ref, first_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block_k: int,
-            split_len: int, qk_scale: float):
+def _kernel(
+    len_ref,
+    first_ref,
+    layer_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    acc_ref,
+    m_ref,
+    l_ref,
+    *,
+    block_k: int,
+    split_len: int,
+    qk_scale: float,
+):
     split = pl.program_id(2)
     length = len_ref[0]
     layer = layer_ref[0]
@@ -38,7 +53,9 @@ def _kernel(len_ref, first_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, 
     def body(i, state):
         first = start + i * block_k
         k, v = k_ref[layer, pl.ds(first, block_k), :], v_ref[layer, pl.ds(first, block_k), :]
-        return _flash.update(state, q, k, v, qk_scale, (((first + lane) < stop) & ((first + lane) >= valid_from))[None, :])
+        return _flash.update(
+            state, q, k, v, qk_scale, (((first + lane) < stop) & ((first + lane) >= valid_from))[None, :]
+        )
 
     acc, m, l = jax.lax.fori_loop(0, n_blocks, body, _flash.init_state(q.shape[0], q.shape[1]))
     acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
@@ -53,12 +70,22 @@ def _splits(capacity: int, block_k: int, batch_kv_heads: int, num_splits: int | 
     return -(-capacity // split_len), split_len
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages",
-                                             "interpret"))
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, scale: float,
-                     layer: jax.Array | int | None = None, first: jax.Array | None = None, block_k: int = 64,
-                     num_splits: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                     interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret"))
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    layer: jax.Array | int | None = None,
+    first: jax.Array | None = None,
+    block_k: int = 64,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """Attention of one new token per sequence over its cached keys.
 
     q: `[batch, heads, head_dim]`; k, v: `[batch, capacity, kv_heads, head_dim]` (a KVCache layer), or with
@@ -72,38 +99,41 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     if layer is None:
         k, v, layer = k[None], v[None], 0
     if k.ndim != 5 or v.shape != k.shape:
-        raise ValueError(f"decode_attention with `layer` takes stacked k, v [layers, batch, capacity, kv_heads, "
-                         f"head_dim]; got k {k.shape}, v {v.shape}.")
-    _flash.check_inputs("decode_attention", q[:, None], k[0], v[0])
+        raise ValueError(
+            f"decode_attention with `layer` takes stacked k, v [layers, batch, capacity, kv_heads, "
+            f"head_dim]; got k {k.shape}, v {v.shape}."
+        )
+    _common.check_inputs("decode_attention", q[:, None], k[0], v[0])
     batch, heads, head_dim = q.shape
     capacity, kv_heads = k.shape[2], k.shape[3]
     group = heads // kv_heads
     rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
-    d_pad = _flash.padded_head_dim(head_dim)
+    d_pad = _common.padded_head_dim(head_dim)
     n_splits, split_len = _splits(capacity, block_k, batch * kv_heads, num_splits)
     # the last split may be short: blocks start at multiples of block_k, so K/V only need padding (a copy)
     # when capacity is not a multiple of block_k (generate's caches are multiples of 256) or head_dim is 96
     padded = -(-capacity // block_k) * block_k
-    qg = _flash.pad_to(_flash.pad_to(q.reshape(batch, kv_heads, group, head_dim), 2, rows), 3, d_pad)
+    qg = _common.pad_to(_common.pad_to(q.reshape(batch, kv_heads, group, head_dim), 2, rows), 3, d_pad)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     first = jnp.zeros((batch,), jnp.int32) if first is None else first
-    if padded != capacity or d_pad != head_dim:    # padding copies: copy only the one layer
+    if padded != capacity or d_pad != head_dim:  # padding copies: copy only the one layer
         k, v = (jax.lax.dynamic_index_in_dim(x, layer[0], 0) for x in (k, v))
         layer = jnp.zeros((1,), jnp.int32)
-    k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 2, padded), 4, d_pad) for x in (k, v))
+    k_p, v_p = (_common.pad_to(_common.pad_to(x, 2, padded), 4, d_pad) for x in (k, v))
     layers = k_p.shape[0]
-    kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len,
-                               qk_scale=scale * _flash.LOG2E)
+    kernel = functools.partial(_kernel, block_k=block_k, split_len=split_len, qk_scale=scale * _common.LOG2E)
     out_specs, out_shape = split_partials(batch, kv_heads, n_splits, rows, d_pad)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, n_splits),
-        in_specs=[pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
-                  pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
-                  pl.BlockSpec((1,), lambda b, h, s: (0,)),
-                  pl.BlockSpec((None, None, rows, d_pad), lambda b, h, s: (b, h, 0, 0)),
-                  pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0)),
-                  pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0))],
+        in_specs=[
+            pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
+            pl.BlockSpec((None, 1), lambda b, h, s: (b, 0)),
+            pl.BlockSpec((1,), lambda b, h, s: (0,)),
+            pl.BlockSpec((None, None, rows, d_pad), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0)),
+            pl.BlockSpec((layers, None, padded, None, d_pad), lambda b, h, s: (0, b, 0, h, 0)),
+        ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 2),
@@ -118,24 +148,30 @@ def split_partials(batch: int, kv_heads: int, n_splits: int, rows: int, width: i
     fp32 accumulator `[rows, width]` and running max and sum `[rows]` (the inputs of `merge_splits`)."""
     part = lambda *tail: pl.BlockSpec((None, None, None, *tail), lambda b, h, s: (b, h, s) + (0,) * len(tail))
     lead = (batch, kv_heads, n_splits, rows)
-    return ([part(rows, width), part(rows), part(rows)],
-            [jax.ShapeDtypeStruct(lead + (width,), jnp.float32), jax.ShapeDtypeStruct(lead, jnp.float32),
-             jax.ShapeDtypeStruct(lead, jnp.float32)])
+    return (
+        [part(rows, width), part(rows), part(rows)],
+        [
+            jax.ShapeDtypeStruct(lead + (width,), jnp.float32),
+            jax.ShapeDtypeStruct(lead, jnp.float32),
+            jax.ShapeDtypeStruct(lead, jnp.float32),
+        ],
+    )
 
 
 def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
     """Combines per-split partials (acc `[..., splits, rows, d]`, m and l `[..., splits, rows]`, base-2 logits)
     into normalised outputs `[..., rows, d]`; rows that met no key give zeros."""
     m_all = jnp.max(m, axis=-2, keepdims=True)
-    w = jnp.exp2(m - m_all)                                   # an empty split has l = 0, so it weighs nothing
+    w = jnp.exp2(m - m_all)  # an empty split has l = 0, so it weighs nothing
     total = jnp.sum(w * l, axis=-2)
     out = jnp.sum(w[..., None] * acc, axis=-3)
     return out / jnp.where(total == 0, 1.0, total)[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *,
-                               scale: float, first: jax.Array | None = None) -> jax.Array:
+def decode_attention_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, scale: float, first: jax.Array | None = None
+) -> jax.Array:
     """`decode_attention` in plain XLA (fp32 softmax over the valid slots; GQA by reshaping q). For float32 inputs
     its dots run at float32 precision (not TF32, XLA's default on the GPU); bf16/fp16 ones are upcast and keep
     XLA's default, as the benchmarks' XLA peer."""
@@ -146,9 +182,6 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths
     s = jnp.einsum("bkgd,btkd->bkgt", qg, k.astype(jnp.float32), precision=hp) * scale
     slot = jnp.arange(k.shape[1])[None, :]
     valid = (slot < lengths[:, None]) & (slot >= (0 if first is None else first[:, None]))
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    row_max = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(row_max), row_max, 0.0))             # exp(-inf) = 0 off the slots
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgt,btkd->bkgd", p / jnp.where(denom == 0, 1.0, denom), v.astype(jnp.float32), precision=hp)
+    p = masked_softmax(s, valid[:, None, None, :])
+    out = jnp.einsum("bkgt,btkd->bkgd", p, v.astype(jnp.float32), precision=hp)
     return out.reshape(batch, heads, head_dim).astype(q.dtype)

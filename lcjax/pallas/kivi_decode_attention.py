@@ -1,6 +1,6 @@
 """Split-K decode attention over a KIVI-quantised KV cache, dequantised in registers (Pallas, Triton-lowered).
 
-Layout of one layer (see `lcjax.methods.kivi_quant`): keys and values are 2- or 4-bit codes packed into uint8
+Layout of one layer (see `lcjax.pallas.kivi_quant`): keys and values are 2- or 4-bit codes packed into uint8
 `[batch, capacity, kv_heads, m]`, m = head_dim * bits / 8 bytes per row, plus fp16 scales and zeros:
 
 - keys per channel: `k_scale, k_zero [batch, capacity / key_group, kv_heads, head_dim]`, one row for each
@@ -37,9 +37,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lcjax.methods.kivi_quant import CHANNEL, TOKEN, QuantizedTensor, dequantize
-from lcjax.pallas import _flash
+from lcjax.numerics import masked_softmax
+from lcjax.pallas import _common
+from lcjax.pallas import _triton_flash as _flash
 from lcjax.pallas.decode_attention import MIN_ROWS, _splits, merge_splits, split_partials
+from lcjax.pallas.kivi_quant import CHANNEL, TOKEN, QuantizedTensor, dequantize
 
 KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_BITS = (2, 4)
@@ -64,11 +66,15 @@ def _unsupported(head_dim: int, bits: int, key_group: int, value_group: int) -> 
     if value_group <= 0 or head_dim % value_group:
         return f"value_group={value_group} does not divide head_dim={head_dim}"
     if m % value_group and value_group % m:
-        return (f"value_group={value_group} and the plane width m={m} (head_dim * bits / 8) must divide one "
-                f"another, so that a value chunk lies in one plane and one scale group")
+        return (
+            f"value_group={value_group} and the plane width m={m} (head_dim * bits / 8) must divide one "
+            f"another, so that a value chunk lies in one plane and one scale group"
+        )
     if min(m, value_group) < MIN_DOT:
-        return (f"value chunks of min(m={m}, value_group={value_group}) = {min(m, value_group)} channels are "
-                f"under Triton's dot minimum of 16")
+        return (
+            f"value chunks of min(m={m}, value_group={value_group}) = {min(m, value_group)} channels are "
+            f"under Triton's dot minimum of 16"
+        )
     return None
 
 
@@ -77,9 +83,27 @@ def kivi_kernel_supported(head_dim: int, bits: int, key_group: int, value_group:
     return _unsupported(head_dim, bits, key_group, value_group) is None
 
 
-def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *refs, bits: int,
-            head_dim: int, key_group: int, value_group: int, block_k: int, split_len: int, qk_scale: float, dot_dtype,
-            residual_split: int | None):
+def _kernel(
+    n_quant_ref,
+    first_ref,
+    q_ref,
+    kc_ref,
+    ks_ref,
+    kz_ref,
+    vc_ref,
+    vs_ref,
+    vz_ref,
+    *refs,
+    bits: int,
+    head_dim: int,
+    key_group: int,
+    value_group: int,
+    block_k: int,
+    split_len: int,
+    qk_scale: float,
+    dot_dtype,
+    residual_split: int | None,
+):
     """One (batch, kv head, split) program. Refs (block views): q `[rows, d]`; kc, vc uint8 `[capacity, m]`;
     ks, kz fp16 `[capacity / key_group, d]`; vs, vz fp16 `[capacity, d / value_group]`; then, with a
     `residual_split`, n_res `[1]` and the residual rows res_k, res_v `[R, d]`; then the outputs. Writes acc
@@ -93,8 +117,8 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
     integers) go to the dots as they are; `dot_dtype` is q's dtype for bf16/fp16 queries (as the dense kernel's
     dots), float32 otherwise."""
     per_byte = 8 // bits
-    m = head_dim // per_byte                    # bytes per row = channels per plane
-    c = min(m, value_group)                     # channels per value chunk: one plane, one scale group
+    m = head_dim // per_byte  # bytes per row = channels per plane
+    c = min(m, value_group)  # channels per value chunk: one plane, one scale group
     mask = (1 << bits) - 1
 
     split = pl.program_id(2)
@@ -120,16 +144,16 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
         accs, m_run, l_run = state
         s0 = pl.multiple_of(lo + n * block_k, block_k)
         slots = pl.ds(s0, block_k)
-        key_row = pl.ds(jax.lax.div(s0, key_group), 1)        # block_k divides key_group: one scale row
-        k_bytes = kc_ref[slots, :]                              # [bk, m] uint8
+        key_row = pl.ds(jax.lax.div(s0, key_group), 1)  # block_k divides key_group: one scale row
+        k_bytes = kc_ref[slots, :]  # [bk, m] uint8
         logits, bias = None, None
         for i in range(per_byte):
             cols = pl.ds(i * m, m)
             k_scale = ks_ref[key_row, cols].astype(jnp.float32)  # [1, m]
             k_zero = kz_ref[key_row, cols].astype(jnp.float32)
             q_scaled = (q_planes[i] * k_scale).astype(dot_dtype)  # [rows, m]
-            part = _flash.dot(q_scaled, plane(k_bytes, i), trans_b=True)        # [rows, bk]
-            zero_part = jnp.sum(q_planes[i] * k_zero, axis=1)                    # [rows]
+            part = _flash.dot(q_scaled, plane(k_bytes, i), trans_b=True)  # [rows, bk]
+            zero_part = jnp.sum(q_planes[i] * k_zero, axis=1)  # [rows]
             logits = part if logits is None else logits + part
             bias = zero_part if bias is None else bias + zero_part
         slot = s0 + lane
@@ -137,7 +161,7 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
         logits = jnp.where(valid[None, :], (logits + bias[:, None]) * qk_scale, -jnp.inf)
         m_new = jnp.maximum(m_run, jnp.max(logits, axis=1))
         alpha = jnp.exp2(m_run - m_new)
-        p = jnp.exp2(logits - m_new[:, None])                     # masked slots: exp2(-inf) = 0
+        p = jnp.exp2(logits - m_new[:, None])  # masked slots: exp2(-inf) = 0
         l_new = l_run * alpha + jnp.sum(p, axis=1)
         # masked slots' scales and zeros are zeroed: p = 0 there, but 0 * (inf or NaN in never-written storage)
         # would still poison the sums
@@ -147,18 +171,20 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
             ch = j * c
             g = ch // value_group
             if g not in folded:
-                v_scale = jnp.where(valid, vs_ref[slots, g].astype(jnp.float32), 0.0)   # [bk]
+                v_scale = jnp.where(valid, vs_ref[slots, g].astype(jnp.float32), 0.0)  # [bk]
                 v_zero = jnp.where(valid, vz_ref[slots, g].astype(jnp.float32), 0.0)
                 folded[g] = ((p * v_scale[None, :]).astype(dot_dtype), jnp.sum(p * v_zero[None, :], axis=1))
             p_scaled, zero_sum = folded[g]
-            v_bytes = vc_ref[slots, pl.ds(ch % m, c)]             # [bk, c] bytes holding channels [ch, ch + c)
-            new_accs.append(acc * alpha[:, None] + _flash.dot(p_scaled, plane(v_bytes, ch // m))
-                            + zero_sum[:, None])
+            v_bytes = vc_ref[slots, pl.ds(ch % m, c)]  # [bk, c] bytes holding channels [ch, ch + c)
+            new_accs.append(acc * alpha[:, None] + _flash.dot(p_scaled, plane(v_bytes, ch // m)) + zero_sum[:, None])
         return tuple(new_accs), m_new, l_new
 
     rows = q_ref.shape[0]
-    init = (tuple(jnp.zeros((rows, c), jnp.float32) for _ in range(head_dim // c)),
-            jnp.full((rows,), _flash.M_FLOOR, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    init = (
+        tuple(jnp.zeros((rows, c), jnp.float32) for _ in range(head_dim // c)),
+        jnp.full((rows,), _common.M_FLOOR, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
     if residual_split is None:
         acc_ref, m_ref, l_ref = refs
     else:
@@ -179,14 +205,31 @@ def _kernel(n_quant_ref, first_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_re
         def _residual():
             valid = jnp.arange(rk_ref.shape[0], dtype=jnp.int32) < n_res_ref[0]
             k = rk_ref[...].astype(dot_dtype)
-            v = jnp.where(valid[:, None], rv_ref[...], 0).astype(dot_dtype)   # stale rows may hold NaN: 0 * NaN
-            acc, m_run, l_run = _flash.update(_flash.init_state(rows, head_dim), q_ref[...].astype(dot_dtype), k, v,
-                                              qk_scale, valid[None, :])
+            v = jnp.where(valid[:, None], rv_ref[...], 0).astype(dot_dtype)  # stale rows may hold NaN: 0 * NaN
+            acc, m_run, l_run = _flash.update(
+                _flash.init_state(rows, head_dim), q_ref[...].astype(dot_dtype), k, v, qk_scale, valid[None, :]
+            )
             acc_ref[...], m_ref[...], l_ref[...] = acc, m_run, l_run
 
 
-def _check_inputs(name: str, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant, res_k, res_v, n_res,
-                  first, bits: int, key_group: int, value_group: int) -> None:
+def _check_inputs(
+    name: str,
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    n_quant,
+    res_k,
+    res_v,
+    n_res,
+    first,
+    bits: int,
+    key_group: int,
+    value_group: int,
+) -> None:
     """Shape/dtype agreement of the cache pieces; errors name the offending array."""
     if q.ndim != 3:
         raise ValueError(f"{name}: q must be [batch, heads, head_dim]; got {q.shape}.")
@@ -194,13 +237,16 @@ def _check_inputs(name: str, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_ze
     if bits not in KERNEL_BITS:
         raise ValueError(f"{name}: bits={bits}; KIVI supports bits in {KERNEL_BITS}.")
     if key_group <= 0 or value_group <= 0 or head_dim % value_group:
-        raise ValueError(f"{name}: key_group={key_group} must be positive and value_group={value_group} must "
-                         f"divide head_dim={head_dim}.")
+        raise ValueError(
+            f"{name}: key_group={key_group} must be positive and value_group={value_group} must "
+            f"divide head_dim={head_dim}."
+        )
     if head_dim % (8 // bits):
         raise ValueError(f"{name}: head_dim={head_dim} does not fill whole bytes of {bits}-bit codes.")
     if k_codes.ndim != 4:
-        raise ValueError(f"{name}: k_codes must be [batch, capacity, kv_heads, head_dim * bits / 8]; "
-                         f"got {k_codes.shape}.")
+        raise ValueError(
+            f"{name}: k_codes must be [batch, capacity, kv_heads, head_dim * bits / 8]; got {k_codes.shape}."
+        )
     _, capacity, kv_heads, _ = k_codes.shape
     if capacity % key_group:
         raise ValueError(f"{name}: capacity={capacity} is not a multiple of key_group={key_group}.")
@@ -214,49 +260,97 @@ def _check_inputs(name: str, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_ze
         "n_quant": ((batch,), None),
         "n_res": ((batch,), None),
     }
-    arrays = dict(k_codes=k_codes, v_codes=v_codes, k_scale=k_scale, k_zero=k_zero, v_scale=v_scale,
-                  v_zero=v_zero, n_quant=n_quant, n_res=n_res)
+    arrays = dict(
+        k_codes=k_codes,
+        v_codes=v_codes,
+        k_scale=k_scale,
+        k_zero=k_zero,
+        v_scale=v_scale,
+        v_zero=v_zero,
+        n_quant=n_quant,
+        n_res=n_res,
+    )
     if first is not None:
         expected["first"], arrays["first"] = ((batch,), None), first
     for key, (shape, dtypes) in expected.items():
         x = arrays[key]
         if tuple(x.shape) != shape or (dtypes is not None and x.dtype not in dtypes):
-            raise ValueError(f"{name}: {key} is {x.dtype}{list(x.shape)}; expected shape {list(shape)}"
-                             + (" uint8" if dtypes else "") + f" for q {list(q.shape)}, capacity={capacity}, "
-                             f"kv_heads={kv_heads}, bits={bits}, key_group={key_group}, value_group={value_group}.")
+            raise ValueError(
+                f"{name}: {key} is {x.dtype}{list(x.shape)}; expected shape {list(shape)}"
+                + (" uint8" if dtypes else "")
+                + f" for q {list(q.shape)}, capacity={capacity}, "
+                f"kv_heads={kv_heads}, bits={bits}, key_group={key_group}, value_group={value_group}."
+            )
     if heads % kv_heads:
         raise ValueError(f"{name}: heads={heads} is not a multiple of kv_heads={kv_heads}.")
-    if res_k.ndim != 4 or res_k.shape != res_v.shape or res_k.shape[0] != batch or res_k.shape[2:] != (kv_heads,
-                                                                                                        head_dim):
-        raise ValueError(f"{name}: res_k, res_v must both be [batch={batch}, R, kv_heads={kv_heads}, "
-                         f"head_dim={head_dim}]; got {res_k.shape}, {res_v.shape}.")
+    if (
+        res_k.ndim != 4
+        or res_k.shape != res_v.shape
+        or res_k.shape[0] != batch
+        or res_k.shape[2:] != (kv_heads, head_dim)
+    ):
+        raise ValueError(
+            f"{name}: res_k, res_v must both be [batch={batch}, R, kv_heads={kv_heads}, "
+            f"head_dim={head_dim}]; got {res_k.shape}, {res_v.shape}."
+        )
 
 
-def _residual_partial(qg: jax.Array, res_k: jax.Array, res_v: jax.Array, n_res: jax.Array,
-                      qk_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _residual_partial(
+    qg: jax.Array, res_k: jax.Array, res_v: jax.Array, n_res: jax.Array, qk_scale: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The residual rows' partial in the kernel's convention (base-2 logits, max floored at M_FLOOR).
     qg fp32 `[batch, kv_heads, rows, d]`; res_k, res_v `[batch, R, kv_heads, d]`; n_res int32 `[batch]`.
     Returns acc `[batch, kv_heads, 1, rows, d]`, m and l `[batch, kv_heads, 1, rows]`."""
-    hp = jax.lax.Precision.HIGHEST                      # tiny; keep it exact on GPU too (no TF32)
+    hp = jax.lax.Precision.HIGHEST  # tiny; keep it exact on GPU too (no TF32)
     s = jnp.einsum("bhrd,bthd->bhrt", qg, res_k.astype(jnp.float32), precision=hp) * qk_scale
-    valid = jnp.arange(res_k.shape[1])[None, :] < n_res[:, None]                  # [batch, R]
+    valid = jnp.arange(res_k.shape[1])[None, :] < n_res[:, None]  # [batch, R]
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    m = jnp.maximum(jnp.max(s, axis=-1), _flash.M_FLOOR)
+    m = jnp.maximum(jnp.max(s, axis=-1), _common.M_FLOOR)
     p = jnp.exp2(s - m[..., None])
     l = jnp.sum(p, axis=-1)
-    res_v = jnp.where(valid[:, :, None, None], res_v.astype(jnp.float32), 0.0)   # stale rows: 0 * NaN = NaN
+    res_v = jnp.where(valid[:, :, None, None], res_v.astype(jnp.float32), 0.0)  # stale rows: 0 * NaN = NaN
     acc = jnp.einsum("bhrt,bthd->bhrd", p, res_v, precision=hp)
     return acc[:, :, None], m[:, :, None], l[:, :, None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "bits", "key_group", "value_group", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "interpret"))
-def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, k_zero: jax.Array,
-                          v_codes: jax.Array, v_scale: jax.Array, v_zero: jax.Array, n_quant: jax.Array,
-                          res_k: jax.Array, res_v: jax.Array, n_res: jax.Array, *, scale: float, bits: int,
-                          key_group: int = 32, value_group: int = 32, first: jax.Array | None = None,
-                          block_k: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "scale",
+        "bits",
+        "key_group",
+        "value_group",
+        "block_k",
+        "num_splits",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
+)
+def kivi_decode_attention(
+    q: jax.Array,
+    k_codes: jax.Array,
+    k_scale: jax.Array,
+    k_zero: jax.Array,
+    v_codes: jax.Array,
+    v_scale: jax.Array,
+    v_zero: jax.Array,
+    n_quant: jax.Array,
+    res_k: jax.Array,
+    res_v: jax.Array,
+    n_res: jax.Array,
+    *,
+    scale: float,
+    bits: int,
+    key_group: int = 32,
+    value_group: int = 32,
+    first: jax.Array | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """Attention of one new token per sequence over a KIVI cache layer plus its full-precision residual.
 
     q: `[batch, heads, head_dim]` (bf16/fp16/fp32; heads a multiple of kv_heads, head h reads kv head
@@ -273,48 +367,83 @@ def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, 
     (`kivi_kernel_supported`) or for inconsistent shapes.
     """
     name = "kivi_decode_attention"
-    _check_inputs(name, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant, res_k, res_v, n_res, first,
-                  bits, key_group, value_group)
+    _check_inputs(
+        name,
+        q,
+        k_codes,
+        k_scale,
+        k_zero,
+        v_codes,
+        v_scale,
+        v_zero,
+        n_quant,
+        res_k,
+        res_v,
+        n_res,
+        first,
+        bits,
+        key_group,
+        value_group,
+    )
     batch, heads, head_dim = q.shape
     _, capacity, kv_heads, n_bytes = k_codes.shape
     why = _unsupported(head_dim, bits, key_group, value_group)
     if why is not None:
         raise ValueError(f"{name}: {why}; use kivi_decode_attention_reference.")
-    if q.dtype not in _flash.SUPPORTED_DTYPES:
+    if q.dtype not in _common.SUPPORTED_DTYPES:
         raise ValueError(f"{name}: q is {q.dtype}; supported: bfloat16, float16, float32.")
     block_k = key_group if block_k is None else block_k
     if not _pow2(block_k) or block_k < MIN_DOT or key_group % block_k:
-        raise ValueError(f"{name}: block_k={block_k} must be a power of two >= 16 dividing key_group={key_group} "
-                         f"(a block must lie within one key-scale row).")
+        raise ValueError(
+            f"{name}: block_k={block_k} must be a power of two >= 16 dividing key_group={key_group} "
+            f"(a block must lie within one key-scale row)."
+        )
     # capacity % key_group == 0 was checked, so capacity is a multiple of block_k: no padding copy of the cache
     for key, x in (("k_codes", k_codes), ("v_codes", v_codes), ("v_scale", v_scale)):
-        if x.size > _flash.MAX_KERNEL_ELEMENTS:
-            raise ValueError(f"{name}: {key} has {x.size} elements; Triton's int32 offsets stop at 2^31 - 1 "
-                             f"(call per slice of the batch).")
+        if x.size > _common.MAX_KERNEL_ELEMENTS:
+            raise ValueError(
+                f"{name}: {key} has {x.size} elements; Triton's int32 offsets stop at 2^31 - 1 "
+                f"(call per slice of the batch)."
+            )
     group = heads // kv_heads
     rows = max(MIN_ROWS, 1 << (group - 1).bit_length())
-    qg = _flash.pad_to(q.reshape(batch, kv_heads, group, head_dim), 2, rows)
+    qg = _common.pad_to(q.reshape(batch, kv_heads, group, head_dim), 2, rows)
     first = jnp.zeros((batch,), jnp.int32) if first is None else first.astype(jnp.int32)
-    # H100 probe (8B shapes, 2-bit): this kernel is latency-bound, so it wants more programs than the dense one:
-    # 132 splits per (sequence, KV head) and 3 stages took 1x128K from 552 to 373 us and 8x32K from 712 to 630
-    n_splits, split_len = _splits(capacity, block_k, batch * kv_heads,
-                                  min(-(-capacity // block_k), 132) if num_splits is None else num_splits)
+    # latency-bound, so it wants more programs than the dense kernel: 132 splits per (sequence, KV head) and 3
+    # stages were the fastest on the H100 (docs/kernel-notes.md)
+    n_splits, split_len = _splits(
+        capacity, block_k, batch * kv_heads, min(-(-capacity // block_k), 132) if num_splits is None else num_splits
+    )
     # the residual rows as one more split when they make a Triton tile (a power of two >= 16 rows), else in XLA
     res_len = res_k.shape[1]
     in_kernel = res_len >= MIN_DOT and _pow2(res_len)
-    qk_scale = scale * _flash.LOG2E
-    kernel = functools.partial(_kernel, bits=bits, head_dim=head_dim, key_group=key_group, value_group=value_group,
-                               block_k=block_k, split_len=split_len, qk_scale=qk_scale,
-                               dot_dtype=q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32,
-                               residual_split=n_splits if in_kernel else None)
+    qk_scale = scale * _common.LOG2E
+    kernel = functools.partial(
+        _kernel,
+        bits=bits,
+        head_dim=head_dim,
+        key_group=key_group,
+        value_group=value_group,
+        block_k=block_k,
+        split_len=split_len,
+        qk_scale=qk_scale,
+        dot_dtype=q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32,
+        residual_split=n_splits if in_kernel else None,
+    )
     whole = lambda length, width: pl.BlockSpec((None, length, None, width), lambda b, h, s: (b, 0, h, 0))
     per_sequence = pl.BlockSpec((None, 1), lambda b, h, s: (b, 0))
-    in_specs = [per_sequence, per_sequence, pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-                whole(capacity, n_bytes), whole(capacity // key_group, head_dim), whole(capacity // key_group, head_dim),
-                whole(capacity, n_bytes), whole(capacity, head_dim // value_group),
-                whole(capacity, head_dim // value_group)]
-    args = [n_quant.astype(jnp.int32)[:, None], first[:, None], qg, k_codes, k_scale, k_zero, v_codes, v_scale,
-            v_zero]
+    in_specs = [
+        per_sequence,
+        per_sequence,
+        pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        whole(capacity, n_bytes),
+        whole(capacity // key_group, head_dim),
+        whole(capacity // key_group, head_dim),
+        whole(capacity, n_bytes),
+        whole(capacity, head_dim // value_group),
+        whole(capacity, head_dim // value_group),
+    ]
+    args = [n_quant.astype(jnp.int32)[:, None], first[:, None], qg, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero]
     if in_kernel:
         in_specs += [per_sequence, whole(res_len, head_dim), whole(res_len, head_dim)]
         args += [n_res.astype(jnp.int32)[:, None], res_k, res_v]
@@ -326,31 +455,62 @@ def kivi_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, 
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        # H100 (8B shapes, 2-bit): with a batch, programs of 2 warps were 16-22% faster than of 4 (2 x 32K to 8 x 128K);
-        # for one sequence the two were within 5% either way between runs
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps or (4 if batch == 1 else 2),
-                                             num_stages=num_stages or 3),
+        # with a batch, programs of 2 warps were faster than of 4 on the H100; for one sequence neither won
+        # (docs/kernel-notes.md)
+        compiler_params=plgpu.CompilerParams(
+            num_warps=num_warps or (4 if batch == 1 else 2), num_stages=num_stages or 3
+        ),
         interpret=interpret,
         name="kivi_decode_attention",
     )(*args)
     if not in_kernel:
         r_acc, r_m, r_l = _residual_partial(qg.astype(jnp.float32), res_k, res_v, n_res.astype(jnp.int32), qk_scale)
         acc, m, l = (jnp.concatenate(pair, axis=2) for pair in ((acc, r_acc), (m, r_m), (l, r_l)))
-    out = merge_splits(acc, m, l)                                           # [batch, kv_heads, rows, d]
+    out = merge_splits(acc, m, l)  # [batch, kv_heads, rows, d]
     return out[:, :, :group].reshape(batch, heads, head_dim).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "bits", "key_group", "value_group"))
-def kivi_decode_attention_reference(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array, k_zero: jax.Array,
-                                    v_codes: jax.Array, v_scale: jax.Array, v_zero: jax.Array, n_quant: jax.Array,
-                                    res_k: jax.Array, res_v: jax.Array, n_res: jax.Array, *, scale: float, bits: int,
-                                    key_group: int = 32, value_group: int = 32,
-                                    first: jax.Array | None = None) -> jax.Array:
+def kivi_decode_attention_reference(
+    q: jax.Array,
+    k_codes: jax.Array,
+    k_scale: jax.Array,
+    k_zero: jax.Array,
+    v_codes: jax.Array,
+    v_scale: jax.Array,
+    v_zero: jax.Array,
+    n_quant: jax.Array,
+    res_k: jax.Array,
+    res_v: jax.Array,
+    n_res: jax.Array,
+    *,
+    scale: float,
+    bits: int,
+    key_group: int = 32,
+    value_group: int = 32,
+    first: jax.Array | None = None,
+) -> jax.Array:
     """`kivi_decode_attention` in plain XLA, for any configuration kivi_quant handles: the cache dequantised
     with `kivi_quant.dequantize` (a full-size fp32 temporary), the residual appended, an fp32 softmax over the
     valid slots (GQA by reshaping q). Same arguments and result."""
-    _check_inputs("kivi_decode_attention_reference", q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant,
-                  res_k, res_v, n_res, first, bits, key_group, value_group)
+    _check_inputs(
+        "kivi_decode_attention_reference",
+        q,
+        k_codes,
+        k_scale,
+        k_zero,
+        v_codes,
+        v_scale,
+        v_zero,
+        n_quant,
+        res_k,
+        res_v,
+        n_res,
+        first,
+        bits,
+        key_group,
+        value_group,
+    )
     batch, heads, head_dim = q.shape
     capacity, kv_heads = k_codes.shape[1], k_codes.shape[2]
     shape = (batch, capacity, kv_heads, head_dim)
@@ -360,15 +520,14 @@ def kivi_decode_attention_reference(q: jax.Array, k_codes: jax.Array, k_scale: j
     v = jnp.concatenate([values, res_v.astype(jnp.float32)], axis=1)
     slot = jnp.arange(capacity)[None, :]
     lo = jnp.zeros((batch,), jnp.int32) if first is None else first
-    valid = jnp.concatenate([(slot >= lo[:, None]) & (slot < n_quant[:, None]),
-                             jnp.arange(res_k.shape[1])[None, :] < n_res[:, None]], axis=1)   # [batch, cap + R]
-    v = jnp.where(valid[:, :, None, None], v, 0.0)    # never-written slots may hold inf/NaN: 0 * NaN = NaN
+    valid = jnp.concatenate(
+        [(slot >= lo[:, None]) & (slot < n_quant[:, None]), jnp.arange(res_k.shape[1])[None, :] < n_res[:, None]],
+        axis=1,
+    )  # [batch, cap + R]
+    v = jnp.where(valid[:, :, None, None], v, 0.0)  # never-written slots may hold inf/NaN: 0 * NaN = NaN
     hp = jax.lax.Precision.HIGHEST
     qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
     s = jnp.einsum("bkgd,btkd->bkgt", qg, k, precision=hp) * scale
-    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-    row_max = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(row_max), row_max, 0.0))   # exp(-inf) = 0 off the valid slots
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgt,btkd->bkgd", p / jnp.where(denom == 0, 1.0, denom), v, precision=hp)
+    p = masked_softmax(s, valid[:, None, None, :])
+    out = jnp.einsum("bkgt,btkd->bkgd", p, v, precision=hp)
     return out.reshape(batch, heads, head_dim).astype(q.dtype)

@@ -15,19 +15,45 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lcjax.attention import masked_attention
-from lcjax.pallas import _flash
-from lcjax.pallas.vertical_slash_index import (VerticalSlashIndex, build_vertical_slash_index, slash_window_mask,
-                                               words_for)
+from lcjax.numerics import masked_attention
+from lcjax.pallas import _common
+from lcjax.pallas import _triton_flash as _flash
+from lcjax.pallas.vertical_slash_index import (
+    VerticalSlashIndex,
+    build_vertical_slash_index,
+    slash_window_mask,
+    words_for,
+)
 
-__all__ = ["VerticalSlashIndex", "build_vertical_slash_index", "vertical_slash_attention",
-           "vertical_slash_attention_reference", "vertical_slash_mask_fn"]
+__all__ = [
+    "VerticalSlashIndex",
+    "build_vertical_slash_index",
+    "vertical_slash_attention",
+    "vertical_slash_attention_reference",
+    "vertical_slash_mask_fn",
+]
 
 SLASH_MASKS = ("bits", "gather")
 
 
-def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, vert_ref, slash_ref, words_ref,
-            *out_refs, num_q_blocks: int, block: int, qk_scale: float, q_axis: int, slash_mask: str):
+def _kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    plain_ref,
+    masked_ref,
+    counts_ref,
+    cols_ref,
+    vert_ref,
+    slash_ref,
+    words_ref,
+    *out_refs,
+    num_q_blocks: int,
+    block: int,
+    qk_scale: float,
+    q_axis: int,
+    slash_mask: str,
+):
     o_ref = out_refs[-1]  # with a poisoned buffer aliased in, its input ref comes first
     qb = num_q_blocks - 1 - pl.program_id(q_axis)  # see _flash.launch_grid
     q = q_ref[...]
@@ -62,41 +88,99 @@ def _kernel(q_ref, k_ref, v_ref, plain_ref, masked_ref, counts_ref, cols_ref, ve
     o_ref[...] = _flash.finish(state, o_ref.dtype)
 
 
-def _pallas_forward(q, k, v, index: VerticalSlashIndex, *, scale: float, interpret: bool,
-                    num_warps: int | None, num_stages: int | None, heads_fastest: bool = False,
-                    slash_mask: str = "gather", out_init: jax.Array | None = None):
+def _pallas_forward(
+    q,
+    k,
+    v,
+    index: VerticalSlashIndex,
+    *,
+    scale: float,
+    interpret: bool,
+    num_warps: int | None,
+    num_stages: int | None,
+    heads_fastest: bool = False,
+    slash_mask: str = "gather",
+    out_init: jax.Array | None = None,
+):
     """The kernel on padded arrays: q `[b, L, h, d]`, k, v `[b, L, kvh, d]`, L = nqb * block, d a power of
     two. `out_init` (testing): a buffer of q's shape aliased to the output, to prove every element is written."""
     batch, padded, heads, head_dim = q.shape
     groups = heads // k.shape[2]
     block = index.block
     nqb = padded // block
-    counts = jnp.stack([index.plain_counts, index.masked_counts, index.column_counts,
-                        jnp.zeros_like(index.column_counts)], axis=-1)
+    counts = jnp.stack(
+        [index.plain_counts, index.masked_counts, index.column_counts, jnp.zeros_like(index.column_counts)], axis=-1
+    )
     grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
-    kernel = functools.partial(_kernel, num_q_blocks=nqb, block=block, qk_scale=scale * _flash.LOG2E,
-                               q_axis=q_axis, slash_mask=check_slash_mask(slash_mask))
+    kernel = functools.partial(
+        _kernel,
+        num_q_blocks=nqb,
+        block=block,
+        qk_scale=scale * _common.LOG2E,
+        q_axis=q_axis,
+        slash_mask=check_slash_mask(slash_mask),
+    )
     q_spec, kv_spec = _flash.qkv_specs(spec, block, padded, head_dim, groups)
     per_head = spec((None, None, nqb), lambda h, i, b: (b, h, 0))
     per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
     per_key = spec((None, None, padded), lambda h, i, b: (b, h, 0))
     words = words_for(index, slash_mask)
-    in_specs = [q_spec, kv_spec, kv_spec, per_head, per_head, per_block(4),
-                per_block(index.column_indices.shape[-1]), per_key, per_key,
-                spec((None, None, words.shape[-1]), lambda h, i, b: (b, h, 0))]
-    args = [q, k, v, index.diag_plain, index.diag_masked, counts, index.column_indices, index.is_vertical,
-            index.is_slash, words]
-    return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
-                         tile_k=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                         name="vertical_slash_attention", out_init=out_init)
+    in_specs = [
+        q_spec,
+        kv_spec,
+        kv_spec,
+        per_head,
+        per_head,
+        per_block(4),
+        per_block(index.column_indices.shape[-1]),
+        per_key,
+        per_key,
+        spec((None, None, words.shape[-1]), lambda h, i, b: (b, h, 0)),
+    ]
+    args = [
+        q,
+        k,
+        v,
+        index.diag_plain,
+        index.diag_masked,
+        counts,
+        index.column_indices,
+        index.is_vertical,
+        index.is_slash,
+        words,
+    ]
+    return _flash.launch(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        args=args,
+        out_spec=q_spec,
+        out_like=q,
+        tile_k=block,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="vertical_slash_attention",
+        out_init=out_init,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest",
-                                             "slash_mask"))
-def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashIndex, *,
-                             scale: float, interpret: bool = False, num_warps: int | None = None,
-                             num_stages: int | None = None, heads_fastest: bool = False,
-                             slash_mask: str = "gather") -> jax.Array:
+@functools.partial(
+    jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest", "slash_mask")
+)
+def vertical_slash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    index: VerticalSlashIndex,
+    *,
+    scale: float,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    heads_fastest: bool = False,
+    slash_mask: str = "gather",
+) -> jax.Array:
     """Causal prefill attention over a vertical-slash pattern.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]` (keys and queries both
@@ -105,11 +189,23 @@ def vertical_slash_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: Ve
     head_dim]` in q's dtype; rows with no allowed key are zeros. num_warps, num_stages (Triton),
     heads_fastest (grid order, see `_flash.launch_grid`) and slash_mask (how masked tiles find their slash
     pairs: "gather" from `index.is_slash` per element, or "bits" from `slash_words(index.is_slash)`; gather measured
-    faster here on the H100, see NOTES.md) tune speed only.
+    faster on the H100, docs/kernel-notes.md) tune speed only.
     """
-    return run_schedule("vertical_slash_attention", _pallas_forward, q, k, v, index, index.plain_counts,
-                        scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                        heads_fastest=heads_fastest, slash_mask=slash_mask)
+    return run_schedule(
+        "vertical_slash_attention",
+        _pallas_forward,
+        q,
+        k,
+        v,
+        index,
+        index.plain_counts,
+        scale=scale,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        heads_fastest=heads_fastest,
+        slash_mask=slash_mask,
+    )
 
 
 def check_slash_mask(slash_mask: str) -> str:
@@ -121,27 +217,31 @@ def check_slash_mask(slash_mask: str) -> str:
 def run_schedule(name: str, forward, q, k, v, index, per_block_counts: jax.Array, **kernel_args) -> jax.Array:
     """Checks shapes, pads q/k/v to the index's padded length and a power-of-two head_dim, runs a
     vertical-slash schedule's `forward` and crops. per_block_counts: any `[batch, heads, nqb]` index field."""
-    _flash.check_inputs(name, q, k, v)
+    _common.check_inputs(name, q, k, v)
     batch, q_len, heads, head_dim = q.shape
     if k.shape[1] != q_len or index.q_len != q_len:
-        raise ValueError(f"{name} is causal prefill: q_len={q_len}, kv_len={k.shape[1]} and the index's "
-                         f"q_len={index.q_len} must agree.")
+        raise ValueError(
+            f"{name} is causal prefill: q_len={q_len}, kv_len={k.shape[1]} and the index's "
+            f"q_len={index.q_len} must agree."
+        )
     if per_block_counts.shape[:2] != (batch, heads):
-        raise ValueError(f"{name}: the index is for [batch, heads]={per_block_counts.shape[:2]}, q has "
-                         f"{(batch, heads)}.")
+        raise ValueError(
+            f"{name}: the index is for [batch, heads]={per_block_counts.shape[:2]}, q has {(batch, heads)}."
+        )
     padded = index.is_slash.shape[-1]
-    d_pad = _flash.padded_head_dim(head_dim)
+    d_pad = _common.padded_head_dim(head_dim)
 
     def run(q, k, v, index):
-        q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
+        q_p, k_p, v_p = (_common.pad_to(_common.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
         return forward(q_p, k_p, v_p, index, **kernel_args)[:, :q_len, :, :head_dim]
 
-    return _flash.by_head_groups(run, q, k, v, index, padded_len=padded, padded_head_dim=d_pad)
+    return _common.by_head_groups(run, q, k, v, index, padded_len=padded, padded_head_dim=d_pad)
 
 
 def vertical_slash_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int):
     """mask_fn(rows) -> bool `[batch, heads, len(rows), q_len]`, exactly causal & (key in verticals |
-    query - key in slashes), for `lcjax.attention.masked_attention`; entries outside [0, q_len) match nothing."""
+    query - key in slashes), for `lcjax.numerics.masked_attention`; entries outside [0, q_len) match nothing."""
+
     def table(x):  # bool [batch, heads, q_len]; negatives must not wrap around in .at[]
         x = jnp.where((x >= 0) & (x < q_len), x, q_len)
         b = jnp.arange(x.shape[0])[:, None, None]
@@ -160,8 +260,10 @@ def vertical_slash_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def vertical_slash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, vertical_indices: jax.Array,
-                                       slash_offsets: jax.Array, scale: float) -> jax.Array:
+def vertical_slash_attention_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, vertical_indices: jax.Array, slash_offsets: jax.Array, scale: float
+) -> jax.Array:
     """`vertical_slash_attention` in plain XLA: masked softmax attention under the exact per-head mask."""
-    return masked_attention(q, k, v, vertical_slash_mask_fn(vertical_indices, slash_offsets, q.shape[1]), scale,
-                            q_chunk=512)
+    return masked_attention(
+        q, k, v, vertical_slash_mask_fn(vertical_indices, slash_offsets, q.shape[1]), scale, q_chunk=512
+    )

@@ -64,12 +64,18 @@ def line_indicators(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len
     """(query blocks, padded length, is_vertical, is_slash): the int8 `[batch, heads, padded]` indicators of
     the sanitised columns and offsets that both vertical-slash schedules start from."""
     if vertical_indices.shape[:2] != slash_offsets.shape[:2]:
-        raise ValueError(f"vertical_indices {vertical_indices.shape} and slash_offsets {slash_offsets.shape} "
-                         "must share [batch, heads].")
+        raise ValueError(
+            f"vertical_indices {vertical_indices.shape} and slash_offsets {slash_offsets.shape} "
+            "must share [batch, heads]."
+        )
     nqb = -(-q_len // block)
     padded = nqb * block
-    return (nqb, padded, _indicator(vertical_indices.astype(jnp.int32), q_len, padded),
-            _indicator(slash_offsets.astype(jnp.int32), q_len, padded))
+    return (
+        nqb,
+        padded,
+        _indicator(vertical_indices.astype(jnp.int32), q_len, padded),
+        _indicator(slash_offsets.astype(jnp.int32), q_len, padded),
+    )
 
 
 WORD_BITS = 32
@@ -85,7 +91,7 @@ def slash_words(is_slash: jax.Array, block: int) -> jax.Array:
     n = is_slash.shape[-1] + pad + 1
     words = jnp.zeros(is_slash.shape[:-1] + (n,), jnp.int32)
     for t in range(WORD_BITS):  # int32 wrap-around at bit 31 is what we want: the bit pattern
-        words = words | jax.lax.shift_left(x[..., t:t + n], jnp.int32(t))
+        words = words | jax.lax.shift_left(x[..., t : t + n], jnp.int32(t))
     return words
 
 
@@ -117,8 +123,7 @@ def compact_columns(columns: jax.Array, keep: jax.Array, max_columns: int) -> ja
     index array takes 16 bytes per entry (4 GiB for 32 heads x 1000 columns at 1M tokens)."""
     big = jnp.iinfo(jnp.int32).max
     listed = jnp.sort(jnp.where(keep, columns, big), axis=-1)
-    listed = jnp.pad(listed, [(0, 0)] * (listed.ndim - 1) + [(0, max_columns - listed.shape[-1])],
-                     constant_values=big)
+    listed = jnp.pad(listed, [(0, 0)] * (listed.ndim - 1) + [(0, max_columns - listed.shape[-1])], constant_values=big)
     return jnp.where(listed == big, 0, listed)
 
 
@@ -138,8 +143,9 @@ def _compact(selected: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("q_len", "block_q", "block_k"))
-def build_vertical_slash_index(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int,
-                               block_q: int = 64, block_k: int = 64) -> VerticalSlashIndex:
+def build_vertical_slash_index(
+    vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int, block_q: int = 64, block_k: int = 64
+) -> VerticalSlashIndex:
     """The kernel's schedule for causal prefill of `q_len` tokens.
 
     vertical_indices: int32 `[batch, heads, n_vertical]` key columns; slash_offsets: int32
@@ -148,8 +154,7 @@ def build_vertical_slash_index(vertical_indices: jax.Array, slash_offsets: jax.A
     the tile diagonal only).
     """
     if block_q != block_k:
-        raise ValueError(f"build_vertical_slash_index needs square tiles: block_q={block_q} != "
-                         f"block_k={block_k}.")
+        raise ValueError(f"build_vertical_slash_index needs square tiles: block_q={block_q} != block_k={block_k}.")
     b = block_q
     nqb, padded, is_vertical, is_slash = line_indicators(vertical_indices, slash_offsets, q_len, b)
 
@@ -174,7 +179,15 @@ def build_vertical_slash_index(vertical_indices: jax.Array, slash_offsets: jax.A
     n_vertical = verticals.shape[-1]
     max_columns = max(b, -(-n_vertical // b) * b)
     column_indices = compact_columns(verticals[:, :, None, :], keep, max_columns)
-    return VerticalSlashIndex(diag_plain=diag_plain, diag_masked=diag_masked, plain_counts=plain_counts,
-                              masked_counts=masked_counts, column_indices=column_indices,
-                              column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), is_vertical=is_vertical,
-                              is_slash=is_slash, q_len=q_len, block=b)
+    return VerticalSlashIndex(
+        diag_plain=diag_plain,
+        diag_masked=diag_masked,
+        plain_counts=plain_counts,
+        masked_counts=masked_counts,
+        column_indices=column_indices,
+        column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32),
+        is_vertical=is_vertical,
+        is_slash=is_slash,
+        q_len=q_len,
+        block=b,
+    )

@@ -34,17 +34,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from lcjax.attention import masked_attention
-from lcjax.pallas import _flash
-from lcjax.pallas.vertical_slash_attention import (check_slash_mask, run_schedule,
-                                                   vertical_slash_attention_reference)
-from lcjax.pallas.vertical_slash_index import (_sorted_unique, compact_columns, line_indicators, slash_window_mask,
-                                               words_for)
+from lcjax.numerics import masked_attention
+from lcjax.pallas import _common
+from lcjax.pallas import _triton_flash as _flash
+from lcjax.pallas.vertical_slash_attention import check_slash_mask, run_schedule, vertical_slash_attention_reference
+from lcjax.pallas.vertical_slash_index import (
+    _sorted_unique,
+    compact_columns,
+    line_indicators,
+    slash_window_mask,
+    words_for,
+)
 
-__all__ = ["VerticalSlashRanges", "build_vertical_slash_ranges", "vertical_slash_attention_ranges",
-           "vertical_slash_attention_reference", "range_schedule_tiles", "max_groups", "cover_mask_fn",
-           "vertical_slash_cover_reference", "SEMANTICS", "range_offsets",
-           "columns_in_ranges"]
+__all__ = [
+    "VerticalSlashRanges",
+    "build_vertical_slash_ranges",
+    "vertical_slash_attention_ranges",
+    "vertical_slash_attention_reference",
+    "range_schedule_tiles",
+    "max_groups",
+    "cover_mask_fn",
+    "vertical_slash_cover_reference",
+    "SEMANTICS",
+    "range_offsets",
+    "columns_in_ranges",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -123,14 +137,15 @@ def _cover_groups(group_start: jax.Array, group_end: jax.Array, n_groups: jax.Ar
         restart = jnp.zeros_like(valid)
     else:
         phi = jnp.arange(b, dtype=jnp.int32)
-        gap = (win_start[..., 1:] - win_end[..., :-1])[..., None]          # [batch, heads, G - 1, 1]
+        gap = (win_start[..., 1:] - win_end[..., :-1])[..., None]  # [batch, heads, G - 1, 1]
         breaks = (jnp.remainder(phi - win_end[..., :-1, None], b) < gap) & valid[..., 1:, None]
         maps = jnp.where(breaks, jnp.remainder(win_start[..., 1:, None], b), phi)  # phase after each gap
         compose = lambda first, then: jnp.take_along_axis(then, first, axis=-1)
         prefix = jax.lax.associative_scan(compose, maps, axis=-2)
-        after = jnp.take_along_axis(prefix, jnp.broadcast_to(phase0[..., None], prefix.shape[:-1] + (1,)),
-                                    axis=-1)[..., 0]
-        phases = jnp.concatenate([phase0, after], axis=-1)                # phase of each group's range
+        after = jnp.take_along_axis(prefix, jnp.broadcast_to(phase0[..., None], prefix.shape[:-1] + (1,)), axis=-1)[
+            ..., 0
+        ]
+        phases = jnp.concatenate([phase0, after], axis=-1)  # phase of each group's range
         restart = jnp.take_along_axis(breaks, phases[..., :-1, None], axis=-1)[..., 0]
         restart = jnp.concatenate([jnp.zeros_like(restart[..., :1]), restart], axis=-1)
     starts = valid & (restart | (k == 0))
@@ -159,8 +174,9 @@ def _blocks_using(group_start: jax.Array, count: jax.Array, nqb: int, b: int) ->
     return jnp.cumsum(hist.at[bi, hi, first_block].add(1)[..., :nqb], axis=-1, dtype=jnp.int32)
 
 
-def _offsets_in_ranges(group_start: jax.Array, group_end: jax.Array, count: jax.Array, padded: int,
-                       b: int) -> jax.Array:
+def _offsets_in_ranges(
+    group_start: jax.Array, group_end: jax.Array, count: jax.Array, padded: int, b: int
+) -> jax.Array:
     """`range_offsets` from the group lists (the first `count` `[batch, heads]` of each real)."""
     size = padded + 2 * b + 1
     real = jnp.arange(group_start.shape[-1]) < count[..., None]
@@ -169,16 +185,22 @@ def _offsets_in_ranges(group_start: jax.Array, group_end: jax.Array, count: jax.
     closes = jnp.where(real, group_end + 1 + 2 * b, size)
     bi = jnp.arange(count.shape[0])[:, None, None]
     hi = jnp.arange(count.shape[1])[None, :, None]
-    delta = (jnp.zeros((*count.shape, size), jnp.int32).at[bi, hi, opens].add(1, mode="drop")
-             .at[bi, hi, closes].add(-1, mode="drop"))
+    delta = (
+        jnp.zeros((*count.shape, size), jnp.int32)
+        .at[bi, hi, opens]
+        .add(1, mode="drop")
+        .at[bi, hi, closes]
+        .add(-1, mode="drop")
+    )
     return (jnp.cumsum(delta, axis=-1) > 0).astype(jnp.int8)
 
 
 def range_offsets(index: VerticalSlashRanges) -> jax.Array:
     """int8 `[batch, heads, L + 2 block + 1]`: entry 2 block + u is 1 iff key r0 - u lies in one of block r0's
     group ranges (u = r0 - key, from 1 - 2 block up; the same for every block r0)."""
-    return _offsets_in_ranges(index.group_start, index.group_end, index.group_counts[..., -1],
-                              index.is_slash.shape[-1], index.block)
+    return _offsets_in_ranges(
+        index.group_start, index.group_end, index.group_counts[..., -1], index.is_slash.shape[-1], index.block
+    )
 
 
 def columns_in_ranges(in_range: jax.Array, columns: jax.Array, r0: jax.Array, b: int) -> jax.Array:
@@ -191,13 +213,18 @@ def columns_in_ranges(in_range: jax.Array, columns: jax.Array, r0: jax.Array, b:
 
 
 @functools.partial(jax.jit, static_argnames=("q_len", "block", "columns", "semantics"))
-def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int,
-                                block: int = 64, columns: bool = True,
-                                semantics: str = "exact") -> VerticalSlashRanges:
+def build_vertical_slash_ranges(
+    vertical_indices: jax.Array,
+    slash_offsets: jax.Array,
+    q_len: int,
+    block: int = 64,
+    columns: bool = True,
+    semantics: str = "exact",
+) -> VerticalSlashRanges:
     """The range schedule for causal prefill of `q_len` tokens (same inputs as `build_vertical_slash_index`:
     `[batch, heads, n]` int32 columns / offsets, any order; duplicates and values outside [0, q_len) dropped).
     columns=False leaves the per-block column lists empty (`column_indices` `[batch, heads, nqb, 0]`): the
-    Hopper kernel keeps its own (`build_hopper_columns`), and they are the costly part of the build.
+    Hopper kernel keeps its own (`build_mgpu_columns`), and they are the costly part of the build.
     semantics "exact": groups are the touching slash runs (ranges end at the last slash's window);
     "cover": MInference's ranges (`_cover_groups`: touching runs merged and rounded up to whole chunks)."""
     b = block
@@ -222,12 +249,25 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
         group_start, group_end, count = _cover_groups(group_start, group_end, group_counts[..., -1], b)
         group_counts = _blocks_using(group_start, count, nqb, b)
 
-    lists = dict(group_start=group_start, group_end=group_end, group_counts=group_counts, is_vertical=is_vertical,
-                 is_slash=is_slash, slash_prefix=_prefix(is_slash.astype(jnp.int32)), slash_next=nxt,
-                 slash_prev=prev, q_len=q_len, block=b, semantics=semantics)
+    lists = dict(
+        group_start=group_start,
+        group_end=group_end,
+        group_counts=group_counts,
+        is_vertical=is_vertical,
+        is_slash=is_slash,
+        slash_prefix=_prefix(is_slash.astype(jnp.int32)),
+        slash_next=nxt,
+        slash_prev=prev,
+        q_len=q_len,
+        block=b,
+        semantics=semantics,
+    )
     if not columns:
-        return VerticalSlashRanges(column_indices=jnp.zeros((*group_counts.shape, 0), jnp.int32),
-                                   column_counts=jnp.zeros_like(group_counts), **lists)
+        return VerticalSlashRanges(
+            column_indices=jnp.zeros((*group_counts.shape, 0), jnp.int32),
+            column_counts=jnp.zeros_like(group_counts),
+            **lists,
+        )
     # vertical column j lies in a range of block qb iff u = r0 - j is one of the ranges' offsets
     verticals = _sorted_unique(vertical_indices.astype(jnp.int32), q_len)  # [batch, heads, n_vertical]
     in_range = _offsets_in_ranges(group_start, group_end, group_counts[..., -1], padded, b)
@@ -236,13 +276,35 @@ def build_vertical_slash_ranges(vertical_indices: jax.Array, slash_offsets: jax.
     keep = (j < q_len) & (j <= r0 + b - 1) & ~columns_in_ranges(in_range, verticals, r0, b)
     n_vertical = verticals.shape[-1]
     max_columns = max(b, -(-n_vertical // b) * b)
-    return VerticalSlashRanges(column_indices=compact_columns(j, keep, max_columns),
-                               column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32), **lists)
+    return VerticalSlashRanges(
+        column_indices=compact_columns(j, keep, max_columns),
+        column_counts=jnp.sum(keep, axis=-1, dtype=jnp.int32),
+        **lists,
+    )
 
 
-def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_ref, slash_ref, prefix_ref,
-            next_ref, prev_ref, words_ref, *out_refs, num_q_blocks: int, block: int, qk_scale: float, q_axis: int,
-            slash_mask: str, semantics: str):
+def _kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    start_ref,
+    end_ref,
+    counts_ref,
+    cols_ref,
+    vert_ref,
+    slash_ref,
+    prefix_ref,
+    next_ref,
+    prev_ref,
+    words_ref,
+    *out_refs,
+    num_q_blocks: int,
+    block: int,
+    qk_scale: float,
+    q_axis: int,
+    slash_mask: str,
+    semantics: str,
+):
     o_ref = out_refs[-1]  # with a poisoned buffer aliased in, its input ref comes first
     qb = num_q_blocks - 1 - pl.program_id(q_axis)  # see _flash.launch_grid
     padded = num_q_blocks * block
@@ -271,8 +333,9 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_
 
         def banded(state):  # slash pairs are first_slash <= offset <= last_slash: compares, no gather
             on_vertical = in_range & (vert_ref[pl.ds(first, block)] != 0)
-            mask = (((offset >= first_slash) & (offset <= last_slash) & in_range[None, :])
-                    | ((offset >= 0) & on_vertical[None, :]))
+            mask = ((offset >= first_slash) & (offset <= last_slash) & in_range[None, :]) | (
+                (offset >= 0) & on_vertical[None, :]
+            )
             return _flash.update(state, q, k, v, qk_scale, mask)
 
         def exact(state, on_slash):  # the exact mask, given each pair's slash test
@@ -318,42 +381,107 @@ def _kernel(q_ref, k_ref, v_ref, start_ref, end_ref, counts_ref, cols_ref, vert_
     o_ref[...] = _flash.finish(state, o_ref.dtype)
 
 
-def _pallas_forward(q, k, v, index: VerticalSlashRanges, *, scale: float, interpret: bool,
-                    num_warps: int | None, num_stages: int | None, heads_fastest: bool = False,
-                    slash_mask: str = "bits", semantics: str = "exact", out_init: jax.Array | None = None):
+def _pallas_forward(
+    q,
+    k,
+    v,
+    index: VerticalSlashRanges,
+    *,
+    scale: float,
+    interpret: bool,
+    num_warps: int | None,
+    num_stages: int | None,
+    heads_fastest: bool = False,
+    slash_mask: str = "bits",
+    semantics: str = "exact",
+    out_init: jax.Array | None = None,
+):
     """The kernel on padded arrays: q `[b, L, h, d]`, k, v `[b, L, kvh, d]`, L = nqb * block, d a power of
     two. `out_init` (testing): a buffer of q's shape aliased to the output, to prove every element is written."""
     batch, padded, heads, head_dim = q.shape
     groups = heads // k.shape[2]
     block = index.block
     nqb = padded // block
-    counts = jnp.stack([index.group_counts, index.column_counts] + [jnp.zeros_like(index.column_counts)] * 2,
-                       axis=-1)
+    counts = jnp.stack([index.group_counts, index.column_counts] + [jnp.zeros_like(index.column_counts)] * 2, axis=-1)
     grid, spec, q_axis = _flash.launch_grid(heads, nqb, batch, heads_fastest)
-    kernel = functools.partial(_kernel, num_q_blocks=nqb, block=block, qk_scale=scale * _flash.LOG2E,
-                               q_axis=q_axis, slash_mask=check_slash_mask(slash_mask),
-                               semantics=check_semantics(semantics))
+    kernel = functools.partial(
+        _kernel,
+        num_q_blocks=nqb,
+        block=block,
+        qk_scale=scale * _common.LOG2E,
+        q_axis=q_axis,
+        slash_mask=check_slash_mask(slash_mask),
+        semantics=check_semantics(semantics),
+    )
     q_spec, kv_spec = _flash.qkv_specs(spec, block, padded, head_dim, groups)
     per_head = lambda n: spec((None, None, n), lambda h, i, b: (b, h, 0))
     per_block = lambda n: spec((None, None, None, n), lambda h, i, b: (b, h, i, 0))
     n_groups = index.group_start.shape[-1]
     words = words_for(index, slash_mask, needed=semantics == "exact")
-    in_specs = [q_spec, kv_spec, kv_spec, per_head(n_groups), per_head(n_groups), per_block(4),
-                per_block(index.column_indices.shape[-1]), per_head(padded), per_head(padded),
-                per_head(padded + 1), per_head(padded), per_head(padded), per_head(words.shape[-1])]
-    args = [q, k, v, index.group_start, index.group_end, counts, index.column_indices, index.is_vertical,
-            index.is_slash, index.slash_prefix, index.slash_next, index.slash_prev, words]
-    return _flash.launch(kernel, grid=grid, in_specs=in_specs, args=args, out_spec=q_spec, out_like=q,
-                         tile_k=block, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                         name="vertical_slash_attention_ranges", out_init=out_init)
+    in_specs = [
+        q_spec,
+        kv_spec,
+        kv_spec,
+        per_head(n_groups),
+        per_head(n_groups),
+        per_block(4),
+        per_block(index.column_indices.shape[-1]),
+        per_head(padded),
+        per_head(padded),
+        per_head(padded + 1),
+        per_head(padded),
+        per_head(padded),
+        per_head(words.shape[-1]),
+    ]
+    args = [
+        q,
+        k,
+        v,
+        index.group_start,
+        index.group_end,
+        counts,
+        index.column_indices,
+        index.is_vertical,
+        index.is_slash,
+        index.slash_prefix,
+        index.slash_next,
+        index.slash_prev,
+        words,
+    ]
+    return _flash.launch(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        args=args,
+        out_spec=q_spec,
+        out_like=q,
+        tile_k=block,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="vertical_slash_attention_ranges",
+        out_init=out_init,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest",
-                                             "slash_mask", "semantics"))
-def vertical_slash_attention_ranges(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashRanges, *,
-                                    scale: float, interpret: bool = False, num_warps: int | None = None,
-                                    num_stages: int | None = None, heads_fastest: bool = False,
-                                    slash_mask: str = "bits", semantics: str | None = None) -> jax.Array:
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "interpret", "num_warps", "num_stages", "heads_fastest", "slash_mask", "semantics"),
+)
+def vertical_slash_attention_ranges(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    index: VerticalSlashRanges,
+    *,
+    scale: float,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    heads_fastest: bool = False,
+    slash_mask: str = "bits",
+    semantics: str | None = None,
+) -> jax.Array:
     """`vertical_slash_attention` with the range schedule of `build_vertical_slash_ranges` (same shapes, dtypes,
     GQA, head_dims; rows with no allowed key are zeros).
 
@@ -365,14 +493,31 @@ def vertical_slash_attention_ranges(q: jax.Array, k: jax.Array, v: jax.Array, in
     vertical columns.
     """
     if index.column_indices.shape[-1] == 0:
-        raise ValueError("vertical_slash_attention_ranges needs an index built with columns=True (this one was "
-                         "built for the Hopper kernel, without column lists).")
+        raise ValueError(
+            "vertical_slash_attention_ranges needs an index built with columns=True (this one was "
+            "built for the Hopper kernel, without column lists)."
+        )
     if semantics is not None and check_semantics(semantics) != index.semantics:
-        raise ValueError(f"semantics={semantics!r} but the index was built with semantics={index.semantics!r}: "
-                         f"pass semantics={semantics!r} to build_vertical_slash_ranges.")
-    return run_schedule("vertical_slash_attention_ranges", _pallas_forward, q, k, v, index, index.group_counts,
-                        scale=scale, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                        heads_fastest=heads_fastest, slash_mask=slash_mask, semantics=index.semantics)
+        raise ValueError(
+            f"semantics={semantics!r} but the index was built with semantics={index.semantics!r}: "
+            f"pass semantics={semantics!r} to build_vertical_slash_ranges."
+        )
+    return run_schedule(
+        "vertical_slash_attention_ranges",
+        _pallas_forward,
+        q,
+        k,
+        v,
+        index,
+        index.group_counts,
+        scale=scale,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        heads_fastest=heads_fastest,
+        slash_mask=slash_mask,
+        semantics=index.semantics,
+    )
 
 
 SEMANTICS = ("exact", "cover")
@@ -386,13 +531,12 @@ def check_semantics(semantics: str) -> str:
 
 def cover_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int, block: int):
     """mask_fn(rows) -> bool `[batch, heads, len(rows), q_len]` of the "cover" semantics, for
-    `lcjax.attention.masked_attention`: query i (block r0 = i // block * block) attends key j <= i iff j is a
+    `lcjax.numerics.masked_attention`: query i (block r0 = i // block * block) attends key j <= i iff j is a
     vertical column or lies in one of the block's ranges as MInference's `convert_vertical_slash_indexes`
     merges them (slash windows [r0 - d, r0 - d + block), merged and rounded up to whole chunks; see
     `_cover_groups`). MInference also clamps a window that starts before key 0 to [0, block); here such a
     window keeps its place and loses its negative keys. Entries outside [0, q_len) match nothing."""
-    index = build_vertical_slash_ranges(vertical_indices, slash_offsets, q_len, block, columns=False,
-                                        semantics="cover")
+    index = build_vertical_slash_ranges(vertical_indices, slash_offsets, q_len, block, columns=False, semantics="cover")
     in_range = range_offsets(index)
     is_vertical = index.is_vertical[..., :q_len]
     keys = jnp.arange(q_len, dtype=jnp.int32)
@@ -406,11 +550,18 @@ def cover_mask_fn(vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: 
 
 
 @functools.partial(jax.jit, static_argnames=("q_len", "block", "scale"))
-def vertical_slash_cover_reference(q: jax.Array, k: jax.Array, v: jax.Array, vertical_indices: jax.Array,
-                                   slash_offsets: jax.Array, q_len: int, block: int, scale: float) -> jax.Array:
+def vertical_slash_cover_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    vertical_indices: jax.Array,
+    slash_offsets: jax.Array,
+    q_len: int,
+    block: int,
+    scale: float,
+) -> jax.Array:
     """`vertical_slash_attention_ranges(..., semantics="cover")` in plain XLA (masked softmax attention)."""
-    return masked_attention(q, k, v, cover_mask_fn(vertical_indices, slash_offsets, q_len, block), scale,
-                            q_chunk=512)
+    return masked_attention(q, k, v, cover_mask_fn(vertical_indices, slash_offsets, q_len, block), scale, q_chunk=512)
 
 
 def range_schedule_tiles(index: VerticalSlashRanges) -> dict[str, np.ndarray]:

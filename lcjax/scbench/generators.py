@@ -59,8 +59,10 @@ Generator = Callable[..., list[Row]]
 
 KV_PREFIX = "JSON data:\n"
 PASSKEY_TASK, SUMMARY_TASK, KV_TASK, REPOQA_TASK = "scbench_passkey", "scbench_summary", "scbench_kv", "scbench_repoqa"
-REPOQA_INSTRUCTION = ("Based on the function description and code context, please retrieve and repeat the exact "
-                      "described function from the code context in a code block wrapped by ```:")
+REPOQA_INSTRUCTION = (
+    "Based on the function description and code context, please retrieve and repeat the exact "
+    "described function from the code context in a code block wrapped by ```:"
+)
 KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object above."
 DATA_ONLY_TASKS = ("scbench_qa_eng", "scbench_qa_chn", "scbench_choice_eng", "scbench_many_shot", "scbench_summary")
 
@@ -88,8 +90,13 @@ def _largest_fitting(render: Callable[[int], str], n_max: int, count_tokens: Cou
     return lo
 
 
-def _fit_items(make_item: Callable[[], str], render: Callable[[list[str], int], str], count_tokens: CountTokens,
-               target: int, what: str) -> tuple[list[str], int]:
+def _fit_items(
+    make_item: Callable[[], str],
+    render: Callable[[list[str], int], str],
+    count_tokens: CountTokens,
+    target: int,
+    what: str,
+) -> tuple[list[str], int]:
     """Draws items (a deterministic stream) until the pool overfills `target`, then the most that fit.
 
     Returns (pool, k): render(pool, k) is the context. The pool only ever extends the same stream, so the
@@ -112,8 +119,10 @@ def _fit_items(make_item: Callable[[], str], render: Callable[[list[str], int], 
 def _spread_indices(rng: random.Random, n_items: int, n_pick: int, what: str) -> list[int]:
     """n_pick distinct indices in [0, n_items), one per equal stratum (spread over depth), in random order."""
     if n_pick > n_items:
-        raise ValueError(f"{what}: only {n_items} items fit the target, fewer than the {n_pick} turns asked; "
-                         f"raise target_tokens or lower n_turns.")
+        raise ValueError(
+            f"{what}: only {n_items} items fit the target, fewer than the {n_pick} turns asked; "
+            f"raise target_tokens or lower n_turns."
+        )
     picks = [rng.randrange(i * n_items // n_pick, (i + 1) * n_items // n_pick) for i in range(n_pick)]
     rng.shuffle(picks)
     return picks
@@ -155,11 +164,19 @@ def _kv_pair_maker(rng: random.Random) -> Callable[[], str]:
             key = _uuid(rng)
         seen.add(key)
         return json.dumps(key) + ": " + json.dumps(_uuid(rng))
+
     return make
 
 
-def _kv_turns(pairs: Sequence[str], k: int, n_turns: int, rng: random.Random, what: str,
-              instruction: str | None = None, task: str | None = None) -> list[dict]:
+def _kv_turns(
+    pairs: Sequence[str],
+    k: int,
+    n_turns: int,
+    rng: random.Random,
+    what: str,
+    instruction: str | None = None,
+    task: str | None = None,
+) -> list[dict]:
     turns = []
     for j in _spread_indices(rng, k, n_turns, what):
         key, value = json.loads("{" + pairs[j] + "}").popitem()
@@ -171,14 +188,16 @@ def _kv_turns(pairs: Sequence[str], k: int, n_turns: int, rng: random.Random, wh
     return turns
 
 
-def make_scbench_kv(n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
-                    n_turns: int = 5) -> list[Row]:
+def make_scbench_kv(
+    n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int, n_turns: int = 5
+) -> list[Row]:
     """`scbench_kv` rows: a JSON object of UUID -> UUID pairs; each turn asks the value of one key (keys
     spread over the object's depth); the answer is the value string."""
     rows = []
     for i in range(n_examples):
-        pairs, k = _fit_items(_kv_pair_maker(_rng("kv", seed, i, "pairs")), _kv_text, count_tokens,
-                              target_tokens, "scbench_kv")
+        pairs, k = _fit_items(
+            _kv_pair_maker(_rng("kv", seed, i, "pairs")), _kv_text, count_tokens, target_tokens, "scbench_kv"
+        )
         turns = _kv_turns(pairs, k, n_turns, _rng("kv", seed, i, "turns"), "scbench_kv")
         rows.append({"id": _row_id("scbench_kv", seed, i), "context": _kv_text(pairs, k), "multi_turns": turns})
     return rows
@@ -187,8 +206,10 @@ def make_scbench_kv(n_examples: int, target_tokens: int, count_tokens: CountToke
 # ------------------------------------------------------------------------------------------ prefix_suffix
 
 _ALNUM = string.ascii_letters + string.digits
-PREFIX_SUFFIX_HEADER = ("Below is a list of random strings, one per line. Memorize them: you will be asked for the "
-                        "string that starts with a given prefix and ends with a given suffix.\n\n")
+PREFIX_SUFFIX_HEADER = (
+    "Below is a list of random strings, one per line. Memorize them: you will be asked for the "
+    "string that starts with a given prefix and ends with a given suffix.\n\n"
+)
 
 
 def _ps_text(strings: Sequence[str], k: int) -> str:
@@ -199,8 +220,9 @@ def _ps_matches(strings: Sequence[str], prefix: str, suffix: str) -> list[int]:
     return [j for j, s in enumerate(strings) if s.startswith(prefix) and s.endswith(suffix)]
 
 
-def make_scbench_prefix_suffix(n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
-                               n_turns: int = 5) -> list[Row]:
+def make_scbench_prefix_suffix(
+    n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int, n_turns: int = 5
+) -> list[Row]:
     """`scbench_prefix_suffix` rows: random alphanumeric strings (16-48 characters), one per line; each turn
     gives a prefix and a suffix (3-6 characters each) and asks for the one string with both; the answer is
     that string. For every target one other line shares its prefix and another its suffix."""
@@ -210,12 +232,15 @@ def make_scbench_prefix_suffix(n_examples: int, target_tokens: int, count_tokens
 
         def make() -> str:
             return "".join(item_rng.choices(_ALNUM, k=item_rng.randint(16, 48)))
+
         pool, k = _fit_items(make, _ps_text, count_tokens, target_tokens, "scbench_prefix_suffix")
         strings = list(pool[:k])
         rng = _rng("prefix_suffix", seed, i, "turns")
         if k < 3 * n_turns:
-            raise ValueError(f"scbench_prefix_suffix: only {k} strings fit target_tokens={target_tokens}; "
-                             f"{3 * n_turns} are needed for {n_turns} turns.")
+            raise ValueError(
+                f"scbench_prefix_suffix: only {k} strings fit target_tokens={target_tokens}; "
+                f"{3 * n_turns} are needed for {n_turns} turns."
+            )
         for _attempt in range(100):
             strings = list(pool[:k])
             targets = _spread_indices(rng, k, n_turns, "scbench_prefix_suffix")
@@ -224,9 +249,9 @@ def make_scbench_prefix_suffix(n_examples: int, target_tokens: int, count_tokens
             specs = []
             for t, (jp, js) in zip(targets, zip(others[0::2], others[1::2])):
                 s = strings[t]
-                prefix, suffix = s[:rng.randint(3, 6)], s[-rng.randint(3, 6):]
-                strings[jp] = prefix + strings[jp][len(prefix):]  # same length: same size in any counter
-                strings[js] = strings[js][:-len(suffix)] + suffix
+                prefix, suffix = s[: rng.randint(3, 6)], s[-rng.randint(3, 6) :]
+                strings[jp] = prefix + strings[jp][len(prefix) :]  # same length: same size in any counter
+                strings[js] = strings[js][: -len(suffix)] + suffix
                 specs.append((t, prefix, suffix))
             if all(_ps_matches(strings, p, s) == [t] for t, p, s in specs):
                 break
@@ -240,23 +265,62 @@ def make_scbench_prefix_suffix(n_examples: int, target_tokens: int, count_tokens
             remap = {old: old - (old > drop) for old in protected}
             protected = set(remap.values())
             specs = [(remap[t], p, s) for t, p, s in specs]
-        turns = [{"input": f'Which string in the list above starts with "{p}" and ends with "{s}"? Answer with '
-                           f"that string only.", "answer": strings[t]} for t, p, s in specs]
-        rows.append({"id": _row_id("scbench_prefix_suffix", seed, i), "context": _ps_text(strings, len(strings)),
-                     "multi_turns": turns})
+        turns = [
+            {
+                "input": f'Which string in the list above starts with "{p}" and ends with "{s}"? Answer with '
+                f"that string only.",
+                "answer": strings[t],
+            }
+            for t, p, s in specs
+        ]
+        rows.append(
+            {
+                "id": _row_id("scbench_prefix_suffix", seed, i),
+                "context": _ps_text(strings, len(strings)),
+                "multi_turns": turns,
+            }
+        )
     return rows
 
 
 # -------------------------------------------------------------------------------------------------- vt
 
-_SUBJECTS = ("The harbour master", "A travelling merchant", "The village choir", "An old lighthouse",
-             "The morning ferry", "A stone bridge", "The orchard keeper", "A narrow alley", "The evening market",
-             "A weathered signpost", "The school library", "A mountain stream")
-_VERBS = ("opens before sunrise", "was painted last spring", "hums a familiar tune", "collects rainwater",
-          "leans toward the sea", "welcomes late visitors", "keeps a careful ledger", "echoes in the fog",
-          "smells of fresh bread", "sways in the wind")
-_TAILS = ("on most days.", "as everyone expects.", "despite the weather.", "according to the neighbours.",
-          "without much fuss.", "every other week.", "for no clear reason.", "in its own quiet way.")
+_SUBJECTS = (
+    "The harbour master",
+    "A travelling merchant",
+    "The village choir",
+    "An old lighthouse",
+    "The morning ferry",
+    "A stone bridge",
+    "The orchard keeper",
+    "A narrow alley",
+    "The evening market",
+    "A weathered signpost",
+    "The school library",
+    "A mountain stream",
+)
+_VERBS = (
+    "opens before sunrise",
+    "was painted last spring",
+    "hums a familiar tune",
+    "collects rainwater",
+    "leans toward the sea",
+    "welcomes late visitors",
+    "keeps a careful ledger",
+    "echoes in the fog",
+    "smells of fresh bread",
+    "sways in the wind",
+)
+_TAILS = (
+    "on most days.",
+    "as everyone expects.",
+    "despite the weather.",
+    "according to the neighbours.",
+    "without much fuss.",
+    "every other week.",
+    "for no clear reason.",
+    "in its own quiet way.",
+)
 VT_HEADER = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
 
 
@@ -265,8 +329,9 @@ def filler_sentence(rng: random.Random) -> str:
     return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_TAILS)}"
 
 
-def make_scbench_vt(n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
-                    n_turns: int = 5, n_hops: int = 4) -> list[Row]:
+def make_scbench_vt(
+    n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int, n_turns: int = 5, n_hops: int = 4
+) -> list[Row]:
     """`scbench_vt` rows (RULER variable tracking, one chain per turn): ``VAR A = 12345`` then ``VAR B = VAR A``
     ... (n_hops + 1 variables of five capitals) scattered in order through filler prose; each turn asks which
     variables are assigned one chain's value; the answer lists that chain's variables in assignment order."""
@@ -280,7 +345,7 @@ def make_scbench_vt(n_examples: int, target_tokens: int, count_tokens: CountToke
             if name not in names and name != "VAR":
                 names.append(name)
         values = rng.sample(range(10000, 100000), n_turns)
-        chains = [names[c * n_vars:(c + 1) * n_vars] for c in range(n_turns)]
+        chains = [names[c * n_vars : (c + 1) * n_vars] for c in range(n_turns)]
         statements = []  # (depth fraction, chain, hop, text)
         for c, (chain, value) in enumerate(zip(chains, values)):
             depths = sorted(rng.random() for _ in chain)
@@ -304,26 +369,44 @@ def make_scbench_vt(n_examples: int, target_tokens: int, count_tokens: CountToke
         turn_rng = _rng("vt", seed, i, "turns")
         order = list(range(n_turns))
         turn_rng.shuffle(order)
-        turns = [{"input": f"Question: Find all variables that are assigned the value {values[c]} in the text "
-                           f"above. Answer: According to the chain(s) of variable assignment in the text above, "
-                           f"{n_vars} variables are assigned the value {values[c]}, they are: ",
-                  "answer": list(chains[c])} for c in order]
+        turns = [
+            {
+                "input": f"Question: Find all variables that are assigned the value {values[c]} in the text "
+                f"above. Answer: According to the chain(s) of variable assignment in the text above, "
+                f"{n_vars} variables are assigned the value {values[c]}, they are: ",
+                "answer": list(chains[c]),
+            }
+            for c in order
+        ]
         rows.append({"id": _row_id("scbench_vt", seed, i), "context": render(pool, k), "multi_turns": turns})
     return rows
 
 
 # -------------------------------------------------------------------------------------------------- mf
 
-MF_QUESTIONS = ("largest number", "second largest number", "third largest number", "smallest number",
-                "second smallest number", "third smallest number", "median number")
+MF_QUESTIONS = (
+    "largest number",
+    "second largest number",
+    "third largest number",
+    "smallest number",
+    "second smallest number",
+    "third smallest number",
+    "median number",
+)
 
 
 def mf_answer(numbers: Sequence[int], question: str) -> int:
     """The answer to one of `MF_QUESTIONS` (k-th largest/smallest over distinct values, as InfiniteBench
     counts them; the median of an odd-length list)."""
     distinct = sorted(set(numbers))
-    rank = {"largest number": -1, "second largest number": -2, "third largest number": -3, "smallest number": 0,
-            "second smallest number": 1, "third smallest number": 2}
+    rank = {
+        "largest number": -1,
+        "second largest number": -2,
+        "third largest number": -3,
+        "smallest number": 0,
+        "second smallest number": 1,
+        "third smallest number": 2,
+    }
     if question in rank:
         return distinct[rank[question]]
     if question == "median number":
@@ -337,8 +420,9 @@ def _mf_text(numbers: Sequence[str], k: int) -> str:
     return "[" + ", ".join(numbers[:k]) + "]"
 
 
-def make_scbench_mf(n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
-                    n_turns: int = 5) -> list[Row]:
+def make_scbench_mf(
+    n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int, n_turns: int = 5
+) -> list[Row]:
     """`scbench_mf` rows: one list of integers (an odd number of them; values in [lo, hi] with lo in [0, 19]
     and hi in [80, 99], as InfiniteBench's `math_find`); each turn asks a different one of `MF_QUESTIONS`
     (cycling when n_turns > 7); the answer is an int."""
@@ -355,16 +439,24 @@ def make_scbench_mf(n_examples: int, target_tokens: int, count_tokens: CountToke
         questions: list[str] = []
         while len(questions) < n_turns:
             questions += turn_rng.sample(MF_QUESTIONS, len(MF_QUESTIONS))
-        turns = [{"input": f"You should answer with only one number, no other words. The {q} of the list is: ",
-                  "answer": mf_answer(numbers, q)} for q in questions[:n_turns]]
+        turns = [
+            {
+                "input": f"You should answer with only one number, no other words. The {q} of the list is: ",
+                "answer": mf_answer(numbers, q),
+            }
+            for q in questions[:n_turns]
+        ]
         rows.append({"id": _row_id("scbench_mf", seed, i), "context": _mf_text(pool, k), "multi_turns": turns})
     return rows
 
 
 # --------------------------------------------------------------------------- summary_with_needles: passkeys
 
-_NEEDLE_LABELS = tuple(f"{colour} {thing}" for thing in ("door", "gate", "chest", "locker", "vault")
-                       for colour in ("red", "blue", "green", "silver", "golden", "black", "white", "amber"))
+_NEEDLE_LABELS = tuple(
+    f"{colour} {thing}"
+    for thing in ("door", "gate", "chest", "locker", "vault")
+    for colour in ("red", "blue", "green", "silver", "golden", "black", "white", "amber")
+)
 
 
 def _needle_positions(context: str, fractions: Sequence[float]) -> list[int]:
@@ -390,8 +482,14 @@ def _insert_needles(context: str, needles: Sequence[str], fractions: Sequence[fl
     return out
 
 
-def needle_turns(context: str, n_needles: int, seed: int, *, count_tokens: CountTokens | None = None,
-                 target_tokens: int | None = None) -> tuple[str, list[dict]]:
+def needle_turns(
+    context: str,
+    n_needles: int,
+    seed: int,
+    *,
+    count_tokens: CountTokens | None = None,
+    target_tokens: int | None = None,
+) -> tuple[str, list[dict]]:
     """The passkey part of `scbench_summary_with_needles`: inserts `n_needles` labelled pass keys into a
     (real) document at spread depths and returns (new context, passkey turns tagged ``scbench_passkey``).
 
@@ -405,11 +503,13 @@ def needle_turns(context: str, n_needles: int, seed: int, *, count_tokens: Count
     labels = rng.sample(_NEEDLE_LABELS, n_needles)
     keys = [str(k) for k in rng.sample(range(10000, 100000), n_needles)]
     fractions = [(j + rng.uniform(0.1, 0.9)) / n_needles for j in range(n_needles)]
-    needles = [f"The pass key for the {lab} is {key}. Remember it. {key} is the pass key for the {lab}."
-               for lab, key in zip(labels, keys)]
+    needles = [
+        f"The pass key for the {lab} is {key}. Remember it. {key} is the pass key for the {lab}."
+        for lab, key in zip(labels, keys)
+    ]
 
     def render(n_chars: int) -> str:
-        cut = context if n_chars >= len(context) else context[:max(0, context.rfind(" ", 0, n_chars))]
+        cut = context if n_chars >= len(context) else context[: max(0, context.rfind(" ", 0, n_chars))]
         return _insert_needles(cut, needles, fractions)
 
     if (count_tokens is None) != (target_tokens is None):
@@ -423,24 +523,28 @@ def needle_turns(context: str, n_needles: int, seed: int, *, count_tokens: Count
         out = render(len(context))
     order = list(range(n_needles))
     rng.shuffle(order)
-    turns = [{"input": f"What is the pass key for the {labels[j]}?", "answer": keys[j], "task": PASSKEY_TASK}
-             for j in order]
+    turns = [
+        {"input": f"What is the pass key for the {labels[j]}?", "answer": keys[j], "task": PASSKEY_TASK} for j in order
+    ]
     return out, turns
 
 
-def add_needles(row: Row, n_needles: int, seed: int, *, count_tokens: CountTokens | None = None,
-                target_tokens: int | None = None) -> Row:
+def add_needles(
+    row: Row, n_needles: int, seed: int, *, count_tokens: CountTokens | None = None, target_tokens: int | None = None
+) -> Row:
     """A `scbench_summary_with_needles`-style row from a summary row: needles inserted by `needle_turns`,
     the row's own turns tagged ``scbench_summary`` (unless tagged already) and alternated with the passkey
     turns (summary first)."""
-    context, passkeys = needle_turns(row["context"], n_needles, seed, count_tokens=count_tokens,
-                                     target_tokens=target_tokens)
+    context, passkeys = needle_turns(
+        row["context"], n_needles, seed, count_tokens=count_tokens, target_tokens=target_tokens
+    )
     summaries = [dict(t) if "task" in t else dict(t, task=SUMMARY_TASK) for t in row["multi_turns"]]
     return dict(row, context=context, multi_turns=_interleave(summaries, passkeys))
 
 
-def make_needles_filler_standin(n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
-                                n_turns: int = 5) -> list[Row]:
+def make_needles_filler_standin(
+    n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int, n_turns: int = 5
+) -> list[Row]:
     """An offline stand-in for `scbench_summary_with_needles` holding only its passkey half: `n_turns` needles
     (`needle_turns`) in filler prose instead of a real document, so no summary turns (their gold summaries
     need SCBench's file). Ids ``needles-filler-standin-...``; never a substitute for the real task's numbers."""
@@ -448,8 +552,9 @@ def make_needles_filler_standin(n_examples: int, target_tokens: int, count_token
     for i in range(n_examples):
         rng = _rng("needles-filler", seed, i)
         filler = " ".join(filler_sentence(rng) for _ in range(max(target_tokens // 4, 16)))
-        context, turns = needle_turns(filler, n_turns, hash_seed(seed, i), count_tokens=count_tokens,
-                                      target_tokens=target_tokens)
+        context, turns = needle_turns(
+            filler, n_turns, hash_seed(seed, i), count_tokens=count_tokens, target_tokens=target_tokens
+        )
         rows.append({"id": f"needles-filler-standin-{seed}-{i}", "context": context, "multi_turns": turns})
     return rows
 
@@ -457,9 +562,16 @@ def make_needles_filler_standin(n_examples: int, target_tokens: int, count_token
 # ------------------------------------------------------------------------------- repoqa_and_kv: kv block
 
 
-def kv_block_turns(context: str, n_turns: int, seed: int, *, n_pairs: int | None = None,
-                   count_tokens: CountTokens | None = None, target_tokens: int | None = None,
-                   instruction: bool = True) -> tuple[str, list[dict]]:
+def kv_block_turns(
+    context: str,
+    n_turns: int,
+    seed: int,
+    *,
+    n_pairs: int | None = None,
+    count_tokens: CountTokens | None = None,
+    target_tokens: int | None = None,
+    instruction: bool = True,
+) -> tuple[str, list[dict]]:
     """The kv part of `scbench_repoqa_and_kv`: appends ``"\\n\\nJSON data:\\n{...}"`` (UUID pairs) to a
     (real) context and returns (new context, kv turns tagged ``scbench_kv``).
 
@@ -478,34 +590,104 @@ def kv_block_turns(context: str, n_turns: int, seed: int, *, n_pairs: int | None
         pairs, k = _fit_items(make, render, count_tokens, target_tokens, "kv_block_turns")
     else:
         raise ValueError("kv_block_turns: pass n_pairs, or count_tokens and target_tokens.")
-    turns = _kv_turns(pairs, k, n_turns, _rng("kv_block", seed, "turns"), "kv_block_turns",
-                      instruction=KV_INSTRUCTION if instruction else None, task=KV_TASK)
+    turns = _kv_turns(
+        pairs,
+        k,
+        n_turns,
+        _rng("kv_block", seed, "turns"),
+        "kv_block_turns",
+        instruction=KV_INSTRUCTION if instruction else None,
+        task=KV_TASK,
+    )
     return render(pairs, k), turns
 
 
-def add_kv_block(row: Row, n_turns: int, seed: int, *, n_pairs: int | None = None,
-                 count_tokens: CountTokens | None = None, target_tokens: int | None = None) -> Row:
+def add_kv_block(
+    row: Row,
+    n_turns: int,
+    seed: int,
+    *,
+    n_pairs: int | None = None,
+    count_tokens: CountTokens | None = None,
+    target_tokens: int | None = None,
+) -> Row:
     """A `scbench_repoqa_and_kv`-style row from a RepoQA row: a kv block appended by `kv_block_turns`, the
     row's own turns tagged ``scbench_repoqa`` (unless tagged already) and alternated with the kv turns."""
-    context, kv = kv_block_turns(row["context"], n_turns, seed, n_pairs=n_pairs, count_tokens=count_tokens,
-                                 target_tokens=target_tokens)
+    context, kv = kv_block_turns(
+        row["context"], n_turns, seed, n_pairs=n_pairs, count_tokens=count_tokens, target_tokens=target_tokens
+    )
     repoqa = [dict(t) if "task" in t else dict(t, task=REPOQA_TASK) for t in row["multi_turns"]]
     return dict(row, context=context, multi_turns=_interleave(repoqa, kv))
 
 
 # ----------------------------------------------------------------------------------- repoqa stand-in
 
-STDLIB_MODULES = ("argparse.py", "ast.py", "bisect.py", "calendar.py", "colorsys.py", "configparser.py",
-                  "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py", "enum.py", "fnmatch.py",
-                  "fractions.py", "ftplib.py", "functools.py", "genericpath.py", "getopt.py", "gettext.py",
-                  "glob.py", "heapq.py", "hmac.py", "inspect.py", "ipaddress.py", "json/decoder.py",
-                  "json/encoder.py", "linecache.py", "locale.py", "mailbox.py", "netrc.py", "numbers.py",
-                  "optparse.py", "pickletools.py", "platform.py", "plistlib.py", "posixpath.py", "pprint.py",
-                  "queue.py", "quopri.py", "random.py", "reprlib.py", "sched.py", "secrets.py", "selectors.py",
-                  "shlex.py", "shutil.py", "smtplib.py", "socketserver.py", "statistics.py", "string.py",
-                  "tabnanny.py", "tarfile.py", "tempfile.py", "textwrap.py", "threading.py", "timeit.py",
-                  "tokenize.py", "trace.py", "traceback.py", "typing.py", "uuid.py", "wave.py", "weakref.py",
-                  "zipapp.py")
+STDLIB_MODULES = (
+    "argparse.py",
+    "ast.py",
+    "bisect.py",
+    "calendar.py",
+    "colorsys.py",
+    "configparser.py",
+    "contextlib.py",
+    "copy.py",
+    "csv.py",
+    "dataclasses.py",
+    "difflib.py",
+    "enum.py",
+    "fnmatch.py",
+    "fractions.py",
+    "ftplib.py",
+    "functools.py",
+    "genericpath.py",
+    "getopt.py",
+    "gettext.py",
+    "glob.py",
+    "heapq.py",
+    "hmac.py",
+    "inspect.py",
+    "ipaddress.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "linecache.py",
+    "locale.py",
+    "mailbox.py",
+    "netrc.py",
+    "numbers.py",
+    "optparse.py",
+    "pickletools.py",
+    "platform.py",
+    "plistlib.py",
+    "posixpath.py",
+    "pprint.py",
+    "queue.py",
+    "quopri.py",
+    "random.py",
+    "reprlib.py",
+    "sched.py",
+    "secrets.py",
+    "selectors.py",
+    "shlex.py",
+    "shutil.py",
+    "smtplib.py",
+    "socketserver.py",
+    "statistics.py",
+    "string.py",
+    "tabnanny.py",
+    "tarfile.py",
+    "tempfile.py",
+    "textwrap.py",
+    "threading.py",
+    "timeit.py",
+    "tokenize.py",
+    "trace.py",
+    "traceback.py",
+    "typing.py",
+    "uuid.py",
+    "wave.py",
+    "weakref.py",
+    "zipapp.py",
+)
 STDLIB_REPO = f"python-stdlib-{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -523,8 +705,10 @@ def _module_segments(name: str) -> tuple[str, ...]:
     if not source.endswith("\n"):
         source += "\n"
     lines = [line + "\n" for line in source[:-1].split("\n")]  # ast's own line breaks (not str.splitlines')
-    starts = sorted({0} | {min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]) - 1
-                           for n in ast.parse(source).body})
+    starts = sorted(
+        {0}
+        | {min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]) - 1 for n in ast.parse(source).body}
+    )
     pieces = ["".join(lines[a:b]) for a, b in zip(starts, starts[1:] + [len(lines)])]
     pieces[0] = f"# Path: Lib/{name}\n" + pieces[0]
     return tuple(p for p in pieces if p)
@@ -551,8 +735,11 @@ def _describe(fn: ast.FunctionDef | ast.AsyncFunctionDef, purpose: str) -> str:
     names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
     names += [f"*{a.vararg.arg}"] if a.vararg else []
     names += [f"**{a.kwarg.arg}"] if a.kwarg else []
-    takes = ("The function takes " + ", ".join(f"`{n}`" for n in names) + ".") if names else \
-        "The function takes no arguments."
+    takes = (
+        ("The function takes " + ", ".join(f"`{n}`" for n in names) + ".")
+        if names
+        else "The function takes no arguments."
+    )
     own = _own_nodes(fn)
     if any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in own):
         gives = "It is a generator: it yields values."
@@ -613,13 +800,25 @@ def _repoqa_turns(context: str, n_turns: int, rng: random.Random, instruction: b
         _, j, description = candidates[c]
         source = ast.get_source_segment(context, fns[j])
         assert source is not None
-        turns.append({"input": f"{REPOQA_INSTRUCTION}\n\n{description}" if instruction else description,
-                      "answer": source, "name": fns[j].name})
+        turns.append(
+            {
+                "input": f"{REPOQA_INSTRUCTION}\n\n{description}" if instruction else description,
+                "answer": source,
+                "name": fns[j].name,
+            }
+        )
     return turns
 
 
-def _stdlib_rows_parts(rng: random.Random, budget: int, count_tokens: CountTokens, cache: dict[str, int],
-                       n_turns: int, instruction: bool, attempts: int = 8) -> tuple[str, list[dict]]:
+def _stdlib_rows_parts(
+    rng: random.Random,
+    budget: int,
+    count_tokens: CountTokens,
+    cache: dict[str, int],
+    n_turns: int,
+    instruction: bool,
+    attempts: int = 8,
+) -> tuple[str, list[dict]]:
     """A stdlib context and its RepoQA turns; a small budget may hold too few described functions, so up to
     `attempts` seeded file orders are tried before giving up."""
     for attempt in range(attempts):
@@ -632,8 +831,9 @@ def _stdlib_rows_parts(rng: random.Random, budget: int, count_tokens: CountToken
     raise AssertionError("unreachable")
 
 
-def make_repoqa_stdlib_standin(n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
-                               n_turns: int = 5) -> list[Row]:
+def make_repoqa_stdlib_standin(
+    n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int, n_turns: int = 5
+) -> list[Row]:
     """Offline stand-in for `scbench_repoqa` (ids ``stdlib-standin-...``): the context is real Python source
     from this machine's standard library (``# Path: Lib/<file>`` then whole top-level statements); each turn
     describes a function from its docstring (name withheld) and asks for it; the answer is that function's
@@ -641,15 +841,24 @@ def make_repoqa_stdlib_standin(n_examples: int, target_tokens: int, count_tokens
     rows = []
     cache: dict[str, int] = {}
     for i in range(n_examples):
-        context, turns = _stdlib_rows_parts(_rng("repoqa", seed, i), target_tokens, count_tokens, cache, n_turns,
-                                            instruction=False)
-        rows.append({"id": f"stdlib-standin-{seed}-{i}", "context": context, "multi_turns": turns,
-                     "lang": "python", "repo": STDLIB_REPO})
+        context, turns = _stdlib_rows_parts(
+            _rng("repoqa", seed, i), target_tokens, count_tokens, cache, n_turns, instruction=False
+        )
+        rows.append(
+            {
+                "id": f"stdlib-standin-{seed}-{i}",
+                "context": context,
+                "multi_turns": turns,
+                "lang": "python",
+                "repo": STDLIB_REPO,
+            }
+        )
     return rows
 
 
-def make_repoqa_and_kv_stdlib_standin(n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
-                                      n_turns: int = 5, code_share: float = 0.6) -> list[Row]:
+def make_repoqa_and_kv_stdlib_standin(
+    n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int, n_turns: int = 5, code_share: float = 0.6
+) -> list[Row]:
     """Offline stand-in for `scbench_repoqa_and_kv` (ids ``stdlib-standin-kv-...``): a stdlib code context of
     about `code_share` of the budget, then a kv block filling the rest; ceil(n_turns/2) RepoQA turns alternate
     with floor(n_turns/2) kv turns, each tagged with its sub-task and carrying its own instruction."""
@@ -657,13 +866,22 @@ def make_repoqa_and_kv_stdlib_standin(n_examples: int, target_tokens: int, count
     cache: dict[str, int] = {}
     for i in range(n_examples):
         n_repo = (n_turns + 1) // 2
-        code, turns = _stdlib_rows_parts(_rng("repoqa_kv", seed, i), int(target_tokens * code_share), count_tokens,
-                                         cache, n_repo, instruction=True)
+        code, turns = _stdlib_rows_parts(
+            _rng("repoqa_kv", seed, i), int(target_tokens * code_share), count_tokens, cache, n_repo, instruction=True
+        )
         repo_turns = [dict(t, task=REPOQA_TASK) for t in turns]
-        context, kv = kv_block_turns(code, n_turns - n_repo, hash_seed(seed, i), count_tokens=count_tokens,
-                                     target_tokens=target_tokens)
-        rows.append({"id": f"stdlib-standin-kv-{seed}-{i}", "context": context,
-                     "multi_turns": _interleave(repo_turns, kv), "lang": "python", "repo": STDLIB_REPO})
+        context, kv = kv_block_turns(
+            code, n_turns - n_repo, hash_seed(seed, i), count_tokens=count_tokens, target_tokens=target_tokens
+        )
+        rows.append(
+            {
+                "id": f"stdlib-standin-kv-{seed}-{i}",
+                "context": context,
+                "multi_turns": _interleave(repo_turns, kv),
+                "lang": "python",
+                "repo": STDLIB_REPO,
+            }
+        )
     return rows
 
 
@@ -685,8 +903,9 @@ GENERATED_SUB_TASKS: dict[str, str] = {"scbench_summary_with_needles": "scbench_
 """The sub-task every generated turn has, for generators whose turns are one sub-task of a multi-task set."""
 
 
-def generate(task: str, n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int,
-             n_turns: int = 5) -> list[Row]:
+def generate(
+    task: str, n_examples: int, target_tokens: int, count_tokens: CountTokens, seed: int, n_turns: int = 5
+) -> list[Row]:
     """Rows of `task` from its generator; a task without one raises ValueError saying what it needs."""
     if task in GENERATORS:
         return GENERATORS[task](n_examples, target_tokens, count_tokens, seed, n_turns)
@@ -697,4 +916,5 @@ def generate(task: str, n_examples: int, target_tokens: int, count_tokens: Count
         f"dataset microsoft/SCBench, data/<task>.jsonl). scbench_repoqa needs its file as well "
         f"(repoqa_stdlib_standin is only an offline stand-in); scbench_summary_with_needles and "
         f"scbench_repoqa_and_kv need their files, or a summary / repoqa row plus add_needles() / add_kv_block() "
-        f"for the synthetic half.")
+        f"for the synthetic half."
+    )

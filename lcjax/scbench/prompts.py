@@ -97,6 +97,7 @@ class Templates:
     """One task's templates: `first` (context + first query), `golden` (a follow-up after the previous
     gold answer, starting ``{pre_ans}``), `plain` (a query alone: multi-request, chat follow-ups, and
     follow-ups with the golden context disabled)."""
+
     first: str
     golden: str
     plain: str
@@ -110,25 +111,31 @@ TEMPLATES: dict[str, Templates] = {
     "scbench_kv": _generic("Extract the value corresponding to the specified key in the JSON object below.\n\n"),
     "scbench_prefix_suffix": _generic(),
     "scbench_vt": _generic(),
-    "scbench_repoqa": _generic("Based on the function description and code context, please retrieve and repeat "
-                               "the exact described function from the code context in a code block wrapped by "
-                               "```:\n\n"),
+    "scbench_repoqa": _generic(
+        "Based on the function description and code context, please retrieve and repeat "
+        "the exact described function from the code context in a code block wrapped by "
+        "```:\n\n"
+    ),
     "scbench_qa_eng": Templates(
         "Read the book and answer the question. Be very concise in your answer.\n\n{context}\n\n"
         "Question: {question}\nAnswer:",
         "{pre_ans}\n\nQuestion: {question}\nAnswer:",
-        "Question: {question}\nAnswer:"),
+        "Question: {question}\nAnswer:",
+    ),
     "scbench_qa_chn": Templates(
         "阅读以下书籍然后回答问题。\n\n{context}\n\n问题：{question}\n答案：",
         "{pre_ans}\n\n问题：{question}\n答案：",
-        "问题：{question}\n答案："),
+        "问题：{question}\n答案：",
+    ),
     "scbench_choice_eng": Templates(
         "Read the book and answer the question.\n\n{context}\n\n" + _CHOICE_BLOCK + "The the correct answer is",
         "{pre_ans}\n\n" + _CHOICE_BLOCK + "The letter of the correct answer is",
-        _CHOICE_BLOCK + "The the correct answer is"),
+        _CHOICE_BLOCK + "The the correct answer is",
+    ),
     "scbench_many_shot": _generic(),
-    "scbench_mf": Templates("{prefix}\n\n{context}\n\n{input}", "{pre_ans}\n\n{prefix}\n\n{input}",
-                            "{prefix}\n\n{input}"),
+    "scbench_mf": Templates(
+        "{prefix}\n\n{context}\n\n{input}", "{pre_ans}\n\n{prefix}\n\n{input}", "{prefix}\n\n{input}"
+    ),
     "scbench_summary": _generic(),
     "scbench_summary_with_needles": _generic(),
     "scbench_repoqa_and_kv": _generic(),
@@ -161,8 +168,10 @@ def _check_mode(mode: str) -> None:
 def _turns_of(task: str, row: Mapping) -> list[Mapping]:
     turns = row.get("multi_turns")
     if not isinstance(turns, Sequence) or not turns:
-        raise ValueError(f"{task}: the row has no multi_turns (SCBench's format: "
-                         f"{{id, context, multi_turns: [{{input, answer, ...}}]}}).")
+        raise ValueError(
+            f"{task}: the row has no multi_turns (SCBench's format: "
+            f"{{id, context, multi_turns: [{{input, answer, ...}}]}})."
+        )
     return list(turns)
 
 
@@ -235,7 +244,7 @@ def _split_at_context(template: str) -> tuple[str, str]:
 
 def _after_pre_ans(template: str) -> str:
     assert template.startswith(_PRE_ANS_SLOT), template
-    return template[len(_PRE_ANS_SLOT):]
+    return template[len(_PRE_ANS_SLOT) :]
 
 
 # ------------------------------------------------------------------------------------------ turns
@@ -255,6 +264,7 @@ class Turn:
       multi-request mode, and multi-turn with the golden context disabled, where the model's own tokens stay).
     raw: the row's ``multi_turns`` entry (options, task tag, function name: what scoring reads).
     """
+
     text: str
     max_new_tokens: int
     answer: Any
@@ -263,8 +273,9 @@ class Turn:
     raw: Mapping = field(default_factory=dict, compare=False, repr=False)
 
 
-def multi_turn_prompts(task: str, row: Mapping, *, golden_history: Sequence[Any] | None = None,
-                       disable_golden_context: bool = False) -> tuple[str, list[Turn]]:
+def multi_turn_prompts(
+    task: str, row: Mapping, *, golden_history: Sequence[Any] | None = None, disable_golden_context: bool = False
+) -> tuple[str, list[Turn]]:
     """(shared prefix, turns) of `create_multiturn_prompt` without a chat template.
 
     The prefix is the first-turn template up to and including the context (e.g. kv: the instruction,
@@ -281,8 +292,10 @@ def multi_turn_prompts(task: str, row: Mapping, *, golden_history: Sequence[Any]
     _check_task(task)
     turns_in = _turns_of(task, row)
     if golden_history is not None and len(golden_history) < len(turns_in) - 1:
-        raise ValueError(f"golden_history has {len(golden_history)} entries; {len(turns_in) - 1} or more "
-                         f"are needed for {len(turns_in)} turns.")
+        raise ValueError(
+            f"golden_history has {len(golden_history)} entries; {len(turns_in) - 1} or more "
+            f"are needed for {len(turns_in)} turns."
+        )
     t = TEMPLATES[task]
     head, first_rest = _split_at_context(t.first)
     prefix = head.format(**_fields(task, row, turns_in[0]))
@@ -316,13 +329,21 @@ def multi_request_prompts(task: str, row: Mapping) -> tuple[str, list[Turn]]:
     t = TEMPLATES[task]
     head, _ = _split_at_context(t.first)
     prefix = head.format(**_fields(task, row, turns_in[0], prefix=turns_in[0]["input"]))
-    turns = [Turn(t.plain.format(**_fields(task, row, turn)), max_new_tokens(task, turn), turn["answer"],
-                  sub_task(task, turn), "", turn) for turn in turns_in]
+    turns = [
+        Turn(
+            t.plain.format(**_fields(task, row, turn)),
+            max_new_tokens(task, turn),
+            turn["answer"],
+            sub_task(task, turn),
+            "",
+            turn,
+        )
+        for turn in turns_in
+    ]
     return prefix, turns
 
 
-def full_text(prefix: str, turns: Sequence[Turn], answers: Sequence[Any] | None = None,
-              upto: int | None = None) -> str:
+def full_text(prefix: str, turns: Sequence[Turn], answers: Sequence[Any] | None = None, upto: int | None = None) -> str:
     """The multi-turn text up to and including turn `upto`'s query (default: the last turn):
     ``prefix + turns[0].text + answers[0] + turns[1].text + ... + turns[upto].text``. answers default to the
     turns' `history`; a non-string answer is written as `answer_text` does. For checking: a runner
@@ -342,12 +363,24 @@ def full_text(prefix: str, turns: Sequence[Turn], answers: Sequence[Any] | None 
 
 
 class ChatTokenizer(Protocol):
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = ...,
-                            tokenize: bool = ..., **kwargs: Any) -> Any: ...
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = ...,
+        tokenize: bool = ...,
+        **kwargs: Any,
+    ) -> Any: ...
 
 
-def chat_messages(task: str, row: Mapping, turn_index: int, history: Sequence[Any] | None = None, *,
-                  disable_golden_context: bool = False, original_quirks: bool = True) -> list[dict]:
+def chat_messages(
+    task: str,
+    row: Mapping,
+    turn_index: int,
+    history: Sequence[Any] | None = None,
+    *,
+    disable_golden_context: bool = False,
+    original_quirks: bool = True,
+) -> list[dict]:
     """The messages `create_multiturn_prompt` renders for turn `turn_index` with ``use_chat_template=True``.
 
     Turn 0: ``[{"role": "user", "content": <first-turn template filled>}]``. Turn i >= 1:
@@ -371,8 +404,11 @@ def chat_messages(task: str, row: Mapping, turn_index: int, history: Sequence[An
     user = {"role": "user", "content": t.plain.format(**_fields(task, row, turn, prefix=prefix))}
     if disable_golden_context:
         return [user]
-    previous = (history[turn_index - 1] if history is not None and turn_index - 1 < len(history)
-                else turns_in[turn_index - 1]["answer"])
+    previous = (
+        history[turn_index - 1]
+        if history is not None and turn_index - 1 < len(history)
+        else turns_in[turn_index - 1]["answer"]
+    )
     return [{"role": "system", "content": ""}, {"role": "assistant", "content": answer_text(previous)}, user]
 
 
@@ -383,8 +419,9 @@ def multi_request_chat_messages(task: str, row: Mapping) -> tuple[list[dict], li
     SCDQ_DELIMITER + query}]`` (kept: the rendering after it), both with ``add_generation_prompt=True``."""
     prefix, turns = multi_request_prompts(task, row)
     context = [{"role": "user", "content": prefix + SCDQ_DELIMITER}]
-    queries = [[{"role": "system", "content": ""}, {"role": "user", "content": SCDQ_DELIMITER + turn.text}]
-               for turn in turns]
+    queries = [
+        [{"role": "system", "content": ""}, {"role": "user", "content": SCDQ_DELIMITER + turn.text}] for turn in turns
+    ]
     return context, queries
 
 
@@ -395,9 +432,16 @@ def _render(tokenizer: ChatTokenizer, messages: list[dict], add_generation_promp
     return text
 
 
-def original_prompts(task: str, row: Mapping, *, mode: Mode = "multi-turn", tokenizer: ChatTokenizer | None = None,
-                     disable_golden_context: bool = False, history: Sequence[Any] | None = None,
-                     original_quirks: bool = True) -> list[str]:
+def original_prompts(
+    task: str,
+    row: Mapping,
+    *,
+    mode: Mode = "multi-turn",
+    tokenizer: ChatTokenizer | None = None,
+    disable_golden_context: bool = False,
+    history: Sequence[Any] | None = None,
+    original_quirks: bool = True,
+) -> list[str]:
     """The original's ``prompts`` list for one row, string for string.
 
     multi-turn: ``[first prompt, follow-up 1, ...]``, each follow-up holding the previous answer in front
@@ -417,12 +461,14 @@ def original_prompts(task: str, row: Mapping, *, mode: Mode = "multi-turn", toke
             prefix, turns = multi_request_prompts(task, row)
             return [prefix] + [turn.text for turn in turns]
         context, queries = multi_request_chat_messages(task, row)
-        return ([_render(tokenizer, context, True).split(SCDQ_DELIMITER)[0]]
-                + [_render(tokenizer, q, True).split(SCDQ_DELIMITER)[1] for q in queries])
+        return [_render(tokenizer, context, True).split(SCDQ_DELIMITER)[0]] + [
+            _render(tokenizer, q, True).split(SCDQ_DELIMITER)[1] for q in queries
+        ]
     n = len(_turns_of(task, row))
     if tokenizer is None:
-        prefix, turns = multi_turn_prompts(task, row, golden_history=history,
-                                           disable_golden_context=disable_golden_context)
+        prefix, turns = multi_turn_prompts(
+            task, row, golden_history=history, disable_golden_context=disable_golden_context
+        )
         out = [prefix + turns[0].text]
         for i in range(1, n):
             out.append(turns[i - 1].history + turns[i].text)
@@ -431,8 +477,9 @@ def original_prompts(task: str, row: Mapping, *, mode: Mode = "multi-turn", toke
     suffix = CHAT_SUMMARY_SUFFIX if task == "scbench_summary" else ""
     out = [_render(tokenizer, chat_messages(task, row, 0), True)]
     for i in range(1, n):
-        messages = chat_messages(task, row, i, history, disable_golden_context=disable_golden_context,
-                                 original_quirks=original_quirks)
+        messages = chat_messages(
+            task, row, i, history, disable_golden_context=disable_golden_context, original_quirks=original_quirks
+        )
         out.append(_render(tokenizer, messages, True).replace(system_only, "") + suffix)
     return out
 
@@ -440,8 +487,13 @@ def original_prompts(task: str, row: Mapping, *, mode: Mode = "multi-turn", toke
 # ------------------------------------------------------------------------------------------ input budget
 
 
-def max_input_length(task: str, max_seq_length: int = 100_000, n_turns: int = 5,
-                     mode: Mode = "multi-turn", sub_tasks: Sequence[str] | None = None) -> int:
+def max_input_length(
+    task: str,
+    max_seq_length: int = 100_000,
+    n_turns: int = 5,
+    mode: Mode = "multi-turn",
+    sub_tasks: Sequence[str] | None = None,
+) -> int:
     """Tokens the original leaves for prompts[0] (`run_scbench.py`): max_seq_length (-1 means 160000) minus
     max_new_tokens * n_turns (a budget >= max_seq_length counts as 500); for the multi-task sets minus
     sum(sub-task budgets) * n_turns // 2; 1000 fewer in multi-request mode. n_turns: the turns of the

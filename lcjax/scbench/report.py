@@ -6,6 +6,8 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 
 def turn_scores(rows: list[dict]) -> dict[tuple[str, str, str], dict[int, list[float]]]:
     """(task or sub-task, method, mode) -> turn -> scores, from result rows (one per example). Rows of an offline
@@ -30,13 +32,6 @@ def cell_scores(scores: dict, task: str, method: str, mode: str) -> list[float]:
     return [v for turn in scores.get((task, method, mode), {}).values() for v in turn]
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")          # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one line per (task, mode), one column per method, the mean score over all turns in
     percent (and the number of scored turns)."""
@@ -56,8 +51,14 @@ def write_tables(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     header, lines = table(rows)
     md = out_dir / "scores.md"
-    md.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-                  + "".join("| " + " | ".join(l) + " |\n" for l in lines))
+    md.write_text(
+        "| "
+        + " | ".join(header)
+        + " |\n|"
+        + "---|" * len(header)
+        + "\n"
+        + "".join("| " + " | ".join(l) + " |\n" for l in lines)
+    )
     csv_path = out_dir / "scores.csv"
     with csv_path.open("w", newline="") as f:
         csv.writer(f).writerows([header] + lines)
@@ -66,10 +67,10 @@ def write_tables(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
 
 def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
     """Mean score (over tasks and examples) by turn, one line per method, one panel per mode."""
-    plt = _pyplot()
     scores = turn_scores(rows)
     modes = sorted({mo for _, _, mo in scores})
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
+    fig = Figure(figsize=(5 * len(modes), 3.6))  # no pyplot: files only, no display or global state
+    axes = fig.subplots(1, len(modes), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
         for method in [m for m in method_order(rows) if any(mo == mode and mm == m for _, mm, mo in scores)]:
             by_turn = defaultdict(list)
@@ -78,8 +79,9 @@ def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
                     for turn, vals in turns.items():
                         by_turn[turn].extend(vals)
             xs = sorted(by_turn)
-            ax.plot([x + 1 for x in xs], [100 * sum(by_turn[x]) / len(by_turn[x]) for x in xs], marker="o",
-                    label=method)
+            ax.plot(
+                [x + 1 for x in xs], [100 * sum(by_turn[x]) / len(by_turn[x]) for x in xs], marker="o", label=method
+            )
         turns = sorted({t + 1 for (_, _, mo), by in scores.items() if mo == mode for t in by})
         ax.set_xticks(turns)
         ax.set_ylim(-2, 102)
@@ -90,20 +92,19 @@ def plot_by_turn(rows: list[dict], path: str | Path) -> Path:
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_by_method(rows: list[dict], path: str | Path) -> Path:
     """Mean score per method, one panel per task (or sub-task), bars grouped by mode: where the methods part."""
-    plt = _pyplot()
     scores = turn_scores(rows)
     methods = method_order(rows)
     tasks = sorted({t for t, _, _ in scores})
     modes = sorted({mo for _, _, mo in scores})
     cols = min(3, len(tasks))
     n_rows = -(-len(tasks) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(5.2 * cols, 3.0 * n_rows), squeeze=False, sharey=True)
+    fig = Figure(figsize=(5.2 * cols, 3.0 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False, sharey=True)
     width = 0.8 / len(modes)
     for ax, task in zip(axes.flat, tasks):
         for j, mode in enumerate(modes):
@@ -111,20 +112,19 @@ def plot_by_method(rows: list[dict], path: str | Path) -> Path:
             for m in methods:
                 vals = cell_scores(scores, task, m, mode)
                 means.append(100 * sum(vals) / len(vals) if vals else float("nan"))
-            ax.bar([i + (j - (len(modes) - 1) / 2) * width for i in range(len(methods))], means, width,
-                   label=mode)
+            ax.bar([i + (j - (len(modes) - 1) / 2) * width for i in range(len(methods))], means, width, label=mode)
         ax.set_title(task.removeprefix("scbench_"), fontsize=9)
         ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels([m.replace("+dense", "").replace("dense+", "") for m in methods], rotation=45,
-                           ha="right", fontsize=8)
+        ax.set_xticklabels(
+            [m.replace("+dense", "").replace("dense+", "") for m in methods], rotation=45, ha="right", fontsize=8
+        )
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes.flat[len(tasks):]:
+    for ax in axes.flat[len(tasks) :]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("score (%)")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)

@@ -71,8 +71,11 @@ class ResultLog:
             (good if row is not None else bad).append((number, line, row))
         if bad:
             for number, line, _ in bad:
-                warnings.warn(f"{self.path}:{number}: not a JSON object ({line.strip()[:80]!r}); moved to "
-                              f"{self.path.name}.corrupt and its example will run again", stacklevel=3)
+                warnings.warn(
+                    f"{self.path}:{number}: not a JSON object ({line.strip()[:80]!r}); moved to "
+                    f"{self.path.name}.corrupt and its example will run again",
+                    stacklevel=3,
+                )
             with open(f"{self.path}.corrupt", "a", encoding="utf-8") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for _, line, _ in bad)
             tmp = self.path.with_suffix(self.path.suffix + ".tmp")

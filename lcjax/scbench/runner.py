@@ -34,10 +34,10 @@ class TurnResult:
     prediction: str
     answer: object
     score: float
-    prefilled_tokens: int      # tokens fed to the model for this turn (history + query, or the whole prompt)
-    reused_tokens: int         # cache slots this turn started from
-    cache_tokens: int          # slots the cache held after the turn's prefill (after any compression)
-    seen_tokens: int           # every token the sequence has seen (positions)
+    prefilled_tokens: int  # tokens fed to the model for this turn (history + query, or the whole prompt)
+    reused_tokens: int  # cache slots this turn started from
+    cache_tokens: int  # slots the cache held after the turn's prefill (after any compression)
+    seen_tokens: int  # every token the sequence has seen (positions)
     new_tokens: int
     seconds: float
 
@@ -61,7 +61,7 @@ def _capacity(n: int) -> int:
 def _padded(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """One sequence as int32 `[1, padded_length]` right-padded with zeros, and its length `[1]`."""
     prompt = np.zeros((1, padded_length(len(ids))), np.int32)
-    prompt[0, :len(ids)] = ids
+    prompt[0, : len(ids)] = ids
     return prompt, np.asarray([len(ids)], np.int32)
 
 
@@ -69,8 +69,9 @@ def _generate(model, ids: list[int], max_new_tokens: int, cache, stop_tokens, ca
     """generate() for one sequence, its ids right-padded to `padded_length`; returns (new tokens, cache with
     them, slots before decoding)."""
     prompt, lengths = _padded(ids)
-    tokens, cache = generate(model, prompt, max_new_tokens, cache=cache, lengths=lengths, stop_tokens=stop_tokens,
-                             capacity=capacity)
+    tokens, cache = generate(
+        model, prompt, max_new_tokens, cache=cache, lengths=lengths, stop_tokens=stop_tokens, capacity=capacity
+    )
     new = tokens[0]
     return new, cache, int(cache.lengths[0]) - len(new)
 
@@ -82,8 +83,9 @@ def _bos(tokenizer, ids: list[int]) -> list[int]:
     return ids if bos is None or ids[:1] == [bos] else [bos] + ids
 
 
-def token_pieces(tokenizer, task: str, row: dict, mode: Mode, *, use_chat_template: bool = False,
-                 max_seq_length: int | None = None) -> tuple[list[int] | None, list[list[int]], list]:
+def token_pieces(
+    tokenizer, task: str, row: dict, mode: Mode, *, use_chat_template: bool = False, max_seq_length: int | None = None
+) -> tuple[list[int] | None, list[list[int]], list]:
     """(shared context ids or None, ids each turn feeds, `prompts.Turn` per turn) for one example.
 
     multi-turn: turn 0 feeds the context and its query, turn i >= 1 the gold answer of turn i - 1 and its own
@@ -95,8 +97,11 @@ def token_pieces(tokenizer, task: str, row: dict, mode: Mode, *, use_chat_templa
     build = prompts_lib.multi_turn_prompts if mode == "multi-turn" else prompts_lib.multi_request_prompts
     prefix, turns = build(task, row)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
-    room = None if max_seq_length is None else prompts_lib.max_input_length(
-        task, max_seq_length, len(turns), mode, [t.sub_task for t in turns])
+    room = (
+        None
+        if max_seq_length is None
+        else prompts_lib.max_input_length(task, max_seq_length, len(turns), mode, [t.sub_task for t in turns])
+    )
     cut = lambda ids, n: ids if n is None else prompts_lib.truncate_middle(ids, n)
     if use_chat_template:
         texts = prompts_lib.original_prompts(task, row, mode=mode, tokenizer=tokenizer)
@@ -112,8 +117,17 @@ def token_pieces(tokenizer, task: str, row: dict, mode: Mode, *, use_chat_templa
     return None, [first] + [encode(turns[i - 1].history) + encode(t.text) for i, t in enumerate(turns) if i], turns
 
 
-def run_example(model, tokenizer, task: str, row: dict, mode: Mode, *, max_new_tokens_cap: int | None = None,
-                max_seq_length: int | None = None, use_chat_template: bool = False) -> list[TurnResult]:
+def run_example(
+    model,
+    tokenizer,
+    task: str,
+    row: dict,
+    mode: Mode,
+    *,
+    max_new_tokens_cap: int | None = None,
+    max_seq_length: int | None = None,
+    use_chat_template: bool = False,
+) -> list[TurnResult]:
     """Every turn of `row` (SCBench's format) through `model` in `mode`; returns one `TurnResult` per turn.
 
     max_seq_length: cut the middle of the first prompt to what SCBench leaves it (`prompts.max_input_length`);
@@ -121,12 +135,15 @@ def run_example(model, tokenizer, task: str, row: dict, mode: Mode, *, max_new_t
     ``--use_chat_template`` prompts (the tokenizer's chat template; stops on its end-of-turn tokens too)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    shared_ids, turn_ids, turns = token_pieces(tokenizer, task, row, mode, use_chat_template=use_chat_template,
-                                               max_seq_length=max_seq_length)
+    shared_ids, turn_ids, turns = token_pieces(
+        tokenizer, task, row, mode, use_chat_template=use_chat_template, max_seq_length=max_seq_length
+    )
     stops = tuple(tokenizer.eos_token_ids)
     results: list[TurnResult] = []
-    budgets = [turn.max_new_tokens if max_new_tokens_cap is None else min(turn.max_new_tokens, max_new_tokens_cap)
-               for turn in turns]
+    budgets = [
+        turn.max_new_tokens if max_new_tokens_cap is None else min(turn.max_new_tokens, max_new_tokens_cap)
+        for turn in turns
+    ]
     shared = None
     if shared_ids is not None:
         # room for the longest query and its answer, so no query grows (copies) the shared cache
@@ -134,7 +151,7 @@ def run_example(model, tokenizer, task: str, row: dict, mode: Mode, *, max_new_t
         prompt, lengths = _padded(shared_ids)
         _, shared = model.prefill(prompt, lengths, capacity=_capacity(prompt.shape[1] + room), logits="last")
         capacity = None
-    else:   # room for every turn from the start: a dense cache is never grown (a copy and a compile)
+    else:  # room for every turn from the start: a dense cache is never grown (a copy and a compile)
         capacity = _capacity(sum(padded_length(len(ids)) + b for ids, b in zip(turn_ids, budgets)))
     cache = None
     for i, (turn, ids, budget) in enumerate(zip(turns, turn_ids, budgets)):
@@ -144,10 +161,21 @@ def run_example(model, tokenizer, task: str, row: dict, mode: Mode, *, max_new_t
         new, out_cache, held = _generate(model, ids, budget, start_cache, stops, capacity if i == 0 else None)
         seconds = time.perf_counter() - t0
         prediction = tokenizer.decode(new).strip()
-        results.append(TurnResult(i, turn.sub_task, prediction, turn.answer,
-                                  score_turn(task, prediction, turn.answer, turn.raw),
-                                  len(ids), reused, held, int(out_cache.positions[0]) - len(new), len(new),
-                                  seconds))
+        results.append(
+            TurnResult(
+                i,
+                turn.sub_task,
+                prediction,
+                turn.answer,
+                score_turn(task, prediction, turn.answer, turn.raw),
+                len(ids),
+                reused,
+                held,
+                int(out_cache.positions[0]) - len(new),
+                len(new),
+                seconds,
+            )
+        )
         if shared is None:
             # golden context: forget what the model generated; the next turn's ids start with the gold answer
             cache = out_cache.crop(held)

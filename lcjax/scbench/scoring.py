@@ -52,7 +52,6 @@ Deliberate differences from the original:
 from __future__ import annotations
 
 import functools
-
 import re
 import string
 import warnings
@@ -60,6 +59,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
+
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from rouge_score import rouge_scorer
 
 REPOQA_THRESHOLD = 0.8
 
@@ -84,10 +86,30 @@ def _chars(*spans: tuple[int, int] | int) -> str:
 
 # The punctuation normalize_zh_answer removes on top of string.punctuation (its list, as code points; note
 # that it has "》" but not "《", and no fullwidth full stop).
-ZH_PUNCTUATION = frozenset(string.punctuation + _chars(
-    (0xFF01, 0xFF0D), 0xFF0F, (0xFF1A, 0xFF20), (0xFF3B, 0xFF40), (0xFF5B, 0xFF64),
-    (0x3001, 0x3003), (0x300B, 0x3011), (0x3014, 0x301F), 0x3030, 0x303E, 0x303F,
-    0x2013, 0x2014, 0x2018, 0x2019, (0x201B, 0x201F), 0x2026, 0x2027, 0xFE4F))
+ZH_PUNCTUATION = frozenset(
+    string.punctuation
+    + _chars(
+        (0xFF01, 0xFF0D),
+        0xFF0F,
+        (0xFF1A, 0xFF20),
+        (0xFF3B, 0xFF40),
+        (0xFF5B, 0xFF64),
+        (0x3001, 0x3003),
+        (0x300B, 0x3011),
+        (0x3014, 0x301F),
+        0x3030,
+        0x303E,
+        0x303F,
+        0x2013,
+        0x2014,
+        0x2018,
+        0x2019,
+        (0x201B, 0x201F),
+        0x2026,
+        0x2027,
+        0xFE4F,
+    )
+)
 
 
 def normalize_zh(text: str) -> str:
@@ -180,9 +202,9 @@ def _single(answer: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 # ROUGE-Lsum (summary)
 
+
 @functools.cache
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
     return rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=False)
 
 
@@ -213,7 +235,6 @@ def extract_code(prediction: str) -> str:
 def code_similarity(candidate: str, reference: str) -> float:
     """Return sentence BLEU (NLTK, 4-gram, smoothing method 4) of `candidate` against `reference`, both
     split on whitespace runs after stripping."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
     cand = re.split(r"\s+", candidate.strip())
     ref = re.split(r"\s+", reference.strip())
     with warnings.catch_warnings():
@@ -235,8 +256,9 @@ def repoqa_needles(rows: Iterable[Mapping]) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def repoqa_match(prediction: str, answer: str, gold_name: str | None = None,
-                 needles: Sequence[tuple[str, str]] | None = None) -> tuple[str | None, float]:
+def repoqa_match(
+    prediction: str, answer: str, gold_name: str | None = None, needles: Sequence[tuple[str, str]] | None = None
+) -> tuple[str | None, float]:
     """Return ``(best candidate name, its similarity)`` for `prediction` among `needles` (name, code); the
     gold ``(gold_name, answer)`` is added when absent. The best is the first with the strictly highest
     similarity above 0; None if every similarity is 0."""
@@ -283,8 +305,9 @@ def score_mf(prediction: str, answer: Any, turn: Mapping | None = None, **_: Any
     return float(float(number) == label)
 
 
-def score_vt(prediction: str, answer: Any, turn: Mapping | None = None, *, original_quirks: bool = False,
-             **_: Any) -> float:
+def score_vt(
+    prediction: str, answer: Any, turn: Mapping | None = None, *, original_quirks: bool = False, **_: Any
+) -> float:
     """vt: fraction of reference variables found case-insensitively in the prediction, rounded to 2 places."""
     refs = _labels(answer, original_quirks)
     if not refs:
@@ -293,8 +316,9 @@ def score_vt(prediction: str, answer: Any, turn: Mapping | None = None, *, origi
     return round(sum(str(r).lower() in pred for r in refs) / len(refs), 2)
 
 
-def score_any_label(prediction: str, answer: Any, turn: Mapping | None = None, *, original_quirks: bool = False,
-                    **_: Any) -> float:
+def score_any_label(
+    prediction: str, answer: Any, turn: Mapping | None = None, *, original_quirks: bool = False, **_: Any
+) -> float:
     """qa_eng / many_shot: 1.0 iff any label, upper-cased, is in the stripped, upper-cased prediction."""
     pred = prediction.strip().upper()
     return float(any(str(label).upper() in pred for label in _labels(answer, original_quirks)))
@@ -305,12 +329,12 @@ def score_choice(prediction: str, answer: Any, turn: Mapping | None = None, **_:
     return float(choice_correct(prediction, choice_labels(answer, turn)))
 
 
-def score_qa_chn(prediction: str, answer: Any, turn: Mapping | None = None, *, original_quirks: bool = False,
-                 **_: Any) -> float:
+def score_qa_chn(
+    prediction: str, answer: Any, turn: Mapping | None = None, *, original_quirks: bool = False, **_: Any
+) -> float:
     """qa_chn: best character-level F1 over the labels after `normalize_zh`."""
     pred = list(normalize_zh(prediction))
-    return max((f1(pred, list(normalize_zh(str(label)))) for label in _labels(answer, original_quirks)),
-               default=0.0)
+    return max((f1(pred, list(normalize_zh(str(label)))) for label in _labels(answer, original_quirks)), default=0.0)
 
 
 def score_summary(prediction: str, answer: Any, turn: Mapping | None = None, **_: Any) -> float:
@@ -318,8 +342,14 @@ def score_summary(prediction: str, answer: Any, turn: Mapping | None = None, **_
     return rouge_lsum(prediction, answer)
 
 
-def score_repoqa(prediction: str, answer: Any, turn: Mapping | None = None, *,
-                 needles: Sequence[tuple[str, str]] | None = None, **_: Any) -> float:
+def score_repoqa(
+    prediction: str,
+    answer: Any,
+    turn: Mapping | None = None,
+    *,
+    needles: Sequence[tuple[str, str]] | None = None,
+    **_: Any,
+) -> float:
     """repoqa: 1.0 iff the most similar candidate is the gold function (``turn["name"]``) with similarity
     >= 0.8 (see `repoqa_match`)."""
     gold_name = turn.get("name") if turn else None
@@ -331,6 +361,7 @@ def score_repoqa(prediction: str, answer: Any, turn: Mapping | None = None, *,
 def _multi(task: str) -> Callable[..., float]:
     def score(prediction: str, answer: Any, turn: Mapping | None = None, **options: Any) -> float:
         return SCORERS[sub_task(task, turn)](prediction, answer, turn, **options)
+
     score.__name__ = f"score_{task.removeprefix('scbench_')}"
     score.__doc__ = f"{task}: the turn's sub-task scorer, one of {', '.join(MULTI_TASKS[task])}."
     return score
@@ -367,13 +398,22 @@ def sub_task(task: str, turn: Mapping | None) -> str:
         return task
     tag = turn.get("task") if turn else None
     if tag not in MULTI_TASKS[task]:
-        raise ValueError(f"A {task} turn must carry its sub-task in turn['task'], one of "
-                         f"{', '.join(MULTI_TASKS[task])}; got {tag!r}.")
+        raise ValueError(
+            f"A {task} turn must carry its sub-task in turn['task'], one of "
+            f"{', '.join(MULTI_TASKS[task])}; got {tag!r}."
+        )
     return tag
 
 
-def score_turn(task: str, prediction: str, answer: Any, turn: Mapping | None = None, *,
-               needles: Sequence[tuple[str, str]] | None = None, original_quirks: bool = False) -> float:
+def score_turn(
+    task: str,
+    prediction: str,
+    answer: Any,
+    turn: Mapping | None = None,
+    *,
+    needles: Sequence[tuple[str, str]] | None = None,
+    original_quirks: bool = False,
+) -> float:
     """Return the score in [0, 1] of one turn's `prediction` against its `answer` (as in the data: str, int
     or list) under `task`'s scorer, or its sub-task's for a multi-task set.
 

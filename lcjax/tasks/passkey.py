@@ -12,13 +12,40 @@ import numpy as np
 
 from lcjax.tokenizer import Tokenizer
 
-_SUBJECTS = ("The river", "A small town", "The old library", "Every winter", "The mountain road",
-             "A quiet harbour", "The market square", "Our garden", "The northern forest", "A train station")
-_VERBS = ("changes slowly", "is busy in the morning", "looks different at dusk", "keeps its secrets",
-          "welcomes travellers", "was rebuilt last century", "smells of rain", "hums with insects",
-          "is painted blue", "has a long history")
-_TAILS = ("and nobody minds.", "as the locals say.", "according to the guidebook.", "for reasons unknown.",
-          "which surprises visitors.", "every single year.", "in a gentle way.", "without exception.")
+_SUBJECTS = (
+    "The river",
+    "A small town",
+    "The old library",
+    "Every winter",
+    "The mountain road",
+    "A quiet harbour",
+    "The market square",
+    "Our garden",
+    "The northern forest",
+    "A train station",
+)
+_VERBS = (
+    "changes slowly",
+    "is busy in the morning",
+    "looks different at dusk",
+    "keeps its secrets",
+    "welcomes travellers",
+    "was rebuilt last century",
+    "smells of rain",
+    "hums with insects",
+    "is painted blue",
+    "has a long history",
+)
+_TAILS = (
+    "and nobody minds.",
+    "as the locals say.",
+    "according to the guidebook.",
+    "for reasons unknown.",
+    "which surprises visitors.",
+    "every single year.",
+    "in a gentle way.",
+    "without exception.",
+)
 
 
 @dataclasses.dataclass(frozen=True)

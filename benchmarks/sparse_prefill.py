@@ -9,19 +9,19 @@ Causal, batch 1, 32 q heads / 8 KV heads, head_dim 128, bf16; MInference's defau
     lcjax's online estimate (`estimate_vertical_slash`) of that head, so they are what MInference would pick.
   * "nearest": MInference's ideal set, verticals 0..999 and slashes 0..6095 (no estimation).
 Sections: (0) `--kernels`: dense attention and block-sparse kernels against cuDNN and tokamax at
---kernel-lengths (`experiments.bench_sparse_kernels`' rows); (1) lcjax per length: cuDNN dense, estimate, index
+--kernel-lengths (`benchmarks.sparse_kernels`' rows); (1) lcjax per length: cuDNN dense, estimate, index
 build, kernel (blocks 128 and 64), end to end (one jit: estimate + build + kernel); (2) MInference's Triton kernel
 (PyTorch) on the same q/k/v and indices, validated against lcjax at 4K, when a peer module is present (see
 `load_peer`); (3) `--model`: Llama-3-8B-shaped random-weight prefill, dense vs
-`vertical_slash(32, 32, backend="pallas")`. `--benchmarks-md BENCHMARKS.md` appends the run (date, device, jax,
-command, checks, tables) to that file.
+`MInference.vertical_slash(32, 32, backend="pallas")`. `--benchmarks-md BENCHMARKS.md` appends the run (date,
+device, jax, command, checks, tables) to that file.
 Times are medians of >= 10 samples after warm-up (the slowest rows fewer, as printed). TFLOP/s count the
 tiles each kernel computes (4 * b * b * head_dim per tile or column chunk). A markdown table comes last.
 
     export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-    PYTHONPATH=. python3 -m experiments.bench_prefill [--lengths 131072,262144,524288] [--kernels] [--model] [--json]
+    PYTHONPATH=. python3 -m benchmarks.sparse_prefill [--lengths 131072,262144,524288] [--kernels] [--model] [--json]
         [--benchmarks-md BENCHMARKS.md]      # all sections: --kernels --model
-    python -m experiments.bench_prefill --cpu-smoke      # tiny lengths, interpret mode, no torch
+    python -m benchmarks.sparse_prefill --cpu-smoke      # tiny lengths, interpret mode, no torch
 """
 
 from __future__ import annotations
@@ -41,16 +41,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.timing import median_seconds
-from lcjax.methods.minference import estimate_vertical_slash
+from benchmarks import sparse_kernels
+from benchmarks.timing import median_seconds
+from lcjax.config import llama3_8b_config
+from lcjax.methods.minference import MInference, estimate_vertical_slash
+from lcjax.models.transformer import Transformer, _prefill
 from lcjax.pallas.vertical_slash_attention import vertical_slash_attention, vertical_slash_attention_reference
-from lcjax.pallas.vertical_slash_hopper import build_hopper_index, vertical_slash_attention_hopper
+from lcjax.pallas.vertical_slash_attention_mgpu import build_mgpu_index, vertical_slash_attention_mgpu
 from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
-from lcjax.pallas.vertical_slash_ranges import (build_vertical_slash_ranges, range_schedule_tiles,
-                                                vertical_slash_attention_ranges, vertical_slash_cover_reference)
+from lcjax.pallas.vertical_slash_ranges import (
+    build_vertical_slash_ranges,
+    range_schedule_tiles,
+    vertical_slash_attention_ranges,
+    vertical_slash_cover_reference,
+)
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-SCALE = HEAD_DIM ** -0.5
+SCALE = HEAD_DIM**-0.5
 N_VERTICAL, N_SLASH, LAST_Q = 1000, 6096, 64
 N_SINKS = 50
 PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".carry", "minference_peer.py")
@@ -75,6 +82,7 @@ def timeit(fn, *args, samples: int = 10) -> tuple[float, int]:
 
 # ---- inputs ---------------------------------------------------------------------------------------------
 
+
 @functools.partial(jax.jit, static_argnames=("length",))
 def structured_qkv(key, length: int):
     """Structured synthetic head: local band + N_SINKS vertical columns per KV head (see module doc)."""
@@ -82,8 +90,8 @@ def structured_qkv(key, length: int):
     pos = jnp.arange(length, dtype=jnp.float32)
     freqs = jnp.geomspace(1 / 8192, 1 / 16, 32)
     ang = pos[:, None] * freqs[None, :]
-    amp = 2.3                                                   # peak local logit ~ amp^2 * 32 / sqrt(128) = 15
-    loc = amp * jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)          # [L, 64]
+    amp = 2.3  # peak local logit ~ amp^2 * 32 / sqrt(128) = 15
+    loc = amp * jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)  # [L, 64]
     q = 0.5 * jax.random.normal(kq, (1, length, HEADS, HEAD_DIM), jnp.float32)
     k = 0.5 * jax.random.normal(kk, (1, length, KV_HEADS, HEAD_DIM), jnp.float32)
     v = jax.random.normal(kv, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16)
@@ -94,10 +102,14 @@ def structured_qkv(key, length: int):
     u = jax.random.normal(ku, (KV_HEADS, 64))
     u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
     sinks = jax.vmap(lambda kk_: jax.random.choice(kk_, length, (N_SINKS,), replace=False))(
-        jax.random.split(kp, KV_HEADS))                                         # [KV_HEADS, N_SINKS]
+        jax.random.split(kp, KV_HEADS)
+    )  # [KV_HEADS, N_SINKS]
     strength = 12.6
-    sink_add = jnp.zeros((length, KV_HEADS, 64)).at[sinks, jnp.arange(KV_HEADS)[:, None]].set(
-        strength * jnp.broadcast_to(u[:, None, :], (KV_HEADS, N_SINKS, 64)))
+    sink_add = (
+        jnp.zeros((length, KV_HEADS, 64))
+        .at[sinks, jnp.arange(KV_HEADS)[:, None]]
+        .set(strength * jnp.broadcast_to(u[:, None, :], (KV_HEADS, N_SINKS, 64)))
+    )
     k = k.at[0, :, :, 64:].add(sink_add)
     q = q.at[0, :, :, 64:].add(strength * jnp.repeat(u, HEADS // KV_HEADS, axis=0)[None])
     return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v
@@ -105,11 +117,14 @@ def structured_qkv(key, length: int):
 
 def nearest_indices(length: int):
     nv, ns = min(N_VERTICAL, length), min(N_SLASH, length)
-    return (jnp.broadcast_to(jnp.arange(nv, dtype=jnp.int32), (1, HEADS, nv)),
-            jnp.broadcast_to(jnp.arange(ns, dtype=jnp.int32), (1, HEADS, ns)))
+    return (
+        jnp.broadcast_to(jnp.arange(nv, dtype=jnp.int32), (1, HEADS, nv)),
+        jnp.broadcast_to(jnp.arange(ns, dtype=jnp.int32), (1, HEADS, ns)),
+    )
 
 
 # ---- lcjax pieces ---------------------------------------------------------------------------------------
+
 
 @jax.jit
 def estimate(q, k):
@@ -126,18 +141,20 @@ def make_fns(length: int, block: int, schedule: str = "diagonal", slash_mask: st
     if schedule == "mosaic":
         if slash_mask != "cover" or block != 64:
             raise ValueError("the mosaic schedule runs cover semantics on 64-row blocks: mosaic:64:cover")
-        build_fn = lambda vi, so: build_hopper_index(vi, so, length)
-        attend = lambda q, k, v, ix: vertical_slash_attention_hopper(q, k, v, *ix, scale=SCALE)
+        build_fn = lambda vi, so: build_mgpu_index(vi, so, length)
+        attend = lambda q, k, v, ix: vertical_slash_attention_mgpu(q, k, v, *ix, scale=SCALE)
     elif schedule == "ranges":
         semantics = "cover" if slash_mask == "cover" else "exact"
         build_fn = lambda vi, so: build_vertical_slash_ranges(vi, so, length, block, semantics=semantics)
         kw = {} if slash_mask == "cover" else dict(slash_mask=slash_mask)
-        attend = lambda q, k, v, ix: vertical_slash_attention_ranges(q, k, v, ix, scale=SCALE, interpret=INTERPRET,
-                                                                     **kw)
+        attend = lambda q, k, v, ix: vertical_slash_attention_ranges(
+            q, k, v, ix, scale=SCALE, interpret=INTERPRET, **kw
+        )
     else:
         build_fn = lambda vi, so: build_vertical_slash_index(vi, so, length, block, block)
-        attend = lambda q, k, v, ix: vertical_slash_attention(q, k, v, ix, scale=SCALE, interpret=INTERPRET,
-                                                              slash_mask=slash_mask)
+        attend = lambda q, k, v, ix: vertical_slash_attention(
+            q, k, v, ix, scale=SCALE, interpret=INTERPRET, slash_mask=slash_mask
+        )
     b, kern = jax.jit(build_fn), jax.jit(attend)
 
     @jax.jit
@@ -148,6 +165,7 @@ def make_fns(length: int, block: int, schedule: str = "diagonal", slash_mask: st
     @jax.jit
     def build_kernel(q, k, v, vi, so):
         return attend(q, k, v, build_fn(vi, so))
+
     return b, kern, e2e, build_kernel
 
 
@@ -157,8 +175,11 @@ def tile_count(index, block: int, length: int) -> tuple[int, float]:
     nqb = -(-length // block)
     if isinstance(index, tuple):  # the Hopper kernel: range chunks, column chunks, diagonal passes
         ranges, columns = index
-        total = int(range_schedule_tiles(ranges)["chunks"].sum() + jnp.sum(columns.column_chunks)
-                    + jnp.sum(jnp.any(columns.diagonal_words != 0, axis=-1)))
+        total = int(
+            range_schedule_tiles(ranges)["chunks"].sum()
+            + jnp.sum(columns.column_chunks)
+            + jnp.sum(jnp.any(columns.diagonal_words != 0, axis=-1))
+        )
     elif hasattr(index, "group_counts"):  # range schedule
         stats = range_schedule_tiles(index)
         total = int(stats["chunks"].sum() + stats["columns"].sum())
@@ -181,16 +202,29 @@ def add_row(**r):
     log("ROW", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def lcjax_section(length: int, key, samples: int, slow_samples: int,
-                  variants=(("diagonal", 128, "bits"), ("diagonal", 64, "bits"))):
+def lcjax_section(
+    length: int, key, samples: int, slow_samples: int, variants=(("diagonal", 128, "bits"), ("diagonal", 64, "bits"))
+):
     """Returns (q, k, v, structured indices) for the torch section."""
     q, k, v = jax.block_until_ready(structured_qkv(key, length))
     dense_flops = 4 * HEADS * length * length / 2 * HEAD_DIM
     slow = length >= 262144
     t, n = timeit(dense_jit, q, k, v, samples=slow_samples if slow else samples)
     t_dense = t
-    add_row(L=length, impl="cuDNN dense", index_set="-", block=0, tile_frac=1.0, est_ms=0.0, build_ms=0.0,
-            kernel_ms=t * 1e3, e2e_ms=t * 1e3, tflops=dense_flops / t / 1e12, speedup_e2e=1.0, samples=n)
+    add_row(
+        L=length,
+        impl="cuDNN dense",
+        index_set="-",
+        block=0,
+        tile_frac=1.0,
+        est_ms=0.0,
+        build_ms=0.0,
+        kernel_ms=t * 1e3,
+        e2e_ms=t * 1e3,
+        tflops=dense_flops / t / 1e12,
+        speedup_e2e=1.0,
+        samples=n,
+    )
     t_est, n_est = timeit(estimate, q, k, samples=samples)
     vi, so = estimate(q, k)
     sets = {"structured (est.)": (vi, so), "nearest": nearest_indices(length)}
@@ -208,15 +242,26 @@ def lcjax_section(length: int, key, samples: int, slow_samples: int,
                 t_e2e, _ = timeit(e2e, q, k, v, samples=samples)
                 est_ms = t_est * 1e3
             impl = f"lcjax {'mosaic' if schedule == 'mosaic' else 'pallas'} b{block} {schedule} {slash_mask}"
-            add_row(L=length, impl=impl, index_set=name, block=block, tile_frac=frac,
-                    est_ms=est_ms, build_ms=t_build * 1e3, kernel_ms=t_kern * 1e3, e2e_ms=t_e2e * 1e3,
-                    tflops=4 * block * block * HEAD_DIM * tiles / t_kern / 1e12, speedup_e2e=t_dense / t_e2e,
-                    samples=n_k)
+            add_row(
+                L=length,
+                impl=impl,
+                index_set=name,
+                block=block,
+                tile_frac=frac,
+                est_ms=est_ms,
+                build_ms=t_build * 1e3,
+                kernel_ms=t_kern * 1e3,
+                e2e_ms=t_e2e * 1e3,
+                tflops=4 * block * block * HEAD_DIM * tiles / t_kern / 1e12,
+                speedup_e2e=t_dense / t_e2e,
+                samples=n_k,
+            )
             del index
     return q, k, v, (vi, so), t_dense, t_est
 
 
 # ---- MInference's kernel (a peer the repository does not carry) ------------------------------------------
+
 
 def load_peer():
     """The side-by-side run of MInference's own kernel lives in `.carry/minference_peer.py`, which is not part
@@ -245,7 +290,9 @@ def check_schedules(key, variants, length: int = 4096, nv: int = 128, ns: int = 
             with jax.default_matmul_precision("highest"):
                 refs[ref_key] = np.asarray(
                     vertical_slash_cover_reference(*up, vi, so, q_len=length, block=block, scale=SCALE)
-                    if slash_mask == "cover" else vertical_slash_attention_reference(*up, vi, so, scale=SCALE))
+                    if slash_mask == "cover"
+                    else vertical_slash_attention_reference(*up, vi, so, scale=SCALE)
+                )
         ref = refs[ref_key]
         b, kern, _, _ = make_fns(length, block, schedule, slash_mask)
         name = f"{schedule} b{block} {slash_mask}"
@@ -253,14 +300,17 @@ def check_schedules(key, variants, length: int = 4096, nv: int = 128, ns: int = 
             out = np.asarray(kern(q, k, v, b(vi, so)).astype(jnp.float32))
         except Exception as e:  # noqa: BLE001 (a variant that fails to compile is reported, not fatal)
             msg = str(e).split("\n")
-            NOTES.append(f"check L={length} {name}: FAILED {type(e).__name__}: "
-                         + " | ".join(line[:200] for line in msg[:6]))
+            NOTES.append(
+                f"check L={length} {name}: FAILED {type(e).__name__}: " + " | ".join(line[:200] for line in msg[:6])
+            )
             log(NOTES[-1])
             continue
         err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-        NOTES.append(f"check L={length} {name} ({nv} v / {ns} s, estimated): rel L2 vs its fp32 "
-                     f"reference ({ref_key if isinstance(ref_key, str) else 'cover'}) {err:.2e}, "
-                     f"finite={np.isfinite(out).all()}")
+        NOTES.append(
+            f"check L={length} {name} ({nv} v / {ns} s, estimated): rel L2 vs its fp32 "
+            f"reference ({ref_key if isinstance(ref_key, str) else 'cover'}) {err:.2e}, "
+            f"finite={np.isfinite(out).all()}"
+        )
         log(NOTES[-1])
         if err < 1e-2 and np.isfinite(out).all():  # a wrong kernel is reported and not timed
             ok.append((schedule, block, slash_mask))
@@ -275,28 +325,40 @@ def check_reference(key, length: int):
     ours = np.asarray(vertical_slash_attention(q, k, v, ix, scale=SCALE, interpret=True).astype(jnp.float32))
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = np.asarray(vertical_slash_attention_reference(*up, vi, so, scale=SCALE))
-    NOTES.append(f"smoke L={length}: lcjax interpret vs reference rel L2 "
-                 f"{np.linalg.norm(ours - ref) / np.linalg.norm(ref):.2e}")
+    NOTES.append(
+        f"smoke L={length}: lcjax interpret vs reference rel L2 {np.linalg.norm(ours - ref) / np.linalg.norm(ref):.2e}"
+    )
     log(NOTES[-1])
 
 
 # ---- model ----------------------------------------------------------------------------------------------
 
-def model_section(seq: int, runs: int, keep_cache: bool = True, mlp_chunk: int | None = None,
-                  semantics: tuple[str, ...] = ("exact", "cover")):
+
+def model_section(
+    seq: int,
+    runs: int,
+    keep_cache: bool = True,
+    mlp_chunk: int | None = None,
+    semantics: tuple[str, ...] = ("exact", "cover"),
+):
     """Llama-3-8B-shaped prefill, dense vs vertical-slash. For 512K: keep_cache=False (the cache alone would
     be 68 GiB) and mlp_chunk (e.g. 32768) so the MLP intermediates stay small."""
-    from lcjax.config import llama3_8b_config
-    from lcjax.methods.minference import vertical_slash
-    from lcjax.models.transformer import Transformer, _prefill
     cfg = llama3_8b_config()
     model = Transformer.init(cfg, jax.random.key(7), dtype=jnp.bfloat16)
     rng = np.random.default_rng(int(time.time()))
     lengths = jnp.full((1,), seq, jnp.int32)
     res = {}
     variants = [("dense (cuDNN)", model)] + [
-        (f"vertical_slash(pallas, {sem})", model.with_transforms(attention=vertical_slash(
-            cfg.num_layers, cfg.num_heads, backend="pallas", slash_semantics=sem))) for sem in semantics]
+        (
+            f"vertical_slash(pallas, {sem})",
+            model.with_transforms(
+                attention=MInference.vertical_slash(
+                    cfg.num_layers, cfg.num_heads, backend="pallas", slash_semantics=sem
+                )
+            ),
+        )
+        for sem in semantics
+    ]
     for name, m in variants:
         toks = [jnp.asarray(rng.integers(0, cfg.vocab_size, (1, seq)), jnp.int32) for _ in range(runs + 1)]
         t0 = time.perf_counter()
@@ -309,31 +371,41 @@ def model_section(seq: int, runs: int, keep_cache: bool = True, mlp_chunk: int |
             jax.block_until_ready(compiled(m, t, lengths))
             times.append(time.perf_counter() - t0)
         res[name] = statistics.median(times) * 1e3
-        line = f"model Llama-3-8B-shaped random weights, {seq} tokens, {name}: {res[name]:.0f} ms " \
-               f"(median of {runs}, compile {compile_s:.0f} s, cache kept: {keep_cache}, mlp_chunk {mlp_chunk})"
+        line = (
+            f"model Llama-3-8B-shaped random weights, {seq} tokens, {name}: {res[name]:.0f} ms "
+            f"(median of {runs}, compile {compile_s:.0f} s, cache kept: {keep_cache}, mlp_chunk {mlp_chunk})"
+        )
         NOTES.append(line)
         log(line)
         del compiled
         gc.collect()
     names = list(res)
     for name in names[1:]:
-        NOTES.append(f"model speedup {name} vs dense: {res[names[0]] / res[name]:.2f}x (random weights: the "
-                     "online estimate picks near-dense indices)")
+        NOTES.append(
+            f"model speedup {name} vs dense: {res[names[0]] / res[name]:.2f}x (random weights: the "
+            "online estimate picks near-dense indices)"
+        )
         log(NOTES[-1])
 
 
 # ---- main -----------------------------------------------------------------------------------------------
 
+
 def table() -> str:
-    head = ("| L | implementation | index set | tiles computed | est ms | build ms | kernel ms | e2e ms | "
-            "TFLOP/s (computed tiles) | e2e speedup vs cuDNN | theirs / fastest lcjax kernel | samples |")
+    head = (
+        "| L | implementation | index set | tiles computed | est ms | build ms | kernel ms | e2e ms | "
+        "TFLOP/s (computed tiles) | e2e speedup vs cuDNN | theirs / fastest lcjax kernel | samples |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in ROWS:
         ratio = r.get("theirs_over_fastest_lcjax_kernel")
-        lines.append(f"| {r["L"] // 1024 if r["L"] >= 1024 else r["L"]}{"K" if r["L"] >= 1024 else ""} | {r['impl']} | {r['index_set']} | {r['tile_frac']:.1%} | "
-                     f"{r['est_ms']:.2f} | {r['build_ms']:.2f} | {r['kernel_ms']:.2f} | {r['e2e_ms']:.2f} | "
-                     f"{r['tflops']:.0f} | {r['speedup_e2e']:.2f}x | {'' if ratio is None else f'{ratio:.2f}x'} | "
-                     f"{r['samples']} |")
+        tokens = f"{r['L'] // 1024}K" if r["L"] >= 1024 else str(r["L"])
+        lines.append(
+            f"| {tokens} | {r['impl']} | {r['index_set']} | {r['tile_frac']:.1%} | "
+            f"{r['est_ms']:.2f} | {r['build_ms']:.2f} | {r['kernel_ms']:.2f} | {r['e2e_ms']:.2f} | "
+            f"{r['tflops']:.0f} | {r['speedup_e2e']:.2f}x | {'' if ratio is None else f'{ratio:.2f}x'} | "
+            f"{r['samples']} |"
+        )
     return "\n".join(lines)
 
 
@@ -350,21 +422,34 @@ def main(argv=None):
     p.add_argument("--model-runs", type=int, default=3)
     p.add_argument("--model-no-cache", action="store_true", help="prefill without keeping a KV cache (512K)")
     p.add_argument("--model-mlp-chunk", type=int, default=None, help="MLP in sequence chunks (512K: 32768)")
-    p.add_argument("--model-semantics", default="exact,cover",
-                   help="vertical-slash semantics run beside dense in the model section (exact, cover)")
+    p.add_argument(
+        "--model-semantics",
+        default="exact,cover",
+        help="vertical-slash semantics run beside dense in the model section (exact, cover)",
+    )
     p.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this many seconds")
     p.add_argument("--json", action="store_true", help="write $OUT/bench_prefill.json")
     p.add_argument("--cpu-smoke", action="store_true")
-    p.add_argument("--kernels", action="store_true",
-                   help="section 0: dense and block-sparse kernels vs cuDNN and tokamax at --kernel-lengths")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="section 0: dense and block-sparse kernels vs cuDNN and tokamax at --kernel-lengths",
+    )
     p.add_argument("--kernel-lengths", default="8192,32768,131072")
     p.add_argument("--benchmarks-md", default=None, help="append this run's tables to that markdown file")
     p.add_argument("--schedules", default="diagonal", help="vertical-slash schedules: diagonal,ranges,mosaic")
     p.add_argument("--blocks", default="128,64")
-    p.add_argument("--variants", default="", help="schedule:block:mask list, e.g. diagonal:128:gather,ranges:64:cover "
-                   "(overrides --schedules/--blocks/--slash-masks)")
-    p.add_argument("--slash-masks", default="gather",
-                   help="masked tiles' slash test: bits,gather; cover = MInference's semantics (ranges only)")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="schedule:block:mask list, e.g. diagonal:128:gather,ranges:64:cover "
+        "(overrides --schedules/--blocks/--slash-masks)",
+    )
+    p.add_argument(
+        "--slash-masks",
+        default="gather",
+        help="masked tiles' slash test: bits,gather; cover = MInference's semantics (ranges only)",
+    )
     a = p.parse_args(argv)
     seed = int(time.time())
     key = jax.random.key(seed)
@@ -376,8 +461,13 @@ def main(argv=None):
     else:
         lengths = [int(x) for x in a.lengths.split(",") if x]
     mod, validated = None, False
-    variants = [(s_, int(b_), m_) for s_ in a.schedules.split(",") for b_ in a.blocks.split(",")
-                for m_ in a.slash_masks.split(",") if not (s_ == "diagonal" and m_ == "cover")]
+    variants = [
+        (s_, int(b_), m_)
+        for s_ in a.schedules.split(",")
+        for b_ in a.blocks.split(",")
+        for m_ in a.slash_masks.split(",")
+        if not (s_ == "diagonal" and m_ == "cover")
+    ]
     if a.variants:
         variants = [(s_, int(b_), m_) for s_, b_, m_ in (v_.split(":") for v_ in a.variants.split(","))]
     if not a.model_only and not a.cpu_smoke:
@@ -391,10 +481,8 @@ def main(argv=None):
         if a.cpu_smoke:
             NOTES.append("kernels section skipped: cuDNN and the Mosaic kernels need the GPU")
         else:
-            from experiments import bench_sparse_kernels
             for length in (int(x) for x in a.kernel_lengths.split(",") if x):
-                kernel_rows += bench_sparse_kernels.block_sparse_rows(jax.random.fold_in(key, length), length,
-                                                                      a.deadline_s)
+                kernel_rows += sparse_kernels.block_sparse_rows(jax.random.fold_in(key, length), length, a.deadline_s)
     if not a.model_only:
         for length in lengths:
             if elapsed() > a.deadline_s:
@@ -403,8 +491,9 @@ def main(argv=None):
                 continue
             key, sub = jax.random.split(key)
             try:
-                q, k, v, (vi, so), t_dense, t_est = lcjax_section(length, sub, a.samples, a.slow_samples,
-                                                                  variants=tuple(variants))
+                q, k, v, (vi, so), t_dense, t_est = lcjax_section(
+                    length, sub, a.samples, a.slow_samples, variants=tuple(variants)
+                )
             except Exception as e:  # noqa: BLE001 (OOM at the longest lengths: skip with a message)
                 NOTES.append(f"L={length}: lcjax section skipped: {type(e).__name__}: {str(e)[:300]}")
                 log(NOTES[-1])
@@ -412,6 +501,7 @@ def main(argv=None):
                 continue
             if mod is None and not a.no_torch:
                 import torch
+
                 log(f"torch {torch.__version__}, loading the MInference peer")
                 try:
                     mod = peer.load_minference()
@@ -434,6 +524,7 @@ def main(argv=None):
                     NOTES.append(f"L={length}: MInference section skipped: {type(e).__name__}: {str(e)[:300]}")
                     log(NOTES[-1])
                     import torch
+
                     torch.cuda.empty_cache()
             del q, k, v, vi, so
             gc.collect()
@@ -444,8 +535,13 @@ def main(argv=None):
             NOTES.append("model section skipped, past --deadline-s")
         else:
             try:
-                model_section(a.model_len, a.model_runs, not a.model_no_cache, a.model_mlp_chunk,
-                              tuple(a.model_semantics.split(",")))
+                model_section(
+                    a.model_len,
+                    a.model_runs,
+                    not a.model_no_cache,
+                    a.model_mlp_chunk,
+                    tuple(a.model_semantics.split(",")),
+                )
             except Exception as e:  # noqa: BLE001
                 NOTES.append(f"model section failed: {type(e).__name__}: {str(e)[:300]}")
                 log(NOTES[-1])
@@ -462,14 +558,21 @@ def main(argv=None):
 
 def run_report(a, argv, kernel_rows) -> str:
     """The run as a markdown section: date, device, jax, command, notes (checks, model lines), tables."""
-    from experiments.bench_sparse_kernels import kernel_table
-    command = "python -m experiments.bench_prefill " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [f"## bench_prefill run, {datetime.date.today()}", "",
-             f"- Device: {jax.devices()[0].device_kind}; jax {jax.__version__}.", f"- Command: `{command}`"]
+    command = "python -m benchmarks.sparse_prefill " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [
+        f"## bench_prefill run, {datetime.date.today()}",
+        "",
+        f"- Device: {jax.devices()[0].device_kind}; jax {jax.__version__}.",
+        f"- Command: `{command}`",
+    ]
     lines += [f"- {n}" for n in NOTES]
     if kernel_rows:
-        lines += ["", "Dense and block-sparse kernels (B=1, 32 q / 8 KV heads, head_dim 128, bf16, causal):", "",
-                  kernel_table(kernel_rows)]
+        lines += [
+            "",
+            "Dense and block-sparse kernels (B=1, 32 q / 8 KV heads, head_dim 128, bf16, causal):",
+            "",
+            sparse_kernels.kernel_table(kernel_rows),
+        ]
     if ROWS:
         lines += ["", "Vertical-slash, end to end and against MInference's kernel:", "", table()]
     return "\n".join(lines)
@@ -480,9 +583,18 @@ def dump(a, kernel_rows=()):
     result) and the notes."""
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "bench_prefill.json"), "w") as f:
-        json.dump(dict(args=vars(a), device=jax.devices()[0].device_kind, jax=jax.__version__, rows=ROWS,
-                       kernel_rows=[dict(L=n, variant=name, **r) for n, name, r in kernel_rows], notes=NOTES),
-                  f, indent=1)
+        json.dump(
+            dict(
+                args=vars(a),
+                device=jax.devices()[0].device_kind,
+                jax=jax.__version__,
+                rows=ROWS,
+                kernel_rows=[dict(L=n, variant=name, **r) for n, name, r in kernel_rows],
+                notes=NOTES,
+            ),
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

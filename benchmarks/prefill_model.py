@@ -1,6 +1,6 @@
 """Prefill benchmark of a Llama-3-8B-shaped model (random bf16 weights): lcjax vs transformers, one GPU.
 
-    python -m experiments.bench_model [--lengths 8192 32768] [--runs 10] [--no-torch]
+    python -m benchmarks.prefill_model [--lengths 8192 32768] [--runs 10] [--no-torch]
 
 Measures, for lcjax: compile time of the prefill function, median prefill time over `--runs` timed runs
 after a warm-up (fresh random tokens each run), and the device memory one prefill needs (XLA's memory
@@ -15,24 +15,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from lcjax.config import llama3_8b_config
+from lcjax.models.attention import cudnn_attention
 from lcjax.models.transformer import Transformer, _prefill
-
-
-def _median_ms(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from lcjax.numerics import attention_mask, xla_attention
 
 
 def _prefill_flops(cfg, seq: int) -> float:
@@ -53,13 +46,18 @@ def bench_lcjax(model: Transformer, seq: int, runs: int, rng: np.random.Generato
 
     inputs = [jnp.asarray(rng.integers(0, vocab, (1, seq)), jnp.int32) for _ in range(runs)]
     it = iter(inputs)
-    ms = _median_ms(lambda: jax.block_until_ready(compiled(model, next(it), lengths)), runs)
+    ms = median_seconds(lambda: compiled(model, next(it), lengths), samples=runs, warmup=0) * 1e3
     mem = compiled.memory_analysis()
     # params + tokens in, logits + KV cache out, plus XLA's scratch: the device memory one prefill needs
     need = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
     logits, _ = compiled(model, inputs[0], lengths)
-    return dict(compile_s=compile_s, ms=ms, peak_gib=need / 2**30,
-                logits=np.asarray(logits[0], np.float32), tokens=np.asarray(inputs[0]))
+    return dict(
+        compile_s=compile_s,
+        ms=ms,
+        peak_gib=need / 2**30,
+        logits=np.asarray(logits[0], np.float32),
+        tokens=np.asarray(inputs[0]),
+    )
 
 
 def torch_model_from(model: Transformer, dtype=None):
@@ -110,25 +108,23 @@ def bench_torch(tm, seq: int, runs: int, rng: np.random.Generator, check_tokens:
     torch.cuda.reset_peak_memory_stats()
     inputs = [torch.as_tensor(rng.integers(0, vocab, (1, seq)), device="cuda") for _ in range(runs)]
     it = iter(inputs)
-    ms = _median_ms(lambda: run(next(it)), runs)
+    ms = median_seconds(lambda: run(next(it)), samples=runs, warmup=0) * 1e3
     logits = run(torch.as_tensor(np.array(check_tokens), device="cuda"))[0, -1].float().cpu().numpy()
     return dict(ms=ms, peak_gib=torch.cuda.max_memory_allocated() / 2**30, logits=logits)
 
 
 def check_cudnn_attention(rng: np.random.Generator) -> list[str]:
     """cuDNN prefill attention vs the fp32 XLA reference on upcast inputs: GQA, ragged lengths, window."""
-    from lcjax.attention import attention_mask, cudnn_attention, xla_attention
-
     lines = []
     b, s, h, kvh, d = 2, 2048, 32, 8, 128
     for window in (None, 512):
         q, k, v = (jnp.asarray(rng.standard_normal((b, s, n, d)), jnp.bfloat16) for n in (h, kvh, kvh))
         lengths = jnp.asarray([s, 1500], jnp.int32)
-        out = cudnn_attention(q, k, v, lengths, window, d ** -0.5).astype(jnp.float32)
+        out = cudnn_attention(q, k, v, lengths, window, d**-0.5).astype(jnp.float32)
         slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         mask = attention_mask(slots, s, lengths, window)
         f32 = lambda x: x.astype(jnp.float32)
-        ref = xla_attention(f32(q), f32(k), f32(v), mask, d ** -0.5)
+        ref = xla_attention(f32(q), f32(k), f32(v), mask, d**-0.5)
         valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, :, None, None]
         err = float(jnp.linalg.norm(jnp.where(valid, out - ref, 0)) / jnp.linalg.norm(jnp.where(valid, ref, 0)))
         lines.append(f"cuDNN vs fp32 reference, GQA 32/8, lengths (2048, 1500), window {window}: rel err {err:.1e}")
@@ -140,6 +136,7 @@ def check_bf16_noise(rng: np.random.Generator, layers: int = 4, seq: int = 1024)
     """Both bf16 implementations against transformers in fp32 on a shallow 8B-shaped model: is the
     lcjax-vs-transformers difference in bf16 just bf16 rounding (each as far from fp32 as the other)?"""
     import dataclasses
+
     import torch
 
     cfg = dataclasses.replace(llama3_8b_config(), num_layers=layers)
@@ -160,9 +157,11 @@ def check_bf16_noise(rng: np.random.Generator, layers: int = 4, seq: int = 1024)
     with jax.default_matmul_precision("highest"):  # JAX's GPU default for fp32 matmuls is TF32
         ours32_logits = np.asarray(ours32(tokens))[0]
     rel = lambda x: float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-    lines = [f"{layers}-layer 8B-shaped model, {seq} tokens, logits vs transformers fp32: "
-             f"lcjax fp32 {rel(ours32_logits):.1e}, lcjax bf16 {rel(np.asarray(ours16(tokens))[0]):.1e}, "
-             f"transformers bf16 {rel(hf16):.1e}"]
+    lines = [
+        f"{layers}-layer 8B-shaped model, {seq} tokens, logits vs transformers fp32: "
+        f"lcjax fp32 {rel(ours32_logits):.1e}, lcjax bf16 {rel(np.asarray(ours16(tokens))[0]):.1e}, "
+        f"transformers bf16 {rel(hf16):.1e}"
+    ]
     torch.set_default_dtype(torch.bfloat16)
     return lines
 
@@ -180,7 +179,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16)
     jax.block_until_ready(model.params)
-    print(f"init {cfg.num_params() / 1e9:.2f}B params in {time.perf_counter() - t0:.1f}s on {jax.devices()[0].device_kind}")
+    device = jax.devices()[0].device_kind
+    print(f"init {cfg.num_params() / 1e9:.2f}B params in {time.perf_counter() - t0:.1f}s on {device}")
 
     checks = check_cudnn_attention(rng) + ([] if args.no_torch else check_bf16_noise(rng))
     rows = []
@@ -192,16 +192,23 @@ def main(argv=None) -> None:
         theirs = {seq: bench_torch(tm, seq, args.runs, rng, ours[seq]["tokens"]) for seq in args.lengths}
     for seq in args.lengths:
         o = ours[seq]
-        row = dict(seq=seq, compile_s=round(o["compile_s"], 1), lcjax_ms=round(o["ms"], 1),
-                   lcjax_tflops=round(_prefill_flops(cfg, seq) / o["ms"] / 1e9, 1),
-                   lcjax_mem_gib=round(o["peak_gib"], 1))
+        row = dict(
+            seq=seq,
+            compile_s=round(o["compile_s"], 1),
+            lcjax_ms=round(o["ms"], 1),
+            lcjax_tflops=round(_prefill_flops(cfg, seq) / o["ms"] / 1e9, 1),
+            lcjax_mem_gib=round(o["peak_gib"], 1),
+        )
         if seq in theirs:
             t = theirs[seq]
             ref = t["logits"]
-            row.update(hf_ms=round(t["ms"], 1), hf_peak_gib=round(t["peak_gib"], 1),
-                       speedup=round(t["ms"] / o["ms"], 2),
-                       logits_rel_diff=float(np.linalg.norm(o["logits"] - ref) / np.linalg.norm(ref)),
-                       same_argmax=bool(o["logits"].argmax() == ref.argmax()))
+            row.update(
+                hf_ms=round(t["ms"], 1),
+                hf_peak_gib=round(t["peak_gib"], 1),
+                speedup=round(t["ms"] / o["ms"], 2),
+                logits_rel_diff=float(np.linalg.norm(o["logits"] - ref) / np.linalg.norm(ref)),
+                same_argmax=bool(o["logits"].argmax() == ref.argmax()),
+            )
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:

@@ -2,7 +2,7 @@
 
 Same contract as `block_sparse_attention` (the Triton-lowered kernel in `block_sparse_attention.py`) on
 lists in `canonicalize_block_indices`' form; this one runs at the rate of cuDNN's dense kernel per
-computed tile, which Triton's lowering could not reach on the H100 (NOTES.md, BENCHMARKS.md).
+computed tile, which Triton's lowering could not reach on the H100 (BENCHMARKS.md, docs/kernel-notes.md).
 
 Layout of one CTA, after FlashAttention-3: `compute_wgs` (1 or 2) compute warpgroups of 64 query rows each
 (one query block = 64 * compute_wgs rows) and one memory warpgroup. The memory warpgroup walks the query
@@ -17,8 +17,8 @@ round the CTAs forwards then backwards (`snake_turn`), longest lists first withi
 fit L2 (`kv_heads_per_run`), so every CTA gets about the same work and the items in flight share their K/V
 tiles. Within a CTA the memory warpgroup loads the next item's Q into a second Q tile and streams its K/V
 tiles on through the same ring while the compute warpgroups finish the current one, so an item's fixed costs
-(Q load, first tiles) overlap the previous item's work and no CTA pays a launch and a drain per item (with a
-CTA per item or per 4 items, short lists left each SM idle 19-41% of the kernel between CTAs: BENCHMARKS.md).
+(Q load, first tiles) overlap the previous item's work and no CTA pays a launch and a drain per item (a CTA per
+item left SMs idle between CTAs on short lists: docs/kernel-notes.md).
 An item's output leaves through its Q tile; the compute warpgroups do not wait for that copy but go on to the
 next item, and hand the tile back once the copy has read it (checked after the next item's first QK^T).
 
@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lcjax.pallas import _flash
+from lcjax.pallas import _common
 
 ROWS_PER_WG = 64  # wgmma's M per warpgroup
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -71,7 +71,7 @@ def copy_kv_tile(k_src, v_src, k_dst, v_dst, ready, free, refill) -> None:
 def init_softmax_state(head_dim: int):
     """(acc `[64, head_dim]`, m `[64]`, l `[64]`) of one warpgroup's rows in wgmma's register layouts: the
     running max starts at the finite floor (see `_flash`), the sums and output at zero."""
-    m = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), _flash.M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    m = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), _common.M_FLOOR, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     acc = plgpu.layout_cast(jnp.zeros((ROWS_PER_WG, head_dim), jnp.float32), plgpu.Layout.WGMMA)
     return acc, m, l
@@ -125,23 +125,41 @@ def snake_turns(cta, num_ctas: int, items: int):
     return rounds + jnp.where(position < rest, 1, 0)
 
 
-def kv_heads_per_run(kv_heads: int, kv_bytes_per_head: int, budget: int = 16 * 2**20,
-                     whole: int = 32 * 2**20) -> int:
+def kv_heads_per_run(kv_heads: int, kv_bytes_per_head: int, budget: int = 16 * 2**20, whole: int = 32 * 2**20) -> int:
     """How many KV heads' items run together, longest list first: all of them when their K and V together fit
     `whole` bytes (all of one sequence's K/V stays in L2), else the most (a divisor of kv_heads) whose K and V
     fit `budget` bytes (what L2 can serve to the items in flight), at least one. More heads per run means
-    fewer restarts from the longest list, and so a better balance across CTAs. On the H100 (50 MB of L2):
-    runs of 32 MiB at 32K (2 heads) were slower on random 5% lists than runs of 16; at 8K one run of all 8
-    heads (32 MiB) was faster than runs of 4 (dense 6-7%, 25% lists 5-9%; BENCHMARKS.md)."""
+    fewer restarts from the longest list, and so a better balance across CTAs. The two sizes are the H100's
+    (50 MB of L2), chosen by measurement (docs/kernel-notes.md)."""
     if kv_heads * kv_bytes_per_head <= whole:
         return kv_heads
     fitting = [g for g in range(1, kv_heads + 1) if kv_heads % g == 0 and g * kv_bytes_per_head <= budget]
     return max(fitting, default=1)
 
 
-def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_wgs: int, block_k: int,
-            stages: int, q_buffers: int, num_q_blocks: int, heads_per_run: int, batch: int, num_ctas: int,
-            items: int, groups: int, kv_len: int, causal: bool, qk_scale: float):
+def _kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    idx_ref,
+    sched_ref,
+    o_ref,
+    scoped,
+    *,
+    compute_wgs: int,
+    block_k: int,
+    stages: int,
+    q_buffers: int,
+    num_q_blocks: int,
+    heads_per_run: int,
+    batch: int,
+    num_ctas: int,
+    items: int,
+    groups: int,
+    kv_len: int,
+    causal: bool,
+    qk_scale: float,
+):
     (q_smem, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free, q_free), schedule = scoped
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
@@ -264,8 +282,11 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
             kv_head = lax.div(h, groups)
             pl.when(i >= q_buffers)(lambda: plgpu.barrier_wait(q_free.at[q_slot]))
             for w in range(compute_wgs):
-                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(qb * block_q + w * ROWS_PER_WG, ROWS_PER_WG), h],
-                                        q_smem.at[q_slot, w], q_ready.at[q_slot])
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[b, pl.ds(qb * block_q + w * ROWS_PER_WG, ROWS_PER_WG), h],
+                    q_smem.at[q_slot, w],
+                    q_ready.at[q_slot],
+                )
 
             n_total = sched_ref[b, h, qb, 1]
 
@@ -273,17 +294,36 @@ def _kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped, *, compute_w
             def _(n):
                 slot = lax.rem(step0 + n, stages)
                 tile = (b, pl.ds(idx_ref[b, h, qb, n] * block_k, block_k), kv_head)
-                copy_kv_tile(k_ref.at[tile], v_ref.at[tile], k_smem.at[slot], v_smem.at[slot],
-                             (k_ready.at[slot], v_ready.at[slot]), (k_free.at[slot], v_free.at[slot]),
-                             step0 + n >= stages)
+                copy_kv_tile(
+                    k_ref.at[tile],
+                    v_ref.at[tile],
+                    k_smem.at[slot],
+                    v_smem.at[slot],
+                    (k_ready.at[slot], v_ready.at[slot]),
+                    (k_free.at[slot], v_free.at[slot]),
+                    step0 + n >= stages,
+                )
 
             return step0 + n_total
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
 
 
-def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, causal: bool, block_q: int,
-                    block_k: int, stages: int, num_ctas: int) -> jax.Array:
+def _mosaic_forward(
+    q,
+    k,
+    v,
+    indices,
+    schedule,
+    *,
+    kv_len: int,
+    scale: float,
+    causal: bool,
+    block_q: int,
+    block_k: int,
+    stages: int,
+    num_ctas: int,
+) -> jax.Array:
     """The kernel on padded arrays: q `[b, nqb*block_q, h, d]`, k, v `[b, nkb*block_k, kvh, d]`, d 64 or 128."""
     batch, q_pad, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -292,23 +332,43 @@ def _mosaic_forward(q, k, v, indices, schedule, *, kv_len: int, scale: float, ca
     items = heads * nqb * batch
     num_ctas = min(num_ctas, items)
     # more Q tiles let later items' Q load while this one runs (and its output copy leave on its own time)
-    fitting = [n for n in range(1, MAX_Q_BUFFERS + 1)
-               if smem_bytes(block_q, block_k, stages, head_dim, q_buffers=n) <= SMEM_BYTES - SMEM_RESERVED]
+    fitting = [
+        n
+        for n in range(1, MAX_Q_BUFFERS + 1)
+        if smem_bytes(block_q, block_k, stages, head_dim, q_buffers=n) <= SMEM_BYTES - SMEM_RESERVED
+    ]
     q_buffers = max(fitting, default=1) if num_ctas < items else 1
     per_run = kv_heads_per_run(kv_heads, 2 * k.shape[1] * head_dim * k.dtype.itemsize)
-    kernel = functools.partial(_kernel, compute_wgs=compute_wgs, block_k=block_k, stages=stages,
-                               q_buffers=q_buffers, num_q_blocks=nqb, heads_per_run=per_run * (heads // kv_heads),
-                               batch=batch, num_ctas=num_ctas, items=items, kv_len=kv_len, causal=causal,
-                               groups=heads // kv_heads, qk_scale=scale * _flash.LOG2E)
+    kernel = functools.partial(
+        _kernel,
+        compute_wgs=compute_wgs,
+        block_k=block_k,
+        stages=stages,
+        q_buffers=q_buffers,
+        num_q_blocks=nqb,
+        heads_per_run=per_run * (heads // kv_heads),
+        batch=batch,
+        num_ctas=num_ctas,
+        items=items,
+        kv_len=kv_len,
+        causal=causal,
+        groups=heads // kv_heads,
+        qk_scale=scale * _common.LOG2E,
+    )
 
     def entry(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref):
         pl.run_scoped(
             lambda *scoped: kernel(q_ref, k_ref, v_ref, idx_ref, sched_ref, o_ref, scoped),
-            (plgpu.SMEM((q_buffers, compute_wgs, ROWS_PER_WG, head_dim), q.dtype, **WGMMA_TILES),
-             plgpu.SMEM((stages, block_k, head_dim), q.dtype, **WGMMA_TILES),
-             plgpu.SMEM((stages, block_k, head_dim), q.dtype, **WGMMA_TILES)),
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=q_buffers)),
+            (
+                plgpu.SMEM((q_buffers, compute_wgs, ROWS_PER_WG, head_dim), q.dtype, **WGMMA_TILES),
+                plgpu.SMEM((stages, block_k, head_dim), q.dtype, **WGMMA_TILES),
+                plgpu.SMEM((stages, block_k, head_dim), q.dtype, **WGMMA_TILES),
+            ),
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=q_buffers),
+            ),
             (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),) * 2
             + (plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=q_buffers),),
             plgpu.Barrier(num_arrivals=compute_wgs),
@@ -343,8 +403,7 @@ def default_num_ctas() -> int:
     return int(getattr(jax.devices()[0], "core_count", 132))
 
 
-def smem_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize: int = 2,
-               q_buffers: int = 1) -> int:
+def smem_bytes(block_q: int, block_k: int, stages: int, head_dim: int, itemsize: int = 2, q_buffers: int = 1) -> int:
     """Shared memory of one CTA: `q_buffers` query/output tiles and `stages` K and V tiles (barriers not
     counted)."""
     return (q_buffers * block_q + 2 * stages * block_k) * head_dim * itemsize
@@ -357,27 +416,39 @@ def check_dtype(name: str, q: jax.Array) -> None:
 
 def check_config(q: jax.Array, block_q: int, block_k: int, stages: int) -> None:
     """Errors naming what the Hopper kernel supports."""
-    check_dtype("block_sparse_attention_hopper", q)
+    check_dtype("block_sparse_attention_mgpu", q)
     if block_q not in (64, 128):
-        raise ValueError(f"block_sparse_attention_hopper: block_q={block_q} must be 64 or 128 (one or two "
-                         f"warpgroups of 64 rows).")
+        raise ValueError(
+            f"block_sparse_attention_mgpu: block_q={block_q} must be 64 or 128 (one or two warpgroups of 64 rows)."
+        )
     if block_k not in (64, 128):
-        raise ValueError(f"block_sparse_attention_hopper: block_k={block_k} must be 64 or 128.")
+        raise ValueError(f"block_sparse_attention_mgpu: block_k={block_k} must be 64 or 128.")
     if stages < 2:
-        raise ValueError(f"block_sparse_attention_hopper: stages={stages} must be >= 2 (a ring of K/V slots).")
-    head_dim = _flash.padded_head_dim(q.shape[-1])
+        raise ValueError(f"block_sparse_attention_mgpu: stages={stages} must be >= 2 (a ring of K/V slots).")
+    head_dim = _common.padded_head_dim(q.shape[-1])
     if (need := smem_bytes(block_q, block_k, stages, head_dim)) > SMEM_BYTES:
-        raise ValueError(f"block_sparse_attention_hopper: block_q={block_q}, block_k={block_k}, stages={stages} at "
-                         f"head_dim={head_dim} need {need} bytes of shared memory, more than the {SMEM_BYTES} a "
-                         "CTA has; use fewer stages or smaller tiles.")
+        raise ValueError(
+            f"block_sparse_attention_mgpu: block_q={block_q}, block_k={block_k}, stages={stages} at "
+            f"head_dim={head_dim} need {need} bytes of shared memory, more than the {SMEM_BYTES} a "
+            "CTA has; use fewer stages or smaller tiles."
+        )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "stages",
-                                             "num_ctas"))
-def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array,
-                                  schedule: jax.Array, *, scale: float, causal: bool = True, block_q: int = 128,
-                                  block_k: int = 128, stages: int = 2,
-                                  num_ctas: int | None = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_q", "block_k", "stages", "num_ctas"))
+def block_sparse_attention_mgpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    indices: jax.Array,
+    schedule: jax.Array,
+    *,
+    scale: float,
+    causal: bool = True,
+    block_q: int = 128,
+    block_k: int = 128,
+    stages: int = 2,
+    num_ctas: int | None = None,
+) -> jax.Array:
     """`block_sparse_attention_canonical` on Hopper: lists already in `canonicalize_block_indices`' form for
     these `block_q`, `block_k`.
 
@@ -389,21 +460,33 @@ def block_sparse_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, indi
     `default_num_ctas`, one per SM); they take the items in `snake_turn` order, each loading its next item's Q
     and first K/V tiles while it finishes the current one.
     """
-    _flash.check_inputs("block_sparse_attention_hopper", q, k, v)
+    _common.check_inputs("block_sparse_attention_mgpu", q, k, v)
     check_config(q, block_q, block_k, stages)
     q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
     if causal and q_len != kv_len:
-        raise ValueError(f"causal block_sparse_attention_hopper is prefill from position 0: q_len={q_len} must "
-                         f"equal kv_len={kv_len}.")
-    d_pad = _flash.padded_head_dim(head_dim)
+        raise ValueError(
+            f"causal block_sparse_attention_mgpu is prefill from position 0: q_len={q_len} must equal kv_len={kv_len}."
+        )
+    d_pad = _common.padded_head_dim(head_dim)
     q_pad, kv_pad = -(-q_len // block_q) * block_q, -(-kv_len // block_k) * block_k
 
     def run(q, k, v, lists):
-        q_p = _flash.pad_to(_flash.pad_to(q, 1, q_pad), 3, d_pad)
-        k_p = _flash.pad_to(_flash.pad_to(k, 1, kv_pad), 3, d_pad)
-        v_p = _flash.pad_to(_flash.pad_to(v, 1, kv_pad), 3, d_pad)
-        out = _mosaic_forward(q_p, k_p, v_p, *lists, kv_len=kv_len, scale=scale, causal=causal, block_q=block_q,
-                              block_k=block_k, stages=stages, num_ctas=num_ctas or default_num_ctas())
+        q_p = _common.pad_to(_common.pad_to(q, 1, q_pad), 3, d_pad)
+        k_p = _common.pad_to(_common.pad_to(k, 1, kv_pad), 3, d_pad)
+        v_p = _common.pad_to(_common.pad_to(v, 1, kv_pad), 3, d_pad)
+        out = _mosaic_forward(
+            q_p,
+            k_p,
+            v_p,
+            *lists,
+            kv_len=kv_len,
+            scale=scale,
+            causal=causal,
+            block_q=block_q,
+            block_k=block_k,
+            stages=stages,
+            num_ctas=num_ctas or default_num_ctas(),
+        )
         return out[:, :q_len, :, :head_dim]
 
-    return _flash.by_head_groups(run, q, k, v, (indices, schedule), padded_len=q_pad, padded_head_dim=d_pad)
+    return _common.by_head_groups(run, q, k, v, (indices, schedule), padded_len=q_pad, padded_head_dim=d_pad)

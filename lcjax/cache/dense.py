@@ -1,10 +1,10 @@
-"""The KV cache: one pytree holding every layer's keys and values.
+"""`KVCache`: the dense KV cache, one pytree holding every layer's keys and values.
 
 `KVCache` stacks layers in its arrays so the model's `lax.scan` over layers can thread it as one value,
 and writes with scatters that XLA performs in place when the cache is donated. A model with unstacked layer
 weights (a Python loop over layers) keeps one array per layer instead (`k`, `v` tuples): there a chain of
-in-place writes into one stacked buffer was not in place (an 8B prefill at 128K asked 34 GiB of temporaries
-instead of 6 on an H100), and per-layer buffers need no layer indexing at all. Slots are filled left to
+in-place writes into one stacked buffer was not in place (XLA kept copies of the whole cache alive during a
+long prefill), and per-layer buffers need no layer indexing at all. Slots are filled left to
 right; `lengths` counts the filled slots of each sequence and `positions` is the RoPE position its next
 token gets (the two differ once a compression method drops tokens). Names follow transformers'
 `cache_utils` (`get_seq_length`, `crop`) so they are familiar.
@@ -16,6 +16,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from lcjax.cache.layers import pad_slots, repeat_batch, scatter_layer
+from lcjax.config import ModelConfig
+from lcjax.numerics import attention_mask, xla_attention
+from lcjax.pallas.decode_attention import DECODE_HEAD_DIMS, decode_attention
 
 
 @jax.tree_util.register_dataclass
@@ -36,15 +41,24 @@ class KVCache:
     first: jax.Array
 
     @classmethod
-    def init(cls, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.bfloat16, stacked: bool = True) -> "KVCache":
+    def init(
+        cls,
+        num_layers: int,
+        batch: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype=jnp.bfloat16,
+        stacked: bool = True,
+    ) -> "KVCache":
         """An empty cache with room for `capacity` tokens per sequence (`stacked=False`: per-layer arrays)."""
         zeros = jnp.zeros((batch,), jnp.int32)
         first = jnp.zeros((num_layers, batch), jnp.int32)
         if stacked:
             shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
-            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=zeros, positions=zeros,
-                       first=first)
+            return cls(
+                k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=zeros, positions=zeros, first=first
+            )
         shape = (batch, capacity, num_kv_heads, head_dim)
         per_layer = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
         return cls(k=per_layer(), v=per_layer(), lengths=zeros, positions=zeros, first=first)
@@ -65,8 +79,14 @@ class KVCache:
         """Filled slots per sequence, int32 `[batch]`."""
         return self.lengths
 
-    def update(self, layer: jax.Array | int, k_new: jax.Array, v_new: jax.Array, start: jax.Array,
-               lengths: jax.Array | None = None) -> "KVCache":
+    def update(
+        self,
+        layer: jax.Array | int,
+        k_new: jax.Array,
+        v_new: jax.Array,
+        start: jax.Array,
+        lengths: jax.Array | None = None,
+    ) -> "KVCache":
         """Writes `k_new, v_new: [batch, seq, kv_heads, head_dim]` into `layer` at slots `start[b] + t`.
 
         lengths: int32 `[batch]`, the valid slots once written (rows past it are padding; caches that keep
@@ -77,12 +97,32 @@ class KVCache:
         """
         batch, seq = k_new.shape[:2]
         index = (jnp.arange(batch)[:, None], start[:, None] + jnp.arange(seq)[None, :])
-        return dataclasses.replace(self, k=scatter_layer(self.k, layer, index, k_new),
-                                   v=scatter_layer(self.v, layer, index, v_new))
+        return dataclasses.replace(
+            self, k=scatter_layer(self.k, layer, index, k_new), v=scatter_layer(self.v, layer, index, v_new)
+        )
 
     def layer_first(self, layer: jax.Array | int) -> jax.Array:
         """int32 `[batch]`: the first valid slot of `layer` in each sequence."""
         return self.first[layer]
+
+    def attend_decode(
+        self, q: jax.Array, layer: jax.Array | int, lengths: jax.Array, scale: float, implementation: str
+    ) -> jax.Array:
+        """One query per sequence, `q: [batch, heads, head_dim]`, over `layer` (its new key written; `lengths`
+        counts it): the split-K Pallas kernel (`lcjax.pallas.decode_attention`) for "pallas", and for "auto" on
+        a GPU where it supports the head dim; else XLA. Returns `[batch, heads, head_dim]`."""
+        on_gpu = jax.default_backend() == "gpu"
+        # whole 8B decode steps were faster through the kernel on the H100, from 1 x 4K up (BENCHMARKS.md)
+        if implementation == "pallas" or (implementation == "auto" and on_gpu and q.shape[-1] in DECODE_HEAD_DIMS):
+            # the stacked cache and the layer index: the kernel reads the layer in place (slicing it out first
+            # copied one layer per layer per step, a whole cache read + write per token)
+            kv, index = ((self.k, self.v), layer) if self.stacked else (self.layer_kv(layer), None)
+            return decode_attention(
+                q, *kv, lengths, scale=scale, layer=index, first=self.layer_first(layer), interpret=not on_gpu
+            )
+        keys, values = self.layer_kv(layer)
+        mask = attention_mask((lengths - 1)[:, None], self.capacity, lengths, None, self.layer_first(layer))
+        return xla_attention(q[:, None], keys, values, mask, scale)[:, 0]
 
     def layer_kv(self, layer: jax.Array | int) -> tuple[jax.Array, jax.Array]:
         """Keys and values of one layer, each `[batch, capacity, kv_heads, head_dim]` (a Python int layer for
@@ -100,15 +140,21 @@ class KVCache:
         if n < 1:
             raise ValueError(f"fork needs n >= 1, got {n}.")
         kv = lambda x: repeat_batch(x, n)
-        return dataclasses.replace(self, k=kv(self.k), v=kv(self.v), lengths=jnp.repeat(self.lengths, n, axis=0),
-                                   positions=jnp.repeat(self.positions, n, axis=0),
-                                   first=jnp.repeat(self.first, n, axis=1))
+        return dataclasses.replace(
+            self,
+            k=kv(self.k),
+            v=kv(self.v),
+            lengths=jnp.repeat(self.lengths, n, axis=0),
+            positions=jnp.repeat(self.positions, n, axis=0),
+            first=jnp.repeat(self.first, n, axis=1),
+        )
 
     def with_capacity(self, capacity: int) -> "KVCache":
         """The same cache in `capacity` slots per sequence (a copy; growing pads with empty slots)."""
         if capacity < self.capacity:
-            raise ValueError(f"with_capacity({capacity}) would cut a cache of capacity {self.capacity}; "
-                             "use crop() to forget tokens.")
+            raise ValueError(
+                f"with_capacity({capacity}) would cut a cache of capacity {self.capacity}; use crop() to forget tokens."
+            )
         grow = lambda x: pad_slots(x, capacity - self.capacity)
         return dataclasses.replace(self, k=grow(self.k), v=grow(self.v))
 
@@ -120,42 +166,18 @@ class KVCache:
     def crop(self, max_length: int) -> "KVCache":
         """Forgets every slot at or past `max_length` (transformers' `DynamicCache.crop`)."""
         lengths = jnp.minimum(self.lengths, max_length)
-        return dataclasses.replace(self, lengths=lengths, positions=self.positions - (self.lengths - lengths),
-                                   first=jnp.minimum(self.first, lengths[None, :]))
+        return dataclasses.replace(
+            self,
+            lengths=lengths,
+            positions=self.positions - (self.lengths - lengths),
+            first=jnp.minimum(self.first, lengths[None, :]),
+        )
 
 
-# Per-layer state is either one stacked array `[layers, batch, ...]` (a traced layer index inside the layer scan)
-# or a tuple of `[batch, ...]` arrays (a Python int layer); these helpers serve both, for every cache class.
+class DenseStorage:
+    """Mixin for cache transforms that keep a plain `KVCache` (the presses)."""
 
-def scatter_layer(x: jax.Array | tuple[jax.Array, ...], layer: jax.Array | int, index: tuple,
-                  values: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
-    """`x[layer][index] = values` (out-of-range indices dropped), in place for a stacked array."""
-    if isinstance(x, tuple):
-        return x[:layer] + (x[layer].at[index].set(values.astype(x[layer].dtype), mode="drop"),) + x[layer + 1:]
-    return x.at[(layer,) + tuple(index)].set(values.astype(x.dtype), mode="drop")
-
-
-def set_layer(x: jax.Array | tuple[jax.Array, ...], layer: jax.Array | int,
-              value: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
-    """x with `x[layer]` replaced by `value: [batch, ...]`."""
-    if isinstance(x, tuple):
-        return x[:layer] + (value.astype(x[layer].dtype),) + x[layer + 1:]
-    return jax.lax.dynamic_update_index_in_dim(x, value.astype(x.dtype), layer, 0)
-
-
-def repeat_batch(x: jax.Array | tuple[jax.Array, ...], n: int) -> jax.Array | tuple[jax.Array, ...]:
-    """Each sequence of per-layer state repeated n times along the batch axis."""
-    if isinstance(x, tuple):
-        return tuple(jnp.repeat(a, n, axis=0) for a in x)
-    return jnp.repeat(x, n, axis=1)
-
-
-def pad_slots(x: jax.Array | tuple[jax.Array, ...], extra: int, fill=0) -> jax.Array | tuple[jax.Array, ...]:
-    """Per-layer state `[(layers,) batch, slots, ...]` with `extra` more slots of `fill` (a copy)."""
-    def pad(a, axis):
-        widths = [(0, 0)] * a.ndim
-        widths[axis] = (0, extra)
-        return jnp.pad(a, widths, constant_values=fill)
-    if isinstance(x, tuple):
-        return tuple(pad(a, 1) for a in x)
-    return pad(x, 2)
+    def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype, stacked: bool) -> KVCache:
+        return KVCache.init(
+            config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim, dtype, stacked=stacked
+        )

@@ -1,0 +1,1 @@
+"""GPU benchmarks and their raw results (`results/`); what they measured is in BENCHMARKS.md."""

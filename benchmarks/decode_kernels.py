@@ -5,7 +5,8 @@ Llama-3-8B attention shape (32 q heads, 8 KV heads, head_dim 128), bf16, one que
 sequence's cache full to `length`. Correctness first (vs the fp32 XLA references, ragged lengths, fresh
 inputs), then medians of >= 20 timed calls after warm-up. GB/s = bytes the method must read / time (dense:
 K and V; KIVI: packed codes, scales and zeros; Quest: page bounds plus the chosen pages' K and V); the H100's
-measured copy bandwidth is ~2972 GB/s (KERNELS.md), so GB/s / 2972 is the fraction of the memory roofline.
+measured copy bandwidth is ~2972 GB/s (BENCHMARKS.md's device ceilings), so GB/s / 2972 is the fraction of the
+memory roofline.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 -m benchmarks.decode_kernels
 """

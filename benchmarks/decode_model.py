@@ -8,8 +8,8 @@ generate(new + 1 tokens) minus generate(1 token); and at its fastest, "loop": a 
 prefill, then a `torch.compile(mode="reduce-overhead")` step per token in a Python loop, timed alone). The same
 weights are copied into transformers (DLPack).
 Roofline: a decode step must read the weights (15.01 GB: all but the input embedding table, of which it gathers
-one row per sequence) and each sequence's KV cache once; floor = bytes /
-2972 GB/s (the H100's measured copy bandwidth, KERNELS.md); "of roofline" = floor / measured step time.
+one row per sequence) and each sequence's KV cache once; floor = bytes / 2972 GB/s (the H100's measured copy
+bandwidth, BENCHMARKS.md's device ceilings); "of roofline" = floor / measured step time.
 lcjax runs first and is freed before transformers is built, so both fit at batch 8 x 32K.
 `--caches dense,kivi,quest` adds lcjax rows with KIVI's 2-bit cache and Quest's page selection (SCBench's
 settings): their floor counts the bytes they must read (KIVI: its whole packed cache; Quest: its page bounds and

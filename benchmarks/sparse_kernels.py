@@ -283,7 +283,7 @@ def cudnn_case(q, k, v):
 
 def tokamax_case(q, k, v):
     """tokamax's Mosaic GPU flash attention (dense causal), the fastest dense kernel measured on this H100
-    (KERNELS.md); None when tokamax is not installed. Also its relative difference to cuDNN."""
+    (BENCHMARKS.md); None when tokamax is not installed. Also its relative difference to cuDNN."""
     try:
         import tokamax
     except ImportError as e:

@@ -1,5 +1,5 @@
 """The Hopper (Mosaic GPU) block-sparse kernel against the float64 numpy reference. GPU only: Mosaic GPU's
-interpreter cannot run wgmma, so these run on the device (`pytest tests/test_block_sparse_hopper.py`) and
+interpreter cannot run wgmma, so these run on the device (`pytest tests/test_block_sparse_attention_mgpu.py`) and
 skip on the CPU; the CPU suite covers the same contract through the Triton kernel in interpret mode."""
 
 import jax

@@ -3,7 +3,7 @@
 A press decides, at the end of every prefill or appended turn, which cached tokens each layer and KV head
 keeps; decode steps then append to the compressed cache, and the next turn is compressed again, so the cache
 stays bounded across turns. A press is a frozen, hashable value passed to the model
-(`model.with_transforms(cache=SnapKVPress(compression_ratio=0.5))`); it supplies
+(`model.with_transforms(cache_transform=SnapKVPress(compression_ratio=0.5))`); it supplies
 
 - `window_size`: how many of the turn's last queries it needs (0: none). The model records those queries,
   already rotated, for every layer while it runs the turn (an `lcjax.cache.Observation`), whatever the

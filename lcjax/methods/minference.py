@@ -295,7 +295,7 @@ SHIPPED_CONFIGS = {"smollm2-135m": "smollm2_135m.json"}
 
 
 def shipped_config(model_name: str) -> MInferenceConfig:
-    """A pattern config lcjax ships, searched by `experiments.minference_search` (see README)."""
+    """A pattern config lcjax ships, searched by `experiments.minference_search` (docs/methods.md)."""
     if model_name not in SHIPPED_CONFIGS:
         raise ValueError(
             f"No shipped MInference config for {model_name!r}; shipped: {', '.join(SHIPPED_CONFIGS)}. "

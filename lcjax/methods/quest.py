@@ -6,8 +6,8 @@ newest page always among them. Prefill and multi-token turns stay dense. SCBench
 
 `QuestCache` is a `KVCache` with the bounds: written keys fold into their pages' bounds as they are appended
 (decode steps touch one page per layer), and they are rebuilt from the keys whenever slots move wholesale, so
-they stay exact after a press evicts tokens (`model.with_transforms(cache=(snapkv(), quest()))`), a crop or
-a capacity change. The math (bounds, scores, page choice, attention over the chosen pages) is in
+they stay exact after a press evicts tokens (`model.with_transforms(cache_transform=(SnapKVPress(), Quest()))`),
+a crop or a capacity change. The math (bounds, scores, page choice, attention over the chosen pages) is in
 `lcjax.methods.quest_pages` with float64 tests.
 """
 
@@ -138,7 +138,7 @@ class Quest:
     def after_turn(self, cache, observation, scale: float, new_capacity: int) -> QuestCache:
         if not isinstance(cache, QuestCache):
             raise ValueError(
-                f"Quest needs the cache it makes (QuestCache), got {type(cache).__name__}; put quest() "
+                f"Quest needs the cache it makes (QuestCache), got {type(cache).__name__}; put Quest() "
                 "last among the cache transforms."
             )
         return cache  # bounds follow every write, and a press's gather rebuilds them (with_slots_rebuilt)

@@ -11,7 +11,7 @@ from lcjax import positions, sharding
 from lcjax.cache import Cache, KVCache
 from lcjax.config import ModelConfig, RopeConfig
 from lcjax.generate import generate
-from lcjax.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
+from lcjax.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model, load_tokenizer
 from lcjax.models.attention import AttentionMeta, DenseAttention
 from lcjax.models.transformer import Transformer
 from lcjax.sampling import Greedy, Temperature, TopK, TopP
@@ -32,6 +32,7 @@ __all__ = [
     "Transformer",
     "generate",
     "load_model",
+    "load_tokenizer",
     "positions",
     "sharding",
 ]

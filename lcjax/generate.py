@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcjax.cache import Cache
+from lcjax.models.inputs import token_batch, warn_past_context
 from lcjax.models.transformer import Transformer, forward, lm_logits
 from lcjax.sampling import Greedy, Sampler
 
@@ -120,7 +121,7 @@ def generate(
     lengths=None,
     sampler: Sampler = Greedy(),
     seed: int | jax.Array = 0,
-    stop_tokens: tuple[int, ...] = (),
+    stop_tokens: tuple[int, ...] | None = None,
     stream: Callable[[int, np.ndarray], None] | None = None,
     capacity: int | None = None,
 ) -> tuple[list[list[int]], Cache]:
@@ -129,6 +130,8 @@ def generate(
     cache: None prefills the prompt from scratch; a `Cache` from an earlier call appends the prompt to it
     as the next turn (the cache is grown, by a copy, when the turn and `max_new_tokens` do not fit).
     sampler: `Greedy()` (default), `Temperature`, `TopK`, `TopP` from `lcjax.sampling`; seed: int or PRNG key.
+    stop_tokens: ids that end a sequence (included in its output); None: `model.stop_tokens`, the tokenizer's
+    end-of-sequence and end-of-turn ids for a model from `load_model`; () never stops early.
     stream: called as `stream(step, tokens)` after each step with int `[batch]` tokens (-1 where a sequence
     has stopped), in order, from inside the compiled loop.
     capacity: slots of the cache a prefill makes (default: the prompt and max_new_tokens, rounded up to a
@@ -136,16 +139,18 @@ def generate(
     Returns, per sequence, the new tokens up to and including the first stop token (at most `max_new_tokens`)
     and the cache holding the prompt and every returned token.
     """
-    prompt = np.asarray(prompt, np.int32)
-    if prompt.ndim == 1:
-        prompt = prompt[None]
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be a non-empty list of ids or [batch, seq], got shape {prompt.shape}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    batch = None if cache is None else cache.batch
+    prompt, lengths = token_batch(prompt, lengths, model.config.vocab_size, "prompt", batch)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+    stop_tokens = model.stop_tokens if stop_tokens is None else stop_tokens
     if stream is not None:
         _check_streaming_can_run()
     key = jax.random.key(seed) if isinstance(seed, int) else seed
+    start = 0 if cache is None else int(jnp.max(cache.positions))
+    warn_past_context(
+        start + int(lengths.max()) + max_new_tokens, model.config.max_position_embeddings, model.scales_context
+    )
     if cache is None:
         need = prompt.shape[1] + max_new_tokens
         if capacity is not None and capacity < need:
@@ -154,11 +159,6 @@ def generate(
             prompt, lengths, capacity=_bucket(need) if capacity is None else capacity, logits="last"
         )
     else:
-        if cache.batch != prompt.shape[0]:
-            raise ValueError(
-                f"the cache holds {cache.batch} sequences, the prompt {prompt.shape[0]}; "
-                "fork the cache (cache.fork(n)) to continue one context several ways."
-            )
         need = int(jnp.max(cache.lengths)) + prompt.shape[1] + max_new_tokens
         if need > cache.capacity:
             cache = cache.with_capacity(_bucket(need))

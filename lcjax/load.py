@@ -46,6 +46,27 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
     return path
 
 
+def load_tokenizer(source: str | os.PathLike = DEFAULT_MODEL) -> Tokenizer | None:
+    """The tokenizer `load_model(source)` returns, without reading the weights (seconds, not minutes, for a
+    large model): a job can check its inputs before it loads the model."""
+    path = resolve_model_path(source)
+    if path.is_dir() or path.suffix == ".gguf":
+        return _tokenizer(path)
+    raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file.")
+
+
+def _tokenizer(path: Path, reader=None) -> Tokenizer | None:
+    """A checkpoint directory's or GGUF file's tokenizer; None (with a warning for a GGUF) where lcjax cannot
+    rebuild it."""
+    if path.is_dir():
+        return Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+    try:
+        return Tokenizer.from_gguf(path, reader)
+    except NotImplementedError as e:  # e.g. SentencePiece GGUFs: the weights still load
+        warnings.warn(f"{e} Returning no tokenizer.", stacklevel=3)
+        return None
+
+
 def load_model(
     source: str | os.PathLike = DEFAULT_MODEL,
     dtype: str = "bfloat16",
@@ -62,7 +83,8 @@ def load_model(
     mesh: an optional `jax.sharding.Mesh`; params are placed with NamedShardings from `rules`.
     layer_layout: "stacked" (a `lax.scan` over layers), "unstacked" (per-layer arrays; faster decode on GPU,
       slower to compile) or "auto": unstacked on GPU, stacked elsewhere (`Transformer.with_layer_layout`).
-    transforms: `attention=` / `positions=` overrides (see `Transformer.with_transforms`).
+    transforms: `attention=`, `positions=`, `cache_transform=` (see `Transformer.with_transforms`) or `stop_tokens=`
+      (default: the tokenizer's end-of-sequence and end-of-turn ids, which `lcjax.generate` stops at).
     The tokenizer is None for a directory without tokenizer files, and (with a warning) for a GGUF whose
     tokenizer type lcjax cannot rebuild yet (SentencePiece).
     """
@@ -75,17 +97,12 @@ def load_model(
             raise CheckpointError(f"{path} has no config.json; a transformers checkpoint directory needs one.")
         config = ModelConfig.from_json_file(config_file)
         tensors = iter_checkpoint(path)
-        has_tokenizer = (path / "tokenizer.json").exists()
-        tokenizer = Tokenizer.from_hf_dir(path) if has_tokenizer else None
+        tokenizer = _tokenizer(path)
     elif path.suffix == ".gguf":
         reader = open_gguf(path)  # parsing the metadata takes seconds: do it once
         config = ModelConfig.from_hf_config(read_gguf_config(path, reader))
         tensors = ((name, array, path) for name, array in iter_gguf_tensors(path, reader))
-        try:
-            tokenizer = Tokenizer.from_gguf(path, reader)
-        except NotImplementedError as e:  # e.g. SentencePiece GGUFs: the weights still load
-            warnings.warn(f"{e} Returning the model without a tokenizer.", stacklevel=2)
-            tokenizer = None
+        tokenizer = _tokenizer(path, reader)
     else:
         raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file.")
     if layer_layout not in ("auto", "stacked", "unstacked"):
@@ -93,4 +110,7 @@ def load_model(
     if layer_layout == "auto":
         layer_layout = "unstacked" if jax.default_backend() == "gpu" else "stacked"
     params = assemble_params(config, tensors, _DTYPES[dtype], mesh=mesh, rules=rules, stacked=layer_layout == "stacked")
-    return Transformer(params, config, **transforms), tokenizer
+    # generate stops where a turn ends, as transformers' generation config makes it: the tokenizer's end-of-sequence
+    # and end-of-turn ids, else the config's eos ids
+    stops = tuple(tokenizer.eos_token_ids) if tokenizer is not None else tuple(config.eos_token_ids)
+    return Transformer(params, config, **{"stop_tokens": stops, **transforms}), tokenizer

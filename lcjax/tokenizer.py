@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
+import numpy as np
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -94,8 +95,14 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids` (a list of ints or a 1-D integer array)."""
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of `ids` (a list of ints or a 1-D integer array, each in `[0, vocab_size)`)."""
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"decode takes integer token ids, got {ids.dtype}.")
+        bad = sorted({int(i) for i in ids if not 0 <= i < self.vocab_size})
+        if bad:
+            raise ValueError(f"decode: ids {bad[:8]} are not in [0, {self.vocab_size}) (this tokenizer's vocab_size).")
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
         self,

@@ -36,7 +36,7 @@ def test_logits_match_transformers(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_tokens_match_transformers(name):
     model, _, ref = load(name)
-    (tokens,), _ = generate(model, ref["prompt_ids"][0], ref["greedy_ids"].shape[1])
+    (tokens,), _ = generate(model, ref["prompt_ids"][0], ref["greedy_ids"].shape[1], stop_tokens=())
     assert tokens == ref["greedy_ids"][0].tolist()
 
 
@@ -73,7 +73,7 @@ def test_fused_mlp_keeps_transformers_outputs_and_exports_the_same_checkpoint(na
         for layer in layers if isinstance(layers, tuple) else (layers,):
             assert "w_gate_up" in layer and "w_gate" not in layer and "w_up" not in layer
         np.testing.assert_allclose(np.asarray(fused(ref["input_ids"])), ref["logits"], atol=1e-4, rtol=0)
-    (tokens,), _ = generate(fused, ref["prompt_ids"][0], ref["greedy_ids"].shape[1])
+    (tokens,), _ = generate(fused, ref["prompt_ids"][0], ref["greedy_ids"].shape[1], stop_tokens=())
     assert tokens == ref["greedy_ids"][0].tolist()
     jax.tree.map(np.testing.assert_array_equal, fused.with_fused_mlp().params, fused.params)  # fusing twice: same
     save_checkpoint(model.with_fused_mlp().params, model.config, tmp_path)

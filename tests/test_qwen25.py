@@ -35,5 +35,5 @@ def test_logits_and_greedy_answer_match_transformers(qwen):
     logits = np.asarray(model(ref["prompt_ids"]))[0, -ref["argmax"].shape[0] :]
     np.testing.assert_array_equal(logits.argmax(-1), ref["argmax"])
     np.testing.assert_allclose(logits[-1], ref["last_logits"], atol=5e-3)
-    (tokens,), _ = generate(model, ref["prompt_ids"][0], ref["greedy_ids"].shape[1])
+    (tokens,), _ = generate(model, ref["prompt_ids"][0], ref["greedy_ids"].shape[1], stop_tokens=())
     assert tokens == ref["greedy_ids"][0].tolist()

@@ -23,8 +23,13 @@ def test_same_argmax_as_transformers_at_every_position(smollm2):
 def test_greedy_answer_matches_transformers(smollm2):
     model, tokenizer = smollm2
     ref = np.load(REF / "reference.npz")
-    (tokens,), _ = generate(model, ref["prompt_ids"][0], ref["greedy_ids"].shape[1])
-    assert tokens == ref["greedy_ids"][0].tolist()
+    want = ref["greedy_ids"][0].tolist()
+    (tokens,), _ = generate(model, ref["prompt_ids"][0], len(want), stop_tokens=())  # transformers' fixed length
+    assert tokens == want
+    # by default generation ends with the answer's end-of-turn token, as transformers' generation config has it
+    (answer,), _ = generate(model, ref["prompt_ids"][0], len(want))
+    end = next(i for i, t in enumerate(want) if t in tokenizer.eos_token_ids)
+    assert answer == want[: end + 1] and tokenizer.token(answer[-1]) == "<|im_end|>"
     expected = json.loads((REF / "tokenizer_reference.json").read_text())
     assert "Paris" in tokenizer.decode(tokens)
     assert (

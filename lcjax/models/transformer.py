@@ -16,11 +16,13 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcjax import positions as positions_lib
 from lcjax.cache import Cache, CacheTransform, KVCache, as_cache_transform, empty_observation, observe_rows
 from lcjax.config import ModelConfig
 from lcjax.models.attention import AttentionFn, AttentionMeta, DenseAttention, Phase
+from lcjax.models.inputs import token_batch, warn_past_context
 from lcjax.models.params import fuse_mlp, init_params, stack_layers, unstack_layers
 
 
@@ -141,13 +143,17 @@ def lm_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Transformer:
-    """Params + config + transforms. Make one with `lcjax.load_model` or `Transformer.init`."""
+    """Params + config + transforms. Make one with `lcjax.load_model` or `Transformer.init`.
+
+    stop_tokens: the ids `lcjax.generate` stops at unless told otherwise (`load_model` sets the tokenizer's
+    end-of-sequence and end-of-turn ids, as transformers' generation config does)."""
 
     params: dict
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
     attention: AttentionFn = dataclasses.field(default=DenseAttention(), metadata=dict(static=True))
     positions: positions_lib.PositionTransform | None = dataclasses.field(default=None, metadata=dict(static=True))
     cache_transform: CacheTransform | None = dataclasses.field(default=None, metadata=dict(static=True))
+    stop_tokens: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     def __post_init__(self):
         if self.positions is None:
@@ -231,11 +237,8 @@ class Transformer:
         `batch_chunk` prefills that many sequences at a time, each group's cache written in place into the
         batch's (so the activations of one group, not of the whole batch, bound the memory).
         """
-        tokens = jnp.asarray(tokens, jnp.int32)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}.")
+        tokens, lengths = self._checked(tokens, lengths)
         batch, seq = tokens.shape
-        lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
         capacity = seq if capacity is None else capacity
         if 0 < capacity < seq:
             raise ValueError(f"capacity {capacity} is smaller than the prompt length {seq}.")
@@ -263,11 +266,8 @@ class Transformer:
         `[batch, seq, vocab]`) and the extended cache. Raises ValueError when the turn does not fit the
         cache's capacity (`cache.with_capacity` makes room).
         """
-        tokens = jnp.asarray(tokens, jnp.int32)
-        if tokens.ndim != 2 or tokens.shape[0] != cache.batch:
-            raise ValueError(f"tokens must be [batch={cache.batch}, seq], got shape {tokens.shape}.")
-        batch, seq = tokens.shape
-        lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        tokens, lengths = self._checked(tokens, lengths, cache)
+        seq = tokens.shape[1]
         need = int(jnp.max(cache.lengths)) + seq
         if need > cache.capacity:
             raise ValueError(
@@ -279,9 +279,27 @@ class Transformer:
 
     def __call__(self, tokens, lengths=None) -> jax.Array:
         """float32 logits `[batch, seq, vocab]` without a cache (training and scoring)."""
-        tokens = jnp.asarray(tokens, jnp.int32)
-        lengths = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32) if lengths is None else lengths
-        return _logits_no_cache(self, tokens, jnp.asarray(lengths, jnp.int32))
+        return _logits_no_cache(self, *self._checked(tokens, lengths))
+
+    @property
+    def scales_context(self) -> bool:
+        """Whether the position transform reaches past `config.max_position_embeddings`: dynamic NTK scales with
+        the input, and a transform other than the config's own (say LongRoPE with searched factors) is taken to
+        be chosen for the context it is used at."""
+        return self.positions != positions_lib.from_config(self.config) or isinstance(
+            self.positions, positions_lib.DynamicNTKRope
+        )
+
+    def _checked(self, tokens, lengths, cache: Cache | None = None) -> tuple[jax.Array, jax.Array]:
+        """Token ids and lengths checked on the host (`lcjax.models.inputs`), as int32 device arrays; warns when
+        the call reaches past the trained context."""
+        tokens, lengths = token_batch(
+            tokens, lengths, self.config.vocab_size, batch=None if cache is None else cache.batch
+        )
+        if isinstance(lengths, np.ndarray):
+            start = 0 if cache is None else int(jnp.max(cache.positions))
+            warn_past_context(start + int(lengths.max()), self.config.max_position_embeddings, self.scales_context)
+        return jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
 
 
 def _positions_for(tokens: jax.Array) -> jax.Array:

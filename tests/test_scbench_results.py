@@ -66,3 +66,15 @@ def test_missing_key_field_is_named(tmp_path):
     log = ResultLog(tmp_path / "r.jsonl", KEYS)
     with pytest.raises(KeyError, match="method"):
         log.append({"task": "scbench_kv", "id": "x"})
+
+
+def test_a_foreign_row_is_set_aside_like_a_corrupt_one(tmp_path):
+    """A valid JSON object that is not a result (no key fields) is moved to .corrupt, named with its line, and
+    the run starts instead of failing on it."""
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(row(0)) + "\n" + json.dumps({"note": "from another tool"}) + "\n")
+    with pytest.warns(UserWarning, match=r"results.jsonl:2: a row without task, method, id .*will run again"):
+        log = ResultLog(path, KEYS)
+    assert [r["id"] for r in log.rows] == ["ex0"] and row(0) in log
+    assert json.loads((tmp_path / "results.jsonl.corrupt").read_text()) == {"note": "from another tool"}
+    assert [r["id"] for r in read_results(path)] == ["ex0"]

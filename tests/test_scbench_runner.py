@@ -109,7 +109,7 @@ def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, cap
         "--max_turns",
         "2",
         "--max_seq_length",
-        "1536",
+        "1600",
         "--max_new_tokens_cap",
         "3",
         "--output_dir",

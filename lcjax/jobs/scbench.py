@@ -21,13 +21,13 @@ import time
 from tqdm import tqdm
 
 import lcjax
-from lcjax.methods import ATTENTION_METHODS, CACHE_METHODS, attention_method, cache_method
+from lcjax.methods import ATTENTION_METHODS, CACHE_METHODS, attention_method, cache_method, check_attention_fields
 from lcjax.scbench import prompts
-from lcjax.scbench.data import MissingDataError, load_task
+from lcjax.scbench.data import TASKS, MissingDataError, load_task
 from lcjax.scbench.generators import GENERATED_SUB_TASKS
 from lcjax.scbench.report import plot_by_method, plot_by_turn, write_tables
 from lcjax.scbench.results import ResultLog
-from lcjax.scbench.runner import MODES, run_example
+from lcjax.scbench.runner import MODES, run_example, token_pieces
 
 
 def parse_args(argv=None):
@@ -120,15 +120,44 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    a.modes = ["multi-request"] if a.same_context_different_query else a.mode.split(",")
+    a.tasks = a.task.split(",")
     try:
         a.method_pairs = method_pairs(a)
+        check_flags(a)
     except ValueError as e:
         p.error(str(e))
-    a.modes = ["multi-request"] if a.same_context_different_query else a.mode.split(",")
+    return a
+
+
+def check_flags(a) -> None:
+    """Everything the flags alone decide, checked before any data or model loads: names, counts, every
+    method's hyperparameters and budget (by building its cache transform)."""
     bad = [m for m in a.modes if m not in MODES]
     if bad:
-        p.error(f"unknown mode(s) {bad}; choose from {MODES}")
-    return a
+        raise ValueError(f"--mode: unknown mode(s) {bad}; choose from {', '.join(MODES)}.")
+    unknown = [t for t in a.tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--task: unknown task(s) {', '.join(unknown)}; SCBench's tasks: {', '.join(TASKS)}.")
+    for flag, value, least in (("--max_turns", a.max_turns, 1), ("--max_seq_length", a.max_seq_length, 1),
+                               ("--kv_budget", a.kv_budget, 1)):  # fmt: skip
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}.")
+    if a.num_eval_examples < 1 and a.num_eval_examples != -1:
+        raise ValueError(f"--num_eval_examples must be >= 1 (or -1: every example), got {a.num_eval_examples}.")
+    if not isinstance(a.hyper_param, dict) or not all(isinstance(v, dict) for v in a.hyper_param.values()):
+        raise ValueError('--hyper_param takes a JSON object of objects, e.g. {"snapkv": {"window_size": 16}}.')
+    in_run = {name for pair in a.method_pairs for name in pair}
+    stray = sorted(set(a.hyper_param) - in_run)
+    if stray:
+        raise ValueError(f"--hyper_param names {', '.join(stray)}, which this run does not use; its methods: "
+                         f"{', '.join(sorted(in_run))}.")  # fmt: skip
+    for attn, kv in a.method_pairs:
+        try:
+            check_attention_fields(attn, a.hyper_param.get(attn, {}))
+            cache_method(kv, budget=a.kv_budget, **a.hyper_param.get(kv, {}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--kv_budget {a.kv_budget} / --hyper_param: {e}") from None
 
 
 def _attn_name(name: str) -> str:
@@ -210,14 +239,97 @@ def build_method(model, attn: str, kv: str, a):
     return model.with_transforms(attention=attention, cache_transform=cache_transform)
 
 
+def _fits(task: str, a, tok, count, max_seq_length: int):
+    """(rows, source) of `task` at `max_seq_length` when every example's first prompt fits what SCBench leaves it
+    (`prompts.max_input_length`) in every mode, else None. Generated contexts are sized to fit every mode uncut (a
+    middle cut could drop answers; the 200-token margin covers the query and chat-template text); files are read
+    as they are and cut as SCBench cuts them, which needs room left for them."""
+    sub_tasks = [GENERATED_SUB_TASKS[task]] * a.max_turns if task in GENERATED_SUB_TASKS else None
+    rooms = {m: prompts.max_input_length(task, max_seq_length, a.max_turns, m, sub_tasks) for m in a.modes}
+    if min(rooms.values()) <= 0:
+        return None
+    try:
+        rows, source = load_task(
+            task,
+            a.data_dir,
+            count_tokens=count,
+            target_tokens=max(min(rooms.values()) - 200, 256),
+            num_examples=a.num_eval_examples,
+            seed=a.seed,
+            max_turns=a.max_turns,
+            from_hub=a.from_hub,
+            standins=a.standins,
+        )
+    except MissingDataError:
+        raise
+    except ValueError:  # a generator that cannot fit the turns asked into this length
+        return None
+    if source.startswith(("file", "hub")):
+        return rows, source
+    for row in rows:
+        for mode, room in rooms.items():
+            shared, turn_ids, _ = token_pieces(tok, task, row, mode, use_chat_template=a.use_chat_template)
+            if len(shared if shared is not None else turn_ids[0]) > room:
+                return None
+    return rows, source
+
+
+def smallest_passing(passes, start: int, limit: int = 1 << 21) -> int | None:
+    """The smallest n >= start with passes(n), assuming that passing is monotone in n (None past `limit`)."""
+    lo, hi = start, start
+    while not passes(hi):
+        lo, hi = hi, hi * 2
+        if hi > limit:
+            return None
+    while hi - lo > 1:  # passes(hi), and nothing at or below lo passed
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return hi
+
+
+def load_work(a, tok) -> list[tuple]:
+    """(task, example, attention, cache, mode) for every run asked, each task checked to fit --max_seq_length
+    with its --max_turns before the model loads."""
+    count = lambda text: len(tok.encode(text, add_special_tokens=False))
+    work = []
+    for task in a.tasks:
+        try:
+            found = _fits(task, a, tok, count, a.max_seq_length)
+        except MissingDataError as e:  # before any run starts: nothing is lost
+            raise SystemExit(f"{e}\n(or leave {task} out of --task)") from None
+        if found is None:
+            least = smallest_passing(lambda n: _fits(task, a, tok, count, n) is not None, a.max_seq_length + 1)
+            need = "no length up to 2M tokens fits" if least is None else f"the least that fits is {least}"
+            raise SystemExit(
+                f"{task} does not fit --max_seq_length {a.max_seq_length} with --max_turns {a.max_turns} "
+                f"(its context and every turn's answer budget must fit, in modes {', '.join(a.modes)}): {need}; "
+                f"raise --max_seq_length or lower --max_turns."
+            )
+        rows, source = found
+        print(f"{task}: {len(rows)} example(s) from {source}")
+        work += [(task, row, attn, kv, mode) for row in rows for attn, kv in a.method_pairs for mode in a.modes]
+    return work
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     log = ResultLog(f"{a.output_dir}/results.jsonl", ("task", "method", "mode", "id"))
+    try:
+        run(a, log)
+    except KeyboardInterrupt:
+        raise SystemExit(
+            f"\ninterrupted: {len(log.rows)} runs are saved in {log.path}; the same command resumes from there."
+        ) from None
+
+
+def run(a, log: ResultLog) -> None:
+    """The job after its flags are parsed: settings, data and fit checks, the model, every run not yet in `log`,
+    then the tables and plots."""
     # before the model loads (minutes for a large one); whether prompts use the chat template may wait for
     # the tokenizer
     deferred = ("use_chat_template",) if a.use_chat_template is None else ()
     check_settings(log.rows, run_settings(a), log.path, unknown=deferred)
-    model, tok = lcjax.load_model(a.model, dtype=a.dtype, layer_layout=a.layer_layout)
+    tok = lcjax.load_tokenizer(a.model)
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer; SCBench needs one.")
     if a.use_chat_template is None:
@@ -225,35 +337,13 @@ def main(argv=None) -> None:
     elif a.use_chat_template and tok.chat_template is None:
         raise SystemExit(f"--use_chat_template: {a.model}'s tokenizer has no chat template.")
     print(f"prompts: {'the chat template' if a.use_chat_template else 'plain SCBench templates'}")
-    count = lambda text: len(tok.encode(text, add_special_tokens=False))
-    methods = a.method_pairs
     settings = run_settings(a)
     if deferred:
         check_settings(log.rows, settings, log.path)
-    work = []
-    for task in a.task.split(","):
-        # generated contexts are sized to fit every requested mode uncut (a middle cut could drop answers);
-        # the margin covers the query and chat-template text. Files from --data_dir are read as they are.
-        sub_tasks = [GENERATED_SUB_TASKS[task]] * a.max_turns if task in GENERATED_SUB_TASKS else None
-        target = min(prompts.max_input_length(task, a.max_seq_length, a.max_turns, m, sub_tasks) for m in a.modes) - 200
-        try:
-            rows, source = load_task(
-                task,
-                a.data_dir,
-                count_tokens=count,
-                target_tokens=max(target, 256),
-                num_examples=a.num_eval_examples,
-                seed=a.seed,
-                max_turns=a.max_turns,
-                from_hub=a.from_hub,
-                standins=a.standins,
-            )
-        except MissingDataError as e:  # before any run starts: nothing is lost
-            raise SystemExit(f"{e}\n(or leave {task} out of --task)") from None
-        print(f"{task}: {len(rows)} example(s) from {source}")
-        work += [(task, row, attn, kv, mode) for row in rows for attn, kv in methods for mode in a.modes]
+    work = load_work(a, tok)
     todo = [w for w in work if {"task": w[0], "method": f"{w[2]}+{w[3]}", "mode": w[4], "id": w[1]["id"]} not in log]
     print(f"{len(work)} (example, method, mode) runs, {len(work) - len(todo)} already in {log.path}")
+    model, tok = lcjax.load_model(a.model, dtype=a.dtype, layer_layout=a.layer_layout)
     built = {}
     for task, row, attn, kv, mode in tqdm(todo, desc="scbench", unit="run"):
         if (attn, kv) not in built:

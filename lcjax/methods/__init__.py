@@ -12,6 +12,7 @@ and `cache_method` build one from its name and hyperparameters, naming the valid
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable
 
 from lcjax.cache import CacheTransform
@@ -44,6 +45,22 @@ ATTENTION_METHODS: dict[str, Callable[..., AttentionFn]] = {
     "minference": _minference,
     "vertical_slash": lambda config, **kw: MInference.vertical_slash(config.num_layers, config.num_heads, **kw),
     "block_sparse": lambda config, **kw: MInference.block_sparse(config.num_layers, config.num_heads, **kw),
+}
+
+
+def _builder_fields(builder: Callable) -> tuple[str, ...]:
+    """The hyperparameters of a builder that takes the model's shape first (`MInference.vertical_slash`)."""
+    return tuple(p for p in inspect.signature(builder).parameters if p not in ("num_layers", "num_heads"))
+
+
+# the hyperparameters each of ATTENTION_METHODS takes
+ATTENTION_FIELDS: dict[str, tuple[str, ...]] = {
+    "dense": tuple(f.name for f in dataclasses.fields(DenseAttention)),
+    "a_shape": tuple(f.name for f in dataclasses.fields(AShape)),
+    "tri_shape": tuple(f.name for f in dataclasses.fields(TriShape)),
+    "minference": ("pattern_config",) + _builder_fields(MInference.vertical_slash),
+    "vertical_slash": _builder_fields(MInference.vertical_slash),
+    "block_sparse": _builder_fields(MInference.block_sparse),
 }
 
 # SCBench's --kv_type names -> cache-transform class (None: the dense cache)
@@ -99,14 +116,21 @@ def field_default(cls: type, name: str):
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def attention_method(name: str, config: ModelConfig, **hyperparameters) -> AttentionFn:
-    """Builds the attention transform SCBench calls `name` for a model with `config`."""
+def check_attention_fields(name: str, hyperparameters: dict) -> None:
+    """Raises ValueError for an unknown attention method or hyperparameter (no model needed)."""
     if name not in ATTENTION_METHODS:
         raise ValueError(f"Unknown attention method {name!r}; available: {', '.join(ATTENTION_METHODS)}.")
+    _unknown_keys(name, hyperparameters, ATTENTION_FIELDS[name])
+
+
+def attention_method(name: str, config: ModelConfig, **hyperparameters) -> AttentionFn:
+    """Builds the attention transform SCBench calls `name` for a model with `config`."""
+    check_attention_fields(name, hyperparameters)
     return ATTENTION_METHODS[name](config, **hyperparameters)
 
 
 __all__ = [
+    "ATTENTION_FIELDS",
     "ATTENTION_METHODS",
     "AShape",
     "CACHE_METHODS",
@@ -123,6 +147,7 @@ __all__ = [
     "BUDGET_FIELDS",
     "attention_method",
     "cache_method",
+    "check_attention_fields",
     "field_default",
     "method_fields",
 ]

@@ -3,7 +3,8 @@ ends, so a killed run loses at most the example in flight, and a rerun skips eve
 
 A line that does not parse (a run killed mid-write leaves a truncated last line) is reported with its file
 and line number, never silently dropped: `read_results` raises unless asked to skip it, and `ResultLog`
-names it, sets it aside in `<file>.corrupt` and carries on, so that example is run again.
+names it, sets it aside in `<file>.corrupt` and carries on, so that example is run again. A valid JSON line
+that is not a result (it lacks a key field, e.g. a line from another tool) is set aside the same way.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def read_results(path: str | os.PathLike, skip_corrupt: bool = False) -> list[di
 class ResultLog:
     """An append-only JSONL file of results keyed by `key_fields` (e.g. task, method, mode, example id).
 
-    On opening, corrupt lines are reported (a warning naming file and line) and moved to `<file>.corrupt`,
-    the file is rewritten without them, and their examples count as not done.
+    On opening, corrupt lines and rows without every key field are reported (a warning naming file and line)
+    and moved to `<file>.corrupt`, the file is rewritten without them, and their examples count as not done.
     """
 
     def __init__(self, path: str | os.PathLike, key_fields: Iterable[str]):
@@ -68,11 +69,16 @@ class ResultLog:
     def _load(self) -> None:
         good, bad = [], []
         for number, line, row in _parse(self.path):
-            (good if row is not None else bad).append((number, line, row))
+            missing = None if row is None else [f for f in self.key_fields if f not in row]
+            if row is None or missing:
+                what = "not a JSON object" if row is None else f"a row without {', '.join(missing)}"
+                bad.append((number, line, what))
+            else:
+                good.append((number, line, row))
         if bad:
-            for number, line, _ in bad:
+            for number, line, what in bad:
                 warnings.warn(
-                    f"{self.path}:{number}: not a JSON object ({line.strip()[:80]!r}); moved to "
+                    f"{self.path}:{number}: {what} ({line.strip()[:80]!r}); moved to "
                     f"{self.path.name}.corrupt and its example will run again",
                     stacklevel=3,
                 )

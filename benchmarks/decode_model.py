@@ -59,7 +59,12 @@ def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=(
         try:
             rows.append(
                 _lcjax_row(
-                    model.with_transforms(cache=cache_method(name) or "dense"), batch, context, new, samples, rng
+                    model.with_transforms(cache_transform=cache_method(name) or "dense"),
+                    batch,
+                    context,
+                    new,
+                    samples,
+                    rng,
                 )
             )
         except Exception as e:  # noqa: BLE001 (out of memory at the largest shapes: report, go on)
@@ -93,7 +98,7 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
             step.append((t2 - t1) / new)
         cache_gib, read = cache_nbytes(state.cache) / 2**30, read_bytes(state.cache, cfg, batch, context)
         del cache, state
-    impl = "lcjax" if model.cache is None else f"lcjax + {type(model.cache).__name__}"
+    impl = "lcjax" if model.cache_transform is None else f"lcjax + {type(model.cache_transform).__name__}"
     layers = model.params["layers"]
     if "w_gate_up" in (layers[0] if isinstance(layers, tuple) else layers):
         impl += " (fused MLP)"

@@ -60,7 +60,7 @@ def main(argv=None):
     model = Transformer.init(
         cfg, jax.random.key(0), dtype=jnp.bfloat16, attention=DenseAttention(decode="auto")
     ).with_layer_layout("unstacked")
-    model = model.with_transforms(cache=cache_method(a.cache) or "dense")
+    model = model.with_transforms(cache_transform=cache_method(a.cache) or "dense")
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (a.batch, a.context)), jnp.int32)
     logits, cache = model.prefill(prompt, capacity=_bucket(a.context + a.new), logits="last")
     first = jax.block_until_ready(jnp.argmax(logits, -1).astype(jnp.int32))

@@ -30,12 +30,12 @@ import numpy as np
 from benchmarks.timing import COPY_GBS, median_seconds
 from lcjax.pallas.block_sparse_attention import _pallas_forward as block_sparse_forward
 from lcjax.pallas.block_sparse_attention import (
-    block_sparse_attention,
     block_sparse_attention_canonical,
     block_sparse_attention_reference,
     canonicalize_block_indices,
 )
 from lcjax.pallas.block_sparse_attention_mgpu import block_sparse_attention_mgpu
+from lcjax.pallas.dispatch import block_sparse_attention
 from lcjax.pallas.vertical_slash_attention import _pallas_forward as vertical_slash_forward
 from lcjax.pallas.vertical_slash_attention import (
     build_vertical_slash_index,

@@ -4,6 +4,7 @@ model, and the prefill benchmark's CPU smoke mode (their real settings run on th
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from lcjax.load import resolve_model_path
@@ -105,3 +106,25 @@ def test_profile_decode_names_the_ops_inside_each_fusion(tmp_path):
         jax.profiler.stop_trace()
         with pytest.raises(RuntimeError, match="needs a GPU"):
             kernel_times(str(tmp_path))
+
+
+def test_decode_benchmark_rows_run_at_toy_sizes():
+    """`benchmarks.decode_model`'s lcjax rows for the dense, KIVI and Quest caches, on a tiny model on the CPU: the
+    code the GPU run uses (it reports a failing row and goes on, so a broken call would only show as a missing
+    row there)."""
+    import jax.numpy as jnp
+
+    from benchmarks.decode_model import lcjax_rows
+    from lcjax.config import ModelConfig
+    from lcjax.models.transformer import Transformer
+
+    config = ModelConfig(
+        family="llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=2,
+        num_kv_heads=1, head_dim=64, max_position_embeddings=512,
+    )  # fmt: skip
+    model = Transformer.init(config, jax.random.key(0), dtype=jnp.float32)
+    rows = lcjax_rows(
+        model, [(1, 64)], new=3, samples=1, rng=np.random.default_rng(0), caches=("dense", "kivi", "quest")
+    )
+    assert [r["impl"] for r in rows] == ["lcjax", "lcjax + KIVI", "lcjax + Quest"]
+    assert all(r["step_ms"] > 0 and r["cache_gib"] > 0 for r in rows)

@@ -7,10 +7,10 @@ from reference import INTERPRET, TOL, assert_matches_reference, attention_f64
 
 from lcjax.pallas.block_sparse_attention import (
     _pallas_forward,
-    block_sparse_attention,
     block_sparse_attention_reference,
     canonicalize_block_indices,
 )
+from lcjax.pallas.dispatch import block_sparse_attention
 
 
 def blocks_to_mask(idx, counts, q_len, kv_len, block_q, block_k, causal):

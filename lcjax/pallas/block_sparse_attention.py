@@ -1,5 +1,6 @@
 """Block-sparse prefill attention: a Triton-lowered Pallas kernel beside its plain-XLA reference (the Mosaic GPU
-kernel for Hopper is `block_sparse_attention_mgpu`; `dispatch` picks one per call).
+kernel for Hopper is `block_sparse_attention_mgpu`; `dispatch.block_sparse_attention` takes raw lists and picks
+one per call).
 
 Each (batch, head, query block) names the key blocks it attends; every (query, key) pair inside a named
 tile counts (causal: only key <= query), nothing else does. The kernel keeps one query tile in registers and
@@ -235,65 +236,6 @@ def block_sparse_attention_canonical(
 
     return _common.by_head_groups(
         run, q, k, v, (indices, schedule), padded_len=_cdiv(q_len, block_q) * block_q, padded_head_dim=d_pad
-    )
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("scale", "causal", "block_q", "block_k", "interpret", "num_warps", "num_stages", "heads_fastest"),
-)
-def block_sparse_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    block_indices: jax.Array,
-    block_counts: jax.Array,
-    *,
-    scale: float,
-    causal: bool = True,
-    block_q: int = 64,
-    block_k: int = 64,
-    interpret: bool = False,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    heads_fastest: bool = False,
-) -> jax.Array:
-    """Attention over the named key blocks of each query block.
-
-    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`, heads a multiple of
-    kv_heads; bfloat16, float16 or float32 (float32 dots may run as tf32 on GPU); head_dim 64, 96 or 128.
-    block_indices: int32 `[batch, heads, ceil(q_len / block_q), max_blocks]` key-block ids (key block j =
-    keys [j * block_k, (j + 1) * block_k)); block_counts: int32 `[batch, heads, ceil(q_len / block_q)]`,
-    entries at or past it are ignored; duplicates count once. Causal: q_len == kv_len, both from position
-    0, key <= query inside the diagonal tiles. Rows with no allowed key are zeros.
-    Returns `[batch, q_len, heads, head_dim]` in q's dtype. `interpret=True` runs the kernel on CPU; num_warps,
-    num_stages (Triton) and heads_fastest (grid order, see `_flash.launch_grid`) tune speed only.
-    `lcjax.pallas.dispatch.block_sparse_attention` runs the Mosaic GPU kernel instead where it applies.
-    """
-    _common.check_inputs("block_sparse_attention", q, k, v)
-    indices, schedule = canonicalize_block_indices(
-        block_indices,
-        block_counts,
-        q_len=q.shape[1],
-        kv_len=k.shape[1],
-        block_q=block_q,
-        block_k=block_k,
-        causal=causal,
-    )
-    return block_sparse_attention_canonical(
-        q,
-        k,
-        v,
-        indices,
-        schedule,
-        scale=scale,
-        causal=causal,
-        block_q=block_q,
-        block_k=block_k,
-        interpret=interpret,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        heads_fastest=heads_fastest,
     )
 
 

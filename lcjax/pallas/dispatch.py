@@ -60,11 +60,17 @@ def block_sparse_attention(
     heads_fastest: bool = False,
     implementation: Implementation = "auto",
 ) -> jax.Array:
-    """Attention over the named key blocks of each query block, on the kernel `implementation` names.
+    """Attention over the named key blocks of each query block.
 
-    Arguments, shapes and result as `lcjax.pallas.block_sparse_attention.block_sparse_attention`.
+    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`, heads a multiple of
+    kv_heads; bfloat16, float16 or float32; head_dim 64, 96 or 128. block_indices: int32 `[batch, heads,
+    ceil(q_len / block_q), max_blocks]` key-block ids (key block j = keys [j * block_k, (j + 1) * block_k));
+    block_counts: int32 `[batch, heads, ceil(q_len / block_q)]`, entries at or past it are ignored; duplicates
+    count once. Causal: q_len == kv_len, both from position 0, key <= query inside the diagonal tiles. Rows with
+    no allowed key are zeros. Returns `[batch, q_len, heads, head_dim]` in q's dtype.
     implementation: "mosaic" (`block_sparse_attention_mgpu`: wgmma + TMA; num_stages = its K/V slots), "triton"
-    (any CUDA GPU, and interpret mode) or "auto" (mosaic on Hopper for 16-bit inputs and 64/128-wide tiles).
+    (`block_sparse_attention`: any CUDA GPU, and `interpret=True` on the CPU) or "auto" (mosaic on Hopper for
+    16-bit inputs and 64/128-wide tiles). num_warps, num_stages and heads_fastest (grid order) tune speed only.
     """
     _check_implementation("block_sparse_attention", implementation)
     indices, schedule = canonicalize_block_indices(

@@ -147,10 +147,10 @@ def generate(
     if stream is not None:
         _check_streaming_can_run()
     key = jax.random.key(seed) if isinstance(seed, int) else seed
-    start = 0 if cache is None else int(jnp.max(cache.positions))
-    warn_past_context(
-        start + int(lengths.max()) + max_new_tokens, model.config.max_position_embeddings, model.scales_context
-    )
+    # the prefill or extend below warns for the prompt itself; here only for the tokens generated past the limit
+    prompt_end = (0 if cache is None else int(jnp.max(cache.positions))) + int(lengths.max())
+    if prompt_end <= model.config.max_position_embeddings:
+        warn_past_context(prompt_end + max_new_tokens, model.config.max_position_embeddings, model.scales_context)
     if cache is None:
         need = prompt.shape[1] + max_new_tokens
         if capacity is not None and capacity < need:

@@ -181,9 +181,14 @@ def test_kivi_memory_is_real():
     assert 0.1875 < ratio < 0.1875 + 0.01
 
 
-def test_kivi_cannot_follow_a_press(llama):
+def test_kivi_and_a_press_do_not_combine_in_either_order(llama):
+    """A press needs dense K/V and KIVI must make the cache: each order fails naming the problem, never running
+    one of the two silently."""
     m = llama.with_transforms(cache_transform=(SnapKVPress(capacity=8, window_size=4), KIVI(**KIVI_SMALL)))
-    with pytest.raises(ValueError, match="KIVI cannot follow a press"):
+    with pytest.raises(ValueError, match="a press cannot be combined with a transform that stores K/V otherwise"):
+        m.prefill(prompt_of(llama, 10, (1, 20)))
+    m = llama.with_transforms(cache_transform=(KIVI(**KIVI_SMALL), SnapKVPress(capacity=8, window_size=4)))
+    with pytest.raises(ValueError, match=r"KIVI quantises the cache it makes \(KIVICache\), got a KVCache"):
         m.prefill(prompt_of(llama, 10, (1, 20)))
 
 

@@ -72,11 +72,12 @@ def test_past_the_trained_context_warns_once_unless_positions_scale(model):
     long = np.arange(40) % VOCAB  # max_position_embeddings is 32
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        model.prefill([long])
-        model.prefill([long])
+        for _ in range(3):  # one warning for the call site, however often it runs
+            model.prefill([long])
         model.prefill([long[:30]])  # within the limit
     past = [w for w in caught if "max_position_embeddings=32" in str(w.message)]
     assert len(past) == 1 and "linear, dynamic_ntk, yarn or longrope" in str(past[0].message)
+    assert past[0].filename == __file__  # it points at the caller's line, not into lcjax
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning would fail here
         dynamic = model.with_transforms(positions=positions.dynamic_ntk(8, 10000.0, 2.0, 32))

@@ -22,14 +22,19 @@ def parse_error(capsys, argv) -> str:
     "argv,match",
     [
         (["--task", "scbench_foo"], r"--task: unknown task\(s\) scbench_foo; SCBench's tasks: scbench_kv, "),
-        (["--kv_budget", "1000", "--methods", "dense,quest"], r"--kv_budget 1000 .*Quest: token_budget \(1000\) "
-         r"must be a positive multiple of chunk_size \(16\)"),  # fmt: skip
+        (["--kv_budget", "1000", "--methods", "dense,quest"],
+         r"--kv_budget 1000 for quest: Quest: token_budget \(1000\) must be a positive multiple of chunk_size \(16\)"),
         (["--methods", "snapkv", "--hyper_param", '{"snapkv": {"windw_size": 8}}'],
-         r"snapkv has no hyperparameter 'windw_size'; its hyperparameters: capacity, compression_ratio, window_size"),
+         r"--hyper_param for snapkv \(with --kv_budget 512\): snapkv has no hyperparameter 'windw_size'; "
+         r"its hyperparameters: capacity, compression_ratio, window_size"),
         (["--methods", "a_shape", "--hyper_param", '{"a_shape": {"n_locl": 8}}'],
-         r"a_shape has no hyperparameter 'n_locl'; its hyperparameters: n_init, n_local, backend"),
+         r"--hyper_param: a_shape has no hyperparameter 'n_locl'; its hyperparameters: n_init, n_local, backend"),
         (["--methods", "dense", "--hyper_param", '{"quest": {"token_budget": 64}}'],
          r"--hyper_param names quest, which this run does not use"),
+        (["--methods", "minference", "--hyper_param", '{"minference": {"pattern_config": "p.json", "slash_size": 5}}'],
+         r"minference with a pattern_config has no hyperparameter 'slash_size'"),
+        (["--methods", "minference", "--hyper_param", '{"minference": {"pattern_config": "/nope.json"}}'],
+         r"/nope.json: cannot read an MInference pattern config"),
         (["--num_eval_examples", "0"], r"--num_eval_examples must be >= 1 \(or -1: every example\), got 0"),
         (["--max_turns", "0"], r"--max_turns must be >= 1, got 0"),
         (["--mode", "multi-turns"], r"--mode: unknown mode\(s\) \['multi-turns'\]"),
@@ -105,6 +110,13 @@ def test_ctrl_c_says_what_is_saved_and_how_to_resume(smollm2, monkeypatch, tmp_p
     assert message.strip().count("\n") == 0, message
     assert f"interrupted: 1 runs are saved in {tmp_path / 'results.jsonl'}; the same command resumes" in message
     assert len(read_results(tmp_path / "results.jsonl")) == 1
+
+
+def test_a_press_capacity_in_hyper_param_wins_over_the_budget():
+    """--hyper_param's capacity for StreamingLLM sizes its sinks too (a quarter at most), not --kv_budget's."""
+    a = scbench.parse_args(["--methods", "streamingllm", "--hyper_param", '{"streamingllm": {"capacity": 64}}'])
+    press = scbench.cache_method("streamingllm", budget=a.kv_budget, **a.hyper_param["streamingllm"])
+    assert (press.capacity, press.n_sink) == (64, 16)
 
 
 def test_hyper_param_json_must_be_an_object_of_objects(capsys):

@@ -2,9 +2,9 @@
 
 `KVCache` stacks layers in its arrays so the model's `lax.scan` over layers can thread it as one value,
 and writes with scatters that XLA performs in place when the cache is donated. A model with unstacked layer
-weights (a Python loop over layers) keeps one array per layer instead (`k`, `v` tuples): there a chain of
-in-place writes into one stacked buffer was not in place (XLA kept copies of the whole cache alive during a
-long prefill), and per-layer buffers need no layer indexing at all. Slots are filled left to
+weights (a Python loop over layers) keeps one array per layer instead (`k`, `v` tuples): XLA does not keep a
+chain of writes into one stacked buffer in place across separately traced layers (it holds copies of the whole
+cache during a long prefill), and per-layer buffers need no layer indexing at all. Slots are filled left to
 right; `lengths` counts the filled slots of each sequence and `positions` is the RoPE position its next
 token gets (the two differ once a compression method drops tokens). Names follow transformers'
 `cache_utils` (`get_seq_length`, `crop`) so they are familiar.
@@ -114,8 +114,8 @@ class KVCache:
         on_gpu = jax.default_backend() == "gpu"
         # whole 8B decode steps were faster through the kernel on the H100, from 1 x 4K up (BENCHMARKS.md)
         if implementation == "pallas" or (implementation == "auto" and on_gpu and q.shape[-1] in DECODE_HEAD_DIMS):
-            # the stacked cache and the layer index: the kernel reads the layer in place (slicing it out first
-            # copied one layer per layer per step, a whole cache read + write per token)
+            # the stacked cache and the layer index: the kernel reads the layer in place, where slicing it out
+            # would copy a layer per layer per step (a whole cache read and write per token)
             kv, index = ((self.k, self.v), layer) if self.stacked else (self.layer_kv(layer), None)
             return decode_attention(
                 q, *kv, lengths, scale=scale, layer=index, first=self.layer_first(layer), interpret=not on_gpu

@@ -1,7 +1,7 @@
 """What the model, the decode loop and the jobs may call on a KV cache and on a cache transform.
 
 A **cache** (`Cache`) is one pytree holding every layer's keys and values plus whatever its storage needs
-(quantisation scales, page bounds, later a host-resident index): `KVCache` stores K/V densely, `KIVICache`
+(quantisation scales, page bounds, an index): `KVCache` stores K/V densely, `KIVICache`
 in 2 or 4 bits, `QuestCache` adds page bounds. The model writes each turn's K/V into it, reads it for
 multi-token turns, and asks it to attend for single-token decode steps, so a cache that stores K/V
 differently, or chooses what to read, brings its own decode kernel. Slots fill left to right: `lengths`

@@ -155,9 +155,14 @@ def check_flags(a) -> None:
     for attn, kv in a.method_pairs:
         try:
             check_attention_fields(attn, a.hyper_param.get(attn, {}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--hyper_param: {e}") from None
+        try:
             cache_method(kv, budget=a.kv_budget, **a.hyper_param.get(kv, {}))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"--kv_budget {a.kv_budget} / --hyper_param: {e}") from None
+            where = f"--hyper_param for {kv} (with --kv_budget {a.kv_budget})" if kv in a.hyper_param else (
+                f"--kv_budget {a.kv_budget} for {kv}")  # fmt: skip
+            raise ValueError(f"{where}: {e}") from None
 
 
 def _attn_name(name: str) -> str:
@@ -260,8 +265,6 @@ def _fits(task: str, a, tok, count, max_seq_length: int):
             from_hub=a.from_hub,
             standins=a.standins,
         )
-    except MissingDataError:
-        raise
     except ValueError:  # a generator that cannot fit the turns asked into this length
         return None
     if source.startswith(("file", "hub")):

@@ -26,6 +26,9 @@ from lcjax.methods.snapkv import SnapKVPress
 from lcjax.methods.streaming_llm import StreamingLLMPress
 from lcjax.models.attention import AttentionFn, DenseAttention
 
+# `minference` with a pattern_config takes the patterns from the file, so only these apply beside it
+_WITH_PATTERNS = ("pattern_config", "backend", "slash_semantics")
+
 
 def _minference(config: ModelConfig, pattern_config: str | None = None, **kw) -> MInference:
     """SCBench's `minference`: every head vertical-slash, or the per-head patterns of `pattern_config` (a JSON
@@ -48,6 +51,11 @@ ATTENTION_METHODS: dict[str, Callable[..., AttentionFn]] = {
 }
 
 
+def method_fields(cls: type) -> tuple[str, ...]:
+    """The hyperparameters a method class takes (its dataclass fields set at construction)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
 def _builder_fields(builder: Callable) -> tuple[str, ...]:
     """The hyperparameters of a builder that takes the model's shape first (`MInference.vertical_slash`)."""
     return tuple(p for p in inspect.signature(builder).parameters if p not in ("num_layers", "num_heads"))
@@ -55,9 +63,9 @@ def _builder_fields(builder: Callable) -> tuple[str, ...]:
 
 # the hyperparameters each of ATTENTION_METHODS takes
 ATTENTION_FIELDS: dict[str, tuple[str, ...]] = {
-    "dense": tuple(f.name for f in dataclasses.fields(DenseAttention)),
-    "a_shape": tuple(f.name for f in dataclasses.fields(AShape)),
-    "tri_shape": tuple(f.name for f in dataclasses.fields(TriShape)),
+    "dense": method_fields(DenseAttention),
+    "a_shape": method_fields(AShape),
+    "tri_shape": method_fields(TriShape),
     "minference": ("pattern_config",) + _builder_fields(MInference.vertical_slash),
     "vertical_slash": _builder_fields(MInference.vertical_slash),
     "block_sparse": _builder_fields(MInference.block_sparse),
@@ -72,11 +80,6 @@ CACHE_METHODS: dict[str, type | None] = {
     "kivi": KIVI,
     "quest": Quest,
 }
-
-
-def method_fields(cls: type) -> tuple[str, ...]:
-    """The hyperparameters a method class takes (its dataclass fields set at construction)."""
-    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
 def _unknown_keys(name: str, given: dict, valid: tuple[str, ...]) -> None:
@@ -106,8 +109,10 @@ def cache_method(name: str, budget: int | None = None, **hyperparameters) -> Cac
     settings = {}
     if budget is not None and name in BUDGET_FIELDS:
         settings[BUDGET_FIELDS[name]] = budget
-        if cls is StreamingLLMPress:
-            settings["n_sink"] = min(field_default(cls, "n_sink"), budget // 4)
+    if cls is StreamingLLMPress and "n_sink" not in hyperparameters:
+        kept = hyperparameters.get("capacity", settings.get("capacity"))
+        if kept is not None:  # sinks at most a quarter of what is kept (SCBench's 128 of 4096)
+            settings["n_sink"] = min(field_default(cls, "n_sink"), kept // 4)
     return cls(**{**settings, **hyperparameters})
 
 
@@ -117,9 +122,13 @@ def field_default(cls: type, name: str):
 
 
 def check_attention_fields(name: str, hyperparameters: dict) -> None:
-    """Raises ValueError for an unknown attention method or hyperparameter (no model needed)."""
+    """Raises ValueError for an unknown attention method or hyperparameter, or an unreadable pattern config (no
+    model needed)."""
     if name not in ATTENTION_METHODS:
         raise ValueError(f"Unknown attention method {name!r}; available: {', '.join(ATTENTION_METHODS)}.")
+    if name == "minference" and "pattern_config" in hyperparameters:
+        _unknown_keys(f"{name} with a pattern_config", hyperparameters, _WITH_PATTERNS)
+        MInferenceConfig.from_json(hyperparameters["pattern_config"])
     _unknown_keys(name, hyperparameters, ATTENTION_FIELDS[name])
 
 

@@ -333,4 +333,9 @@ class KIVI:
         return capacity
 
     def after_turn(self, cache, observation, scale: float, new_capacity: int) -> KIVICache:
+        if not isinstance(cache, KIVICache):
+            raise ValueError(
+                f"KIVI quantises the cache it makes (KIVICache), got a {type(cache).__name__}: put KIVI() last among "
+                "the cache transforms (a press cannot be combined with KIVI: it evicts from dense K/V)."
+            )
         return cache  # quantisation happens as tokens are written

@@ -136,7 +136,7 @@ def compress(
     if not isinstance(cache, KVCache):
         raise ValueError(
             f"{type(press).__name__} evicts tokens from a dense KVCache, not a {type(cache).__name__}; "
-            "put it before the transform that changes the storage (KIVI cannot follow a press)."
+            "a press cannot be combined with a transform that stores K/V otherwise, such as KIVI."
         )
     num_layers = len(cache.k) if not cache.stacked else cache.k.shape[0]
     capacity = cache.capacity

@@ -5,11 +5,11 @@ An attention transform is any callable
     attention(q, k, v, cache, meta) -> (out, cache)
 
 q: `[batch, q_len, heads, head_dim]`, k and v: `[batch, q_len, kv_heads, head_dim]` (this call's new
-tokens, already rotated), cache: the whole cache pytree (any `lcjax.cache.Cache`) (or None when nothing is cached, as in
-training), meta: `AttentionMeta` (layer index, positions, lengths, phase). It returns
+tokens, already rotated), cache: the whole cache pytree (any `lcjax.cache.Cache`, or None when nothing is
+cached, as in training), meta: `AttentionMeta` (layer index, positions, lengths, phase). It returns
 `out: [batch, q_len, heads, head_dim]` and the cache with this layer's new keys written. Seeing the whole
-cache and the layer index lets sparse-prefill methods (per-layer/per-head patterns) and KV-aware decode
-methods (Quest, RetrievalAttention) share this one signature; the model never branches on the method.
+cache and the layer index lets sparse-prefill methods (per-layer/per-head patterns) share this one signature;
+the model never branches on the method. How a decode step reads the cache is the cache's own (`Cache`).
 
 `DenseAttention` is exact attention: the XLA reference of `lcjax.numerics` (GQA without repeating K/V, fp32
 softmax, queries in chunks to bound memory) and, on GPU, cuDNN through `jax.nn.dot_product_attention`; a

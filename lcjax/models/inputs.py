@@ -44,6 +44,8 @@ def token_batch(
     tokens: a list of ids (one sequence), a list of equal-length lists, or an integer array `[batch, seq]`.
     Raises ValueError naming the input and the fix. Values traced inside `jax.jit` pass through unchecked."""
     if isinstance(tokens, jax.core.Tracer) or isinstance(lengths, jax.core.Tracer):
+        if lengths is None:
+            lengths = jax.numpy.full(tokens.shape[:1], tokens.shape[1], jax.numpy.int32)
         return tokens, lengths
     ids = _as_array(tokens, name)
     if ids.ndim == 1:
@@ -86,14 +88,15 @@ def token_batch(
     return ids.astype(np.int32), lens.astype(np.int32)
 
 
-def warn_past_context(positions: int, max_position_embeddings: int, scales: bool) -> None:
-    """Warns (once per model limit) when a call reaches past the positions the model was trained on, unless its
-    position transform scales past them."""
+def warn_past_context(positions: int, max_position_embeddings: int, scales: bool, stacklevel: int = 2) -> None:
+    """Warns when a call reaches past the positions the model was trained on, unless its position transform scales
+    past them (once per call site under Python's default warning filter); `stacklevel` as `warnings.warn`'s, from
+    the caller of this function."""
     if scales or positions <= max_position_embeddings:
         return
     warnings.warn(
         f"positions past the model's max_position_embeddings={max_position_embeddings}: quality degrades past the "
         "trained context. A position transform that scales extends it: model.with_transforms(positions=...) "
         "with lcjax.positions.linear, dynamic_ntk, yarn or longrope.",
-        stacklevel=3,
+        stacklevel=stacklevel + 1,
     )

@@ -298,7 +298,10 @@ class Transformer:
         )
         if isinstance(lengths, np.ndarray):
             start = 0 if cache is None else int(jnp.max(cache.positions))
-            warn_past_context(start + int(lengths.max()), self.config.max_position_embeddings, self.scales_context)
+            # the warning points at the user's call of prefill, extend or the model
+            warn_past_context(
+                start + int(lengths.max()), self.config.max_position_embeddings, self.scales_context, stacklevel=3
+            )
         return jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
 
 

@@ -54,7 +54,9 @@ def check_inputs(name: str, q: jax.Array, k: jax.Array, v: jax.Array) -> None:
             f"head_dim]; got q {q.shape}, k {k.shape}, v {v.shape}."
         )
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"{name}: q {q.shape}, k {k.shape}, v {v.shape} disagree on batch or head_dim.")
+        raise ValueError(
+            f"{name}: q {q.shape}, k {k.shape}, v {v.shape} must agree: k and v one shape, q their batch and head_dim."
+        )
     head_dim = q.shape[3]
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(

@@ -16,7 +16,11 @@ from lcjax.pallas.block_sparse_attention_mgpu import block_sparse_attention_mgpu
 from lcjax.pallas.vertical_slash_attention import vertical_slash_attention as vertical_slash_tiles
 from lcjax.pallas.vertical_slash_attention_mgpu import build_mgpu_index, vertical_slash_attention_mgpu
 from lcjax.pallas.vertical_slash_index import build_vertical_slash_index
-from lcjax.pallas.vertical_slash_ranges import build_vertical_slash_ranges, vertical_slash_attention_ranges
+from lcjax.pallas.vertical_slash_ranges import (
+    build_vertical_slash_ranges,
+    check_semantics,
+    vertical_slash_attention_ranges,
+)
 
 Implementation = Literal["auto", "mosaic", "triton"]
 IMPLEMENTATIONS = ("auto", "mosaic", "triton")
@@ -134,6 +138,7 @@ def vertical_slash_attention(
     merged ranges: the Mosaic GPU kernel on Hopper with 64-wide blocks, else the Triton range schedule).
     Returns `[batch, seq, heads, head_dim]` in q's dtype.
     """
+    check_semantics(semantics)
     seq = q.shape[1]
     if semantics == "cover" and block == MOSAIC_VS_BLOCK and runs_on_hopper(q, interpret):
         return vertical_slash_attention_mgpu(q, k, v, *build_mgpu_index(vertical, slash, seq), scale=scale)

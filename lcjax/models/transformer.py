@@ -91,6 +91,18 @@ def _layer(
     return (h, cache), None
 
 
+# what a layer keeps for the backward pass, by name: jax.checkpoint_policies' names
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy called `name` (one of `REMAT_POLICIES`): "nothing_saveable" recomputes each
+    layer in the backward pass, "dots_with_no_batch_dims_saveable" keeps the projections' outputs."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {name!r} is unknown; choose one of {', '.join(REMAT_POLICIES)}.")
+    return getattr(jax.checkpoint_policies, name)
+
+
 def forward(
     params: dict,
     config: ModelConfig,
@@ -103,12 +115,14 @@ def forward(
     attention: AttentionFn,
     position_transform: positions_lib.PositionTransform,
     mlp_chunk: int | None = None,
+    remat: str | None = None,
 ) -> tuple[jax.Array, Cache | None]:
     """Runs the decoder over `tokens: int [batch, seq]`; returns final hidden states `[batch, seq, hidden]`
     (after the final norm) and the cache with every layer's keys and values written.
 
     q_positions: int32 `[batch, seq]`; start, lengths: int32 `[batch]` (see `AttentionMeta`); mlp_chunk: run
-    the MLP over the sequence in chunks of this many tokens (long prompts), or at once (None).
+    the MLP over the sequence in chunks of this many tokens (long prompts), or at once (None); remat: a
+    `REMAT_POLICIES` name, what each layer keeps for the backward pass (None: everything, no recomputation).
     """
     h = jnp.take(params["embed"], tokens, axis=0)
     rotary = position_transform(q_positions)
@@ -121,6 +135,8 @@ def forward(
         scale=config.head_dim**-0.5,
     )
     step = partial(_layer, config, attention, rotary, meta_base, mlp_chunk)
+    if remat is not None:
+        step = jax.checkpoint(step, policy=remat_policy(remat))
     if isinstance(params["layers"], tuple):  # unstacked (`unstack_layers`): one traced copy per layer
         for i, p in enumerate(params["layers"]):
             (h, cache), _ = step((h, cache), (p, i))

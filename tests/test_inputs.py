@@ -94,3 +94,13 @@ def test_tokenizer_decode_names_ids_outside_its_vocabulary(smollm2):
         tokenizer.decode(ids + [tokenizer.vocab_size])
     with pytest.raises(ValueError, match="integer token ids, got float64"):
         tokenizer.decode([1.5])
+
+
+def test_traced_tokens_pass_unchecked_inside_jit(model):
+    """Inside `jax.jit` nothing can be read on the host: prefill and the model's logits take traced ids (and
+    default lengths) as they are, and compute what the eager call does."""
+    tokens = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+    eager, _ = model.prefill(tokens, capacity=16)
+    traced = jax.jit(lambda t: model.prefill(t, capacity=16)[0])(tokens)
+    np.testing.assert_allclose(traced, eager, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda t: model(t))(tokens), model(tokens), atol=1e-6)

@@ -42,8 +42,10 @@ def token_batch(
     token per row, lengths in `1..seq` (default: every row full), and `batch` rows when given.
 
     tokens: a list of ids (one sequence), a list of equal-length lists, or an integer array `[batch, seq]`.
-    Raises ValueError naming the input and the fix. Values traced inside `jax.jit` pass through unchecked."""
-    if isinstance(tokens, jax.core.Tracer) or isinstance(lengths, jax.core.Tracer):
+    Raises ValueError naming the input and the fix. Values traced inside `jax.jit`, and arrays spread over hosts
+    (which no one host can read whole), pass through unchecked."""
+    unreadable = lambda x: isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable)
+    if unreadable(tokens) or unreadable(lengths):
         if lengths is None:
             lengths = jax.numpy.full(tokens.shape[:1], tokens.shape[1], jax.numpy.int32)
         return tokens, lengths

@@ -23,16 +23,15 @@ from lcjax.models.params import ParamSpec, param_specs
 from lcjax.sharding import LOGICAL_AXIS_RULES, logical_sharding
 
 
-@jax.jit
-def _set_layer_copy(buf, x, i):
+def _write_layer(buf, x, i):
     return buf.at[i].set(x)
 
 
-_set_layer_donate = jax.jit(lambda buf, x, i: buf.at[i].set(x), donate_argnums=0)
+# in place where the buffer can be donated; CPU buffers cannot be (XLA would warn and copy anyway)
+_set_layer_copy, _set_layer_donate = jax.jit(_write_layer), jax.jit(_write_layer, donate_argnums=0)
 
 
 def _set_layer(buf, x, i):
-    # CPU buffers cannot be donated (XLA would warn and copy anyway).
     fn = _set_layer_copy if jax.default_backend() == "cpu" else _set_layer_donate
     return fn(buf, x, jnp.int32(i))
 

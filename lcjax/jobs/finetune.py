@@ -11,6 +11,7 @@ heads and MLP over "model", by `lcjax.sharding`'s rules).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -49,14 +50,14 @@ def parse_args(argv=None):
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--mesh", default="data=1,model=1", help="devices per axis, e.g. data=2,model=4")
     p.add_argument("--output-dir", default="runs/finetune")
-    p.add_argument("--checkpoint-every", type=int, default=20)
+    p.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints (0: none)")
     p.add_argument("--export", default=None, help="write the result as a transformers checkpoint here")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:
         a.mesh_shape = mesh_shape(a.mesh)
         counts = {"--seq-len": a.seq_len, "--batch": a.batch, "--steps": a.steps, "--eval-rows": a.eval_rows,
-                  "--micro-batches": a.micro_batches, "--checkpoint-every": a.checkpoint_every}  # fmt: skip
+                  "--micro-batches": a.micro_batches, "--checkpoint-every": a.checkpoint_every + 1}  # fmt: skip
         for flag, value in counts.items():
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}.")
@@ -123,8 +124,11 @@ def main(argv=None) -> None:
     del params
     model = lcjax.Transformer({}, model.config, model.attention, model.positions)  # config and transforms only
     data_sharding = NamedSharding(mesh, P(None, "data"))
-    with Checkpoints(out / "checkpoints", every=a.checkpoint_every) as checkpoints:
-        if checkpoints.latest_step() is not None:
+    keep = a.checkpoint_every > 0
+    with (
+        Checkpoints(out / "checkpoints", every=a.checkpoint_every) if keep else contextlib.nullcontext() as checkpoints
+    ):
+        if keep and checkpoints.latest_step() is not None:
             state, record = checkpoints.restore(like=state)
             print(f"resumed from step {int(state.step)} ({record})")
         before = held_out_loss(state, model, eval_rows, a.batch, a.train)
@@ -140,7 +144,8 @@ def main(argv=None) -> None:
                 seconds = time.perf_counter() - t0
                 log.write(json.dumps({"step": step + 1, **metrics, "tokens_per_s": metrics["tokens"] / seconds}) + "\n")
                 log.flush()
-                checkpoints.save(step + 1, state, {"data_step": step + 1}, force=step + 1 == a.steps)
+                if keep:
+                    checkpoints.save(step + 1, state, {"data_step": step + 1}, force=step + 1 == a.steps)
     after = held_out_loss(state, model, eval_rows, a.batch, a.train)
     print(f"held-out loss {before:.4f} -> {after:.4f} after {a.steps} steps")
     if a.export:

@@ -92,13 +92,17 @@ def mesh_shape(spec: str) -> dict[str, int]:
     return shape
 
 
+# one compiled loss for every evaluation of a run (a jit of a fresh closure would compile again each time)
+_loss_and_count = jax.jit(loss_and_count, static_argnames=("config",))
+
+
 def held_out_loss(state, model, rows: np.ndarray, batch: int, config: TrainConfig) -> float:
     """Mean next-token loss over the held-out rows."""
     total, count = 0.0, 0.0
-    loss = jax.jit(lambda p, t, n: loss_and_count(p, model, t, n, config))
     for i in range(0, len(rows) - batch + 1, batch):
         tokens = jnp.asarray(rows[i : i + batch])
-        s, n = loss(state.params, tokens, jnp.full((batch,), tokens.shape[1], jnp.int32))
+        lengths = jnp.full((batch,), tokens.shape[1], jnp.int32)
+        s, n = _loss_and_count(state.params, model, tokens, lengths, config=config)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 

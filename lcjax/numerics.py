@@ -107,3 +107,76 @@ def xla_attention(
         return jnp.take(full, jnp.minimum(rows, q_len - 1), axis=2)
 
     return masked_attention(q, k, v, mask_fn, scale, q_chunk)
+
+
+def positional_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    k_valid: jax.Array,
+    scale: float,
+    sliding_window: int | None = None,
+    q_chunk: int = 512,
+    k_chunk: int = 1024,
+) -> jax.Array:
+    """Causal attention by token position, blocked over queries and keys with an online softmax, in plain XLA.
+
+    q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, kv_len, kv_heads, head_dim]`; q_pos: int32 `[batch,
+    q_len]` and k_pos: int32 `[batch, kv_len]`, each token's position; k_valid: bool `[batch, kv_len]`. A query
+    sees a valid key at a position no later than its own (and less than `sliding_window` back). Tokens may come
+    in any order, which is what context parallelism's load-balanced layout needs. Key blocks no query of a chunk
+    can see are skipped, and each block is recomputed in the backward pass, so memory is O(q_chunk * k_chunk)
+    per head in both passes. Returns `[batch, q_len, heads, head_dim]` in q's dtype; fp32 statistics.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    precision = float32_precision(q)
+    q_chunk, k_chunk = min(q_chunk, q_len), min(k_chunk, kv_len)
+    nq, nk = -(-q_len // q_chunk), -(-kv_len // k_chunk)
+
+    def blocks(x, n, size, fill=0):
+        x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(batch, n, size, *x.shape[2:]), 1, 0)
+
+    k_b, v_b = blocks(k, nk, k_chunk), blocks(v, nk, k_chunk)
+    kp_b, kv_b = blocks(k_pos, nk, k_chunk), blocks(k_valid, nk, k_chunk, False)
+
+    @jax.checkpoint
+    def key_block(carry, xs, qg, qp):
+        m, l, acc = carry
+        kb, vb, kp, valid = xs
+        visible = valid[:, None, :] & (kp[:, None, :] <= qp[:, :, None])  # [batch, q_chunk, k_chunk]
+        if sliding_window is not None:
+            visible &= qp[:, :, None] - kp[:, None, :] < sliding_window
+        visible = visible[:, None, None]  # [batch, 1, 1, q_chunk, k_chunk]
+
+        def attend(carry):
+            m, l, acc = carry
+            s = jnp.einsum("bqkgd,btkd->bkgqt", qg, kb, preferred_element_type=jnp.float32, precision=precision)
+            s = jnp.where(visible, s * scale, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - safe[..., None])
+            correction = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
+            pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32,
+                            precision=precision)  # fmt: skip
+            return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+
+        return jax.lax.cond(jnp.any(visible), attend, lambda c: c, (m, l, acc)), None
+
+    def query_chunk(xs):
+        qc, qp = xs
+        qg = qc.reshape(batch, q_chunk, kv_heads, groups, head_dim)
+        stats = (batch, kv_heads, groups, q_chunk)
+        init = (jnp.full(stats, -jnp.inf), jnp.zeros(stats), jnp.zeros((*stats, head_dim)))
+        (_, l, acc), _ = jax.lax.scan(lambda c, x: key_block(c, x, qg, qp), init, (k_b, v_b, kp_b, kv_b))
+        out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # a query with no visible key gives zeros
+        return jnp.einsum("bkgqd->bqkgd", out).reshape(batch, q_chunk, heads, head_dim).astype(q.dtype)
+
+    # padded query rows sit at the largest position; their outputs are dropped
+    big = jnp.iinfo(jnp.int32).max
+    out = jax.lax.map(query_chunk, (blocks(q, nq, q_chunk), blocks(q_pos, nq, q_chunk, big)))
+    return jnp.moveaxis(out, 0, 1).reshape(batch, nq * q_chunk, heads, head_dim)[:, :q_len]

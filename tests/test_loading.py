@@ -96,21 +96,21 @@ def test_bfloat16_load_casts(checkpoint):
 @pytest.mark.skipif(jax.device_count() < 8, reason="a 2 x 4 mesh needs 8 devices (the CPU suite fakes them)")
 def test_load_onto_mesh_shards_by_logical_axes(checkpoint):
     model, path = checkpoint
-    mesh = make_mesh(data=2, model=4)
+    mesh = make_mesh(data=2, tensor=4)
     loaded, _ = lcjax.load_model(path, dtype="float32", mesh=mesh)
     layers = loaded.params["layers"]
-    assert layers["wq"].sharding.spec == P(None, "model", None, None)  # 4 q heads over 4 devices
+    assert layers["wq"].sharding.spec == P(None, "tensor", None, None)  # 4 q heads over 4 devices
     assert layers["wk"].sharding.spec == P(None, None, None, None)  # 2 kv heads: replicated, not an error
-    assert layers["w_gate"].sharding.spec == P(None, "model", None)
-    assert loaded.params["embed"].sharding.spec == P("model", None)
+    assert layers["w_gate"].sharding.spec == P(None, "tensor", None)
+    assert loaded.params["embed"].sharding.spec == P("tensor", None)
     tokens = np.arange(24).reshape(2, 12) % TINY["vocab_size"]
     np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-5)
-    # fusing the MLP's gate and up keeps their split over "model" (stacked and unstacked layers)
+    # fusing the MLP's gate and up keeps their split over "tensor" (stacked and unstacked layers)
     for fused in (loaded.with_fused_mlp(), loaded.with_layer_layout("unstacked").with_fused_mlp()):
         layers = fused.params["layers"]
         first = layers[0] if isinstance(layers, tuple) else layers
         assert first["w_gate_up"].sharding.spec == (
-            P(None, "model", None) if isinstance(layers, tuple) else P(None, None, "model", None)
+            P(None, "tensor", None) if isinstance(layers, tuple) else P(None, None, "tensor", None)
         )
         np.testing.assert_allclose(fused(tokens), model(tokens), atol=1e-5)
 

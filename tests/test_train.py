@@ -1,6 +1,6 @@
 """The training step: the chunked loss against float64 numpy, accumulation over micro-batches equal to one larger
-batch, rematerialisation that changes no gradient, a step sharded over 8 (fake CPU) devices equal to one device's,
-and the learning-rate schedule."""
+batch, rematerialisation that changes no gradient, steps sharded over 8 (fake CPU) devices along each mesh axis and
+all of them equal to one device's, context parallelism's order and attention, and the learning-rate schedule."""
 
 import dataclasses
 
@@ -12,9 +12,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lcjax.config import ModelConfig
+from lcjax.models.context_parallel import load_balanced_order
 from lcjax.models.params import param_shardings
 from lcjax.models.transformer import Transformer
-from lcjax.sharding import make_mesh
+from lcjax.numerics import attention_mask, positional_attention, xla_attention
+from lcjax.sharding import logical_sharding, make_mesh
 from lcjax.train import TrainConfig, causal_lm_loss, init_state, loss_and_count, train_step
 
 CONFIG = ModelConfig(
@@ -83,23 +85,86 @@ def test_remat_changes_no_gradient(model, policy):
         dataclasses.replace(FP32, remat=policy)), plain)  # fmt: skip
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="a 2 x 4 mesh needs 8 devices (the CPU suite fakes them)")
-def test_sharded_step_equals_the_single_device_step(model):
-    """Parameters split over "model" by the logical-axis rules, the batch over "data": the same loss, gradient
-    norm and updated parameters as on one device, and the state keeps its shardings."""
-    tokens, lengths = batch(np.random.default_rng(3), 1, 4, 16)
+MESHES = {
+    "data": dict(data=8),
+    "fsdp": dict(fsdp=8),
+    "tensor": dict(tensor=2),
+    "context": dict(context=8),
+    "fsdp x tensor x context": dict(fsdp=2, tensor=2, context=2),
+}
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="the meshes need 8 devices (the CPU suite fakes them)")
+@pytest.mark.parametrize("axes", list(MESHES))
+def test_sharded_step_equals_the_single_device_step(model, axes):
+    """Each mesh axis alone, and fsdp x tensor x context together, take the single-device step: the same loss,
+    gradient norm and updated parameters, with parameters and optimiser state kept where the rules put them.
+    The context split runs the load-balanced order and the gathered-K/V attention, so equality checks both."""
+    tokens, lengths = batch(np.random.default_rng(3), 1, 8, 32)
     single, m1 = train_step(init_state(model.params, FP32), model, tokens, lengths, FP32)
-    mesh = make_mesh(data=2, model=4)
-    sharded = dataclasses.replace(model, params=jax.device_put(model.params, param_shardings(CONFIG, mesh)))
-    state = init_state(sharded.params, FP32)
-    expected = NamedSharding(mesh, P(None, "model", None, None))  # 4 query heads over the 4 "model" devices
-    assert state.params["layers"]["wq"].sharding.is_equivalent_to(expected, 4)
-    data = NamedSharding(mesh, P(None, "data"))
-    state, m8 = train_step(state, sharded, jax.device_put(tokens, data), jax.device_put(lengths, data), FP32)
+    mesh = make_mesh(**MESHES[axes], devices=jax.devices()[: np.prod(list(MESHES[axes].values()))])
+    shardings = param_shardings(CONFIG, mesh)
+    state = init_state(jax.device_put(model.params, shardings), FP32)
+    data = logical_sharding(tokens.shape, (None, "batch", "seq"), mesh)
+    state, m8 = train_step(
+        state, model, jax.device_put(tokens, data), jax.device_put(lengths, NamedSharding(mesh, P(*data.spec[:2]))),
+        FP32, mesh,
+    )  # fmt: skip
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state.params, single.params)
-    assert state.params["layers"]["wq"].sharding.is_equivalent_to(expected, 4)
+    for name, spec in (("wq", P(None, "tensor", None, "fsdp")), ("w_down", P(None, "fsdp", "tensor"))):
+        want = P(*(a if a in mesh.shape and mesh.shape[a] > 1 else None for a in spec))
+        assert state.params["layers"][name].sharding.is_equivalent_to(NamedSharding(mesh, want), 4), name
+    adam = state.opt_state[1][0]  # (clip, adamw (scale_by_adam, ...)): its moments follow the params
+    assert adam.mu["layers"]["wq"].sharding.is_equivalent_to(state.params["layers"]["wq"].sharding, 4)
+
+
+def test_load_balanced_order_gives_every_shard_equal_causal_work():
+    order = load_balanced_order(32, 4)
+    assert sorted(order) == list(range(32))
+    np.testing.assert_array_equal(order[:8], [0, 1, 2, 3, 28, 29, 30, 31])
+    work = [sum(p + 1 for p in shard) for shard in order.reshape(4, 8)]  # keys each shard's queries see
+    assert len(set(work)) == 1, work
+    with pytest.raises(ValueError, match="does not split into 2 x 4 equal chunks"):
+        load_balanced_order(36, 4)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_positional_attention_equals_float64_attention_in_any_order(window):
+    """Queries and keys shuffled, GQA, a padded row, blocks that do not divide the lengths: the blocked online
+    softmax equals float64 attention by position, and so do its gradients (against the XLA reference)."""
+    rng = np.random.default_rng(5)
+    b, t, h, kh, d = 2, 23, 4, 2, 8
+    q, k, v = (rng.normal(size=s) for s in ((b, t, h, d), (b, t, kh, d), (b, t, kh, d)))
+    lengths = np.array([23, 17])
+    pos = np.stack([rng.permutation(t) for _ in range(b)])
+    scores = np.einsum("bqhd,bkhd->bhqk", q, np.repeat(k, h // kh, axis=2)) * d**-0.5
+    see = (pos[:, None, :] <= pos[:, :, None]) & (pos[:, None, :] < lengths[:, None, None])
+    if window is not None:
+        see &= pos[:, :, None] - pos[:, None, :] < window
+    probs = np.where(see[:, None], np.exp(scores - scores.max(-1, keepdims=True)), 0.0)
+    probs /= np.maximum(probs.sum(-1, keepdims=True), 1e-300)  # a row that sees no key gives zeros
+    want = np.einsum("bhqk,bkhd->bqhd", probs, np.repeat(v, h // kh, axis=2))
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [jnp.asarray(pos, jnp.int32)] * 2
+    valid = jnp.asarray(pos < lengths[:, None])
+    got = positional_attention(*args, valid, d**-0.5, window, q_chunk=4, k_chunk=5)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+    # gradients against the slot-ordered XLA reference on the unshuffled sequence
+    inv = np.argsort(pos, axis=1)
+    natural = [jnp.asarray(np.take_along_axis(x, inv[..., None, None], 1), jnp.float32) for x in (q, k, v)]
+    mask = jnp.asarray(attention_mask(jnp.broadcast_to(jnp.arange(t), (b, t)), t, jnp.asarray(lengths), window))
+    ref = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(xla_attention(q, k, v, mask, d**-0.5))), (0, 1, 2))(*natural)
+    ordered = jnp.broadcast_to(jnp.arange(t), (b, t))
+    valid = ordered < jnp.asarray(lengths)[:, None]
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(positional_attention(q, k, v, ordered, ordered, valid, d**-0.5, window, 4, 5)))
+
+    grads = jax.grad(loss, (0, 1, 2))(*natural)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, atol=1e-5)
 
 
 def test_steps_lower_the_loss_on_a_repeated_batch(model):

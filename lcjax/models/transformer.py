@@ -71,12 +71,15 @@ def _layer(
     rotary: positions_lib.Rotary,
     meta_base: dict,
     mlp_chunk: int | None,
+    activation_sharding: jax.sharding.NamedSharding | None,
     carry,
     xs,
 ):
     h, cache = carry
     p, layer = xs
     c = config
+    if activation_sharding is not None:
+        h = jax.lax.with_sharding_constraint(h, activation_sharding)
     x = rms_norm(h, p["attn_norm"], c.rms_norm_eps)
     q = jnp.einsum("bsd,hkd->bshk", x, p["wq"])
     k = jnp.einsum("bsd,hkd->bshk", x, p["wk"])
@@ -116,13 +119,16 @@ def forward(
     position_transform: positions_lib.PositionTransform,
     mlp_chunk: int | None = None,
     remat: str | None = None,
+    activation_sharding: jax.sharding.NamedSharding | None = None,
 ) -> tuple[jax.Array, Cache | None]:
     """Runs the decoder over `tokens: int [batch, seq]`; returns final hidden states `[batch, seq, hidden]`
     (after the final norm) and the cache with every layer's keys and values written.
 
     q_positions: int32 `[batch, seq]`; start, lengths: int32 `[batch]` (see `AttentionMeta`); mlp_chunk: run
     the MLP over the sequence in chunks of this many tokens (long prompts), or at once (None); remat: a
-    `REMAT_POLICIES` name, what each layer keeps for the backward pass (None: everything, no recomputation).
+    `REMAT_POLICIES` name, what each layer keeps for the backward pass (None: everything, no recomputation);
+    activation_sharding: where each layer's input `[batch, seq, hidden]` lives on a mesh (training pins the batch
+    and sequence splits so XLA gathers the weights, not the activations; None: XLA's choice).
     """
     h = jnp.take(params["embed"], tokens, axis=0)
     rotary = position_transform(q_positions)
@@ -134,7 +140,7 @@ def forward(
         sliding_window=config.sliding_window,
         scale=config.head_dim**-0.5,
     )
-    step = partial(_layer, config, attention, rotary, meta_base, mlp_chunk)
+    step = partial(_layer, config, attention, rotary, meta_base, mlp_chunk, activation_sharding)
     if remat is not None:
         step = jax.checkpoint(step, policy=remat_policy(remat))
     if isinstance(params["layers"], tuple):  # unstacked (`unstack_layers`): one traced copy per layer

@@ -16,9 +16,13 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
+from lcjax.models.attention import DenseAttention
+from lcjax.models.context_parallel import ContextParallelAttention, load_balanced_order
 from lcjax.models.transformer import REMAT_POLICIES, Transformer, forward
-from lcjax.train.loss import causal_lm_loss
+from lcjax.sharding import axis_size, logical_sharding
+from lcjax.train.loss import next_token_targets, token_loss
 
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -96,27 +100,61 @@ def init_state(params: dict, config: TrainConfig) -> TrainState:
     return TrainState(jnp.int32(0), params, config.optimizer().init(params))
 
 
-def loss_and_count(params: dict, model: Transformer, tokens: jax.Array, lengths: jax.Array, config: TrainConfig):
+def loss_and_count(
+    params: dict,
+    model: Transformer,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    config: TrainConfig,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """(summed cross entropy, predicted tokens) of `tokens: int [batch, seq]` under `params` (cast to the compute
-    dtype) with `model`'s config and transforms."""
+    dtype) with `model`'s config and transforms.
+
+    mesh: where the step runs. Each layer's activations are pinned to the batch and sequence splits of the
+    logical rules; when the "context" axis splits the sequence, the tokens are laid out by
+    `load_balanced_order` and attention becomes `ContextParallelAttention` (dense attention only).
+    """
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     p = jax.tree.map(lambda x: x.astype(dtype), params)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    batch, seq = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
+    targets, valid = next_token_targets(tokens, lengths)
+    attention, shards, activations = model.attention, 1, None
+    if mesh is not None:
+        activations = logical_sharding((batch, seq, model.config.hidden_size), ("batch", "seq", None), mesh)
+        shards = axis_size(mesh, "seq")
+    if shards > 1:
+        if not isinstance(model.attention, (DenseAttention, ContextParallelAttention)):
+            raise ValueError(
+                f"context parallelism runs dense attention; the model's is {type(model.attention).__name__}."
+            )
+        order = jnp.asarray(load_balanced_order(seq, shards))
+        tokens, positions, targets, valid = (x[:, order] for x in (tokens, positions, targets, valid))
+        attention = ContextParallelAttention(mesh)
     zeros = jnp.zeros_like(lengths)
     hidden, _ = forward(
-        p, model.config, tokens, positions, zeros, lengths, None, "prefill", model.attention, model.positions,
-        remat=config.remat,
+        p, model.config, tokens, positions, zeros, lengths, None, "prefill", attention, model.positions,
+        remat=config.remat, activation_sharding=activations,
     )  # fmt: skip
     head = p["embed"] if model.config.tie_word_embeddings else p["lm_head"]
-    return causal_lm_loss(hidden, head, tokens, lengths, config.loss_chunk)
+    return token_loss(hidden, head, targets, valid, config.loss_chunk, shards)
 
 
-@partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def train_step(state: TrainState, model: Transformer, tokens: jax.Array, lengths: jax.Array, config: TrainConfig):
+@partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames=("state",))
+def train_step(
+    state: TrainState,
+    model: Transformer,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    config: TrainConfig,
+    mesh: Mesh | None = None,
+):
     """One optimiser step over `tokens: int [micro_batches, batch, seq]` (right-padded to `lengths: [micro_batches,
-    batch]`); `model` supplies config and transforms (its own params are not read). Returns the new state and
-    fp32 metrics: the batch's mean loss, the gradient norm before clipping, the learning rate used, tokens."""
-    grad_fn = jax.value_and_grad(lambda p, t, n: loss_and_count(p, model, t, n, config), has_aux=True)
+    batch]`); `model` supplies config and transforms (its own params are not read). `mesh`: as `loss_and_count`
+    (None: as the inputs' shardings place it, no context parallelism). Returns the new state and fp32 metrics:
+    the batch's mean loss, the gradient norm before clipping, the learning rate used, tokens."""
+    grad_fn = jax.value_and_grad(lambda p, t, n: loss_and_count(p, model, t, n, config, mesh), has_aux=True)
 
     def micro(carry, xs):
         grads, total, count = carry

@@ -1,7 +1,8 @@
 """Text <-> token ids and chat prompts, over the Rust `tokenizers` library.
 
-`Tokenizer.from_hf_dir` reads a transformers tokenizer directory; `Tokenizer.from_gguf` rebuilds the
-same byte-level BPE tokenizer from the vocabulary, merges and pre-tokenizer name a GGUF file carries.
+`Tokenizer.from_hf_dir` reads a transformers tokenizer directory and `Tokenizer.save_hf_dir` writes one;
+`Tokenizer.from_gguf` rebuilds the same byte-level BPE tokenizer from the vocabulary, merges and
+pre-tokenizer name a GGUF file carries.
 Chat templates are rendered with Jinja in a sandbox, with the helpers transformers gives templates
 (`raise_exception`, `strftime_now`, a non-escaping `tojson`, loop controls).
 """
@@ -65,6 +66,7 @@ class Tokenizer:
 
     eos_token_ids: ids that end generation (eos, then end-of-turn tokens the chat template uses).
     add_bos: whether `encode(..., add_special_tokens=True)` starts with `bos_token_id`.
+    unk_token_id: the id transformers reports as `unk_token_id` (byte-level BPE never produces it).
     """
 
     tokenizer: tokenizers.Tokenizer
@@ -73,6 +75,7 @@ class Tokenizer:
     pad_token_id: int | None = None
     chat_template: str | None = None
     add_bos: bool = False
+    unk_token_id: int | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -141,6 +144,41 @@ class Tokenizer:
     def _template(self) -> jinja2.Template:
         return _compile_template(self.chat_template)
 
+    def save_hf_dir(self, directory: str | os.PathLike, model_max_length: int | None = None) -> list[Path]:
+        """Writes the files `from_hf_dir` and transformers' `AutoTokenizer.from_pretrained` read; returns them.
+
+        `tokenizer.json` (bos in its post-processor where `encode` prepends one, since transformers reads no
+        `add_bos` flag of lcjax's), `tokenizer_config.json` (special tokens, chat template, `model_max_length`:
+        the model's longest input, e.g. its `max_position_embeddings`) and `special_tokens_map.json`. Eos ids after
+        the first that are not end-of-turn tokens of the template live in the model's `generation_config.json`,
+        which `lcjax.loading.export.save_checkpoint` writes.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tok = tokenizers.Tokenizer.from_str(self.tokenizer.to_str())  # a copy: this tokenizer stays as it was
+        bos = self.token(self.bos_token_id)
+        if self.add_bos and bos is not None and not _adds_bos(tok, self.bos_token_id):
+            template = _bos_processor(bos, self.bos_token_id)
+            tok.post_processor = (
+                template if tok.post_processor is None else processors.Sequence([tok.post_processor, template])
+            )
+        ids = {"bos": self.bos_token_id, "eos": self.eos_token_id, "unk": self.unk_token_id, "pad": self.pad_token_id}
+        special = {f"{name}_token": token for name, i in ids.items() if (token := self.token(i)) is not None}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",  # transformers' class for a bare tokenizer.json (4 and 5)
+            **special,
+            "clean_up_tokenization_spaces": False,  # decode as `tokenizers` does, as `decode` here does
+        }
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        files = {"tokenizer_config.json": config, "special_tokens_map.json": special}
+        tok.save(str(directory / "tokenizer.json"))
+        for name, value in files.items():
+            (directory / name).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return [directory / "tokenizer.json", *(directory / name for name in files)]
+
     # ---- constructors ----------------------------------------------------------------------------
 
     @classmethod
@@ -187,7 +225,7 @@ class Tokenizer:
         if "add_bos_token" in config:
             add_bos = bool(config["add_bos_token"])
         else:  # whatever tokenizer.json's post-processor does
-            add_bos = bos is not None and tok.encode("a").ids[:1] == [bos]
+            add_bos = bos is not None and _adds_bos(tok, bos)
         return cls(
             tokenizer=tok,
             bos_token_id=bos,
@@ -195,6 +233,7 @@ class Tokenizer:
             pad_token_id=token_id("pad_token"),
             chat_template=template,
             add_bos=add_bos,
+            unk_token_id=token_id("unk_token"),
         )
 
     @classmethod
@@ -243,10 +282,7 @@ class Tokenizer:
         bos = opt_id("bos")
         add_bos = bool(field("ggml.add_bos_token", False)) and bos is not None
         if add_bos:
-            bos_text = tokens[bos]
-            tok.post_processor = processors.TemplateProcessing(
-                single=f"{bos_text} $A:0", pair=f"{bos_text} $A:0 {bos_text}:1 $B:1", special_tokens=[(bos_text, bos)]
-            )
+            tok.post_processor = _bos_processor(tokens[bos], bos)
         template = field("chat_template")
         return cls(
             tokenizer=tok,
@@ -255,6 +291,7 @@ class Tokenizer:
             pad_token_id=opt_id("padding"),
             chat_template=template,
             add_bos=add_bos,
+            unk_token_id=opt_id("unknown"),
         )
 
 
@@ -310,6 +347,18 @@ def _byte_level_bpe(
             f"ids for {len(vocab)} distinct tokens; the file's token list is inconsistent."
         )
     return tok
+
+
+def _bos_processor(bos: str, bos_id: int) -> processors.TemplateProcessing:
+    """A post-processor that starts each sequence with bos, as transformers builds for `add_bos_token`."""
+    return processors.TemplateProcessing(
+        single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+    )
+
+
+def _adds_bos(tok: tokenizers.Tokenizer, bos_id: int) -> bool:
+    """Whether the tokenizer's own post-processor prepends `bos_id`."""
+    return tok.encode("a").ids[:1] == [bos_id]
 
 
 def _eos_ids(tok: tokenizers.Tokenizer, candidates: Sequence[int | None], template: str | None) -> tuple[int, ...]:

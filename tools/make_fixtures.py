@@ -20,15 +20,26 @@ Outputs (see tests/fixtures/README.md):
     tests/fixtures/rope/rope_reference.npz, rope_configs.json     cos/sin of transformers' rotary embeddings
     tests/fixtures/smollm2/reference.npz, tokenizer_reference.json
     tests/fixtures/qwen25/...                                     only if /tmp/qwen/qwen2.5-coder-0.5b.gguf exists
+    tests/fixtures/export/reference.json, reference.npz           transformers' view of lcjax's exports
+
+The export step runs lcjax itself in its Python 3.12 venv (`.venv/bin/python`, or $LCJAX_PYTHON), which writes the
+exports that this script then opens with transformers. Steps can be picked by name, e.g. only the export step:
+
+    v/bin/python tools/make_fixtures.py export
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import json
+import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -41,6 +52,7 @@ import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -501,16 +513,99 @@ def _smollm2_path() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 5. lcjax's exports (checkpoint + tokenizer) as transformers opens them
+
+LCJAX_PYTHON = Path(os.environ.get("LCJAX_PYTHON", ROOT / ".venv" / "bin" / "python"))
+EXPORT_ATOL = {"tiny": 1e-5, "smollm2": 1e-3}  # float32 logits, lcjax vs transformers on the same export
+
+
+def _hf_tokenizer_view(tok, generation: GenerationConfig, strings: list[str], conversation: list[dict]) -> dict:
+    """transformers' side of tests/test_export.py's `tokenizer_view` (same keys, same meaning)."""
+    ids = [tok(s)["input_ids"] for s in strings]
+    eos = generation.eos_token_id
+    return {
+        "ids": ids,
+        "ids_no_special": [tok(s, add_special_tokens=False)["input_ids"] for s in strings],
+        "decoded": [tok.decode(i, skip_special_tokens=True) for i in ids],
+        "chat_rendered": tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
+        "chat_ids": _as_ids(tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)),
+        "special_tokens": {k: getattr(tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
+        "eos_token_ids": eos if isinstance(eos, list) else [eos],
+    }
+
+
+def make_export() -> None:
+    """Exports (by lcjax, in its own venv) the tiny model of tests/test_export.py with the hf/llama tokenizer and the
+    built-in SmolLM2 with its GGUF-built tokenizer; checks transformers loads every tensor, computes lcjax's logits
+    and token ids; saves transformers' view of the tiny export (and SmolLM2's tokenizer) for the test."""
+    out = _fresh_dir(FIX / "export")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        subprocess.run([str(LCJAX_PYTHON), str(ROOT / "tests" / "test_export.py"), tmp], check=True, env=env, cwd=ROOT)
+        ref, arrays = {}, {}
+        for name in ("tiny", "smollm2"):
+            d = Path(tmp) / name
+            if not d.exists():  # the built-in model is not installed in lcjax's venv
+                print(f"[export] {name}: not exported, skipped")
+                continue
+            lc = json.loads((d / "lcjax.json").read_text(encoding="utf-8"))
+            ref.update(strings=lc["strings"], conversation=lc["conversation"])
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            config = json.loads((d / "config.json").read_text())
+            assert tok.model_max_length == config["max_position_embeddings"], tok.model_max_length
+            view = _hf_tokenizer_view(tok, GenerationConfig.from_pretrained(str(d)), lc["strings"], lc["conversation"])
+            for key, value in view.items():
+                assert value == lc["view"][key], (name, key, value, lc["view"][key])
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(d), dtype=torch.float32, local_files_only=True, output_loading_info=True
+            )
+            assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
+            input_ids = np.load(d / "input_ids.npy")
+            with torch.no_grad():
+                logits = model.eval()(torch.from_numpy(input_ids).long()).logits.float().numpy()
+            diff = float(np.abs(logits - np.load(d / "lcjax_logits.npy")).max())
+            print(f"[export] {name}: {type(tok).__name__}, {type(model).__name__}; tokenizer views equal; "
+                  f"logits {tuple(logits.shape)}, max |transformers - lcjax| = {diff:.3g}")
+            assert diff < EXPORT_ATOL[name], (name, diff)
+            ref[name] = view
+            if name == "tiny":
+                ref[name]["tensor_sha256"] = {
+                    k: hashlib.sha256(v.detach().float().contiguous().numpy().tobytes()).hexdigest()
+                    for k, v in model.state_dict().items()
+                }
+                arrays.update(input_ids=input_ids.astype(np.int32), logits=logits.astype(np.float32))
+    text = json.dumps(ref, indent=1, ensure_ascii=False)
+    text = re.sub(r"\[[\d,\s]*\]", lambda m: json.dumps(json.loads(m.group())), text)  # a list of ids on one line
+    (out / "reference.json").write_text(text + "\n", encoding="utf-8")
+    np.savez(out / "reference.npz", **arrays)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+QWEN_GGUF = Path("/tmp/qwen/qwen2.5-coder-0.5b.gguf")
+
+
+def make_qwen25() -> None:
+    if QWEN_GGUF.exists():
+        make_gguf(QWEN_GGUF, FIX / "qwen25", n_positions=40, n_new=24)
+
+
+STEPS = {
+    "hf": make_hf_models,
+    "rope": make_rope,
+    "smollm2": lambda: make_gguf(_smollm2_path(), FIX / "smollm2", n_positions=None, n_new=24),
+    "qwen25": make_qwen25,
+    "export": make_export,  # after "hf": the tiny export uses hf/llama's tokenizer
+}
 
 
 def main() -> None:
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")
-    make_hf_models()
-    make_rope()
-    make_gguf(_smollm2_path(), FIX / "smollm2", n_positions=None, n_new=24)
-    qwen = Path("/tmp/qwen/qwen2.5-coder-0.5b.gguf")
-    if qwen.exists():
-        make_gguf(qwen, FIX / "qwen25", n_positions=40, n_new=24)
+    names = sys.argv[1:] or list(STEPS)
+    unknown = sorted(set(names) - set(STEPS))
+    assert not unknown, f"unknown steps {unknown}; known: {', '.join(STEPS)}"
+    for name in names:
+        STEPS[name]()
 
     total = 0
     print("\nfixtures:")

@@ -338,3 +338,26 @@ def llama3_8b_config(max_position_embeddings: int = 131072) -> ModelConfig:
         rms_norm_eps=1e-5,
         rope=RopeConfig(theta=500000.0),
     )
+
+
+# the scalings a single factor defines, for extending a model's context (LongRoPE's searched factors: lcjax.methods)
+FACTOR_SCALINGS = ("linear", "dynamic", "yarn")
+
+
+def extend_context(config: ModelConfig, rope_type: str, factor: float) -> ModelConfig:
+    """`config` with its RoPE scaled for a context `factor` times its trained one: position interpolation
+    ("linear"), dynamic NTK ("dynamic") or YaRN ("yarn") over the model's plain RoPE, and
+    `max_position_embeddings` multiplied by `factor`. The result exports as transformers writes such a config."""
+    if rope_type not in FACTOR_SCALINGS:
+        raise ValueError(f"rope scaling {rope_type!r} is not one of {', '.join(FACTOR_SCALINGS)}.")
+    if factor <= 1:
+        raise ValueError(f"a context extension factor must be > 1, got {factor}.")
+    if config.rope.rope_type != "default":
+        raise ValueError(
+            f"the model's RoPE is already scaled ({config.rope.rope_type!r}); extend a model with plain RoPE."
+        )
+    original = config.max_position_embeddings
+    rope = dataclasses.replace(
+        config.rope, rope_type=rope_type, factor=float(factor), original_max_position_embeddings=original
+    )
+    return dataclasses.replace(config, rope=rope, max_position_embeddings=int(original * factor))

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from lcjax.config import ModelConfig, RopeConfig
+from lcjax.config import ModelConfig, RopeConfig, extend_context
 
 LLAMA31_V4 = {
     "architectures": ["LlamaForCausalLM"],
@@ -113,3 +113,17 @@ def test_missing_key_in_file_is_named(tmp_path):
     path.write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 8}')
     with pytest.raises(ValueError, match=r"config.json lacks the key 'num_attention_heads'"):
         ModelConfig.from_json_file(path)
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_extend_context_scales_rope_and_the_context_and_round_trips(kind):
+    plain = dataclasses.replace(ModelConfig.from_hf_config(LLAMA31_V4), rope=RopeConfig("default", 500000.0))
+    plain = dataclasses.replace(plain, max_position_embeddings=8192)
+    longer = extend_context(plain, kind, 4)
+    assert longer.max_position_embeddings == 32768 and longer.rope.factor == 4.0
+    assert longer.rope.original_max_position_embeddings == 8192 and longer.rope.rope_type == kind
+    assert ModelConfig.from_hf_config(longer.to_hf_config()) == longer
+    with pytest.raises(ValueError, match="already scaled \\('" + kind):
+        extend_context(longer, kind, 2)
+    with pytest.raises(ValueError, match="must be > 1"):
+        extend_context(plain, kind, 0.5)

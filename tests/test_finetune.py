@@ -27,13 +27,16 @@ def losses(printed: str) -> tuple[float, float]:
 def test_job_logs_every_step_resumes_and_exports(tmp_path, capsys, fixtures_dir):
     out = tmp_path / "run"
     common = ["--model", str(fixtures_dir / "hf" / "llama"), "--seq-len", "64", "--eval-rows", "2", "--remat",
-              "none", "--checkpoint-every", "2", "--output-dir", str(out)]  # fmt: skip
+              "none", "--checkpoint-every", "2", "--output-dir", str(out), "--eval-every", "3"]  # fmt: skip
     finetune.main(common + ["--steps", "2"])
     finetune.main(common + ["--steps", "4", "--export", str(tmp_path / "export")])
     printed = capsys.readouterr().out
     assert "resumed from step 2 (data step 2)" in printed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["tokens"] == 63 and r["loss"] > 0 for r in rows)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r["tokens"] == 63 and r["loss"] > 0 for r in steps)
+    held_out = [(r["step"], r["held_out_loss"]) for r in rows if "held_out_loss" in r]
+    assert [s for s, _ in held_out] == [0, 2, 2, 3, 4]  # before, last of run 1, first of run 2, --eval-every 3, last
     exported, tokenizer = lcjax.load_model(tmp_path / "export", dtype="float32")
     original, _ = lcjax.load_model(fixtures_dir / "hf" / "llama", dtype="float32")
     assert exported.config == original.config

@@ -1,11 +1,11 @@
 """Fine-tune a model on text: `python -m experiments.finetune` (installed: `lcjax-finetune`).
 
 With no flags: the built-in SmolLM2-135M on the 49 Paul Graham essays (one in ten held out), 512-token rows,
-40 steps. The held-out loss is measured before and after; every step's loss, learning rate, gradient norm and
-tokens/s go to `<output_dir>/metrics.jsonl` as they happen; checkpoints (orbax) every `--checkpoint-every` steps,
-and a rerun with the same `--output_dir` resumes from the newest one. `--export DIR` writes the result as a
-transformers checkpoint (weights, config and tokenizer). Loss curves also go to TensorBoard event files in
-`<output_dir>/tensorboard` and, at the end, to `<output_dir>/loss.png`.
+40 steps. The held-out loss is measured before, every `--eval-every` steps and after; it and every step's loss,
+learning rate, gradient norm and tokens/s go to `<output_dir>/metrics.jsonl` as they happen; checkpoints (orbax)
+every `--checkpoint-every` steps, and a rerun with the same `--output_dir` resumes from the newest one.
+`--export DIR` writes the result as a transformers checkpoint (weights, config and tokenizer). Loss curves also go
+to TensorBoard event files in `<output_dir>/tensorboard` and, at the end, to `<output_dir>/loss.png`.
 
 `--mesh data=D,fsdp=F,tensor=T,context=C` spreads the step over D x F x T x C devices by `lcjax.sharding`'s
 rules: the batch over "data" and "fsdp" (with "fsdp" the parameters and optimiser state are split too), heads and
@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="paul-graham-essays", help=f"a file, a directory of them, or one of {corpora}")
     p.add_argument("--held-out", type=float, default=0.1, help="share of documents kept for the held-out loss")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows the loss is measured on (at most)")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between held-out losses (0: first and last only)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument(
         "--rope",
@@ -85,7 +86,8 @@ def parse_args(argv=None):
                 "chunks (context parallelism gives each device one early and one late chunk)."
             )
         counts = {"--seq-len": a.seq_len, "--batch": a.batch, "--steps": a.steps, "--eval-rows": a.eval_rows,
-                  "--micro-batches": a.micro_batches, "--checkpoint-every": a.checkpoint_every + 1}  # fmt: skip
+                  "--micro-batches": a.micro_batches, "--checkpoint-every": a.checkpoint_every + 1,
+                  "--eval-every": a.eval_every + 1}  # fmt: skip
         for flag, value in counts.items():
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}.")
@@ -158,12 +160,14 @@ def held_out_loss(state, model, rows: np.ndarray, batch: int, config: TrainConfi
     return total / max(count, 1.0)
 
 
-def plot_losses(metrics: Path, held_out: dict[int, float], path: Path) -> None:
-    """The training loss of every step in `metrics` (JSONL) and the held-out losses {step: loss}, as a PNG."""
+def plot_losses(metrics: Path, path: Path) -> None:
+    """The training loss of every step and the held-out losses that `metrics` (the run's JSONL) holds, as a PNG."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    held_out = dict(sorted((r["step"], r["held_out_loss"]) for r in rows if "held_out_loss" in r))
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="training batch")
+    ax.plot(list(train), list(train.values()), lw=1, alpha=0.7, label="training batch")
     ax.plot(list(held_out), list(held_out.values()), "o-", label="held out")
     ax.set(xlabel="step", ylabel="next-token loss (nats)")
     ax.legend()
@@ -213,12 +217,20 @@ def main(argv=None) -> None:
                     "would not continue its loss curve. Use another --output-dir or the same settings."
                 )
             print(f"resumed from step {int(state.step)} (data step {record['data_step']})")
-        start = int(state.step)
-        before = held_out_loss(state, model, eval_rows, a.batch, a.train, mesh)
-        print(f"{len(batches.rows)} training rows, {len(eval_rows)} held-out rows of {a.seq_len} tokens; "
-              f"held-out loss {before:.4f}")  # fmt: skip
         log = stack.enter_context(open(out / "metrics.jsonl", "a")) if writes else None
         board = stack.enter_context(SummaryWriter(str(out / "tensorboard"))) if writes else None
+
+        def evaluate(step: int) -> float:
+            loss = held_out_loss(state, model, eval_rows, a.batch, a.train, mesh)
+            if writes:
+                log.write(json.dumps({"step": step, "held_out_loss": loss}) + "\n")
+                log.flush()
+                board.add_scalar("held_out/loss", loss, step)
+            return loss
+
+        before = evaluate(int(state.step))
+        print(f"{len(batches.rows)} training rows, {len(eval_rows)} held-out rows of {a.seq_len} tokens; "
+              f"held-out loss {before:.4f}")  # fmt: skip
         bar = stack.enter_context(tqdm(range(int(state.step), a.steps), desc="finetune", unit="step"))
         for step in bar:
             tokens = global_batch(batches.at(step), token_sharding)
@@ -235,12 +247,11 @@ def main(argv=None) -> None:
                     board.add_scalar(f"train/{name}", value, step + 1)
             if keep:
                 checkpoints.save(step + 1, state, {"data_step": step + 1, **run}, force=step + 1 == a.steps)
-        after = held_out_loss(state, model, eval_rows, a.batch, a.train, mesh)
+            if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+                bar.write(f"step {step + 1}: held-out loss {evaluate(step + 1):.4f}")
+        after = evaluate(a.steps)
         if writes:
-            board.add_scalar("held_out/loss", before, 0)
-            board.add_scalar("held_out/loss", after, a.steps)
-            log.flush()
-            plot_losses(out / "metrics.jsonl", {start: before, a.steps: after}, out / "loss.png")
+            plot_losses(out / "metrics.jsonl", out / "loss.png")
     print(f"held-out loss {before:.4f} -> {after:.4f} after {a.steps} steps")
     if a.export:
         trained = jax.tree.map(np.asarray, process_allgather(state.params, tiled=True))

@@ -60,6 +60,28 @@ def test_chunked_loss_equals_float64_cross_entropy():
         np.testing.assert_allclose(total, want, rtol=1e-5)
 
 
+def test_the_loss_gradients_equal_autodiff_of_plain_cross_entropy():
+    """The hand-written backward pass (logits recomputed, their gradient in the compute dtype) against jax.grad of
+    the unchunked fp32 loss; in bf16 the hidden state's gradient stays bf16 and the head's is fp32."""
+    rng = np.random.default_rng(6)
+    hidden = jnp.asarray(rng.normal(size=(2, 13, 8)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(30, 8)), jnp.float32)
+    tokens, lengths = jnp.asarray(rng.integers(0, 30, (2, 13))), jnp.asarray([13, 7])
+
+    def plain(h, w):
+        logp = jax.nn.log_softmax(jnp.einsum("bsd,vd->bsv", h[:, :-1], w), axis=-1)
+        picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        return -jnp.sum(jnp.where(jnp.arange(12)[None] < lengths[:, None] - 1, picked, 0.0))
+
+    want = jax.grad(plain, (0, 1))(hidden, head)
+    chunked = jax.grad(lambda h, w: causal_lm_loss(h, w, tokens, lengths, 4)[0], (0, 1))
+    for g, w in zip(chunked(hidden, head), want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    dh, dw = chunked(hidden.astype(jnp.bfloat16), head)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    np.testing.assert_allclose(dw, want[1], rtol=0.05, atol=0.05)
+
+
 def test_accumulating_micro_batches_equals_one_larger_batch(model):
     """Two micro-batches of 2 rows take the same step as one batch of 4: token-weighted mean loss, gradients and
     the parameters after the update."""

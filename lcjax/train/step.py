@@ -137,7 +137,8 @@ def loss_and_count(
         p, model.config, tokens, positions, zeros, lengths, None, "prefill", attention, model.positions,
         remat=config.remat, activation_sharding=activations,
     )  # fmt: skip
-    head = p["embed"] if model.config.tie_word_embeddings else p["lm_head"]
+    # the fp32 head, cast inside each chunk, so its gradient sums over chunks in fp32
+    head = params["embed"] if model.config.tie_word_embeddings else params["lm_head"]
     return token_loss(hidden, head, targets, valid, config.loss_chunk, shards)
 
 

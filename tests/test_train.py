@@ -95,7 +95,7 @@ def test_accumulating_micro_batches_equals_one_larger_batch(model):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s2.params, s1.params)
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("policy", ["nothing_saveable", "save_attention", "dots_with_no_batch_dims_saveable"])
 def test_remat_changes_no_gradient(model, policy):
     tokens, lengths = batch(np.random.default_rng(2), 1, 2, 16)
 

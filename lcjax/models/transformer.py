@@ -66,6 +66,23 @@ def _residual_mlp(p: dict, h: jax.Array, eps: float, chunk: int | None) -> jax.A
     return h
 
 
+def _attention_inputs(config: ModelConfig, rotary: positions_lib.Rotary, p: dict, h: jax.Array):
+    """Normed, projected and rotated q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]`."""
+    x = rms_norm(h, p["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("bsd,hkd->bshk", x, p["wq"])
+    k = jnp.einsum("bsd,hkd->bshk", x, p["wk"])
+    v = jnp.einsum("bsd,hkd->bshk", x, p["wv"])
+    if config.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    return rotary.apply(q), rotary.apply(k), v
+
+
+def _after_attention(config: ModelConfig, mlp_chunk: int | None, p: dict, h: jax.Array, attn: jax.Array) -> jax.Array:
+    """The output projection and the MLP, both residual: the layer's output `[batch, seq, hidden]`."""
+    h = h + jnp.einsum("bshk,dhk->bsd", attn, p["wo"])
+    return _residual_mlp(p, h, config.rms_norm_eps, mlp_chunk)
+
+
 def _layer(
     config: ModelConfig,
     attention: AttentionFn,
@@ -73,36 +90,43 @@ def _layer(
     meta_base: dict,
     mlp_chunk: int | None,
     activation_sharding: jax.sharding.NamedSharding | None,
+    around_attention: bool,
     carry,
     xs,
 ):
+    """One decoder layer. around_attention: recompute the parts before and after attention in the backward pass
+    but keep what attention saves for its own (`"save_attention"` in `REMAT_POLICIES`)."""
     h, cache = carry
     p, layer = xs
-    c = config
     if activation_sharding is not None:
         h = jax.lax.with_sharding_constraint(h, activation_sharding)
-    x = rms_norm(h, p["attn_norm"], c.rms_norm_eps)
-    q = jnp.einsum("bsd,hkd->bshk", x, p["wq"])
-    k = jnp.einsum("bsd,hkd->bshk", x, p["wk"])
-    v = jnp.einsum("bsd,hkd->bshk", x, p["wv"])
-    if c.qkv_bias:
-        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q, k = rotary.apply(q), rotary.apply(k)
-    meta = AttentionMeta(layer=layer, **meta_base)
-    attn, cache = attention(q, k, v, cache, meta)
-    h = h + jnp.einsum("bshk,dhk->bsd", attn, p["wo"])
-    h = _residual_mlp(p, h, c.rms_norm_eps, mlp_chunk)
-    return (h, cache), None
+    before = partial(_attention_inputs, config, rotary)
+    after = partial(_after_attention, config, mlp_chunk)
+    if around_attention:
+        before = jax.checkpoint(before, policy=jax.checkpoint_policies.nothing_saveable)
+        after = jax.checkpoint(after, policy=jax.checkpoint_policies.nothing_saveable)
+    q, k, v = before(p, h)
+    attn, cache = attention(q, k, v, cache, AttentionMeta(layer=layer, **meta_base))
+    return (after(p, h, attn), cache), None
 
 
-# what a layer keeps for the backward pass, by name: jax.checkpoint_policies' names
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+# what a layer keeps for the backward pass, by name: jax.checkpoint_policies' names, and "save_attention": the
+# layer recomputed except attention, whose inputs, output and softmax statistics are kept (a fused attention's
+# forward is not run twice, for the memory of q, k, v and the output)
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "save_attention",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
 
 
 def remat_policy(name: str):
-    """The `jax.checkpoint` policy called `name` (one of `REMAT_POLICIES`): "nothing_saveable" recomputes each
-    layer in the backward pass, "dots_with_no_batch_dims_saveable" keeps the projections' outputs."""
-    if name not in REMAT_POLICIES:
+    """The `jax.checkpoint` policy called `name` (one of `REMAT_POLICIES` but "save_attention", which is not one
+    policy over the layer): "nothing_saveable" recomputes each layer in the backward pass,
+    "dots_with_no_batch_dims_saveable" keeps the projections' outputs."""
+    if name not in REMAT_POLICIES or name == "save_attention":
         raise ValueError(f"remat policy {name!r} is unknown; choose one of {', '.join(REMAT_POLICIES)}.")
     return getattr(jax.checkpoint_policies, name)
 
@@ -141,8 +165,9 @@ def forward(
         sliding_window=config.sliding_window,
         scale=config.head_dim**-0.5,
     )
-    step = partial(_layer, config, attention, rotary, meta_base, mlp_chunk, activation_sharding)
-    if remat is not None:
+    around_attention = remat == "save_attention"
+    step = partial(_layer, config, attention, rotary, meta_base, mlp_chunk, activation_sharding, around_attention)
+    if remat is not None and not around_attention:
         step = jax.checkpoint(step, policy=remat_policy(remat))
     if isinstance(params["layers"], tuple):  # unstacked (`unstack_layers`): one traced copy per layer
         for i, p in enumerate(params["layers"]):

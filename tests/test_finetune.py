@@ -63,13 +63,18 @@ def test_bad_flags_are_refused_before_any_work(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_resuming_with_other_data_settings_is_refused(tmp_path, fixtures_dir):
+def test_resuming_with_other_settings_or_a_damaged_checkpoint_is_refused(tmp_path, fixtures_dir):
     common = ["--model", str(fixtures_dir / "hf" / "llama"), "--seq-len", "32", "--eval-rows", "1", "--remat",
               "none", "--checkpoint-every", "1", "--output-dir", str(tmp_path / "run"), "--steps", "1",
               "--mesh", "fsdp=2,tensor=2,context=2", "--batch", "2"]  # fmt: skip
     finetune.main(common)
     with pytest.raises(SystemExit, match="seed: 0, now 1"):
         finetune.main(common + ["--steps", "2", "--seed", "1"])
+    for path in (tmp_path / "run" / "checkpoints").rglob("*"):  # damage the stored arrays
+        if path.is_file() and "state" in path.parts and path.stat().st_size > 0:
+            path.write_bytes(b"\0" * 7)
+    with pytest.raises(SystemExit, match="step 1 cannot be restored .*damaged"):
+        finetune.main(common + ["--steps", "2"])
 
 
 def test_a_short_run_on_the_builtin_model_lowers_the_held_out_loss(tmp_path, capsys):

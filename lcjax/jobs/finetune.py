@@ -38,7 +38,7 @@ from lcjax.models.params import param_shardings
 from lcjax.models.transformer import REMAT_POLICIES
 from lcjax.sharding import MESH_AXES, logical_sharding, make_mesh
 from lcjax.train import TrainConfig, init_state, loss_and_count, train_step
-from lcjax.train.checkpoint import Checkpoints
+from lcjax.train.checkpoint import CheckpointError, Checkpoints
 from lcjax.train.data import BUILTIN_CORPORA, Batches, corpus_files, read_documents, split_documents, tokenized_rows
 
 
@@ -208,7 +208,10 @@ def main(argv=None) -> None:
     with contextlib.ExitStack() as stack:
         checkpoints = stack.enter_context(Checkpoints(out / "checkpoints", every=a.checkpoint_every)) if keep else None
         if keep and checkpoints.latest_step() is not None:
-            state, record = checkpoints.restore(like=state)
+            try:
+                state, record = checkpoints.restore(like=state)
+            except CheckpointError as e:
+                raise SystemExit(str(e)) from None
             differs = {k: (record.get(k), v) for k, v in run.items() if k in record and record[k] != v}
             if differs:
                 raise SystemExit(

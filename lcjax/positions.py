@@ -170,25 +170,45 @@ def dynamic_ntk(dim: int, theta: float, factor: float, max_position_embeddings: 
     return DynamicNTKRope(dim, float(theta), float(factor), int(max_position_embeddings))
 
 
+def rescaled_rotary(
+    positions: jax.Array, base_inv_freq: jax.Array, factors: jax.Array, n_hat: jax.Array | int, attention_factor
+) -> Rotary:
+    """LongRoPE's rotation for one factor set: frequency i divided by `factors[i]`, except at the first `n_hat`
+    positions, which keep the base frequencies (the paper's n-hat). positions: int `[batch, seq]`;
+    base_inv_freq, factors: float32 `[rotary_dim // 2]`; n_hat and attention_factor may be traced (the factor
+    search evaluates many genomes in one compiled forward)."""
+    pos = positions.astype(jnp.float32)[..., None]
+    inv = jnp.where(pos < n_hat, base_inv_freq, base_inv_freq / factors)
+    angles = pos * inv
+    return Rotary(cos=jnp.cos(angles) * attention_factor, sin=jnp.sin(angles) * attention_factor)
+
+
 @dataclasses.dataclass(frozen=True)
 class LongRope:
     """LongRoPE (Ding et al. 2024): per-dimension rescale factors, short below the original window.
 
     `short_inv_freq` and `long_inv_freq` are `1 / (factor_i * theta^(2i/dim))`. A call whose largest
     position is at or past `original_max_position_embeddings` uses the long factors for every position.
+    `n_hat` > 0 keeps the base frequencies `base_inv_freq` at the first `n_hat` positions (the paper's n-hat;
+    transformers has no such field, so only lcjax applies it).
     """
 
     short_inv_freq: tuple[float, ...]
     long_inv_freq: tuple[float, ...]
     original_max_position_embeddings: int
     attention_factor: float
+    n_hat: int = 0
+    base_inv_freq: tuple[float, ...] = ()
 
     def __call__(self, positions: jax.Array) -> Rotary:
         use_long = jnp.max(positions) + 1 > self.original_max_position_embeddings
         inv = jnp.where(
             use_long, jnp.asarray(self.long_inv_freq, jnp.float32), jnp.asarray(self.short_inv_freq, jnp.float32)
         )
-        return _rotary(positions, inv, self.attention_factor)
+        if not self.n_hat:
+            return _rotary(positions, inv, self.attention_factor)
+        base = jnp.asarray(self.base_inv_freq, jnp.float32)
+        return rescaled_rotary(positions, base, base / inv, self.n_hat, self.attention_factor)
 
 
 def longrope(
@@ -200,11 +220,13 @@ def longrope(
     max_position_embeddings: int | None = None,
     attention_factor: float | None = None,
     factor: float | None = None,
+    n_hat: int = 0,
 ) -> LongRope:
     """LongRoPE with your own `short_factor`/`long_factor` (each `dim // 2` values).
 
     The attention factor defaults to sqrt(1 + ln(s) / ln(original)) with s the extension ratio
-    (`factor`, else `max_position_embeddings / original_max_position_embeddings`).
+    (`factor`, else `max_position_embeddings / original_max_position_embeddings`). `n_hat`: the first positions
+    that keep the unscaled frequencies (lcjax only; transformers has no such field).
     """
     short = np.asarray(short_factor, np.float32)
     long = np.asarray(long_factor, np.float32)
@@ -225,6 +247,8 @@ def longrope(
         long_inv_freq=tuple(float(x) for x in 1.0 / (long * base)),
         original_max_position_embeddings=int(original_max_position_embeddings),
         attention_factor=float(attention_factor),
+        n_hat=int(n_hat),
+        base_inv_freq=tuple(float(x) for x in 1.0 / base) if n_hat else (),
     )
 
 

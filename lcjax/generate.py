@@ -17,7 +17,7 @@ import numpy as np
 
 from lcjax.cache import Cache
 from lcjax.models.inputs import token_batch, warn_past_context
-from lcjax.models.transformer import Transformer, forward, lm_logits
+from lcjax.models.transformer import Transformer, cross_position_switch, forward, lm_logits
 from lcjax.sampling import Greedy, Sampler
 
 CAPACITY_BUCKET = 256  # caches are sized in multiples of this, so nearby lengths reuse one compiled loop
@@ -40,6 +40,7 @@ def decode_step(
     where `active: bool [batch]` is False compute but do not advance their cache (their slot is rewritten)."""
     start = cache.lengths
     step = jnp.ones_like(start) if active is None else active.astype(jnp.int32)
+    cache = cross_position_switch(model.positions, cache, cache.positions[:, None])
     # a stopped sequence's token is written past its length: invalid, so caches with derived state ignore it
     hidden, cache = forward(
         model.params,

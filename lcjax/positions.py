@@ -191,6 +191,15 @@ class LongRope:
     position is at or past `original_max_position_embeddings` uses the long factors for every position.
     `n_hat` > 0 keeps the base frequencies `base_inv_freq` at the first `n_hat` positions (the paper's n-hat;
     transformers has no such field, so only lcjax applies it).
+
+    A conversation that starts short and grows past `original_max_position_embeddings` crosses the switch with a
+    cache of keys rotated under the short factors. transformers drops that cache and encodes everything again;
+    lcjax rotates the cached keys on to the long factors (`switch_rotation`) in the call that crosses, at the cost
+    of one pass over the keys. That makes the first layer's keys exactly those of a fresh prefill under the long
+    factors; deeper layers' keys, and all values, were computed from hidden states that attended under the short
+    factors, which no rotation undoes, so the result is close to a fresh long prefill, not equal (on a random
+    tiny model, 3-10x closer than leaving the keys as they are: tests/test_longrope_switch.py). Re-encode the
+    conversation (`prefill`) where exact long-factor states matter.
     """
 
     short_inv_freq: tuple[float, ...]
@@ -199,6 +208,16 @@ class LongRope:
     attention_factor: float
     n_hat: int = 0
     base_inv_freq: tuple[float, ...] = ()
+
+    def switch_rotation(self, positions: jax.Array) -> Rotary:
+        """The rotation from short-factor to long-factor angles at `positions: int [batch, seq]` (no attention
+        factor: it is the same for both): applied to keys cached under the short factors, it gives the keys the
+        long factors would have made, since RoPE is a rotation by position x frequency."""
+        delta = jnp.asarray(self.long_inv_freq, jnp.float32) - jnp.asarray(self.short_inv_freq, jnp.float32)
+        if self.n_hat:  # the first n-hat positions are unscaled under both
+            delta = jnp.where(positions[..., None] < self.n_hat, 0.0, delta)
+        angles = positions.astype(jnp.float32)[..., None] * delta
+        return Rotary(cos=jnp.cos(angles), sin=jnp.sin(angles))
 
     def __call__(self, positions: jax.Array) -> Rotary:
         use_long = jnp.max(positions) + 1 > self.original_max_position_embeddings

@@ -13,6 +13,7 @@ token gets (the two differ once a compression method drops tokens). Names follow
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,17 @@ class KVCache:
         """Keys and values of one layer, each `[batch, capacity, kv_heads, head_dim]` (a Python int layer for
         the per-layer layout)."""
         return self.k[layer], self.v[layer]
+
+    def rotate_keys(self, rotate: Callable[[jax.Array, jax.Array], jax.Array]) -> "KVCache":
+        """Every layer's keys through `rotate(keys [batch, capacity, kv_heads, head_dim], positions [batch,
+        capacity]) -> keys`, where a slot's position is its index: a LongRoPE model crossing its switch
+        (`lcjax.positions.LongRope`) re-rotates its cached keys this way. Exact while every token is kept (a
+        press that evicts leaves slots whose positions the cache no longer knows)."""
+        batch, capacity = self.batch, self.capacity
+        slots = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), (batch, capacity))
+        if self.stacked:
+            return dataclasses.replace(self, k=jax.vmap(lambda k: rotate(k, slots))(self.k))
+        return dataclasses.replace(self, k=tuple(rotate(k, slots) for k in self.k))
 
     def advance(self, num_new: jax.Array) -> "KVCache":
         """Marks `num_new: [batch]` more slots (and positions) as filled."""

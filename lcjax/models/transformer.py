@@ -12,6 +12,7 @@ pytree whose static part (config and transforms, all hashable) keys `jax.jit`'s 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from functools import partial
 from typing import Literal
 
@@ -180,6 +181,32 @@ def forward(
         layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
         (h, cache), _ = jax.lax.scan(step, (h, cache), (params["layers"], layer_ids))
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), cache
+
+
+def cross_position_switch(transform: positions_lib.PositionTransform, cache: Cache, q_positions: jax.Array) -> Cache:
+    """Before a call that appends to `cache` at `q_positions: int [batch, seq]`: for a LongRoPE model, the cache
+    with its keys re-rotated from the short to the long factors when this call is the one that crosses
+    `original_max_position_embeddings` (everything cached so far was written under the short factors, this call's
+    tokens get the long ones); otherwise the cache unchanged. See `lcjax.positions.LongRope` for what this makes
+    exact and what it cannot."""
+    if not isinstance(transform, positions_lib.LongRope) or transform.short_inv_freq == transform.long_inv_freq:
+        return cache
+    rope = transform
+    if not hasattr(cache, "rotate_keys"):
+        warnings.warn(
+            f"{type(cache).__name__} cannot re-rotate its keys: a turn of this LongRoPE model that crosses "
+            f"original_max_position_embeddings ({rope.original_max_position_embeddings}) reads keys cached under "
+            "the short factors with queries under the long ones. The dense cache re-rotates them.",
+            stacklevel=2,
+        )
+        return cache
+    original = rope.original_max_position_embeddings
+    crossing = (jnp.max(cache.positions) <= original) & (jnp.max(q_positions) + 1 > original)
+
+    def rerotate(cache):
+        return cache.rotate_keys(lambda keys, slots: rope.switch_rotation(slots).apply(keys))
+
+    return jax.lax.cond(crossing, rerotate, lambda c: c, cache)
 
 
 def lm_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
@@ -386,6 +413,8 @@ def _run_and_press(
     """forward, then (when the model has a cache transform) its end-of-turn step on the cache it wrote (a press
     compresses it). lengths: valid slots after the call. new_capacity: the cache's slots afterwards (None: keep
     the capacity)."""
+    if phase == "extend":
+        cache = cross_position_switch(model.positions, cache, q_positions)
     transform = model.cache_transform
     if cache is None or transform is None:
         hidden, cache = forward(

@@ -76,9 +76,11 @@ class RopeConfig:
     truncate: bool = True
     # yarn / longrope: None means "derive from factor", as transformers does
     attention_factor: float | None = None
-    # longrope
+    # longrope; n_hat (the first positions left unscaled) is LongRoPE's, not transformers': lcjax writes it as the
+    # top-level config key LONGROPE_N_HAT_KEY, which transformers keeps but does not apply
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
+    n_hat: int = 0
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
@@ -240,6 +242,7 @@ class ModelConfig:
         family = FAMILIES[self.family]
         rope = {k: v for k, v in dataclasses.asdict(self.rope).items() if v is not None}
         rope["rope_theta"] = rope.pop("theta")
+        rope.pop("n_hat")  # not a transformers rope parameter: written at the top level below
         if self.rope.rope_type != "yarn":
             rope.pop("truncate", None)
         for key in ("short_factor", "long_factor"):
@@ -272,7 +275,12 @@ class ModelConfig:
             hf[family.window_switch] = self.sliding_window is not None
         if family.top_level_original_max_position and self.rope.original_max_position_embeddings:
             hf["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+        if self.rope.n_hat:
+            hf[LONGROPE_N_HAT_KEY] = self.rope.n_hat
         return hf
+
+
+LONGROPE_N_HAT_KEY = "lcjax_longrope_n_hat"
 
 
 def _rope_parameters(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -320,6 +328,7 @@ def _rope_config(params: Mapping[str, Any], hf: Mapping[str, Any]) -> RopeConfig
         attention_factor=opt_float("attention_factor"),
         short_factor=opt_tuple("short_factor"),
         long_factor=opt_tuple("long_factor"),
+        n_hat=int(hf.get(LONGROPE_N_HAT_KEY, 0)) if rope_type == "longrope" else 0,
     )
 
 
@@ -338,6 +347,32 @@ def llama3_8b_config(max_position_embeddings: int = 131072) -> ModelConfig:
         rms_norm_eps=1e-5,
         rope=RopeConfig(theta=500000.0),
     )
+
+
+def with_longrope(
+    config: ModelConfig,
+    long_factor,
+    max_position_embeddings: int,
+    short_factor=None,
+    n_hat: int = 0,
+    original_max_position_embeddings: int | None = None,
+) -> ModelConfig:
+    """`config` extended by LongRoPE to `max_position_embeddings`: per-frequency `long_factor` (`rotary_dim // 2`
+    values) past the original context, `short_factor` within it (None: ones, the model's own RoPE), the first
+    `n_hat` positions unscaled (lcjax only). The original context is `config.max_position_embeddings` unless
+    given (a model already extended keeps its first one). Exports as transformers' `rope_type: longrope`."""
+    original = original_max_position_embeddings or config.rope.original_max_position_embeddings
+    original = original or config.max_position_embeddings
+    dims = config.rotary_dim // 2
+    short = (1.0,) * dims if short_factor is None else tuple(float(x) for x in short_factor)
+    long = tuple(float(x) for x in long_factor)
+    if len(short) != dims or len(long) != dims:
+        raise ValueError(f"LongRoPE needs {dims} short and long factors for rotary dim {config.rotary_dim}.")
+    rope = RopeConfig(
+        "longrope", config.rope.theta, factor=max_position_embeddings / original,
+        original_max_position_embeddings=original, short_factor=short, long_factor=long, n_hat=int(n_hat),
+    )  # fmt: skip
+    return dataclasses.replace(config, rope=rope, max_position_embeddings=int(max_position_embeddings))
 
 
 # the scalings a single factor defines, for extending a model's context (LongRoPE's searched factors: lcjax.methods)

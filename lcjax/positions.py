@@ -292,7 +292,15 @@ ROPE_BUILDERS: dict[str, Callable[[RopeConfig, int, int], PositionTransform]] = 
         truncate=r.truncate,
     ),
     "longrope": lambda r, dim, n: longrope(
-        dim, r.theta, r.short_factor, r.long_factor, r.original_max_position_embeddings, n, r.attention_factor, r.factor
+        dim,
+        r.theta,
+        r.short_factor,
+        r.long_factor,
+        r.original_max_position_embeddings,
+        n,
+        r.attention_factor,
+        r.factor,
+        r.n_hat,
     ),
 }
 

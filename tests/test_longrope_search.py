@@ -1,8 +1,10 @@
 """LongRoPE's factor search: seeds and operators keep the constraints, the search beats its seeds on a planted
-optimum, a killed search resumes to the same population, and the model fitness equals the loss the model gives
-under the same factors through its position transform, on one device or split over eight."""
+optimum, a killed search resumes to the same population, the model fitness equals the loss the model gives
+under the same factors through its position transform, on one device or split over eight, and a searched genome
+exports as transformers' longrope config and loads back."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from lcjax import positions
-from lcjax.config import ModelConfig
+from lcjax.config import LONGROPE_N_HAT_KEY, ModelConfig, with_longrope
 from lcjax.models.transformer import Transformer
 from lcjax.sharding import make_mesh
 from lcjax.train import TrainConfig, loss_and_count
@@ -122,3 +124,23 @@ def test_n_hat_keeps_the_first_positions_unscaled():
     scale = transform.attention_factor
     np.testing.assert_allclose(rot.cos[0], np.cos(angles) * scale, atol=1e-6)
     np.testing.assert_allclose(rot.sin[0], np.sin(angles) * scale, atol=1e-6)
+
+
+def test_a_searched_genome_exports_as_transformers_longrope_and_loads_back():
+    """The searched factors as a config: transformers' longrope keys (n-hat in lcjax's own key), the same config
+    after a round trip through config.json, and a position transform with the search's cos and sin."""
+    genome = Genome((1.0, 1.5, 2.0, 3.0), n_hat=8)
+    longer = with_longrope(CONFIG, genome.factors, 64, n_hat=genome.n_hat)
+    hf = longer.to_hf_config()
+    assert hf["rope_parameters"] == {
+        "rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 16,
+        "short_factor": [1.0] * 4, "long_factor": [1.0, 1.5, 2.0, 3.0], "rope_theta": 10000.0,
+    } and hf[LONGROPE_N_HAT_KEY] == 8 and hf["max_position_embeddings"] == 64  # fmt: skip
+    again = ModelConfig.from_hf_config(json.loads(json.dumps(hf)))
+    assert again == longer
+    rope = positions.from_config(again)
+    pos = jnp.arange(40)[None]
+    base = jnp.asarray(1.0 / 10000.0 ** (np.arange(4) / 4), jnp.float32)
+    want = positions.rescaled_rotary(pos, base, jnp.asarray(genome.factors), 8, longrope_attention_factor(4.0, 16))
+    np.testing.assert_allclose(rope(pos).cos, want.cos, atol=2e-6)
+    np.testing.assert_allclose(rope(pos).sin, want.sin, atol=2e-6)

@@ -104,7 +104,7 @@ def test_model_fitness_is_the_models_loss_under_those_factors_on_one_device_or_e
 
     train = TrainConfig(compute_dtype="float32", remat=None)
     lengths = jnp.full((2,), 48, jnp.int32)
-    for genome, loss in zip(genomes, got):
+    for genome, loss in zip(genomes[1:], got[1:]):  # n-hat 8 and 2 (each its own compile)
         transform = positions.longrope(
             8, CONFIG.rope.theta, genome.factors, genome.factors, 16, factor=3.0, n_hat=genome.n_hat
         )

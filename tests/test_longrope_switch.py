@@ -62,8 +62,9 @@ def test_rotating_brings_the_crossing_turn_closer_to_a_fresh_long_prefill(model,
 def test_the_decode_step_that_crosses_rotates_the_cached_keys(model):
     _, fresh = model.prefill(TOKENS[:, :20])
     _, cache = model.prefill(TOKENS[:, :14], capacity=24)
+    step = jax.jit(decode_step)
     for t in range(14, 20):  # the step at position 16 is the first under the long factors
-        _, cache = decode_step(model, jnp.asarray(TOKENS[:, t]), cache)
+        _, cache = step(model, jnp.asarray(TOKENS[:, t]), cache)
         crossed = t >= ORIGINAL
         error = np.abs(first_layer_keys(cache, t + 1) - first_layer_keys(fresh, t + 1)).max()
         assert (error < 2e-6) == crossed, (t, error)

@@ -24,7 +24,7 @@ def test_search_then_accuracy_on_the_builtin_model(tmp_path, capsys):
 
     config_path = tmp_path / "cfg.json"
     minference_search.main(
-        ["--length", "300", "--depths", "0.5", "--question-rows", "32", "--dtype", "float32", "--out", str(config_path)]
+        ["--length", "300", "--depths", "0.5", "--question-rows", "8", "--dtype", "float32", "--out", str(config_path)]
     )
     config = MInferenceConfig.from_json(config_path)
     config.check(30, 9)

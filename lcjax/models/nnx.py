@@ -25,7 +25,7 @@ from lcjax.config import ModelConfig
 from lcjax.models.attention import AttentionFn, DenseAttention
 from lcjax.models.inputs import token_batch
 from lcjax.models.params import ParamSpec, init_params, param_specs, stack_layers, unfuse_mlp
-from lcjax.models.transformer import REMAT_POLICIES, Transformer, forward, lm_logits
+from lcjax.models.transformer import Transformer, check_remat, forward, lm_logits
 from lcjax.sharding import LOGICAL_AXIS_RULES, logical_to_spec
 
 # How many trailing dims of each per-layer matrix are its input features: the matrices keep transformers'
@@ -144,8 +144,7 @@ class Decoder(nnx.Module):
         `param_specs(config)`; `from_model` converts other layouts). mesh, rules: where the params live, by
         `lcjax.sharding`'s logical rules (default: the mesh `params` already sit on, if any).
         attention, positions, cache_transform, stop_tokens: as `Transformer`'s. remat, compute_dtype: see above."""
-        if remat is not None and remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {remat!r} is unknown; choose one of {', '.join(REMAT_POLICIES)} or None.")
+        check_remat(remat)
         specs = param_specs(config)
         if params is None:
             if rngs is None:

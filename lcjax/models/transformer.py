@@ -123,6 +123,12 @@ REMAT_POLICIES = (
 )
 
 
+def check_remat(name: str | None) -> None:
+    """Raises ValueError unless `name` is a `REMAT_POLICIES` name or None (keep every activation)."""
+    if name is not None and name not in REMAT_POLICIES:
+        raise ValueError(f"remat {name!r} is unknown; choose one of {', '.join(REMAT_POLICIES)} or None.")
+
+
 def remat_policy(name: str):
     """The `jax.checkpoint` policy called `name` (one of `REMAT_POLICIES` but "save_attention", which is not one
     policy over the layer): "nothing_saveable" recomputes each layer in the backward pass,

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from lcjax.models.attention import DenseAttention
 from lcjax.models.context_parallel import ContextParallelAttention, load_balanced_order
-from lcjax.models.transformer import REMAT_POLICIES, Transformer, forward
+from lcjax.models.transformer import Transformer, check_remat, forward
 from lcjax.sharding import axis_size, logical_sharding
 from lcjax.train.loss import next_token_targets, token_loss
 
@@ -56,8 +56,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.decay not in ("cosine", "linear"):
             raise ValueError(f"decay must be 'cosine' or 'linear', got {self.decay!r}.")
-        if self.remat is not None and self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} is unknown; choose one of {', '.join(REMAT_POLICIES)} or None.")
+        check_remat(self.remat)
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}.")
         if self.micro_batches < 1 or self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:

@@ -235,9 +235,9 @@ def main(argv=None) -> None:
         print(f"{len(batches.rows)} training rows, {len(eval_rows)} held-out rows of {a.seq_len} tokens; "
               f"held-out loss {before:.4f}")  # fmt: skip
         bar = stack.enter_context(tqdm(range(int(state.step), a.steps), desc="finetune", unit="step"))
+        lengths = global_batch(np.full(shape[:2], a.seq_len, np.int32), length_sharding)  # packed rows are full
         for step in bar:
             tokens = global_batch(batches.at(step), token_sharding)
-            lengths = global_batch(np.full(shape[:2], a.seq_len, np.int32), length_sharding)
             t0 = time.perf_counter()
             state, metrics = train_step(state, model, tokens, lengths, a.train, mesh)
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step

@@ -51,7 +51,7 @@ class PositionTransform(Protocol):
     def __call__(self, positions: jax.Array) -> Rotary: ...
 
 
-def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
+def base_inv_freq(theta: float, dim: int) -> np.ndarray:
     """1 / theta^(2i/dim), float32 `[dim // 2]`."""
     return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(np.float32)
 
@@ -78,12 +78,12 @@ def _fixed(inv_freq: np.ndarray, attention_factor: float = 1.0) -> FixedRope:
 
 def rope(dim: int, theta: float = 10000.0) -> FixedRope:
     """Plain RoPE (Su et al. 2021) over the first `dim` dims of each head."""
-    return _fixed(_base_inv_freq(theta, dim))
+    return _fixed(base_inv_freq(theta, dim))
 
 
 def linear(dim: int, theta: float, factor: float) -> FixedRope:
     """Position interpolation (Chen et al. 2023): positions divided by `factor`."""
-    return _fixed(_base_inv_freq(theta, dim) / np.float32(factor))
+    return _fixed(base_inv_freq(theta, dim) / np.float32(factor))
 
 
 def llama3(
@@ -95,7 +95,7 @@ def llama3(
     original_max_position_embeddings: int,
 ) -> FixedRope:
     """Llama-3.1 scaling: long wavelengths divided by `factor`, short kept, a smooth ramp between."""
-    inv = _base_inv_freq(theta, dim).astype(np.float64)
+    inv = base_inv_freq(theta, dim).astype(np.float64)
     low_wavelen = original_max_position_embeddings / low_freq_factor
     high_wavelen = original_max_position_embeddings / high_freq_factor
     wavelen = 2 * math.pi / inv

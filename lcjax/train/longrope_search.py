@@ -274,8 +274,7 @@ def model_fitness(
     c = model.config
     tokens = jnp.asarray(tokens, jnp.int32)
     counted = jnp.ones(tokens.shape, bool) if counted is None else jnp.asarray(counted, bool)
-    dims = c.rotary_dim // 2
-    base_inv = jnp.asarray(1.0 / c.rope.theta ** (np.arange(dims) * 2 / c.rotary_dim), jnp.float32)
+    base_inv = jnp.asarray(positions_lib.base_inv_freq(c.rope.theta, c.rotary_dim))
     factor = longrope_attention_factor(scale, original_length)
     devices = 1 if mesh is None else mesh.devices.size
 

@@ -16,6 +16,7 @@ the other's memory). Each prints one JSON line per configuration and a markdown 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import time
@@ -116,12 +117,26 @@ def bench_jax(
                 state, metrics = compiled(state, model, tokens(), lengths)
                 float(metrics["loss"])
             totals, span = kernel_times(profile)
-            print(f"GPU kernels of one step: {span / 1e6:.1f} ms from first to last; the 15 longest in total:")
-            for name, (calls, ns) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:15]:
+            groups = collections.Counter()
+            for name, (_, ns) in totals.items():
+                groups[kernel_group(name)] += ns
+            print(f"GPU kernels of one step: {span / 1e6:.1f} ms from first to last; by kind: "
+                  + ", ".join(f"{k} {ns / 1e6:.1f} ms" for k, ns in groups.most_common()) + "; the 40 longest:")  # fmt: skip
+            for name, (calls, ns) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:40]:
                 print(f"  {ns / 1e6:8.2f} ms {calls:5d} x  {name[:110]}")
         return row("lcjax", shape, seq, variant, cfg, statistics.median(times), memory)
     except Exception as e:  # out of memory, or a kernel that does not apply: recorded, the next variant runs
         return row("lcjax", shape, seq, variant, cfg, None, None, f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def kernel_group(name: str) -> str:
+    """A GPU kernel's kind, by its name: fused attention, matrix product, or the rest (XLA's fusions, copies)."""
+    lower = name.lower()
+    if any(s in lower for s in ("sdpa", "fmha", "flash", "attention", "mgpu")):
+        return "attention"
+    if any(s in lower for s in ("gemm", "xmma", "cutlass", "nvjet", "cublas")):
+        return "matmul"
+    return "other"
 
 
 class TokamaxAttention:

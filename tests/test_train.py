@@ -61,8 +61,8 @@ def test_chunked_loss_equals_float64_cross_entropy():
 
 
 def test_the_loss_gradients_equal_autodiff_of_plain_cross_entropy():
-    """The hand-written backward pass (logits recomputed, their gradient in the compute dtype) against jax.grad of
-    the unchunked fp32 loss; in bf16 the hidden state's gradient stays bf16 and the head's is fp32."""
+    """The hand-written gradient (computed beside the loss, the logits' gradient in the compute dtype) against
+    jax.grad of the unchunked fp32 loss; in bf16 the hidden state's gradient stays bf16 and the head's is fp32."""
     rng = np.random.default_rng(6)
     hidden = jnp.asarray(rng.normal(size=(2, 13, 8)), jnp.float32)
     head = jnp.asarray(rng.normal(size=(30, 8)), jnp.float32)
@@ -103,7 +103,7 @@ def test_remat_changes_no_gradient(model, policy):
         return jax.grad(lambda p: loss_and_count(p, model, tokens[0], lengths[0], config)[0])(model.params)
 
     plain = grads(dataclasses.replace(FP32, remat=None))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads(
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads(
         dataclasses.replace(FP32, remat=policy)), plain)  # fmt: skip
 
 

@@ -162,7 +162,8 @@ def forward(
     activation_sharding: where each layer's input `[batch, seq, hidden]` lives on a mesh (training pins the batch
     and sequence splits so XLA gathers the weights, not the activations; None: XLA's choice).
     """
-    h = jnp.take(params["embed"], tokens, axis=0)
+    # cast to the layers' dtype: training keeps the embedding in fp32 (an exact scatter-add for its gradient)
+    h = jnp.take(params["embed"], tokens, axis=0).astype(params["final_norm"].dtype)
     rotary = position_transform(q_positions)
     meta_base = dict(
         q_positions=q_positions,

@@ -115,7 +115,9 @@ def loss_and_count(
     `load_balanced_order` and attention becomes `ContextParallelAttention` (dense attention only).
     """
     dtype = COMPUTE_DTYPES[config.compute_dtype]
-    p = jax.tree.map(lambda x: x.astype(dtype), params)
+    # the embedding stays fp32: its rows are gathered, then cast, so its gradient is an fp32 scatter-add (repeated
+    # tokens summed exactly) and no bf16 copy of the [vocab, d] table is made
+    p = {k: v if k == "embed" else jax.tree.map(lambda x: x.astype(dtype), v) for k, v in params.items()}
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
     targets, valid = next_token_targets(tokens, lengths)
@@ -161,8 +163,11 @@ def train_step(
         (loss_sum, n), g = grad_fn(state.params, *xs)
         return (jax.tree.map(jnp.add, grads, g), total + loss_sum, count + n), None
 
-    zero = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, total, count), _ = jax.lax.scan(micro, (zero, jnp.float32(0), jnp.float32(0)), (tokens, lengths))
+    if tokens.shape[0] == 1:  # no accumulation: a scan of one would add a zeroed fp32 copy of the gradients
+        (total, count), grads = grad_fn(state.params, tokens[0], lengths[0])
+    else:
+        zero = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, total, count), _ = jax.lax.scan(micro, (zero, jnp.float32(0), jnp.float32(0)), (tokens, lengths))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # the mean over every predicted token of the step
     updates, opt_state = config.optimizer().update(grads, state.opt_state, state.params)

@@ -376,13 +376,15 @@ def with_longrope(
 
 
 # the scalings a single factor defines, for extending a model's context (LongRoPE's searched factors: lcjax.methods)
-FACTOR_SCALINGS = ("linear", "dynamic", "yarn")
+FACTOR_SCALINGS = ("linear", "ntk", "dynamic", "yarn")
 
 
 def extend_context(config: ModelConfig, rope_type: str, factor: float) -> ModelConfig:
     """`config` with its RoPE scaled for a context `factor` times its trained one: position interpolation
-    ("linear"), dynamic NTK ("dynamic") or YaRN ("yarn") over the model's plain RoPE, and
-    `max_position_embeddings` multiplied by `factor`. The result exports as transformers writes such a config."""
+    ("linear"), static NTK-aware scaling ("ntk": the base theta grown by factor^(d / (d - 2)), so the lowest
+    frequency is interpolated by `factor` and the highest kept), dynamic NTK ("dynamic") or YaRN ("yarn") over
+    the model's plain RoPE, and `max_position_embeddings` multiplied by `factor`. The result exports as
+    transformers writes such a config (static NTK as plain RoPE with the grown `rope_theta`)."""
     if rope_type not in FACTOR_SCALINGS:
         raise ValueError(f"rope scaling {rope_type!r} is not one of {', '.join(FACTOR_SCALINGS)}.")
     if factor <= 1:
@@ -392,7 +394,11 @@ def extend_context(config: ModelConfig, rope_type: str, factor: float) -> ModelC
             f"the model's RoPE is already scaled ({config.rope.rope_type!r}); extend a model with plain RoPE."
         )
     original = config.max_position_embeddings
-    rope = dataclasses.replace(
-        config.rope, rope_type=rope_type, factor=float(factor), original_max_position_embeddings=original
-    )
+    if rope_type == "ntk":
+        d = config.rotary_dim
+        rope = dataclasses.replace(config.rope, theta=config.rope.theta * factor ** (d / (d - 2)))
+    else:
+        rope = dataclasses.replace(
+            config.rope, rope_type=rope_type, factor=float(factor), original_max_position_embeddings=original
+        )
     return dataclasses.replace(config, rope=rope, max_position_embeddings=int(original * factor))

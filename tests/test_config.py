@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from lcjax.config import ModelConfig, RopeConfig, extend_context
@@ -127,3 +128,13 @@ def test_extend_context_scales_rope_and_the_context_and_round_trips(kind):
         extend_context(longer, kind, 2)
     with pytest.raises(ValueError, match="must be > 1"):
         extend_context(plain, kind, 0.5)
+
+
+def test_static_ntk_grows_the_base_so_the_lowest_frequency_is_interpolated_by_the_factor():
+    plain = dataclasses.replace(ModelConfig.from_hf_config(LLAMA31_V4), rope=RopeConfig("default", 10000.0))
+    ntk = extend_context(plain, "ntk", 4)
+    d = plain.rotary_dim
+    lowest = lambda c: c.rope.theta ** (-(d - 2) / d)  # the inv_freq of the last pair
+    np.testing.assert_allclose(lowest(plain) / lowest(ntk), 4.0, rtol=1e-12)
+    assert ntk.rope.rope_type == "default" and ntk.max_position_embeddings == 4 * plain.max_position_embeddings
+    assert ModelConfig.from_hf_config(ntk.to_hf_config()) == ntk

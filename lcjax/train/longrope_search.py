@@ -31,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec
 from tqdm import tqdm
 
 from lcjax import positions as positions_lib
-from lcjax.config import ModelConfig
+from lcjax.config import ModelConfig, with_longrope
 from lcjax.models.attention import AttentionFn
 from lcjax.models.transformer import Transformer, forward
 from lcjax.train.loss import next_token_targets, token_loss
@@ -339,3 +339,45 @@ def _genome_losses(
         out_specs=PartitionSpec(axes),
         check_vma=False,
     )(factors, n_hats)
+
+
+# what a LongRoPE factors file holds: everything `with_longrope` needs
+FACTOR_KEYS = ("long_factor", "short_factor", "n_hat", "original_max_position_embeddings", "max_position_embeddings")
+
+
+def write_factors(path: str | os.PathLike, config: ModelConfig, **extra) -> None:
+    """`config`'s LongRoPE factors (a `with_longrope` config) as JSON, with `extra` keys (search results)."""
+    rope = config.rope
+    if rope.rope_type != "longrope":
+        raise ValueError(f"the config's RoPE is {rope.rope_type!r}, not longrope.")
+    record = dict(
+        long_factor=list(rope.long_factor), short_factor=list(rope.short_factor), n_hat=rope.n_hat,
+        original_max_position_embeddings=rope.original_max_position_embeddings,
+        max_position_embeddings=config.max_position_embeddings, **extra,
+    )  # fmt: skip
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1))
+
+
+def read_factors(path: str | os.PathLike) -> dict:
+    """The `FACTOR_KEYS` of a file `write_factors` wrote; ValueError naming the file when it is not one."""
+    try:
+        record = json.loads(Path(path).read_text())
+        return {k: record[k] for k in FACTOR_KEYS}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a LongRoPE factors file ({type(e).__name__}: {e}).") from None
+
+
+def apply_factors(config: ModelConfig, factors: dict) -> ModelConfig:
+    """`config` (plain RoPE, trained on the factors' original length) extended by `factors` (`read_factors`)."""
+    if config.rope.rope_type != "default":
+        raise ValueError(f"the model's RoPE is already scaled ({config.rope.rope_type!r}); LongRoPE factors apply to "
+                         "plain RoPE.")  # fmt: skip
+    if factors["original_max_position_embeddings"] != config.max_position_embeddings:
+        raise ValueError(
+            f"the factors extend a {factors['original_max_position_embeddings']}-token model; this one was trained "
+            f"on {config.max_position_embeddings}."
+        )
+    return with_longrope(
+        config, factors["long_factor"], factors["max_position_embeddings"], factors["short_factor"], factors["n_hat"]
+    )

@@ -54,7 +54,8 @@ def test_job_logs_every_step_resumes_and_exports(tmp_path, capsys, fixtures_dir)
         (["--mesh", "data=2,pipeline=4"], "the axes are data, fsdp, tensor, context"),
         (["--mesh", "fsdp=2", "--batch", "3"], "--batch 3 does not split over data x fsdp = 2"),
         (["--mesh", "context=4", "--seq-len", "100"], "--seq-len 100 does not split into 2 x context = 8"),
-        (["--rope", "ntk:4"], "give TYPE:FACTOR, TYPE one of linear, dynamic, yarn, FACTOR > 1"),
+        (["--rope", "ropey:4"], "give TYPE:FACTOR, TYPE one of linear, ntk, dynamic, yarn, FACTOR > 1"),
+        (["--rope", "longrope=/no/such/factors.json"], "/no/such/factors.json is not a LongRoPE factors file"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(argv, message, capsys):

@@ -40,6 +40,7 @@ from lcjax.sharding import MESH_AXES, logical_sharding, make_mesh
 from lcjax.train import TrainConfig, init_state, loss_and_count, train_step
 from lcjax.train.checkpoint import CheckpointError, Checkpoints
 from lcjax.train.data import BUILTIN_CORPORA, Batches, corpus_files, read_documents, split_documents, tokenized_rows
+from lcjax.train.longrope_search import apply_factors, read_factors
 
 
 def parse_args(argv=None):
@@ -54,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--rope",
         default=None,
-        help=f"extend the context: TYPE:FACTOR with TYPE one of {', '.join(FACTOR_SCALINGS)} (e.g. yarn:4); the "
-        "model's own RoPE by default",
+        help=f"extend the context: TYPE:FACTOR with TYPE one of {', '.join(FACTOR_SCALINGS)} (e.g. yarn:4), or "
+        "longrope=FILE (factors `experiments.longrope` wrote); the model's own RoPE by default",
     )
     p.add_argument("--batch", type=int, default=1, help="rows per micro-batch")
     p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
@@ -105,10 +106,12 @@ def parse_args(argv=None):
     return a
 
 
-def rope_scaling(spec: str | None) -> tuple[str, float] | None:
-    """("yarn", 4.0) from "yarn:4"; None for None."""
+def rope_scaling(spec: str | None) -> tuple[str, float | dict] | None:
+    """("yarn", 4.0) from "yarn:4", ("longrope", factors) from "longrope=FILE" (`read_factors`); None for None."""
     if spec is None:
         return None
+    if spec.startswith("longrope="):
+        return "longrope", read_factors(spec.partition("=")[2])
     kind, _, factor = spec.partition(":")
     try:
         value = float(factor)
@@ -183,7 +186,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"{a.model} has no tokenizer; fine-tuning on text needs one.")
     if a.rope_scaling is not None:
         try:
-            model = lcjax.Transformer(model.params, extend_context(model.config, *a.rope_scaling))
+            kind, value = a.rope_scaling
+            extended = (
+                apply_factors(model.config, value) if kind == "longrope" else extend_context(model.config, kind, value)
+            )
+            model = lcjax.Transformer(model.params, extended)
         except ValueError as e:
             raise SystemExit(f"--rope {a.rope}: {e}") from None
     train_docs, eval_docs = split_documents(read_documents(corpus_files(a.data)), a.held_out, a.seed)

@@ -37,7 +37,6 @@ def test_search_then_accuracy_on_the_builtin_model(tmp_path, capsys):
             "2",
             "--methods",
             "dense",
-            "a_shape",
             "minference",
             "--pattern-config",
             str(config_path),
@@ -50,10 +49,9 @@ def test_search_then_accuracy_on_the_builtin_model(tmp_path, capsys):
         ]
     )
     rows = {r["method"]: r for r in json.loads(rows_path.read_text())}
-    assert set(rows) == {"dense", "a_shape", "minference"}
-    assert rows["dense"]["tile_cost"] == 1.0 and rows["dense"]["n"] == 2
-    # at 300 tokens SCBench's A-shape (128 + 3968) covers every key: same answers as dense, every tile
-    assert rows["a_shape"]["accuracy"] == rows["dense"]["accuracy"] and rows["a_shape"]["tile_cost"] == 1.0
+    assert set(rows) == {"dense", "minference"}
+    assert rows["dense"]["tile_cost"] == 1.0 and rows["dense"]["n"] == 2 and rows["minference"]["n"] == 2
+    assert 0 < rows["minference"]["tile_cost"] <= 1.0
     assert "| minference |" in capsys.readouterr().out
 
 

@@ -102,3 +102,20 @@ def test_the_job_measures_each_method_and_resumes_from_its_rows(tiny_model, tmp_
     assert capsys.readouterr().out.splitlines()[-6:] == table.splitlines()[-6:]
     with pytest.raises(SystemExit, match="is not a LongRoPE factors file"):
         context_eval.main(argv[:8] + ["longrope=" + str(corpus / "a.txt")] + argv[8:])
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_kv_prompt_asks_for_the_value_of_a_key_at_its_depth_and_fits_the_length(depth, fixtures_dir):
+    import re
+
+    from lcjax.tasks.kv_retrieval import kv_sample
+    from lcjax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_hf_dir(fixtures_dir / "hf" / "llama")
+    s = kv_sample(tok, 1500, depth, seed=3)
+    text = tok.decode(s.prompt_ids)
+    data = json.loads(text[text.index("{") : text.rindex("}") + 1])
+    key = re.search(r'Key: "([0-9a-f-]{36})"', text).group(1)
+    keys = list(data)
+    assert data[key] == s.answer and keys.index(key) == round(depth * (len(keys) - 1))
+    assert 1300 <= len(s.prompt_ids) <= 1500

@@ -10,7 +10,8 @@ Each method extends the model's plain RoPE from its trained context to `--target
 LongRoPE scaling, fine-tuned or not). Perplexity is measured on the held-out documents of `--corpus` (the split
 `experiments.finetune` and `experiments.longrope` hold out with the same --held-out and --seed), joined into one
 stream, in windows of each length (`lcjax.train.perplexity`); passkey accuracy is the share of `--passkeys`
-prompts of each length, the key at depths spread over the prompt, whose greedy answer contains the key.
+prompts of each length, the key at depths spread over the prompt, whose greedy answer contains the key; `--kv`
+does the same for key-value retrieval (`lcjax.tasks.kv_retrieval`: the value of one UUID key in a JSON object).
 
 Rows go to `--output` (JSON lines) as they are measured; a rerun with the same file skips what it holds. A
 markdown table is printed last, and `--plot PNG` draws perplexity against length.
@@ -30,6 +31,7 @@ from tqdm import tqdm
 import lcjax
 from lcjax.config import ModelConfig, extend_context
 from lcjax.generate import generate
+from lcjax.tasks.kv_retrieval import kv_sample
 from lcjax.tasks.passkey import passkey_sample, passkey_score
 from lcjax.train.data import BUILTIN_CORPORA, corpus_files, read_documents, split_documents
 from lcjax.train.longrope_search import apply_factors, read_factors
@@ -60,12 +62,18 @@ def held_out_stream(corpus: str, tokenizer, held_out: float, seed: int) -> np.nd
     return np.asarray(ids, np.int32)
 
 
-def passkey_accuracy(model: lcjax.Transformer, tokenizer, length: int, samples: int) -> float:
-    """Share of `samples` passkey prompts of about `length` tokens (depths spread evenly) answered right."""
+# metric -> (the sample maker, tokens an answer may take)
+RETRIEVAL = {"passkey": (passkey_sample, 12), "kv": (kv_sample, 40)}
+
+
+def retrieval_accuracy(model: lcjax.Transformer, tokenizer, metric: str, length: int, samples: int) -> float:
+    """Share of `samples` prompts of about `length` tokens (answers at depths spread evenly) whose greedy answer
+    contains the expected one: passkey ("passkey") or key-value retrieval ("kv")."""
+    make, budget = RETRIEVAL[metric]
     scores = []
     for i in range(samples):
-        s = passkey_sample(tokenizer, length - 16, i / max(1, samples - 1), seed=i)
-        (new,), _ = generate(model, s.prompt_ids, 12, stop_tokens=tokenizer.eos_token_ids)
+        s = make(tokenizer, length - budget - 8, i / max(1, samples - 1), seed=i)
+        (new,), _ = generate(model, s.prompt_ids, budget, stop_tokens=tokenizer.eos_token_ids)
         scores.append(passkey_score(tokenizer.decode(new), s.answer))
     return float(np.mean(scores))
 
@@ -86,12 +94,13 @@ def parse_args(argv=None):
     p.add_argument("--windows", type=int, default=4, help="perplexity windows per length (at most)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: side by side)")
     p.add_argument("--passkeys", type=int, default=5, help="passkey prompts per length (0: none)")
+    p.add_argument("--kv", type=int, default=0, help="key-value retrieval prompts per length (0: none)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--output", default="runs/context_eval.jsonl")
     p.add_argument("--plot", default=None, help="draw perplexity against length into this PNG")
     a = p.parse_args(argv)
-    if a.target_length < 2 or a.windows < 1 or a.passkeys < 0:
-        p.error("--target-length >= 2, --windows >= 1 and --passkeys >= 0 are needed.")
+    if a.target_length < 2 or a.windows < 1 or a.passkeys < 0 or a.kv < 0:
+        p.error("--target-length >= 2, --windows >= 1, --passkeys >= 0 and --kv >= 0 are needed.")
     return a
 
 
@@ -120,8 +129,8 @@ def main(argv=None) -> None:
         for line in out.read_text().splitlines():
             r = json.loads(line)
             done[(r["model"], r["method"], r["metric"], r["length"])] = r
-    jobs = [(m, metric, n) for m in a.methods for n in lengths for metric in ("perplexity", "passkey")
-            if metric == "perplexity" or a.passkeys]  # fmt: skip
+    counts = {"perplexity": a.windows, "passkey": a.passkeys, "kv": a.kv}
+    jobs = [(m, metric, n) for m in a.methods for n in lengths for metric in counts if counts[metric]]
     with open(out, "a") as log:
         for method, metric, length in tqdm(jobs, desc="context eval", unit="measure"):
             key = (str(a.model), method, metric, length)
@@ -135,7 +144,7 @@ def main(argv=None) -> None:
                     raise SystemExit(f"--corpus {a.corpus} at {length} tokens: {e}") from None
                 value, n = perplexity(window_losses(m, windows, scored)), len(windows)
             else:
-                value, n = passkey_accuracy(m, tok, length, a.passkeys), a.passkeys
+                value, n = retrieval_accuracy(m, tok, metric, length, counts[metric]), counts[metric]
             row = dict(model=str(a.model), method=method, metric=metric, length=length, value=value, n=n,
                        corpus=a.corpus)  # fmt: skip
             done[key] = row
@@ -148,16 +157,19 @@ def main(argv=None) -> None:
 
 
 def table(rows: list[dict], lengths: list[int]) -> str:
-    """Markdown: one line per method, perplexity (and passkey accuracy) per length."""
+    """Markdown: one line per method, and per length its perplexity / passkey accuracy / kv accuracy (those
+    measured)."""
     cells = {(r["method"], r["length"], r["metric"]): r["value"] for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| method | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    metrics = [m for m in ("perplexity", "passkey", "kv") if any(r["metric"] == m for r in rows)]
+    lines = [f"| method ({' / '.join(metrics)}) | " + " | ".join(f"{n:,}" for n in lengths) + " |",
+             "|---" * (len(lengths) + 1) + "|"]  # fmt: skip
     for m in methods:
         parts = []
         for n in lengths:
-            ppl, key = cells.get((m, n, "perplexity")), cells.get((m, n, "passkey"))
-            text = "" if ppl is None else f"{ppl:.2f}"
-            parts.append(text + ("" if key is None else f" / {key:.0%}"))
+            values = [cells.get((m, n, metric)) for metric in metrics]
+            parts.append(" / ".join("" if v is None else f"{v:.2f}" if metric == "perplexity" else f"{v:.0%}"
+                                    for v, metric in zip(values, metrics)))  # fmt: skip
         lines.append(f"| {m} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 

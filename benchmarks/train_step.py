@@ -78,7 +78,14 @@ def row(side: str, shape: str, seq: int, variant: str, cfg: ModelConfig, seconds
 
 
 def bench_jax(
-    shape: str, cfg: ModelConfig, seq: int, remat: str | None, attention: str, steps: int, profile: str | None = None
+    shape: str,
+    cfg: ModelConfig,
+    seq: int,
+    remat: str | None,
+    attention: str,
+    steps: int,
+    profile: str | None = None,
+    fuse: bool = False,
 ) -> dict:
     import jax
     import jax.numpy as jnp
@@ -94,8 +101,15 @@ def bench_jax(
         "tokamax": TokamaxAttention(),
     }
     transform = transforms[attention]
-    variant = f"{attention}, remat {remat}"
-    config = TrainConfig(learning_rate=1e-5, warmup_steps=1, total_steps=100, remat=remat, compute_dtype="bfloat16")
+    variant = f"{attention}, remat {remat}" + (", fused projections" if fuse else "")
+    config = TrainConfig(
+        learning_rate=1e-5,
+        warmup_steps=1,
+        total_steps=100,
+        remat=remat,
+        compute_dtype="bfloat16",
+        fuse_projections=fuse,
+    )
     model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.float32, attention=transform)
     state = init_state(model.params, config)
     model = Transformer({}, cfg, transform)
@@ -278,6 +292,7 @@ def main(argv=None) -> None:
     p.add_argument("--attention", nargs="+", default=["cudnn"], choices=("cudnn", "cudnn-causal", "xla", "tokamax"))
     p.add_argument("--variants", nargs="+", default=["eager+ckpt", "compile+ckpt"], help="torch configurations")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--fuse", nargs="+", default=["off"], choices=("off", "on"), help="jax: fused projections")
     p.add_argument("--profile", default=None, help="jax: trace one more step here and print its longest kernels")
     p.add_argument("--out", default=None, help="append the JSON rows to this file")
     a = p.parse_args(argv)
@@ -291,8 +306,9 @@ def main(argv=None) -> None:
         if a.side == "jax":
             for attention in a.attention:
                 for remat in a.remat:
-                    remat = None if remat == "none" else remat
-                    rows.append(bench_jax(shape, cfg, seq, remat, attention, a.steps, a.profile))
+                    for fuse in a.fuse:
+                        remat_ = None if remat == "none" else remat
+                        rows.append(bench_jax(shape, cfg, seq, remat_, attention, a.steps, a.profile, fuse == "on"))
         else:
             for variant in a.variants:
                 rows.append(bench_torch(shape, cfg, seq, variant, a.steps))

@@ -107,6 +107,19 @@ def test_remat_changes_no_gradient(model, policy):
         dataclasses.replace(FP32, remat=policy)), plain)  # fmt: skip
 
 
+def test_fused_projections_change_no_loss_or_gradient(model):
+    tokens, lengths = batch(np.random.default_rng(4), 1, 2, 16)
+
+    def value_and_grads(config):
+        return jax.value_and_grad(lambda p: loss_and_count(p, model, tokens[0], lengths[0], config)[0])(model.params)
+
+    (plain, g_plain), (fused, g_fused) = (value_and_grads(dataclasses.replace(FP32, fuse_projections=f)) for f in
+                                          (False, True))  # fmt: skip
+    np.testing.assert_allclose(fused, plain, rtol=1e-6)
+    # the fused products sum the input gradients in another order: fp32 noise only
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_fused, g_plain)
+
+
 MESHES = {
     "data": dict(data=8),
     "fsdp": dict(fsdp=8),

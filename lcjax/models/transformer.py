@@ -70,9 +70,14 @@ def _residual_mlp(p: dict, h: jax.Array, eps: float, chunk: int | None) -> jax.A
 def _attention_inputs(config: ModelConfig, rotary: positions_lib.Rotary, p: dict, h: jax.Array):
     """Normed, projected and rotated q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]`."""
     x = rms_norm(h, p["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("bsd,hkd->bshk", x, p["wq"])
-    k = jnp.einsum("bsd,hkd->bshk", x, p["wk"])
-    v = jnp.einsum("bsd,hkd->bshk", x, p["wv"])
+    if "wqkv" in p:  # `fused_projections`: [kv_heads, group + 2, head_dim, d]
+        qkv = jnp.einsum("bsd,kgjd->bskgj", x, p["wqkv"])
+        b, s, kv, _, head_dim = qkv.shape
+        q, k, v = qkv[..., :-2, :].reshape(b, s, -1, head_dim), qkv[..., -2, :], qkv[..., -1, :]
+    else:
+        q = jnp.einsum("bsd,hkd->bshk", x, p["wq"])
+        k = jnp.einsum("bsd,hkd->bshk", x, p["wk"])
+        v = jnp.einsum("bsd,hkd->bshk", x, p["wv"])
     if config.qkv_bias:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     return rotary.apply(q), rotary.apply(k), v

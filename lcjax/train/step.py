@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from lcjax.models.attention import DenseAttention
 from lcjax.models.context_parallel import ContextParallelAttention, load_balanced_order
+from lcjax.models.params import fused_projections
 from lcjax.models.transformer import Transformer, check_remat, forward
 from lcjax.sharding import axis_size, logical_sharding
 from lcjax.train.loss import next_token_targets, token_loss
@@ -36,6 +37,8 @@ class TrainConfig:
     micro_batches: a step's batch is split into this many, their gradients summed by a scan (the memory of one).
     remat: a `REMAT_POLICIES` name (None: keep every activation). loss_chunk: positions whose logits exist at once.
     compute_dtype: the dtype the forward and backward passes run in; parameters and optimiser state stay fp32.
+    fuse_projections: run each layer's q, k, v and its gate, up projections as one product each
+    (`fused_projections`; the parameters stay separate).
     """
 
     learning_rate: float = 2e-5
@@ -52,6 +55,7 @@ class TrainConfig:
     remat: str | None = "nothing_saveable"
     loss_chunk: int = 1024
     compute_dtype: str = "bfloat16"
+    fuse_projections: bool = False
 
     def __post_init__(self):
         if self.decay not in ("cosine", "linear"):
@@ -118,6 +122,9 @@ def loss_and_count(
     # the embedding stays fp32: its rows are gathered, then cast, so its gradient is an fp32 scatter-add (repeated
     # tokens summed exactly) and no bf16 copy of the [vocab, d] table is made
     p = {k: v if k == "embed" else jax.tree.map(lambda x: x.astype(dtype), v) for k, v in params.items()}
+    if config.fuse_projections:
+        layers = p["layers"]
+        p["layers"] = tuple(map(fused_projections, layers)) if isinstance(layers, tuple) else fused_projections(layers)
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
     targets, valid = next_token_targets(tokens, lengths)

@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--target-length", type=int, required=True)
     p.add_argument("--stages", type=int, default=1, help="searches at rising lengths (8x apart) to the target")
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning steps after the first search (0: none)")
-    p.add_argument("--finetune-lr", type=float, default=2e-5, help="the paper's")
+    p.add_argument("--finetune-lr", type=float, default=2e-5, help="peak learning rate (the paper's 2e-5)")
     p.add_argument(
         "--corpus", default="python-stdlib", help=f"a file, a directory or one of {', '.join(BUILTIN_CORPORA)}"
     )

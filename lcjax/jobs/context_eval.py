@@ -33,7 +33,14 @@ from lcjax.config import ModelConfig, extend_context
 from lcjax.generate import generate
 from lcjax.tasks.kv_retrieval import kv_sample
 from lcjax.tasks.passkey import passkey_sample, passkey_score
-from lcjax.train.data import BUILTIN_CORPORA, corpus_files, read_documents, split_documents
+from lcjax.train.data import (
+    BUILTIN_CORPORA,
+    corpus_files,
+    document_separator,
+    read_documents,
+    split_documents,
+    token_stream,
+)
 from lcjax.train.longrope_search import apply_factors, read_factors
 from lcjax.train.perplexity import perplexity, sliding_windows, window_losses
 
@@ -57,9 +64,7 @@ def method_config(config: ModelConfig, method: str, target_length: int) -> Model
 def held_out_stream(corpus: str, tokenizer, held_out: float, seed: int) -> np.ndarray:
     """The held-out documents of `corpus`, tokenised and joined (each followed by end-of-sequence), int32 `[n]`."""
     _, docs = split_documents(read_documents(corpus_files(corpus)), held_out, seed)
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    ids = [t for d in docs for t in (*tokenizer.encode(d, add_special_tokens=False), separator)]
-    return np.asarray(ids, np.int32)
+    return token_stream([tokenizer.encode(d, add_special_tokens=False) for d in docs], document_separator(tokenizer))
 
 
 # metric -> (the sample maker, tokens an answer may take)

@@ -39,7 +39,15 @@ from lcjax.models.transformer import REMAT_POLICIES
 from lcjax.sharding import MESH_AXES, logical_sharding, make_mesh
 from lcjax.train import TrainConfig, init_state, loss_and_count, train_step
 from lcjax.train.checkpoint import CheckpointError, Checkpoints
-from lcjax.train.data import BUILTIN_CORPORA, Batches, corpus_files, read_documents, split_documents, tokenized_rows
+from lcjax.train.data import (
+    BUILTIN_CORPORA,
+    Batches,
+    corpus_files,
+    document_separator,
+    read_documents,
+    split_documents,
+    tokenized_rows,
+)
 from lcjax.train.longrope_search import apply_factors, read_factors
 
 
@@ -195,7 +203,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"--rope {a.rope}: {e}") from None
     train_docs, eval_docs = split_documents(read_documents(corpus_files(a.data)), a.held_out, a.seed)
     encode = lambda text: tok.encode(text, add_special_tokens=False)
-    separator = tok.eos_token_id if tok.eos_token_id is not None else 0
+    separator = document_separator(tok)
     try:
         batches = Batches(tokenized_rows(train_docs, encode, a.seq_len, separator), a.batch, a.micro_batches, a.seed)
         eval_rows = tokenized_rows(eval_docs, encode, a.seq_len, separator)[: a.eval_rows]

@@ -35,7 +35,14 @@ from lcjax.config import ModelConfig, with_longrope
 from lcjax.jobs import finetune
 from lcjax.loading.export import save_checkpoint
 from lcjax.tasks.passkey import passkey_sample
-from lcjax.train.data import BUILTIN_CORPORA, corpus_files, pack, read_documents, split_documents
+from lcjax.train.data import (
+    BUILTIN_CORPORA,
+    corpus_files,
+    document_separator,
+    read_documents,
+    split_documents,
+    token_stream,
+)
 from lcjax.train.longrope_search import (
     Genome,
     SearchConfig,
@@ -65,7 +72,7 @@ def stage_lengths(native: int, target: int, stages: int) -> list[int]:
 def needle_rows(tokenizer, length: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32 `[count, length]`, counted bool): passkey prompts with their answers appended, padded with
     end-of-sequence to `length`; only the answer's tokens count (LongRoPE2's needle-driven perplexity)."""
-    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = document_separator(tokenizer)
     rows, counted = np.full((count, length), pad, np.int32), np.zeros((count, length), bool)
     for i in range(count):
         s = passkey_sample(tokenizer, length - 32, i / max(1, count - 1), seed=10_000 + i)
@@ -122,23 +129,27 @@ def main(argv=None) -> None:
         lengths = stage_lengths(native, a.target_length, a.stages)
     except ValueError as e:
         raise SystemExit(f"--target-length {a.target_length} --stages {a.stages}: {e}") from None
-    train_docs, _ = split_documents(read_documents(corpus_files(a.corpus)), a.held_out, a.seed)
-    separator = tok.eos_token_id if tok.eos_token_id is not None else 0
-    encoded = [tok.encode(d, add_special_tokens=False) for d in train_docs]
+    stream = None  # the training documents' ids, joined (read by the perplexity fitness only)
+    if a.fitness == "perplexity":
+        train_docs, _ = split_documents(read_documents(corpus_files(a.corpus)), a.held_out, a.seed)
+        stream = token_stream([tok.encode(d, add_special_tokens=False) for d in train_docs], document_separator(tok))
     mesh = Mesh(np.asarray(jax.devices()), ("genomes",)) if jax.device_count() > 1 else None
     dims = plain.rotary_dim // 2
 
     def documents(length: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if a.fitness == "needle":
+        if stream is None:
             return needle_rows(tok, length, a.documents)
-        try:
-            rows = pack(encoded, length, separator)
-        except ValueError:
-            rows = np.zeros((0, length), np.int32)  # not one row: the message below says so
-        if len(rows) < a.documents:
-            raise SystemExit(f"--corpus {a.corpus} holds {len(rows)} training rows of {length} tokens; "
+        if len(stream) // length < a.documents:
+            raise SystemExit(f"--corpus {a.corpus} holds {len(stream) // length} training rows of {length} tokens; "
                              f"--documents asks for {a.documents}.")  # fmt: skip
-        return rows[: a.documents], None
+        return stream[: a.documents * length].reshape(a.documents, length), None
+
+    def search_config(scale: float, stage: int, **settings) -> SearchConfig:
+        half, quarter = max(1, a.population // 2), max(1, a.population // 4)
+        return SearchConfig(
+            scale=scale, dims=dims, population=a.population, parents=half, mutations=quarter, crossovers=quarter,
+            generations=a.generations, seed=a.seed + stage, **settings,
+        )  # fmt: skip
 
     def run_search(name: str, config: SearchConfig, seeds: list[Genome], length: int, scale: float) -> Genome:
         tokens, counted = documents(length)
@@ -155,11 +166,7 @@ def main(argv=None) -> None:
             f = read_factors(path)
             best = Genome(tuple(f["long_factor"]), f["n_hat"])
         else:
-            config = SearchConfig(
-                scale=scale, dims=dims, population=a.population, parents=max(1, a.population // 2),
-                mutations=max(1, a.population // 4), crossovers=max(1, a.population // 4),
-                generations=a.generations, seed=a.seed + i,
-            )  # fmt: skip
+            config = search_config(scale, i)
             seeds = seed_genomes(config, plain.rope.theta, plain.rotary_dim, native)
             if best is not None:  # the previous stage's factors, stretched to this stage's scale
                 seeds.append(Genome(tuple(x * scale / (lengths[i - 1] / native) for x in best.factors), best.n_hat))
@@ -175,11 +182,7 @@ def main(argv=None) -> None:
         if path.exists():
             short = tuple(read_factors(path)["short_factor"])
         else:
-            config = SearchConfig(
-                scale=scale, dims=dims, population=a.population, parents=max(1, a.population // 2),
-                mutations=max(1, a.population // 4), crossovers=max(1, a.population // 4),
-                generations=a.generations, max_factor=SHORT_CAP, search_n_hat=False, seed=a.seed + len(lengths),
-            )  # fmt: skip
+            config = search_config(scale, len(lengths), max_factor=SHORT_CAP, search_n_hat=False)
             short = run_search("short", config, [Genome((1.0,) * dims)], native, scale).factors
             write_factors(path, with_longrope(plain, best.factors, a.target_length, short, best.n_hat))
     final = with_longrope(plain, best.factors, a.target_length, short, best.n_hat)

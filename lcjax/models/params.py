@@ -155,22 +155,27 @@ def fuse_mlp(params: dict) -> dict:
     return dict(params, layers=tuple(map(fuse, layers)) if isinstance(layers, tuple) else fuse(layers))
 
 
-def fused_projections(layer: dict) -> dict:
-    """A layer's (stacked or not) params with its input projections fused for training: `wq`, `wk`, `wv` as
+def fused_projections(params: dict) -> dict:
+    """params (layers stacked or not) with each layer's input projections fused for training: `wq`, `wk`, `wv` as
     `wqkv` `[..., kv_heads, group + 2, head_dim, D]` (each key-value head's `group` query heads, then its key and
     value, so a split of the heads over a mesh keeps each group whole) and `w_gate`, `w_up` as `w_gate_up`. One
     product per layer input instead of five, and one for each of their input gradients. Plain jnp ops for use
     under jit (the forward's XLA propagates the shardings); differentiable back to the separate params."""
-    layer = dict(layer)
-    if "wq" in layer:
-        wq, wk, wv = layer.pop("wq"), layer.pop("wk"), layer.pop("wv")
-        *lead, heads, head_dim, dim = wq.shape
-        kv = wk.shape[-3]
-        groups = wq.reshape(*lead, kv, heads // kv, head_dim, dim)
-        layer["wqkv"] = jnp.concatenate([groups, wk[..., None, :, :], wv[..., None, :, :]], axis=-3)
-    if "w_gate" in layer:
-        layer["w_gate_up"] = jnp.stack([layer.pop("w_gate"), layer.pop("w_up")], axis=-3)
-    return layer
+
+    def fuse(layer: dict) -> dict:
+        layer = dict(layer)
+        if "wq" in layer:
+            wq, wk, wv = layer.pop("wq"), layer.pop("wk"), layer.pop("wv")
+            *lead, heads, head_dim, dim = wq.shape
+            kv = wk.shape[-3]
+            groups = wq.reshape(*lead, kv, heads // kv, head_dim, dim)
+            layer["wqkv"] = jnp.concatenate([groups, wk[..., None, :, :], wv[..., None, :, :]], axis=-3)
+        if "w_gate" in layer:
+            layer["w_gate_up"] = jnp.stack([layer.pop("w_gate"), layer.pop("w_up")], axis=-3)
+        return layer
+
+    layers = params["layers"]
+    return dict(params, layers=tuple(map(fuse, layers)) if isinstance(layers, tuple) else fuse(layers))
 
 
 def unfuse_mlp(params: dict) -> dict:

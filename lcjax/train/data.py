@@ -85,10 +85,20 @@ def split_documents(docs: Sequence[str], held_out: float, seed: int = 0) -> tupl
     return [docs[i] for i in order[n:]], [docs[i] for i in order[:n]]
 
 
+def document_separator(tokenizer) -> int:
+    """The id that ends each document in a joined stream: the tokenizer's end of sequence, else 0."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def token_stream(token_lists: Sequence[Sequence[int]], separator: int) -> np.ndarray:
+    """int32 `[n]`: the documents' ids joined, each followed by `separator`."""
+    return np.fromiter((t for doc in token_lists for t in (*doc, separator)), np.int32)
+
+
 def pack(token_lists: Sequence[Sequence[int]], seq_len: int, separator: int) -> np.ndarray:
-    """int32 `[rows, seq_len]`: the documents' ids joined, each followed by `separator`, cut into rows (the
-    remainder dropped). Raises ValueError when there is not one row's worth."""
-    ids = np.fromiter((t for doc in token_lists for t in (*doc, separator)), np.int32)
+    """int32 `[rows, seq_len]`: `token_stream` cut into rows (the remainder dropped). Raises ValueError when
+    there is not one row's worth."""
+    ids = token_stream(token_lists, separator)
     rows = len(ids) // seq_len
     if rows == 0:
         raise ValueError(f"the data holds {len(ids)} tokens, fewer than one row of seq_len={seq_len}.")

@@ -123,8 +123,7 @@ def loss_and_count(
     # tokens summed exactly) and no bf16 copy of the [vocab, d] table is made
     p = {k: v if k == "embed" else jax.tree.map(lambda x: x.astype(dtype), v) for k, v in params.items()}
     if config.fuse_projections:
-        layers = p["layers"]
-        p["layers"] = tuple(map(fused_projections, layers)) if isinstance(layers, tuple) else fused_projections(layers)
+        p = fused_projections(p)
     batch, seq = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
     targets, valid = next_token_targets(tokens, lengths)

@@ -119,3 +119,18 @@ def test_kv_prompt_asks_for_the_value_of_a_key_at_its_depth_and_fits_the_length(
     keys = list(data)
     assert data[key] == s.answer and keys.index(key) == round(depth * (len(keys) - 1))
     assert 1300 <= len(s.prompt_ids) <= 1500
+
+
+def test_retrieval_prompts_padded_to_one_shape_answer_as_unpadded(tiny_model):
+    from lcjax.generate import generate
+    from lcjax.load import load_model
+    from lcjax.tasks.passkey import passkey_sample
+
+    model, tok = load_model(tiny_model[0], dtype="float32")
+    answers = context_eval.retrieval_answers(model, tok, "passkey", 240, 2)
+    for i, (got, want) in enumerate(answers):
+        s = passkey_sample(tok, 240 - 12 - 8, float(i), seed=i)
+        (new,), _ = generate(model, s.prompt_ids, 12, stop_tokens=tok.eos_token_ids)
+        assert (got, want) == (tok.decode(new), s.answer)
+    with pytest.raises(ValueError, match="does not fit"):
+        context_eval.retrieval_answers(model, tok, "passkey", 30, 1)

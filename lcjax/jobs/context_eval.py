@@ -71,16 +71,33 @@ def held_out_stream(corpus: str, tokenizer, held_out: float, seed: int) -> np.nd
 RETRIEVAL = {"passkey": (passkey_sample, 12), "kv": (kv_sample, 40)}
 
 
-def retrieval_accuracy(model: lcjax.Transformer, tokenizer, metric: str, length: int, samples: int) -> float:
-    """Share of `samples` prompts of about `length` tokens (answers at depths spread evenly) whose greedy answer
-    contains the expected one: passkey ("passkey") or key-value retrieval ("kv")."""
+def retrieval_answers(
+    model: lcjax.Transformer, tokenizer, metric: str, length: int, samples: int
+) -> list[tuple[str, str]]:
+    """(greedy answer, expected answer) for `samples` prompts of about `length` tokens, answers at depths spread
+    evenly: passkey ("passkey") or key-value retrieval ("kv")."""
     make, budget = RETRIEVAL[metric]
-    scores = []
+    prompt = np.zeros((1, length - budget), np.int32)  # every prompt padded to one shape: one compile per length
+    out = []
     for i in range(samples):
         s = make(tokenizer, length - budget - 8, i / max(1, samples - 1), seed=i)
-        (new,), _ = generate(model, s.prompt_ids, budget, stop_tokens=tokenizer.eos_token_ids)
-        scores.append(passkey_score(tokenizer.decode(new), s.answer))
-    return float(np.mean(scores))
+        if len(s.prompt_ids) > prompt.shape[1]:
+            raise ValueError(f"a {metric} prompt of {len(s.prompt_ids)} tokens does not fit {prompt.shape[1]}.")
+        prompt[0] = 0
+        prompt[0, : len(s.prompt_ids)] = s.prompt_ids
+        lengths = np.asarray([len(s.prompt_ids)], np.int32)
+        (new,), _ = generate(model, prompt, budget, lengths=lengths, stop_tokens=tokenizer.eos_token_ids)
+        out.append((tokenizer.decode(new), s.answer))
+    return out
+
+
+def retrieval_accuracy(model: lcjax.Transformer, tokenizer, metric: str, length: int, samples: int) -> float:
+    """Share of `retrieval_answers` whose greedy answer contains the expected one."""
+    return float(
+        np.mean(
+            [passkey_score(got, want) for got, want in retrieval_answers(model, tokenizer, metric, length, samples)]
+        )
+    )
 
 
 def parse_args(argv=None):

@@ -146,15 +146,15 @@ class QueryGraphIndex:
     exact top keys (see the module's docstring).
 
     keys: float32 `[n, d]`; queries: float32 `[m, d]`, the prefill's queries for this head (or its query
-    group); per_query: top keys taken of each training query; pivots: how many of them (the best) link to the
-    others; degree: out-edges a key keeps from the projection, the most often co-retrieved (plus two sequence
-    links); entries: start nodes of every search (the most-used pivots); beam: the search's candidate list (>= k;
-    wider scans more and finds more). knn: the training queries' top keys if already computed (int
-    `[m, >= per_query]`, best first, e.g. on the accelerator).
+    group), or None when `knn` is given; per_query: top keys taken of each training query; pivots: how many of
+    them (the best) link to the others; degree: out-edges a key keeps from the projection, the most often
+    co-retrieved (plus two sequence links); entries: start nodes of every search (the most-used pivots); beam:
+    the search's candidate list (>= k; wider scans more and finds more). knn: the training queries' top keys if
+    already computed (int `[m, >= per_query]`, best first, e.g. on the accelerator).
     """
 
     keys: np.ndarray
-    queries: dataclasses.InitVar[np.ndarray]
+    queries: dataclasses.InitVar[np.ndarray | None]
     per_query: int = 64
     pivots: int = 4
     degree: int = 64
@@ -164,7 +164,11 @@ class QueryGraphIndex:
 
     def __post_init__(self, queries, knn):
         self.keys = _check_keys(self.keys)
-        queries = _check_search(queries, self.keys.shape[1], 1)
+        n = self.keys.shape[0]
+        if queries is None and knn is None:
+            raise ValueError("QueryGraphIndex needs the training queries or their top keys (knn).")
+        if queries is not None:
+            queries = _check_search(queries, self.keys.shape[1], 1)
         if (
             self.per_query < 2
             or not 1 <= self.pivots <= self.per_query
@@ -175,9 +179,10 @@ class QueryGraphIndex:
                 f"per_query {self.per_query}, pivots {self.pivots}, degree {self.degree}, entries {self.entries}, "
                 f"beam {self.beam}."
             )
-        if knn is not None and (knn.ndim != 2 or knn.shape[0] != queries.shape[0] or knn.shape[1] < self.per_query):
-            raise ValueError(f"knn must be [{queries.shape[0]}, >= {self.per_query}], got shape {knn.shape}.")
-        n = self.keys.shape[0]
+        if knn is not None:
+            m = knn.shape[0] if queries is None else queries.shape[0]
+            if knn.ndim != 2 or knn.shape[0] != m or knn.shape[1] < min(self.per_query, n):
+                raise ValueError(f"knn must be [{m}, >= {self.per_query}], got shape {knn.shape}.")
         if knn is None:
             knn = exact_top_k(self.keys, queries, self.per_query)
         knn = np.ascontiguousarray(knn[:, : self.per_query], np.int64)

@@ -1,0 +1,266 @@
+"""Host memory of RetrievalAttention caches: the keys and values that left the GPU, and their indexes.
+
+A `HostStore` holds entries; each is one sequence's host part (every layer's keys, values and one index per
+KV head) and is never changed once made, so a cache refers to it by an int id (`RetrievalCache.store_id`)
+and `fork` shares it. A new turn makes a new entry from its parent plus the turn's tokens. The device calls in
+through JAX callbacks: `append` at the end of a turn, `attend` at every decode step and layer (retrieval plus
+attention over the retrieved keys, on the host), `gather` when a multi-token turn reads a whole layer.
+
+Entries are dropped oldest first once they hold more than `max_bytes` (a cache whose entry was dropped fails
+with an error saying so) or when `release` is called.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+
+from lcjax.methods.retrieval_index import FaissIndex, FlatIndex, KeyIndex, QueryGraphIndex
+
+IndexKind = Literal["graph", "flat", "ivf", "hnsw"]
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSettings:
+    """How each KV head's keys are indexed: `kind` and the graph's settings (`QueryGraphIndex`)."""
+
+    kind: IndexKind = "graph"
+    per_query: int = 64
+    beam: int = 128
+
+    def __post_init__(self):
+        if self.kind not in ("graph", "flat", "ivf", "hnsw"):
+            raise ValueError(f"index must be one of graph, flat, ivf, hnsw; got {self.kind!r}.")
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One sequence's host part: keys float32 and values (the model's dtype) per layer `[n, kv_heads, head_dim]`,
+    per layer and KV head an index, and (graph) the training queries' top keys the graph was projected from."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    indexes: list[list[KeyIndex]]
+    knn: list[list[np.ndarray]]
+
+    @property
+    def size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = self.keys + self.values + [a for per in self.knn for a in per if a is not None]
+        graphs = [getattr(i, "graph", None) for per in self.indexes for i in per]
+        return sum(a.nbytes for a in arrays) + sum(g.nbytes for g in graphs if g is not None)
+
+
+class HostStore:
+    """Entries by id (0: none), oldest dropped past `max_bytes`. Thread-safe: callbacks may run concurrently."""
+
+    def __init__(self, max_bytes: int = 64 * 2**30, threads: int | None = None):
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
+        self._next = 1
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads)
+
+    def __repr__(self) -> str:
+        return f"HostStore({len(self._entries)} entries, {self.nbytes() / 2**20:.1f} MiB)"
+
+    def entry(self, sid: int) -> _Entry | None:
+        if sid == 0:
+            return None
+        with self._lock:
+            e = self._entries.get(int(sid))
+        if e is None:
+            raise KeyError(
+                f"RetrievalAttention: host entry {int(sid)} was released (the store keeps at most "
+                f"{self.max_bytes / 2**30:.1f} GiB, oldest dropped first); raise HostStore.max_bytes or release "
+                "caches you no longer use."
+            )
+        return e
+
+    def nbytes(self, ids=None) -> int:
+        """Host bytes of the given entries (default: all)."""
+        with self._lock:
+            chosen = self._entries.values() if ids is None else [self._entries[int(i)] for i in set(ids) if i]
+            return sum(e.nbytes for e in chosen)
+
+    def release(self, ids) -> None:
+        with self._lock:
+            for i in set(int(i) for i in np.ravel(ids)):
+                self._entries.pop(i, None)
+
+    def _add(self, entry: _Entry) -> int:
+        with self._lock:
+            sid = self._next
+            self._next += 1
+            self._entries[sid] = entry
+            total = sum(e.nbytes for e in self._entries.values())
+            while total > self.max_bytes and len(self._entries) > 1:
+                _, old = self._entries.popitem(last=False)
+                total -= old.nbytes
+            return sid
+
+    def append(
+        self,
+        ids: np.ndarray,
+        counts: np.ndarray,
+        keys: np.ndarray,
+        values: np.ndarray,
+        queries: np.ndarray,
+        query_valid: np.ndarray,
+        knn: np.ndarray,
+        settings: IndexSettings,
+    ) -> np.ndarray:
+        """New entries: each sequence's parent (`ids`, int32 `[batch]`) plus its first `counts[b]` moved tokens.
+
+        keys, values: `[layers, batch, slots, kv_heads, head_dim]`; queries: the turn's last queries `[layers,
+        batch, window, heads, head_dim]`, valid where `query_valid [batch, window]`; knn: int32 `[layers, batch,
+        kv_heads, group * window, per_query]`, each training query's best moved tokens (slots; the device computed
+        them). Returns the new ids, int32 `[batch]` (a sequence that moved nothing keeps its id).
+        """
+        # callbacks may hand over device arrays: everything below is NumPy
+        ids, counts, keys, values, queries, query_valid, knn = map(
+            np.asarray, (ids, counts, keys, values, queries, query_valid, knn)
+        )
+        out = ids.astype(np.int32)
+        for b in range(len(ids)):
+            n = int(counts[b])
+            if n <= 0:
+                continue
+            parent = self.entry(int(ids[b]))
+            out[b] = self._add(
+                self._extend(
+                    parent, keys[:, b, :n], values[:, b, :n], queries[:, b], query_valid[b], knn[:, b], settings
+                )  # fmt: skip
+            )
+        return out
+
+    def _extend(self, parent, keys, values, queries, valid, knn, settings) -> _Entry:
+        layers, moved, kv_heads, d = keys.shape
+        group = queries.shape[2] // kv_heads
+        base = 0 if parent is None else parent.size
+        new_keys = [keys[l].astype(np.float32) for l in range(layers)]
+        new_values = [values[l] for l in range(layers)]
+        if parent is not None:
+            new_keys = [np.concatenate([parent.keys[l], new_keys[l]]) for l in range(layers)]
+            new_values = [np.concatenate([parent.values[l], new_values[l]]) for l in range(layers)]
+        rows = np.tile(valid, group)  # training queries of a KV head: its group's heads, window-major per head
+
+        def build(l: int, h: int) -> tuple[KeyIndex, np.ndarray | None]:
+            head_keys = np.ascontiguousarray(new_keys[l][:, h])
+            if settings.kind == "flat":
+                return FlatIndex(head_keys), None
+            if settings.kind in ("ivf", "hnsw"):
+                return FaissIndex(head_keys, settings.kind), None
+            q = queries[l, :, h * group : (h + 1) * group].transpose(1, 0, 2).reshape(-1, d)[rows]
+            local = knn[l, h][rows].astype(np.int64)
+            top = np.where(local < moved, local, local[:, :1]) + base  # slots past the moved tokens: the best one
+            if parent is not None:  # the new queries' best among the parent's keys, by searching its graph
+                old, _ = parent.indexes[l][h].search(q, top.shape[1])
+                top = _best_of(head_keys, q, np.concatenate([old, top], axis=1), top.shape[1])
+                width = min(top.shape[1], parent.knn[l][h].shape[1])  # lists are best first: cut to a common width
+                top = np.concatenate([parent.knn[l][h][:, :width], top[:, :width]])
+            index = QueryGraphIndex(head_keys, None, per_query=top.shape[1], beam=settings.beam, knn=top)
+            return index, top
+
+        jobs = {(l, h): self._pool.submit(build, l, h) for l in range(layers) for h in range(kv_heads)}
+        built = {key: job.result() for key, job in jobs.items()}
+        return _Entry(
+            keys=new_keys,
+            values=new_values,
+            indexes=[[built[l, h][0] for h in range(kv_heads)] for l in range(layers)],
+            knn=[[built[l, h][1] for h in range(kv_heads)] for l in range(layers)],
+        )
+
+    def attend(self, ids: np.ndarray, layer, q: np.ndarray, top_k: int, scale: float) -> tuple[np.ndarray, ...]:
+        """Each sequence's query heads `q [batch, heads, head_dim]` over the `top_k` keys its index returns in
+        `layer`: the attention output float32 `[batch, heads, head_dim]` and its log-sum-exp `[batch, heads]`
+        (-inf and zeros where a sequence has no host part)."""
+        layer, ids, q = int(layer), np.asarray(ids), np.asarray(q, np.float32)
+        batch, heads, d = q.shape
+        out = np.zeros((batch, heads, d), np.float32)
+        lse = np.full((batch, heads), -np.inf, np.float32)
+        for b in range(batch):
+            e = self.entry(int(ids[b]))
+            if e is None:
+                continue
+            kv_heads = e.keys[layer].shape[1]
+            group = heads // kv_heads
+            for h in range(kv_heads):
+                qh = q[b, h * group : (h + 1) * group]
+                found, _ = e.indexes[layer][h].search(qh, min(top_k, e.size))
+                for g in range(group):
+                    sel = found[g][found[g] >= 0]
+                    s = (e.keys[layer][sel, h] @ qh[g]) * scale
+                    m = s.max()
+                    p = np.exp(s - m)
+                    lse[b, h * group + g] = m + np.log(p.sum())
+                    out[b, h * group + g] = (p @ e.values[layer][sel, h].astype(np.float32)) / p.sum()
+        return out, lse
+
+    def gather(self, ids: np.ndarray, layer, slots: int, tail: tuple[int, int], dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of `layer` for each sequence, `[batch, slots, *tail]` (tail: kv_heads, head_dim) in
+        `dtype`, zeros past a sequence's host part."""
+        layer, ids = int(layer), np.asarray(ids)
+        k = np.zeros((len(ids), slots, *tail), dtype)
+        v = np.zeros_like(k)
+        for b, sid in enumerate(ids):
+            e = self.entry(int(sid))
+            if e is not None:
+                k[b, : e.size] = e.keys[layer].astype(dtype)
+                v[b, : e.size] = e.values[layer].astype(dtype)
+        return k, v
+
+    def cropped(self, ids: np.ndarray, keep: np.ndarray, settings: IndexSettings) -> np.ndarray:
+        """New entries holding each sequence's first `keep[b]` host tokens (the same id where nothing is cut);
+        indexes are rebuilt from the kept keys and the training queries' top keys among them."""
+        ids, keep = np.asarray(ids), np.asarray(keep)
+        out = ids.astype(np.int32)
+        for b, sid in enumerate(ids):
+            e = self.entry(int(sid))
+            n = int(keep[b])
+            if e is None or n >= e.size:
+                continue
+            if n <= 0:
+                out[b] = 0
+                continue
+            keys = [k[:n] for k in e.keys]
+            knn = [[_kept(t, n) for t in per] if per[0] is not None else per for per in e.knn]
+
+            def build(l, h, keys=keys, knn=knn):
+                head = np.ascontiguousarray(keys[l][:, h])
+                if settings.kind == "graph" and len(knn[l][h]):
+                    return QueryGraphIndex(head, None, per_query=knn[l][h].shape[1], beam=settings.beam, knn=knn[l][h])
+                return FaissIndex(head, settings.kind) if settings.kind in ("ivf", "hnsw") else FlatIndex(head)
+
+            layers, kv_heads = len(keys), keys[0].shape[1]
+            indexes = [[build(l, h) for h in range(kv_heads)] for l in range(layers)]
+            out[b] = self._add(_Entry(keys, [v[:n] for v in e.values], indexes, knn))
+        return out
+
+
+def _best_of(keys: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the `k` candidate ids (distinct, -1 ignored) of largest inner product, best first."""
+    out = np.empty((len(queries), k), np.int64)
+    for i, (q, c) in enumerate(zip(queries, candidates)):
+        c = np.unique(c[c >= 0])
+        top = c[np.argsort(-(keys[c] @ q), kind="stable")[:k]]
+        out[i] = np.pad(top, (0, k - len(top)), constant_values=top[-1] if len(top) else 0)
+    return out
+
+
+def _kept(top: np.ndarray, n: int) -> np.ndarray:
+    """Training queries' top-key lists with ids >= n replaced by each list's best kept id; lists with none kept
+    are dropped."""
+    ok = top < n
+    rows = ok.any(axis=1)
+    top, ok = top[rows], ok[rows]
+    best = top[np.arange(len(top)), ok.argmax(axis=1)]
+    return np.where(ok, top, best[:, None])

@@ -1,0 +1,134 @@
+"""RetrievalAttention inside the model: with retrieval that reaches every host key it equals dense attention
+(tokens and the cache's logical contents) through prefill, decode, later turns, forks and crops; the merge of
+window and host attention equals attention over their union (float64); keys of a later turn are found; the
+GPU cache shrinks to the window; bad settings fail clearly."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+import lcjax
+from lcjax.cache import cache_nbytes
+from lcjax.generate import generate
+from lcjax.methods.retrieval_attention import RetrievalAttention, RetrievalCache, merge_attention, window_attention
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, _ = lcjax.load_model(FIXTURES / "hf" / "llama", dtype="float32")
+    return model
+
+
+def prompt_of(model, seed, shape):
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, shape)
+
+
+def exact(index="flat", **kw):
+    """Retrieval reaching every host key: the model must then match dense attention."""
+    return RetrievalAttention(sink=4, recent=8, top_k=10_000, index=index, train_queries=16, **kw)
+
+
+def assert_same_contents(cache: RetrievalCache, dense, rows=None):
+    """Every valid logical slot of every layer holds the dense cache's key and value (to float32 rounding: tokens
+    decoded through the merged attention differ from dense in the last bits)."""
+    lengths = np.asarray(cache.lengths)
+    np.testing.assert_array_equal(lengths, np.asarray(dense.lengths))
+    for layer in range(cache.first.shape[0]):
+        (k, v), (dk, dv) = cache.layer_kv(layer), dense.layer_kv(layer)
+        for b, n in enumerate(lengths):
+            np.testing.assert_allclose(np.asarray(k)[b, :n], np.asarray(dk)[b, :n], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(v)[b, :n], np.asarray(dv)[b, :n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", ["flat", "graph"])
+def test_exact_retrieval_equals_dense_through_turns(llama, index):
+    prompt, turn2 = prompt_of(llama, 1, (2, 40)), prompt_of(llama, 2, (2, 9))
+    method = exact(index)
+    ra = llama.with_transforms(cache_transform=method)
+    a, ca = generate(llama, prompt, 6)
+    b, cb = generate(ra, prompt, 6)
+    assert isinstance(cb, RetrievalCache) and a == b
+    assert (np.asarray(cb.host_len) == 40 - 4 - 8).all() and cb.slots < ca.capacity
+    assert_same_contents(cb, ca)
+    a2, ca2 = generate(llama, turn2, 5, cache=ca)
+    b2, cb2 = generate(ra, turn2, 5, cache=cb)
+    assert a2 == b2
+    assert_same_contents(cb2, ca2)
+    assert (np.asarray(cb2.host_len) > np.asarray(cb.host_len)).all()  # the first turn's answer moved too
+    fa, fb = ca2.fork(2), cb2.fork(2)
+    assert (
+        generate(llama, prompt_of(llama, 3, (4, 3)), 3, cache=fa)[0]
+        == generate(ra, prompt_of(llama, 3, (4, 3)), 3, cache=fb)[0]
+    )
+    for cut in (50, 20, 3):  # inside the window, inside the host part, inside the sink
+        assert_same_contents(cb2.crop(cut), ca2.crop(cut))
+    assert method.store.nbytes() > 0 and cb2.host_nbytes() > 0
+
+
+def test_gpu_cache_keeps_the_window_only(llama):
+    prompt = prompt_of(llama, 4, (1, 240))
+    _, dense = llama.prefill(prompt, capacity=250)
+    _, cache = llama.with_transforms(cache_transform=exact()).prefill(prompt, capacity=250)
+    assert cache.slots == 4 + 8 + 10 and cache.capacity >= 250
+    assert cache_nbytes(cache) < cache_nbytes(dense) / 10
+
+
+def test_small_top_k_reads_less_and_changes_tokens(llama):
+    """Retrieving 2 of 28 host keys must change what the model sees (the retrieval is really applied)."""
+    prompt = prompt_of(llama, 5, (2, 40))
+    dense, _ = generate(llama, prompt, 6)
+    few, _ = generate(llama.with_transforms(cache_transform=RetrievalAttention(4, 8, top_k=2, index="flat")), prompt, 6)
+    assert few != dense
+
+
+def test_merged_window_and_host_attention_equal_attention_over_the_union():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 4, 8))
+    k, v = rng.normal(size=(2, 12, 2, 8)), rng.normal(size=(2, 12, 2, 8))
+    lo, hi = np.array([0, 2]), np.array([5, 12])
+    split = np.array([3, 7])  # slots before it are "window", the rest "host"
+    scale = 8**-0.5
+    out_a, lse_a = window_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lo),
+                                    jnp.asarray(np.minimum(split, hi)), scale)  # fmt: skip
+    out_b, lse_b = window_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(np.maximum(split, lo)),
+                                    jnp.asarray(hi), scale)  # fmt: skip
+    got = np.asarray(merge_attention(out_a, lse_a, out_b, lse_b))
+    for b in range(2):
+        for h in range(4):
+            kk, vv = k[b, lo[b] : hi[b], h // 2], v[b, lo[b] : hi[b], h // 2]
+            s = kk @ q[b, h] * scale
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(got[b, h], p @ vv / p.sum(), rtol=1e-5, atol=1e-6)
+    empty = window_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(hi), jnp.asarray(hi), scale)
+    assert np.isneginf(np.asarray(empty[1])).all()
+    np.testing.assert_allclose(np.asarray(merge_attention(out_a, lse_a, *empty)), np.asarray(out_a), rtol=1e-6)
+
+
+def test_a_key_added_in_a_later_turn_is_retrieved(llama):
+    """A graph index with a small top_k finds, in the second turn's host part, the key a query matches exactly."""
+    method = RetrievalAttention(sink=2, recent=4, top_k=3, index="graph", train_queries=8)
+    ra = llama.with_transforms(cache_transform=method)
+    _, cache = ra.prefill(prompt_of(llama, 6, (1, 30)), capacity=60)
+    _, cache = ra.extend(prompt_of(llama, 7, (1, 20)), cache)
+    sid = int(cache.store_id[0])
+    entry = method.store.entry(sid)
+    assert entry.size == int(cache.host_len[0]) == 30 + 20 - 2 - 4
+    keys = entry.keys[1][:, 0]  # layer 1, KV head 0
+    for target in (entry.size - 3, entry.size - 10):  # tokens of the second turn
+        found, _ = entry.indexes[1][0].search(keys[target][None] * 50.0, 3)
+        assert target in found[0]
+
+
+def test_bad_settings_name_the_problem(llama):
+    with pytest.raises(ValueError, match="top_k >= 1"):
+        RetrievalAttention(top_k=0)
+    with pytest.raises(ValueError, match="recent >= 1"):
+        RetrievalAttention(recent=0)
+    with pytest.raises(ValueError, match="index must be"):
+        RetrievalAttention(index="lsh")
+    method = exact()
+    _, cache = llama.with_transforms(cache_transform=method).prefill(prompt_of(llama, 8, (1, 30)))
+    method.store.release(np.asarray(cache.store_id))
+    with pytest.raises(Exception, match="was released"):
+        generate(llama.with_transforms(cache_transform=method), prompt_of(llama, 9, (1, 2)), 2, cache=cache)

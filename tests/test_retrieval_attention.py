@@ -66,6 +66,20 @@ def test_exact_retrieval_equals_dense_through_turns(llama, index):
     assert method.store.nbytes() > 0 and cb2.host_nbytes() > 0
 
 
+def test_ragged_rows_and_batch_chunks_equal_dense(llama):
+    """Rows of different lengths move different numbers of tokens; prefilling them in groups writes each group's
+    window and host ids into the batch's cache."""
+    prompt, lengths = prompt_of(llama, 12, (3, 37)), np.array([37, 15, 30])
+    ra = llama.with_transforms(cache_transform=exact())
+    a, ca = generate(llama, prompt, 5, lengths=lengths)
+    b, cb = generate(ra, prompt, 5, lengths=lengths)
+    assert a == b and list(np.asarray(cb.host_len)) == [37 - 12, 15 - 12, 30 - 12]
+    assert_same_contents(cb, ca)
+    _, chunked = ra.prefill(prompt, lengths, capacity=48, batch_chunk=2)
+    _, dense = llama.prefill(prompt, lengths, capacity=48)
+    assert_same_contents(chunked, dense)
+
+
 def test_gpu_cache_keeps_the_window_only(llama):
     prompt = prompt_of(llama, 4, (1, 240))
     _, dense = llama.prefill(prompt, capacity=250)

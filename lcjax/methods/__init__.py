@@ -3,7 +3,9 @@
 Attention transforms (the prefill): `AShape`, `TriShape`, `MInference` (vertical-slash, block-sparse, or a
 searched per-head config). Cache transforms (what the KV cache is and what happens to it after each turn):
 `StreamingLLMPress`, `SnapKVPress`, `PyramidKVPress` (compression), `KIVI` (2/4-bit storage), `Quest` (page
-selection at decode). Each class's defaults are SCBench's released settings.
+selection at decode), `RetrievalAttention` (the cache in host memory, searched at decode). Each class's defaults
+are SCBench's released settings, but RetrievalAttention's, which are its paper's (`SCBENCH_SETTINGS` holds
+SCBench's).
 
 `ATTENTION_METHODS` and `CACHE_METHODS` name them as SCBench's `--attn_type` / `--kv_type` do; `attention_method`
 and `cache_method` build one from its name and hyperparameters, naming the valid ones when a key is unknown.
@@ -22,6 +24,7 @@ from lcjax.methods.kivi import KIVI, KIVICache
 from lcjax.methods.minference import MInference, MInferenceConfig
 from lcjax.methods.pyramidkv import PyramidKVPress
 from lcjax.methods.quest import Quest, QuestCache
+from lcjax.methods.retrieval_attention import RetrievalAttention, RetrievalCache
 from lcjax.methods.snapkv import SnapKVPress
 from lcjax.methods.streaming_llm import StreamingLLMPress
 from lcjax.models.attention import AttentionFn, DenseAttention
@@ -79,7 +82,12 @@ CACHE_METHODS: dict[str, type | None] = {
     "pyramidkv": PyramidKVPress,
     "kivi": KIVI,
     "quest": Quest,
+    "retr_attn": RetrievalAttention,
 }
+
+# where SCBench's released code runs a method otherwise than its paper's defaults (the class's): its `retr_attn`
+# searches a flat (exact) index for 2000 keys
+SCBENCH_SETTINGS: dict[str, dict] = {"retr_attn": dict(index="flat", top_k=2000)}
 
 
 def _unknown_keys(name: str, given: dict, valid: tuple[str, ...]) -> None:
@@ -92,7 +100,13 @@ def _unknown_keys(name: str, given: dict, valid: tuple[str, ...]) -> None:
 
 
 # the hyperparameter a token budget (SCBench's --kv_budget) sets in each cache method
-BUDGET_FIELDS = {"streamingllm": "capacity", "snapkv": "capacity", "pyramidkv": "capacity", "quest": "token_budget"}
+BUDGET_FIELDS = {
+    "streamingllm": "capacity",
+    "snapkv": "capacity",
+    "pyramidkv": "capacity",
+    "quest": "token_budget",
+    "retr_attn": "top_k",
+}
 
 
 def cache_method(name: str, budget: int | None = None, **hyperparameters) -> CacheTransform | None:
@@ -106,7 +120,7 @@ def cache_method(name: str, budget: int | None = None, **hyperparameters) -> Cac
     _unknown_keys(name, hyperparameters, () if cls is None else method_fields(cls))
     if cls is None:
         return None
-    settings = {}
+    settings = dict(SCBENCH_SETTINGS.get(name, {}))
     if budget is not None and name in BUDGET_FIELDS:
         settings[BUDGET_FIELDS[name]] = budget
     if cls is StreamingLLMPress and "n_sink" not in hyperparameters:
@@ -150,6 +164,9 @@ __all__ = [
     "PyramidKVPress",
     "Quest",
     "QuestCache",
+    "RetrievalAttention",
+    "RetrievalCache",
+    "SCBENCH_SETTINGS",
     "SnapKVPress",
     "StreamingLLMPress",
     "TriShape",

@@ -199,8 +199,9 @@ class RetrievalAttention:
     top_k: keys retrieved per query head and step; index: "graph" (the paper's attention-aware index), "flat"
     (exact, SCBench's `retr_attn`), "ivf" or "hnsw" (faiss, built from the keys alone); train_queries: a turn's
     last queries the index learns from; per_query: top keys taken of each; beam: the graph search's candidate
-    list; store: where the host parts live (one per value: two RetrievalAttention values never share entries,
-    and each compiles its own steps)."""
+    list; max_host_bytes: host memory the store may hold before it drops its oldest entries. `store` is where the
+    host parts live: one per value (two RetrievalAttention values never share entries, and each compiles its own
+    steps)."""
 
     sink: int = 128
     recent: int = 512
@@ -209,9 +210,11 @@ class RetrievalAttention:
     train_queries: int = 2048
     per_query: int = 64
     beam: int = 128
-    store: HostStore = dataclasses.field(default_factory=HostStore, repr=False)
+    max_host_bytes: int = 64 * 2**30
+    store: HostStore = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "store", HostStore(self.max_host_bytes))
         if self.sink < 0 or self.recent < 1 or self.top_k < 1 or self.train_queries < 1:
             raise ValueError(
                 f"RetrievalAttention needs sink >= 0, recent >= 1, top_k >= 1 and train_queries >= 1; got sink "

@@ -146,3 +146,17 @@ def test_bad_settings_name_the_problem(llama):
     method.store.release(np.asarray(cache.store_id))
     with pytest.raises(Exception, match="was released"):
         generate(llama.with_transforms(cache_transform=method), prompt_of(llama, 9, (1, 2)), 2, cache=cache)
+
+
+def test_composes_with_sparse_prefill(llama):
+    """MInference prefill + retrieval decode in one line: with retrieval reaching every host key, the tokens equal
+    MInference with the dense cache."""
+    from lcjax.methods import MInference
+
+    c = llama.config
+    sparse = llama.with_transforms(attention=MInference.vertical_slash(c.num_layers, c.num_heads, 8, 16))
+    both = sparse.with_transforms(cache_transform=exact())
+    prompt = prompt_of(llama, 13, (1, 40))
+    a, _ = generate(sparse, prompt, 5)
+    b, cache = generate(both, prompt, 5)
+    assert a == b and isinstance(cache, RetrievalCache)

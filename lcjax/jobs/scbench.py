@@ -57,7 +57,7 @@ def parse_args(argv=None):
         "--kv_type",
         "--kv-type",
         default="dense,streamingllm,snapkv,quest",
-        help="comma list: dense, streamingllm, snapkv, pyramidkv, kivi, quest",
+        help=f"comma list: {', '.join(CACHE_METHODS)}",
     )
     p.add_argument(
         "--methods",
@@ -71,8 +71,8 @@ def parse_args(argv=None):
         "--kv-budget",
         type=int,
         default=512,
-        help="tokens a cache method keeps (presses' capacity, Quest's token_budget); SCBench: 4096 "
-        "of 128K; the default is a sixth of the default 3K context",
+        help="tokens a cache method keeps or reads (presses' capacity, Quest's token_budget, "
+        "RetrievalAttention's top_k); SCBench: 4096 of 128K; the default is a sixth of the default 3K context",
     )
     p.add_argument(
         "--hyper_param",

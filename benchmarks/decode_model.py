@@ -13,7 +13,9 @@ bandwidth, BENCHMARKS.md's device ceilings); "of roofline" = floor / measured st
 lcjax runs first and is freed before transformers is built, so both fit at batch 8 x 32K.
 `--caches dense,kivi,quest` adds lcjax rows with KIVI's 2-bit cache and Quest's page selection (SCBench's
 settings): their floor counts the bytes they must read (KIVI: its whole packed cache; Quest: its page bounds and
-1024 tokens' K/V per sequence), and the cache column is the cache pytree's real size after decoding.
+1024 tokens' K/V per sequence), and the cache column is the cache pytree's real size after decoding. A method's
+settings follow a colon, `retr_attn:index=graph,top_k=100` (RetrievalAttention as its paper runs it; its rows
+add the host memory the cache holds, and its floor counts the GPU window and the retrieved keys).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 -m benchmarks.decode_model
 """
@@ -47,10 +49,22 @@ def read_bytes(cache, cfg, batch: int, context: int) -> float:
     """Bytes of cache a decode step must read (see the module docstring)."""
     if type(cache).__name__ == "KIVICache":
         return cache_nbytes(cache)
+    if type(cache).__name__ == "RetrievalCache":
+        return cache_nbytes(cache) + kv_bytes(cfg, batch, min(context, cache.method.top_k))
     if type(cache).__name__ == "QuestCache":
         bounds = sum(x.size * 4 for x in jax.tree.leaves((cache.kmin, cache.kmax)))
         return bounds + kv_bytes(cfg, batch, min(context, cache.token_budget))
     return kv_bytes(cfg, batch, context)
+
+
+def cache_of(spec: str):
+    """`name` or `name:key=value,...` (SCBench's method name and settings; numbers parsed) as a cache transform."""
+    name, _, settings = spec.partition(":")
+    kw = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        kw[key] = int(value) if value.lstrip("-").isdigit() else value
+    return cache_method(name, **kw)
 
 
 def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=("dense",)) -> list[dict]:
@@ -59,7 +73,7 @@ def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=(
         try:
             rows.append(
                 _lcjax_row(
-                    model.with_transforms(cache_transform=cache_method(name) or "dense"),
+                    model.with_transforms(cache_transform=cache_of(name) or "dense"),
                     batch,
                     context,
                     new,
@@ -97,6 +111,7 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
             ttft.append(t1 - t0)
             step.append((t2 - t1) / new)
         cache_gib, read = cache_nbytes(state.cache) / 2**30, read_bytes(state.cache, cfg, batch, context)
+        host = state.cache.host_nbytes() / 2**30 if hasattr(state.cache, "host_nbytes") else None
         del cache, state
     impl = "lcjax" if model.cache_transform is None else f"lcjax + {type(model.cache_transform).__name__}"
     layers = model.params["layers"]
@@ -111,6 +126,7 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
         samples=samples,
         cache_gib=cache_gib,
         read_bytes=read,
+        **({} if host is None else dict(host_gib=host)),
     )
 
 
@@ -234,7 +250,12 @@ def main(argv=None):
         choices=("separate", "fused", "both"),
         help="lcjax rows with the MLP's gate and up matrices separate, fused (`with_fused_mlp`), or both",
     )
-    p.add_argument("--caches", default="dense", help="lcjax cache methods (SCBench names): dense, kivi, quest, ...")
+    p.add_argument(
+        "--caches",
+        default="dense",
+        help="lcjax cache methods (SCBench names, settings after a colon): dense, kivi, quest, "
+        "retr_attn:index=graph,top_k=100, ...",
+    )
     p.add_argument(
         "--torch-modes",
         default="compiled,eager,loop",

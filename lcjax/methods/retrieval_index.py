@@ -188,7 +188,7 @@ class QueryGraphIndex:
         knn = np.ascontiguousarray(knn[:, : self.per_query], np.int64)
         self.graph, pivot_uses = _project(knn, n, self.degree, min(self.pivots, knn.shape[1]))
         order = np.argsort(-pivot_uses, kind="stable")
-        self.entry_ids = order[: min(self.entries, n)].astype(np.int64)
+        self.entry_ids = order[: min(self.entries, n)].astype(np.int32)  # the graph's own type
 
     @property
     def size(self) -> int:
@@ -205,9 +205,9 @@ class QueryGraphIndex:
 
 @numba.njit(cache=True)
 def _project(knn: np.ndarray, n: int, degree: int, pivots: int) -> tuple[np.ndarray, np.ndarray]:
-    """The projected graph, int64 `[n, degree + 2]` (-1: no edge), and how often each key was a pivot: each
-    training query's best `pivots` keys take its other top keys as candidates, each key keeps the `degree`
-    candidates that came with it most often."""
+    """The projected graph, int32 `[n, degree + 2]` (-1: no edge; int32 halves a long context's host memory),
+    and how often each key was a pivot: each training query's best `pivots` keys take its other top keys as
+    candidates, each key keeps the `degree` candidates that came with it most often."""
     m, per = knn.shape
     uses = np.zeros(n, np.int64)
     for j in range(m):
@@ -226,7 +226,7 @@ def _project(knn: np.ndarray, n: int, degree: int, pivots: int) -> tuple[np.ndar
                     cand[fill[p]] = knn[j, r]
                     fill[p] += 1
     width = degree + 2
-    graph = np.full((n, width), -1, np.int64)
+    graph = np.full((n, width), -1, np.int32)
     count = np.zeros(n, np.int64)
     for p in range(n):
         c = np.sort(cand[starts[p] : starts[p + 1]])

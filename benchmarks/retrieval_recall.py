@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
 import lcjax
 from lcjax.methods.retrieval_index import FaissIndex, FlatIndex, QueryGraphIndex, exact_top_k
@@ -122,6 +123,28 @@ def _hnsw(index, q, ef):
     return index.search(q, TOP)
 
 
+def summary(rows: list[dict]) -> dict[tuple[str, str], np.ndarray]:
+    """(method, setting) -> mean (recall, scanned, error) over the heads measured."""
+    table = {}
+    for r in rows:
+        table.setdefault((r["method"], r["setting"]), []).append((r["recall"], r["scanned"], r["error"]))
+    return {key: np.mean(vals, axis=0) for key, vals in table.items()}
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Recall@100 against the share of keys scanned, one curve per method (its settings as points)."""
+    fig = Figure(figsize=(6, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    means = summary(rows)
+    for method in dict.fromkeys(name for name, _ in means):
+        pts = sorted((sc, rec) for (name, _), (rec, sc, _) in means.items() if name == method)
+        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+    ax.set(xscale="log", xlabel="keys scanned (%)", ylabel="recall@100", title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=lcjax.DEFAULT_MODEL)
@@ -168,13 +191,11 @@ def main(argv=None) -> None:
                     with open(a.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
             print(f"layer {layer} kv head {kvh}: done ({build:.1f} s to build)")
-    table = {}
-    for r in rows:
-        table.setdefault((r["method"], r["setting"]), []).append((r["recall"], r["scanned"], r["error"]))
     print("| method | setting | recall@100 | keys scanned | output error |\n|---|---|---|---|---|")
-    for (name, setting), vals in table.items():
-        rec, sc, err = np.mean(vals, axis=0)
+    for (name, setting), (rec, sc, err) in summary(rows).items():
         print(f"| {name} | {setting} | {rec:.3f} | {sc:.2%} | {err:.4f} |")
+    if a.plot:
+        plot(rows, a.plot, f"{a.model}, {a.context:,} tokens, layers {', '.join(map(str, layers))}")
 
 
 if __name__ == "__main__":

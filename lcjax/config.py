@@ -383,8 +383,10 @@ def extend_context(config: ModelConfig, rope_type: str, factor: float) -> ModelC
     """`config` with its RoPE scaled for a context `factor` times its trained one: position interpolation
     ("linear"), static NTK-aware scaling ("ntk": the base theta grown by factor^(d / (d - 2)), so the lowest
     frequency is interpolated by `factor` and the highest kept), dynamic NTK ("dynamic") or YaRN ("yarn") over
-    the model's plain RoPE, and `max_position_embeddings` multiplied by `factor`. The result exports as
-    transformers writes such a config (static NTK as plain RoPE with the grown `rope_theta`)."""
+    the model's plain RoPE, and `max_position_embeddings` multiplied by `factor` (but for dynamic NTK, which
+    grows its base from the trained context as the input grows past it, and so keeps that context there, as
+    transformers' dynamic configs do). The result exports as transformers writes such a config (static NTK as
+    plain RoPE with the grown `rope_theta`)."""
     if rope_type not in FACTOR_SCALINGS:
         raise ValueError(f"rope scaling {rope_type!r} is not one of {', '.join(FACTOR_SCALINGS)}.")
     if factor <= 1:
@@ -401,4 +403,5 @@ def extend_context(config: ModelConfig, rope_type: str, factor: float) -> ModelC
         rope = dataclasses.replace(
             config.rope, rope_type=rope_type, factor=float(factor), original_max_position_embeddings=original
         )
-    return dataclasses.replace(config, rope=rope, max_position_embeddings=int(original * factor))
+    longest = original if rope_type == "dynamic" else int(original * factor)
+    return dataclasses.replace(config, rope=rope, max_position_embeddings=longest)

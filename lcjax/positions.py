@@ -275,7 +275,8 @@ def longrope(
 ROPE_BUILDERS: dict[str, Callable[[RopeConfig, int, int], PositionTransform]] = {
     "default": lambda r, dim, n: rope(dim, r.theta),
     "linear": lambda r, dim, n: linear(dim, r.theta, r.factor),
-    "dynamic": lambda r, dim, n: dynamic_ntk(dim, r.theta, r.factor, n),
+    # the trained context the base grows from (a config that also raised max_position_embeddings records it)
+    "dynamic": lambda r, dim, n: dynamic_ntk(dim, r.theta, r.factor, r.original_max_position_embeddings or n),
     "llama3": lambda r, dim, n: llama3(
         dim, r.theta, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings
     ),

@@ -121,7 +121,7 @@ def test_extend_context_scales_rope_and_the_context_and_round_trips(kind):
     plain = dataclasses.replace(ModelConfig.from_hf_config(LLAMA31_V4), rope=RopeConfig("default", 500000.0))
     plain = dataclasses.replace(plain, max_position_embeddings=8192)
     longer = extend_context(plain, kind, 4)
-    assert longer.max_position_embeddings == 32768 and longer.rope.factor == 4.0
+    assert longer.max_position_embeddings == (8192 if kind == "dynamic" else 32768) and longer.rope.factor == 4.0
     assert longer.rope.original_max_position_embeddings == 8192 and longer.rope.rope_type == kind
     assert ModelConfig.from_hf_config(longer.to_hf_config()) == longer
     with pytest.raises(ValueError, match="already scaled \\('" + kind):
@@ -138,3 +138,25 @@ def test_static_ntk_grows_the_base_so_the_lowest_frequency_is_interpolated_by_th
     np.testing.assert_allclose(lowest(plain) / lowest(ntk), 4.0, rtol=1e-12)
     assert ntk.rope.rope_type == "default" and ntk.max_position_embeddings == 4 * plain.max_position_embeddings
     assert ModelConfig.from_hf_config(ntk.to_hf_config()) == ntk
+
+
+def test_dynamic_ntk_grows_its_base_from_the_trained_context():
+    """At 4x the trained context the base is theta * (s * seq / trained - (s - 1))^(d / (d - 2)) (transformers'
+    dynamic NTK), and within the trained context it is plain RoPE: a transform built with the extended context in
+    place of the trained one would stay plain up to it."""
+    from lcjax import positions
+
+    plain = dataclasses.replace(ModelConfig.from_hf_config(LLAMA31_V4), rope=RopeConfig("default", 10000.0))
+    plain = dataclasses.replace(plain, max_position_embeddings=1024)
+    dyn = positions.from_config(extend_context(plain, "dynamic", 4))
+    d = plain.rotary_dim
+    pos = np.arange(4096)[None]
+    base = 10000.0 * (4 * 4096 / 1024 - 3) ** (d / (d - 2))
+    angles = pos[..., None] * (1.0 / base ** (np.arange(0, d, 2) / d))[None, None]
+    got = np.asarray(dyn(pos).cos)
+    np.testing.assert_allclose(got, np.cos(angles), atol=1e-3)  # float32 angles of up to 4096 radians
+    assert np.abs(got - np.asarray(positions.from_config(plain)(pos).cos)).max() > 0.5
+    short = np.arange(1024)[None]
+    np.testing.assert_allclose(
+        np.asarray(dyn(short).cos), np.asarray(positions.from_config(plain)(short).cos), atol=1e-4
+    )

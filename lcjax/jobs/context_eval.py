@@ -77,12 +77,11 @@ def retrieval_answers(
     """(greedy answer, expected answer) for `samples` prompts of about `length` tokens, answers at depths spread
     evenly: passkey ("passkey") or key-value retrieval ("kv")."""
     make, budget = RETRIEVAL[metric]
-    prompt = np.zeros((1, length - budget), np.int32)  # every prompt padded to one shape: one compile per length
+    made = [make(tokenizer, length - budget - 8, i / max(1, samples - 1), seed=i) for i in range(samples)]
+    # every prompt padded to the longest (templates overshoot the target by a few tokens): one compile per length
+    prompt = np.zeros((1, max(len(s.prompt_ids) for s in made)), np.int32)
     out = []
-    for i in range(samples):
-        s = make(tokenizer, length - budget - 8, i / max(1, samples - 1), seed=i)
-        if len(s.prompt_ids) > prompt.shape[1]:
-            raise ValueError(f"a {metric} prompt of {len(s.prompt_ids)} tokens does not fit {prompt.shape[1]}.")
+    for s in made:
         prompt[0] = 0
         prompt[0, : len(s.prompt_ids)] = s.prompt_ids
         lengths = np.asarray([len(s.prompt_ids)], np.int32)

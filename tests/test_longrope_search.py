@@ -12,18 +12,21 @@ import numpy as np
 import pytest
 
 from lcjax import positions
-from lcjax.config import LONGROPE_N_HAT_KEY, ModelConfig, with_longrope
+from lcjax.config import LONGROPE_N_HAT_KEY, ModelConfig, RopeConfig, with_longrope
 from lcjax.models.transformer import Transformer
 from lcjax.sharding import make_mesh
 from lcjax.train import TrainConfig, loss_and_count
 from lcjax.train.longrope_search import (
     N_HAT_CHOICES,
+    SHIPPED_FACTORS,
     Genome,
     SearchConfig,
+    apply_factors,
     crossover,
     longrope_attention_factor,
     model_fitness,
     mutate,
+    read_factors,
     search,
     seed_genomes,
     valid,
@@ -144,3 +147,21 @@ def test_a_searched_genome_exports_as_transformers_longrope_and_loads_back():
     want = positions.rescaled_rotary(pos, base, jnp.asarray(genome.factors), 8, longrope_attention_factor(4.0, 16))
     np.testing.assert_allclose(rope(pos).cos, want.cos, atol=2e-6)
     np.testing.assert_allclose(rope(pos).sin, want.sin, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_FACTORS))
+def test_shipped_factors_keep_the_constraints_and_apply_to_the_built_in_model(name):
+    """The factors searched on the device for SmolLM2-135M (trained on 8192 tokens, head_dim 64): read by name,
+    non-decreasing within [1, 1.25 x scale], and a config they extend rotates as their LongRoPE transform."""
+    f = read_factors(name)
+    scale = f["max_position_embeddings"] / f["original_max_position_embeddings"]
+    for key in ("long_factor", "short_factor"):
+        x = np.asarray(f[key])
+        assert len(x) == 32 and x[0] >= 1 and (np.diff(x) >= 0).all() and x[-1] <= 1.25 * scale + 1e-9
+    smol = ModelConfig(
+        family="llama", vocab_size=64, hidden_size=576, intermediate_size=64, num_layers=1, num_heads=9,
+        num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope=RopeConfig(theta=100000.0),
+    )  # fmt: skip
+    extended = apply_factors(smol, f)
+    assert extended.max_position_embeddings == f["max_position_embeddings"]
+    assert extended.rope.long_factor == tuple(f["long_factor"])

@@ -196,13 +196,14 @@ def table(rows: list[dict], lengths: list[int]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    fig = Figure(figsize=(8, 3.5), layout="constrained")
     ax = fig.add_subplot()
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r["length"], r["value"]) for r in rows if r["method"] == method and r["metric"] == "perplexity")
         ax.plot(*zip(*pts), marker="o", label=method)
     ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="perplexity")
-    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside: curves bunch up low
     fig.savefig(path, dpi=120)
 
 

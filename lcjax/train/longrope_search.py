@@ -359,8 +359,16 @@ def write_factors(path: str | os.PathLike, config: ModelConfig, **extra) -> None
     Path(path).write_text(json.dumps(record, indent=1))
 
 
+# factors searched on the device for the built-in model, shipped with lcjax: name -> file (`read_factors` takes
+# either); how each was searched is in its "searched" record
+SHIPPED_FACTORS = {p.stem: p for p in sorted((Path(__file__).parent / "factors").glob("*.json"))}
+
+
 def read_factors(path: str | os.PathLike) -> dict:
-    """The `FACTOR_KEYS` of a file `write_factors` wrote; ValueError naming the file when it is not one."""
+    """The `FACTOR_KEYS` of a file `write_factors` wrote, or of a `SHIPPED_FACTORS` name; ValueError naming the file
+    when it is not one."""
+    if str(path) in SHIPPED_FACTORS and not Path(path).exists():
+        path = SHIPPED_FACTORS[str(path)]
     try:
         record = json.loads(Path(path).read_text())
         return {k: record[k] for k in FACTOR_KEYS}

@@ -86,6 +86,7 @@ def bench_jax(
     steps: int,
     profile: str | None = None,
     fuse: bool = False,
+    layout: str = "stacked",
 ) -> dict:
     import jax
     import jax.numpy as jnp
@@ -101,7 +102,11 @@ def bench_jax(
         "tokamax": TokamaxAttention(),
     }
     transform = transforms[attention]
-    variant = f"{attention}, remat {remat}" + (", fused projections" if fuse else "")
+    variant = (
+        f"{attention}, remat {remat}"
+        + (", fused projections" if fuse else "")
+        + (", layers unstacked" if layout == "unstacked" else "")
+    )
     config = TrainConfig(
         learning_rate=1e-5,
         warmup_steps=1,
@@ -111,7 +116,8 @@ def bench_jax(
         fuse_projections=fuse,
     )
     model = Transformer.init(cfg, jax.random.key(0), dtype=jnp.float32, attention=transform)
-    state = init_state(model.params, config)
+    # unstacked: a Python loop over layers instead of a scan (no stacked residuals to copy in and out)
+    state = init_state(model.with_layer_layout(layout).params, config)
     model = Transformer({}, cfg, transform)
     rng = np.random.default_rng(0)
     lengths = jnp.full((1, 1), seq, jnp.int32)
@@ -293,6 +299,7 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=["eager+ckpt", "compile+ckpt"], help="torch configurations")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--fuse", nargs="+", default=["off"], choices=("off", "on"), help="jax: fused projections")
+    p.add_argument("--layout", nargs="+", default=["stacked"], choices=("stacked", "unstacked"), help="jax: layers")
     p.add_argument("--profile", default=None, help="jax: trace one more step here and print its longest kernels")
     p.add_argument("--out", default=None, help="append the JSON rows to this file")
     a = p.parse_args(argv)
@@ -308,7 +315,10 @@ def main(argv=None) -> None:
                 for remat in a.remat:
                     for fuse in a.fuse:
                         remat_ = None if remat == "none" else remat
-                        rows.append(bench_jax(shape, cfg, seq, remat_, attention, a.steps, a.profile, fuse == "on"))
+                        for layout in a.layout:
+                            rows.append(
+                                bench_jax(shape, cfg, seq, remat_, attention, a.steps, a.profile, fuse == "on", layout)
+                            )
         else:
             for variant in a.variants:
                 rows.append(bench_torch(shape, cfg, seq, variant, a.steps))

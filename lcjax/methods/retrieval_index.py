@@ -203,7 +203,7 @@ class QueryGraphIndex:
         return ids, scanned
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _project(knn: np.ndarray, n: int, degree: int, pivots: int) -> tuple[np.ndarray, np.ndarray]:
     """The projected graph, int32 `[n, degree + 2]` (-1: no edge; int32 halves a long context's host memory),
     and how often each key was a pivot: each training query's best `pivots` keys take its other top keys as
@@ -274,18 +274,18 @@ def _project(knn: np.ndarray, n: int, degree: int, pivots: int) -> tuple[np.ndar
     return graph, uses
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True)
 def _beam_search(keys, graph, entries, queries, beam, ids, scanned):
     m = queries.shape[0]
     k = ids.shape[1]
-    for i in numba.prange(m):
+    for i in range(m):  # a call holds one head's few queries: threads would cost more than they save
         found, count = _walk(keys, graph, entries, queries[i], beam)
         scanned[i] = count
         for t in range(min(k, found.size)):
             ids[i, t] = found[t]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _walk(keys, graph, entries, q, beam):
     """Best-first search: the pool holds the `beam` best keys seen, sorted; the best unexpanded one is expanded
     until every pooled key is. Returns the pool's ids (best first) and the inner products computed."""

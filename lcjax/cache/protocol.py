@@ -2,7 +2,7 @@
 
 A **cache** (`Cache`) is one pytree holding every layer's keys and values plus whatever its storage needs
 (quantisation scales, page bounds, an index): `KVCache` stores K/V densely, `KIVICache`
-in 2 or 4 bits, `QuestCache` adds page bounds. The model writes each turn's K/V into it, reads it for
+in 2 or 4 bits, `QuestCache` adds page bounds, `RetrievalCache` keeps a window and the rest in host memory. The model writes each turn's K/V into it, reads it for
 multi-token turns, and asks it to attend for single-token decode steps, so a cache that stores K/V
 differently, or chooses what to read, brings its own decode kernel. Slots fill left to right: `lengths`
 counts the filled slots of each sequence, `positions` is the RoPE position its next token gets (the two

@@ -28,8 +28,8 @@ from matplotlib.figure import Figure
 
 import lcjax
 from lcjax.methods.retrieval_index import FaissIndex, FlatIndex, QueryGraphIndex, exact_top_k
+from lcjax.models.attention import DenseAttention
 from lcjax.models.transformer import forward
-from lcjax.numerics import attention_mask, xla_attention
 from lcjax.train.data import corpus_files, document_separator, read_documents, token_stream
 
 SINK, RECENT, TOP = 128, 512, 100
@@ -37,12 +37,11 @@ SINK, RECENT, TOP = 128, 512, 100
 
 @dataclasses.dataclass(frozen=True)
 class _Record:
-    """Causal attention that also writes each layer's rotated q, k and v into the `cache` slot's arrays."""
+    """The model's own causal attention (cuDNN on a GPU) that also writes each layer's rotated q, k and v into the
+    `cache` slot's arrays."""
 
     def __call__(self, q, k, v, rec, meta):
-        b, seq = q.shape[:2]
-        rows = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
-        out = xla_attention(q, k, v, attention_mask(rows, seq, meta.lengths, None), meta.scale, 1024)
+        out, _ = DenseAttention()(q, k, v, None, meta)
         rec = {name: rec[name].at[meta.layer].set(x[0].astype(jnp.float32)) for name, x in zip("qkv", (q, k, v))}
         return out, rec
 

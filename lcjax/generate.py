@@ -160,7 +160,7 @@ def generate(
             prompt, lengths, capacity=_bucket(need) if capacity is None else capacity, logits="last"
         )
     else:
-        need = int(jnp.max(cache.lengths)) + prompt.shape[1] + max_new_tokens
+        need = cache.slots_needed(prompt.shape[1] + max_new_tokens)
         if need > cache.capacity:
             cache = cache.with_capacity(_bucket(need))
         logits, cache = model.extend(prompt, cache, lengths)

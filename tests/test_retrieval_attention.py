@@ -160,3 +160,32 @@ def test_composes_with_sparse_prefill(llama):
     a, _ = generate(sparse, prompt, 5)
     b, cache = generate(both, prompt, 5)
     assert a == b and isinstance(cache, RetrievalCache)
+
+
+def test_a_later_turn_gets_physical_room_and_short_windows_index(llama):
+    """A second turn longer than the GPU window's free slots makes generate grow the window (the logical capacity
+    alone would have let its tokens fall off the end), and a graph index over fewer than four leaving tokens is
+    built (flat below two)."""
+    prompt, turn2 = prompt_of(llama, 14, (1, 40)), prompt_of(llama, 15, (1, 25))
+    ra = llama.with_transforms(cache_transform=exact("graph"))
+    a, ca = generate(llama, prompt, 6, capacity=64)
+    b, cb = generate(ra, prompt, 6, capacity=64)
+    assert a == b and cb.slots_needed(30) > cb.capacity  # the window has no room for 25 + 5 tokens
+    a2, ca2 = generate(llama, turn2, 5, cache=ca)
+    b2, cb2 = generate(ra, turn2, 5, cache=cb)
+    assert a2 == b2
+    assert_same_contents(cb2, ca2)
+    short = llama.with_transforms(cache_transform=exact("graph"))
+    for n in (14, 15):  # 2 and 3 tokens leave a window of 12
+        assert generate(short, prompt[:, :n], 1, capacity=n + 1)[0] == generate(llama, prompt[:, :n], 1)[0]
+
+
+def test_an_append_looks_up_every_parent_before_dropping_old_entries(llama):
+    """Two rows with their own parents: adding the first row's new entry drops the oldest entries, the second row's
+    parent among them, but every parent was read before (the call does not fail)."""
+    method = RetrievalAttention(sink=4, recent=8, top_k=10_000, index="flat", train_queries=16)
+    ra = llama.with_transforms(cache_transform=method)
+    _, cache = ra.prefill(prompt_of(llama, 16, (2, 40)), capacity=60)
+    method.store.max_bytes = method.store.nbytes()  # any new entry drops the oldest
+    _, after = ra.extend(prompt_of(llama, 17, (2, 20)), cache)
+    assert method.store.entry(int(after.store_id[1])).size == 40 + 20 - 12

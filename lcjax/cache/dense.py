@@ -76,6 +76,10 @@ class KVCache:
     def batch(self) -> int:
         return self.lengths.shape[0]
 
+    def slots_needed(self, new_tokens: int) -> int:
+        """The capacity `new_tokens` more tokens in every sequence need: the longest sequence's slots plus them."""
+        return int(jnp.max(self.lengths)) + new_tokens
+
     def get_seq_length(self) -> jax.Array:
         """Filled slots per sequence, int32 `[batch]`."""
         return self.lengths

@@ -1,12 +1,12 @@
 """What the model, the decode loop and the jobs may call on a KV cache and on a cache transform.
 
 A **cache** (`Cache`) is one pytree holding every layer's keys and values plus whatever its storage needs
-(quantisation scales, page bounds, an index): `KVCache` stores K/V densely, `KIVICache`
-in 2 or 4 bits, `QuestCache` adds page bounds, `RetrievalCache` keeps a window and the rest in host memory. The model writes each turn's K/V into it, reads it for
-multi-token turns, and asks it to attend for single-token decode steps, so a cache that stores K/V
-differently, or chooses what to read, brings its own decode kernel. Slots fill left to right: `lengths`
-counts the filled slots of each sequence, `positions` is the RoPE position its next token gets (the two
-differ once a compression drops tokens), and each layer's valid slots are `[first[layer], lengths)`.
+(quantisation scales, page bounds, an index): `KVCache` stores K/V densely, `KIVICache` in 2 or 4 bits,
+`QuestCache` adds page bounds, `RetrievalCache` keeps a window and the rest in host memory. The model writes each
+turn's K/V into it, reads it for multi-token turns, and asks it to attend for single-token decode steps, so a
+cache that stores K/V differently, or chooses what to read, brings its own decode kernel. Slots fill left to
+right: `lengths` counts the filled slots of each sequence, `positions` is the RoPE position its next token gets
+(the two differ once a compression drops tokens), and each layer's valid slots are `[first[layer], lengths)`.
 
 A **cache transform** (`CacheTransform`, the model's `cache_transform=`) decides which cache a model keeps and
 what happens to it at the end of every prefill or appended turn (SCBench's compression stage): a press evicts
@@ -46,6 +46,10 @@ class Cache(Protocol):
     @property
     def capacity(self) -> int:
         """Slots per sequence."""
+
+    def slots_needed(self, new_tokens: int) -> int:
+        """The `capacity` that `new_tokens` more tokens in every sequence need (checked on the host before a turn:
+        `with_capacity` grows a cache whose capacity is smaller)."""
 
     @property
     def stacked(self) -> bool:

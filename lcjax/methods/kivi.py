@@ -119,6 +119,9 @@ class KIVICache:
     def batch(self) -> int:
         return self.lengths.shape[0]
 
+    def slots_needed(self, new_tokens: int) -> int:
+        return int(jnp.max(self.lengths)) + new_tokens
+
     @property
     def dtype(self):
         return self.k_res[0].dtype

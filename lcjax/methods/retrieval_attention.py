@@ -57,6 +57,11 @@ class RetrievalCache(KVCache):
     def capacity(self) -> int:
         return self.slots + self.host_capacity
 
+    def slots_needed(self, new_tokens: int) -> int:
+        """The logical capacity `new_tokens` more tokens need: they land in the GPU window, so the window's fullest
+        sequence decides (plus `host_capacity`, which `capacity` counts too)."""
+        return int(jnp.max(self.lengths - self.host_len)) + new_tokens + self.host_capacity
+
     def host_nbytes(self) -> int:
         """Host memory this cache's sequences use (entries shared by forks counted once)."""
         return self.method.store.nbytes(np.asarray(self.store_id))

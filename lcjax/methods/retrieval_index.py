@@ -147,10 +147,10 @@ class QueryGraphIndex:
 
     keys: float32 `[n, d]`; queries: float32 `[m, d]`, the prefill's queries for this head (or its query
     group), or None when `knn` is given; per_query: top keys taken of each training query; pivots: how many of
-    them (the best) link to the others; degree: out-edges a key keeps from the projection, the most often
-    co-retrieved (plus two sequence links); entries: start nodes of every search (the most-used pivots); beam:
-    the search's candidate list (>= k; wider scans more and finds more). knn: the training queries' top keys if
-    already computed (int `[m, >= per_query]`, best first, e.g. on the accelerator).
+    them (the best; at most per_query) link to the others; degree: out-edges a key keeps from the projection, the
+    most often co-retrieved (plus two sequence links); entries: start nodes of every search (the most-used
+    pivots); beam: the search's candidate list (>= k; wider scans more and finds more). knn: the training queries'
+    top keys if already computed (int `[m, >= per_query]`, best first, e.g. on the accelerator).
     """
 
     keys: np.ndarray
@@ -169,14 +169,10 @@ class QueryGraphIndex:
             raise ValueError("QueryGraphIndex needs the training queries or their top keys (knn).")
         if queries is not None:
             queries = _check_search(queries, self.keys.shape[1], 1)
-        if (
-            self.per_query < 2
-            or not 1 <= self.pivots <= self.per_query
-            or min(self.degree, self.entries, self.beam) < 1
-        ):
+        if self.per_query < 2 or min(self.pivots, self.degree, self.entries, self.beam) < 1:
             raise ValueError(
-                f"QueryGraphIndex needs per_query >= 2, 1 <= pivots <= per_query and degree, entries, beam >= 1; got "
-                f"per_query {self.per_query}, pivots {self.pivots}, degree {self.degree}, entries {self.entries}, "
+                f"QueryGraphIndex needs per_query >= 2 and pivots, degree, entries, beam >= 1; got per_query "
+                f"{self.per_query}, pivots {self.pivots}, degree {self.degree}, entries {self.entries}, "
                 f"beam {self.beam}."
             )
         if knn is not None:

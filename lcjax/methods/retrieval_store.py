@@ -88,8 +88,8 @@ class HostStore:
     def nbytes(self, ids=None) -> int:
         """Host bytes of the given entries (default: all)."""
         with self._lock:
-            chosen = self._entries.values() if ids is None else [self._entries[int(i)] for i in set(ids) if i]
-            return sum(e.nbytes for e in chosen)
+            chosen = self._entries.values() if ids is None else [self._entries.get(int(i)) for i in set(ids) if i]
+            return sum(e.nbytes for e in chosen if e is not None)
 
     def release(self, ids) -> None:
         with self._lock:
@@ -130,11 +130,10 @@ class HostStore:
             np.asarray, (ids, counts, keys, values, queries, query_valid, knn)
         )
         out = ids.astype(np.int32)
-        for b in range(len(ids)):
+        # every parent looked up before any entry is added: adding one may drop the oldest entries
+        parents = {b: self.entry(int(ids[b])) for b in range(len(ids)) if counts[b] > 0}
+        for b, parent in parents.items():
             n = int(counts[b])
-            if n <= 0:
-                continue
-            parent = self.entry(int(ids[b]))
             out[b] = self._add(
                 self._extend(
                     parent, keys[:, b, :n], values[:, b, :n], queries[:, b], query_valid[b], knn[:, b], settings
@@ -165,10 +164,8 @@ class HostStore:
             if parent is not None:  # the new queries' best among the parent's keys, by searching its graph
                 old, _ = parent.indexes[l][h].search(q, top.shape[1])
                 top = _best_of(head_keys, q, np.concatenate([old, top], axis=1), top.shape[1])
-                width = min(top.shape[1], parent.knn[l][h].shape[1])  # lists are best first: cut to a common width
-                top = np.concatenate([parent.knn[l][h][:, :width], top[:, :width]])
-            index = QueryGraphIndex(head_keys, None, per_query=top.shape[1], beam=settings.beam, knn=top)
-            return index, top
+                top = np.concatenate(_same_width(parent.knn[l][h], top))
+            return _graph_or_flat(head_keys, top, settings), top
 
         jobs = {(l, h): self._pool.submit(build, l, h) for l in range(layers) for h in range(kv_heads)}
         built = {key: job.result() for key, job in jobs.items()}
@@ -237,13 +234,29 @@ class HostStore:
             def build(l, h, keys=keys, knn=knn):
                 head = np.ascontiguousarray(keys[l][:, h])
                 if settings.kind == "graph" and len(knn[l][h]):
-                    return QueryGraphIndex(head, None, per_query=knn[l][h].shape[1], beam=settings.beam, knn=knn[l][h])
+                    return _graph_or_flat(head, knn[l][h], settings)
                 return FaissIndex(head, settings.kind) if settings.kind in ("ivf", "hnsw") else FlatIndex(head)
 
             layers, kv_heads = len(keys), keys[0].shape[1]
             indexes = [[build(l, h) for h in range(kv_heads)] for l in range(layers)]
             out[b] = self._add(_Entry(keys, [v[:n] for v in e.values], indexes, knn))
         return out
+
+
+def _graph_or_flat(keys: np.ndarray, knn: np.ndarray, settings: IndexSettings) -> KeyIndex:
+    """The graph projected from `knn`, or a flat index where the lists are too short to link keys (fewer than two
+    slots could leave the window)."""
+    width = knn.shape[1]
+    if width < 2:
+        return FlatIndex(keys)
+    return QueryGraphIndex(keys, None, per_query=width, beam=settings.beam, knn=knn)
+
+
+def _same_width(*lists: np.ndarray) -> list[np.ndarray]:
+    """Top-key lists of different widths padded to the widest by repeating each list's best id (a short turn's
+    lists must not narrow the earlier, wider ones)."""
+    width = max(x.shape[1] for x in lists)
+    return [np.concatenate([x, np.repeat(x[:, :1], width - x.shape[1], axis=1)], axis=1) for x in lists]
 
 
 def _best_of(keys: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:

@@ -353,7 +353,7 @@ class Transformer:
         """
         tokens, lengths = self._checked(tokens, lengths, cache)
         seq = tokens.shape[1]
-        need = int(jnp.max(cache.lengths)) + seq
+        need = cache.slots_needed(seq)
         if need > cache.capacity:
             raise ValueError(
                 f"extend: {seq} new tokens after {int(jnp.max(cache.lengths))} cached need "

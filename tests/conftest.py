@@ -10,6 +10,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 if os.environ["JAX_PLATFORMS"] != "cpu":
@@ -23,6 +24,21 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """The tiny random Llama fixture (float32) as an lcjax model; modules that want its reference ids too
+    define their own `llama`."""
+    import lcjax
+
+    model, _ = lcjax.load_model(FIXTURES / "hf" / "llama", dtype="float32")
+    return model
+
+
+def prompt_of(model, seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Random token ids of `shape` in the model's vocabulary."""
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, shape)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import prompt_of
 
 import lcjax
 from lcjax.cache import cache_nbytes
@@ -14,16 +14,6 @@ from lcjax.generate import generate
 from lcjax.methods import KIVI, KIVICache, Quest, QuestCache, SnapKVPress
 from lcjax.methods.quest_pages import page_bounds
 from lcjax.pallas.kivi_quant import quantize_keys, quantize_values
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model, _ = lcjax.load_model(FIXTURES / "hf" / "llama", dtype="float32")
-    return model
-
-
-def prompt_of(model, seed, shape):
-    return np.random.default_rng(seed).integers(0, model.config.vocab_size, shape)
 
 
 def assert_bounds_exact(cache: QuestCache):

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES
 
 import lcjax
 from lcjax.cache import KVCache, Observation, observe_rows
@@ -195,12 +194,6 @@ def test_press_arguments_are_checked():
         StreamingLLMPress(capacity=8, n_sink=9)
     with pytest.raises(ValueError, match="Unknown cache method"):
         lcjax.methods.cache_method("h2o")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model, _ = lcjax.load_model(FIXTURES / "hf" / "llama", dtype="float32")
-    return model
 
 
 def test_model_streaming_llm_cache_is_the_dense_cache_at_kept_slots(llama):

@@ -6,22 +6,11 @@ GPU cache shrinks to the window; bad settings fail clearly."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import prompt_of
 
-import lcjax
 from lcjax.cache import cache_nbytes
 from lcjax.generate import generate
 from lcjax.methods.retrieval_attention import RetrievalAttention, RetrievalCache, merge_attention, window_attention
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model, _ = lcjax.load_model(FIXTURES / "hf" / "llama", dtype="float32")
-    return model
-
-
-def prompt_of(model, seed, shape):
-    return np.random.default_rng(seed).integers(0, model.config.vocab_size, shape)
 
 
 def exact(index="flat", **kw):

@@ -67,6 +67,18 @@ def cache_of(spec: str):
     return cache_method(name, **kw)
 
 
+def cache_specs(arg: str) -> list[str]:
+    """`--caches` split into specs: a comma starts a new spec unless what follows is another `key=value` of the
+    spec before (`dense,retr_attn:index=graph,top_k=100` is two)."""
+    specs = []
+    for item in filter(None, arg.split(",")):
+        if specs and ":" in specs[-1] and "=" in item and ":" not in item:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
 def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=("dense",)) -> list[dict]:
     rows = []
     for (batch, context), name in ((s, c) for s in shapes for c in caches):
@@ -79,6 +91,7 @@ def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=(
                     new,
                     samples,
                     rng,
+                    name,
                 )
             )
         except Exception as e:  # noqa: BLE001 (out of memory at the largest shapes: report, go on)
@@ -89,7 +102,7 @@ def lcjax_rows(model: Transformer, shapes, new: int, samples: int, rng, caches=(
     return rows
 
 
-def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: int, rng) -> dict:
+def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: int, rng, spec: str) -> dict:
     cfg = model.config
     ttft, step = [], []
     for i in range(samples + 1):  # the first run compiles
@@ -113,7 +126,7 @@ def _lcjax_row(model: Transformer, batch: int, context: int, new: int, samples: 
         cache_gib, read = cache_nbytes(state.cache) / 2**30, read_bytes(state.cache, cfg, batch, context)
         host = state.cache.host_nbytes() / 2**30 if hasattr(state.cache, "host_nbytes") else None
         del cache, state
-    impl = "lcjax" if model.cache_transform is None else f"lcjax + {type(model.cache_transform).__name__}"
+    impl = "lcjax" if model.cache_transform is None else f"lcjax + {spec}"
     layers = model.params["layers"]
     if "w_gate_up" in (layers[0] if isinstance(layers, tuple) else layers):
         impl += " (fused MLP)"
@@ -290,7 +303,7 @@ def main(argv=None):
             row
             for fused in variants
             for row in lcjax_rows(
-                model.with_fused_mlp() if fused else model, shapes, a.new, a.samples, rng, a.caches.split(",")
+                model.with_fused_mlp() if fused else model, shapes, a.new, a.samples, rng, cache_specs(a.caches)
             )
         ]
     )

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import prompt_of
+from ml_dtypes import bfloat16
 
 from lcjax.cache import cache_nbytes
 from lcjax.generate import generate
 from lcjax.methods.retrieval_attention import RetrievalAttention, RetrievalCache, merge_attention, window_attention
+from lcjax.methods.retrieval_store import HostStore, IndexSettings
 
 
 def exact(index="flat", **kw):
@@ -117,7 +119,7 @@ def test_a_key_added_in_a_later_turn_is_retrieved(llama):
     sid = int(cache.store_id[0])
     entry = method.store.entry(sid)
     assert entry.size == int(cache.host_len[0]) == 30 + 20 - 2 - 4
-    keys = entry.keys[1][:, 0]  # layer 1, KV head 0
+    keys = entry.keys[1][0]  # layer 1, KV head 0
     for target in (entry.size - 3, entry.size - 10):  # tokens of the second turn
         found, _ = entry.indexes[1][0].search(keys[target][None] * 50.0, 3)
         assert target in found[0]
@@ -178,3 +180,32 @@ def test_an_append_looks_up_every_parent_before_dropping_old_entries(llama):
     method.store.max_bytes = method.store.nbytes()  # any new entry drops the oldest
     _, after = ra.extend(prompt_of(llama, 17, (2, 20)), cache)
     assert method.store.entry(int(after.store_id[1])).size == 40 + 20 - 12
+
+
+@pytest.mark.parametrize("threads", [1, 16])  # one task per KV head, or per query head
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_host_attention_equals_float64_attention_over_the_top_keys(dtype, threads):
+    """HostStore.attend over an exact index: each query head's softmax over its top_k keys, with values kept in
+    the model's dtype (bfloat16 read by its bits), against float64 NumPy; a row with no host part gets -inf."""
+    rng = np.random.default_rng(3)
+    layers, slots, kv_heads, group, d, top_k = 2, 50, 2, 3, 16, 7
+    dtype = bfloat16 if dtype == "bfloat16" else dtype
+    keys = rng.normal(size=(layers, 2, slots, kv_heads, d)).astype(np.float32)
+    values = rng.normal(size=(layers, 2, slots, kv_heads, d)).astype(dtype)
+    store = HostStore(threads=threads)
+    ids = store.append(
+        np.zeros(2, np.int32), np.array([slots, 0]), keys, values, np.zeros((layers, 2, 1, kv_heads * group, d)),
+        np.ones((2, 1), bool), np.zeros((layers, 2, kv_heads, group, 2), np.int32), IndexSettings("flat"),
+    )  # fmt: skip
+    assert ids[0] > 0 and ids[1] == 0
+    q = rng.normal(size=(2, kv_heads * group, d)).astype(np.float32)
+    out, lse = store.attend(ids, 1, q, top_k, 0.3)
+    for h in range(kv_heads * group):
+        k64, v64 = keys[1, 0, :, h // group].astype(np.float64), values[1, 0, :, h // group].astype(np.float64)
+        s = k64 @ q[0, h] * 0.3
+        top = np.argsort(-s)[:top_k]
+        m = s[top].max()
+        p = np.exp(s[top] - m)
+        np.testing.assert_allclose(out[0, h], p @ v64[top] / p.sum(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lse[0, h], m + np.log(p.sum()), rtol=1e-6)
+    assert np.isneginf(lse[1]).all() and not out[1].any()

@@ -281,7 +281,7 @@ def _beam_search(keys, graph, entries, queries, beam, ids, scanned):
             ids[i, t] = found[t]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})  # the dot products vectorise
 def _walk(keys, graph, entries, q, beam):
     """Best-first search: the pool holds the `beam` best keys seen, sorted; the best unexpanded one is expanded
     until every pooled key is. Returns the pool's ids (best first) and the inner products computed."""
@@ -290,21 +290,28 @@ def _walk(keys, graph, entries, q, beam):
     pool_id = np.full(beam, -1, np.int64)
     pool_score = np.full(beam, -np.inf, np.float32)
     expanded = np.zeros(beam, np.bool_)
+    fresh = np.empty(max(graph.shape[1], entries.size), np.int64)
+    scores = np.empty(fresh.size, np.float32)
     size = 0
     count = 0
     frontier = entries
     node = -1
     while True:
+        # the frontier's unvisited keys scored first, apart from the pool's branches, so their loads overlap
+        m = 0
         for c in frontier:
-            if c < 0:
-                continue
-            if visited[c]:
-                continue
-            visited[c] = True
+            if c >= 0 and not visited[c]:
+                visited[c] = True
+                fresh[m] = c
+                m += 1
+        for i in range(m):
             s = np.float32(0.0)
             for t in range(d):
-                s += q[t] * keys[c, t]
-            count += 1
+                s += q[t] * keys[fresh[i], t]
+            scores[i] = s
+        count += m
+        for i in range(m):
+            s = scores[i]
             if size == beam and s <= pool_score[beam - 1]:
                 continue
             at = size if size < beam else beam - 1
@@ -313,7 +320,7 @@ def _walk(keys, graph, entries, q, beam):
                 pool_score[at] = pool_score[at - 1]
                 expanded[at] = expanded[at - 1]
                 at -= 1
-            pool_id[at] = c
+            pool_id[at] = fresh[i]
             pool_score[at] = s
             expanded[at] = False
             if size < beam:

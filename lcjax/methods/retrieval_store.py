@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import numba
 import numpy as np
+from ml_dtypes import bfloat16
 
 from lcjax.methods.retrieval_index import FaissIndex, FlatIndex, KeyIndex, QueryGraphIndex
 
@@ -40,8 +43,10 @@ class IndexSettings:
 
 @dataclasses.dataclass
 class _Entry:
-    """One sequence's host part: keys float32 and values (the model's dtype) per layer `[n, kv_heads, head_dim]`,
-    per layer and KV head an index, and (graph) the training queries' top keys the graph was projected from."""
+    """One sequence's host part: keys float32 and values (bfloat16 if the model's are, else float32) per layer
+    `[kv_heads, n, head_dim]` (head-major, so each head's keys are one contiguous block its index searches in
+    place), per layer and KV head an index, and (graph) the training queries' top keys the graph was projected
+    from."""
 
     keys: list[np.ndarray]
     values: list[np.ndarray]
@@ -50,7 +55,7 @@ class _Entry:
 
     @property
     def size(self) -> int:
-        return self.keys[0].shape[0]
+        return self.keys[0].shape[1]
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +72,8 @@ class HostStore:
         self._entries: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
         self._next = 1
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(threads)
+        self.threads = threads or min(32, (os.cpu_count() or 1) + 4)
+        self._pool = ThreadPoolExecutor(self.threads)
 
     def __repr__(self) -> str:
         return f"HostStore({len(self._entries)} entries, {self.nbytes() / 2**20:.1f} MiB)"
@@ -145,15 +151,15 @@ class HostStore:
         layers, moved, kv_heads, d = keys.shape
         group = queries.shape[2] // kv_heads
         base = 0 if parent is None else parent.size
-        new_keys = [keys[l].astype(np.float32) for l in range(layers)]
-        new_values = [values[l] for l in range(layers)]
+        new_keys = [_head_major(keys[l], np.float32) for l in range(layers)]
+        new_values = [_head_major(values[l], _value_dtype(values.dtype)) for l in range(layers)]
         if parent is not None:
-            new_keys = [np.concatenate([parent.keys[l], new_keys[l]]) for l in range(layers)]
-            new_values = [np.concatenate([parent.values[l], new_values[l]]) for l in range(layers)]
+            new_keys = [np.concatenate([parent.keys[l], new_keys[l]], axis=1) for l in range(layers)]
+            new_values = [np.concatenate([parent.values[l], new_values[l]], axis=1) for l in range(layers)]
         rows = np.tile(valid, group)  # training queries of a KV head: its group's heads, window-major per head
 
         def build(l: int, h: int) -> tuple[KeyIndex, np.ndarray | None]:
-            head_keys = np.ascontiguousarray(new_keys[l][:, h])
+            head_keys = new_keys[l][h]
             if settings.kind == "flat":
                 return FlatIndex(head_keys), None
             if settings.kind in ("ivf", "hnsw"):
@@ -179,27 +185,38 @@ class HostStore:
     def attend(self, ids: np.ndarray, layer, q: np.ndarray, top_k: int, scale: float) -> tuple[np.ndarray, ...]:
         """Each sequence's query heads `q [batch, heads, head_dim]` over the `top_k` keys its index returns in
         `layer`: the attention output float32 `[batch, heads, head_dim]` and its log-sum-exp `[batch, heads]`
-        (-inf and zeros where a sequence has no host part)."""
+        (-inf and zeros where a sequence has no host part).
+
+        Heads run on the store's threads (the searches and the attention release the GIL): one task per KV head,
+        or per query head where that leaves threads idle."""
         layer, ids, q = int(layer), np.asarray(ids), np.asarray(q, np.float32)
         batch, heads, d = q.shape
         out = np.zeros((batch, heads, d), np.float32)
         lse = np.full((batch, heads), -np.inf, np.float32)
-        for b in range(batch):
-            e = self.entry(int(ids[b]))
+        entries = [self.entry(int(sid)) for sid in ids]
+        tasks = []
+        for b, e in enumerate(entries):
             if e is None:
                 continue
-            kv_heads = e.keys[layer].shape[1]
+            kv_heads = e.keys[layer].shape[0]
             group = heads // kv_heads
+            split = batch * kv_heads < self.threads  # query heads apart: more tasks than threads
             for h in range(kv_heads):
-                qh = q[b, h * group : (h + 1) * group]
-                found, _ = e.indexes[layer][h].search(qh, min(top_k, e.size))
-                for g in range(group):
-                    sel = found[g][found[g] >= 0]
-                    s = (e.keys[layer][sel, h] @ qh[g]) * scale
-                    m = s.max()
-                    p = np.exp(s - m)
-                    lse[b, h * group + g] = m + np.log(p.sum())
-                    out[b, h * group + g] = (p @ e.values[layer][sel, h].astype(np.float32)) / p.sum()
+                for first in range(0, group, 1 if split else group):
+                    rows = slice(h * group + first, h * group + (first + 1 if split else group))
+                    tasks.append((e, b, h, rows))
+
+        def run(task):
+            e, b, h, rows = task
+            found, _ = e.indexes[layer][h].search(q[b, rows], min(top_k, e.size))
+            values = e.values[layer][h]
+            bf16 = values.dtype == bfloat16
+            values = values.view(np.uint16) if bf16 else values
+            keys, scale32 = e.keys[layer][h], np.float32(scale)
+            _attend_found(keys, values, bf16, found, q[b, rows], scale32, out[b, rows], lse[b, rows])
+
+        for _ in self._pool.map(run, tasks):
+            pass
         return out, lse
 
     def gather(self, ids: np.ndarray, layer, slots: int, tail: tuple[int, int], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -211,8 +228,8 @@ class HostStore:
         for b, sid in enumerate(ids):
             e = self.entry(int(sid))
             if e is not None:
-                k[b, : e.size] = e.keys[layer].astype(dtype)
-                v[b, : e.size] = e.values[layer].astype(dtype)
+                k[b, : e.size] = e.keys[layer].transpose(1, 0, 2).astype(dtype)
+                v[b, : e.size] = e.values[layer].transpose(1, 0, 2).astype(dtype)
         return k, v
 
     def cropped(self, ids: np.ndarray, keep: np.ndarray, settings: IndexSettings) -> np.ndarray:
@@ -228,18 +245,18 @@ class HostStore:
             if n <= 0:
                 out[b] = 0
                 continue
-            keys = [k[:n] for k in e.keys]
+            keys = [k[:, :n] for k in e.keys]
             knn = [[_kept(t, n) for t in per] if per[0] is not None else per for per in e.knn]
 
             def build(l, h, keys=keys, knn=knn):
-                head = np.ascontiguousarray(keys[l][:, h])
+                head = keys[l][h]
                 if settings.kind == "graph" and len(knn[l][h]):
                     return _graph_or_flat(head, knn[l][h], settings)
                 return FaissIndex(head, settings.kind) if settings.kind in ("ivf", "hnsw") else FlatIndex(head)
 
-            layers, kv_heads = len(keys), keys[0].shape[1]
+            layers, kv_heads = len(keys), keys[0].shape[0]
             indexes = [[build(l, h) for h in range(kv_heads)] for l in range(layers)]
-            out[b] = self._add(_Entry(keys, [v[:n] for v in e.values], indexes, knn))
+            out[b] = self._add(_Entry(keys, [v[:, :n] for v in e.values], indexes, knn))
         return out
 
 
@@ -277,3 +294,57 @@ def _kept(top: np.ndarray, n: int) -> np.ndarray:
     top, ok = top[rows], ok[rows]
     best = top[np.arange(len(top)), ok.argmax(axis=1)]
     return np.where(ok, top, best[:, None])
+
+
+def _value_dtype(dtype) -> np.dtype:
+    """Values stay bfloat16 on the host (the attention reads their bits); other dtypes become float32."""
+    return np.dtype(bfloat16) if dtype == bfloat16 else np.dtype(np.float32)
+
+
+def _head_major(x: np.ndarray, dtype) -> np.ndarray:
+    """`[n, kv_heads, head_dim]` as a contiguous `[kv_heads, n, head_dim]` of `dtype`."""
+    return np.ascontiguousarray(x.transpose(1, 0, 2), dtype)
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _attend_found(keys, values, bf16, found, q, scale, out, lse):
+    """Softmax attention of queries `q [g, d]` over their found keys (`found [g, k]` ids into `keys [n, d]`, -1
+    skipped): writes out `[g, d]` and lse `[g]` (left as they are where nothing was found). values `[n, d]`:
+    float32, or bfloat16's bits as uint16 when `bf16` (a bfloat16 is a float32's upper half)."""
+    g, k = found.shape
+    d = keys.shape[1]
+    s = np.empty(k, np.float32)
+    bits = np.empty(d, np.uint32)
+    row = bits.view(np.float32)
+    for i in range(g):
+        m = np.float32(-np.inf)
+        for r in range(k):
+            j = found[i, r]
+            if j < 0:
+                continue
+            acc = np.float32(0.0)
+            for t in range(d):
+                acc += q[i, t] * keys[j, t]
+            s[r] = acc * scale
+            m = max(m, s[r])
+        if m == -np.inf:
+            continue
+        total = np.float32(0.0)
+        out[i, :] = 0.0
+        for r in range(k):
+            j = found[i, r]
+            if j < 0:
+                continue
+            p = np.exp(s[r] - m)
+            total += p
+            if bf16:
+                for t in range(d):
+                    bits[t] = np.uint32(values[j, t]) << 16
+            else:
+                for t in range(d):
+                    row[t] = values[j, t]
+            for t in range(d):
+                out[i, t] += p * row[t]
+        for t in range(d):
+            out[i, t] /= total
+        lse[i] = m + np.log(total)

@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m experiments.scbench
+	$(PY) -m experiments.scbench --kv_budget 512
 
 test: venv
 	$(PY) -m ruff check .

@@ -105,12 +105,13 @@ def test_profile_decode_names_the_ops_inside_each_fusion(tmp_path):
 
 
 def test_decode_benchmark_rows_run_at_toy_sizes():
-    """`benchmarks.decode_model`'s lcjax rows for the dense, KIVI and Quest caches, on a tiny model on the CPU: the
+    """`benchmarks.decode_model`'s lcjax rows for the dense, KIVI, Quest and RetrievalAttention caches (a method's
+    settings after a colon), on a tiny model on the CPU: the
     code the GPU run uses (it reports a failing row and goes on, so a broken call would only show as a missing
     row there)."""
     import jax.numpy as jnp
 
-    from benchmarks.decode_model import lcjax_rows
+    from benchmarks.decode_model import cache_specs, lcjax_rows
     from lcjax.config import ModelConfig
     from lcjax.models.transformer import Transformer
 
@@ -119,8 +120,10 @@ def test_decode_benchmark_rows_run_at_toy_sizes():
         num_kv_heads=1, head_dim=64, max_position_embeddings=512,
     )  # fmt: skip
     model = Transformer.init(config, jax.random.key(0), dtype=jnp.float32)
-    rows = lcjax_rows(
-        model, [(1, 64)], new=3, samples=1, rng=np.random.default_rng(0), caches=("dense", "kivi", "quest")
-    )
-    assert [r["impl"] for r in rows] == ["lcjax", "lcjax + KIVI", "lcjax + Quest"]
+    caches = cache_specs("dense,kivi,quest,retr_attn:index=graph,top_k=8,sink=4,recent=8")
+    rows = lcjax_rows(model, [(1, 64)], new=3, samples=1, rng=np.random.default_rng(0), caches=caches)
+    assert [r["impl"] for r in rows] == [
+        "lcjax", "lcjax + kivi", "lcjax + quest", "lcjax + retr_attn:index=graph,top_k=8,sink=4,recent=8"
+    ]  # fmt: skip
+    assert rows[-1]["host_gib"] > 0
     assert all(r["step_ms"] > 0 and r["cache_gib"] > 0 for r in rows)

@@ -27,7 +27,7 @@ def parse_error(capsys, argv) -> str:
         (["--kv_budget", "1000", "--methods", "dense,quest"],
          r"--kv_budget 1000 for quest: Quest: token_budget \(1000\) must be a positive multiple of chunk_size \(16\)"),
         (["--methods", "snapkv", "--hyper_param", '{"snapkv": {"windw_size": 8}}'],
-         r"--hyper_param for snapkv \(with --kv_budget 512\): snapkv has no hyperparameter 'windw_size'; "
+         r"--hyper_param for snapkv: snapkv has no hyperparameter 'windw_size'; "
          r"its hyperparameters: capacity, compression_ratio, window_size"),
         (["--methods", "a_shape", "--hyper_param", '{"a_shape": {"n_locl": 8}}'],
          r"--hyper_param: a_shape has no hyperparameter 'n_locl'; its hyperparameters: n_init, n_local, backend"),
@@ -138,6 +138,22 @@ def test_a_press_capacity_in_hyper_param_wins_over_the_budget():
     a = scbench.parse_args(["--methods", "streamingllm", "--hyper_param", '{"streamingllm": {"capacity": 64}}'])
     press = scbench.cache_method("streamingllm", budget=a.kv_budget, **a.hyper_param["streamingllm"])
     assert (press.capacity, press.n_sink) == (64, 16)
+
+
+def test_budgets_are_scbench_defaults_unless_set(capsys):
+    """Without --kv_budget each method keeps SCBench's own budget (Quest 1024, presses 4096, retr_attn 2000), and
+    a budget covering the whole input is named; --kv_budget sets them all."""
+    kv = "quest,snapkv,retr_attn"
+    a = scbench.parse_args(["--methods", kv])
+    kept = {m: getattr(scbench.cache_method(m, budget=a.kv_budget), scbench.BUDGET_FIELDS[m]) for m in kv.split(",")}
+    assert kept == {"quest": 1024, "snapkv": 4096, "retr_attn": 2000}
+    scbench.note_whole_budgets(a)  # the default --max_seq_length is 3072
+    out = capsys.readouterr().out
+    assert "snapkv keeps 4096 tokens, at least --max_seq_length 3072" in out and "quest" not in out
+    a = scbench.parse_args(["--methods", kv, "--kv_budget", "512"])
+    assert {getattr(scbench.cache_method(m, budget=a.kv_budget), scbench.BUDGET_FIELDS[m]) for m in kv.split(",")} == {
+        512
+    }
 
 
 def test_hyper_param_json_must_be_an_object_of_objects(capsys):

@@ -1,6 +1,8 @@
 """One SCBench example through the built-in model in both modes: cache reuse is what the modes say, the golden
 history makes a later turn equal a from-scratch run of the whole text, and a compressing cache stays applied."""
 
+import dataclasses
+
 import pytest
 
 import lcjax
@@ -25,8 +27,7 @@ def test_multi_turn_reuses_the_cache_and_equals_a_fresh_run(smollm2, kv_row):
     prefix, turns = prompts.multi_turn_prompts("scbench_kv", kv_row)
     enc = lambda t: tok.encode(t, add_special_tokens=False)
     whole = (
-        [tok.bos_token_id] * (tok.bos_token_id is not None)
-        + enc(prefix)
+        tok.encode(prefix)  # the tokenizer's own rule: SmolLM2's adds no BOS
         + enc(turns[0].text)
         + enc(turns[0].history)
         + enc(turns[1].text)
@@ -37,6 +38,40 @@ def test_multi_turn_reuses_the_cache_and_equals_a_fresh_run(smollm2, kv_row):
     fresh, _ = generate(model, whole, 6, stop_tokens=tok.eos_token_ids)
     assert res[1].prediction == tok.decode(fresh[0]).strip()
     assert all(0.0 <= r.score <= 1.0 for r in res)
+
+
+def test_first_prompt_gets_a_bos_by_the_tokenizers_rule(smollm2, kv_row):
+    """As SCBench's `tok.encode(prompts[0])`: a BOS in front where the tokenizer adds one, none where it does not."""
+    _, tok = smollm2
+    for add_bos in (False, True):
+        t = dataclasses.replace(tok, add_bos=add_bos)
+        _, pieces, _ = token_pieces(t, "scbench_kv", kv_row, "multi-turn")
+        assert (pieces[0][0] == tok.bos_token_id) == add_bos and pieces[1][0] != tok.bos_token_id
+        _, pieces, _ = token_pieces(t, "scbench_kv", kv_row, "multi-turn", use_chat_template=True)
+        rendered = prompts.original_prompts("scbench_kv", kv_row, tokenizer=t)
+        assert pieces[0] == t.encode(rendered[0])  # SmolLM2's template starts with its BOS, <|im_start|>
+
+
+def test_disabled_golden_context_keeps_the_models_answers(smollm2, kv_row):
+    """--disable_golden_context: turn 1 continues from turn 0's own answer (all but its last token, which the
+    original never feeds back; an answer cut by its budget is followed by EOS) and equals a fresh run of that
+    text."""
+    model, tok = smollm2
+    for cap in (3, 40):  # the answer is cut by its budget, or ends on a stop token
+        res = run_example(
+            model, tok, "scbench_kv", kv_row, "multi-turn", max_new_tokens_cap=cap, disable_golden_context=True
+        )
+        prefix, turns = prompts.multi_turn_prompts("scbench_kv", kv_row)
+        first_ids = tok.encode(prefix) + tok.encode(turns[0].text, add_special_tokens=False)
+        answer = generate(model, first_ids, cap, stop_tokens=tok.eos_token_ids)[0][0]
+        cut = len(answer) == cap and answer[-1] not in tok.eos_token_ids
+        _, pieces, turns = token_pieces(tok, "scbench_kv", kv_row, "multi-turn", disable_golden_context=True)
+        assert turns[0].history == "" and pieces[1] == tok.encode(turns[1].text, add_special_tokens=False)
+        whole = pieces[0] + answer[:-1] + [tok.eos_token_id] * cut + pieces[1]
+        assert res[1].reused_tokens == len(pieces[0]) + len(answer) - 1
+        assert res[1].seen_tokens == len(whole)
+        fresh, _ = generate(model, whole, cap, stop_tokens=tok.eos_token_ids)
+        assert res[1].prediction == tok.decode(fresh[0]).strip()
 
 
 def test_multi_request_every_query_starts_from_the_shared_context(smollm2, kv_row):

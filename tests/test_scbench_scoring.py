@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from lcjax.scbench.report import table
 from lcjax.scbench.scoring import (
     SCORERS,
     choice_correct,
@@ -279,3 +280,33 @@ def test_multi_task_turn_without_a_valid_tag_is_an_error():
         sub_task("scbench_summary_with_needles", {"task": "scbench_kv"})
     with pytest.raises(ValueError):
         score_turn("scbench_repoqa_and_kv", "1", "1")
+
+
+def _row(task, mode, turns, i=0):
+    turns = [{"turn": t, "sub_task": sub, "score": s, "score_original": s} for t, sub, s in turns]
+    return {"task": task, "method": "dense+dense", "mode": mode, "id": f"ex{i}", "turns": turns}
+
+
+def test_original_aggregation_scores_mixed_sets_turn_by_turn():
+    """compute_scores.py's aggregation: multi-turn scores turn index by turn index (a sub-task missing at an
+    index counts 0 there) and averages the indices; multi-request pools, with repoqa_and_kv's kv half 0."""
+    summ, key = "scbench_summary", "scbench_passkey"
+    rows = [
+        _row("scbench_summary_with_needles", "multi-turn", [(0, summ, 0.5), (1, key, 1.0)], 0),
+        _row("scbench_summary_with_needles", "multi-turn", [(0, summ, 0.3), (1, summ, 0.1)], 1),
+        _row("scbench_repoqa_and_kv", "multi-request", [(0, "scbench_kv", 1.0), (1, "scbench_repoqa", 1.0)]),
+        _row("scbench_kv", "multi-turn", [(0, "scbench_kv", 1.0), (1, "scbench_kv", 0.0), (2, "scbench_kv", 0.0)], 0),
+        _row("scbench_kv", "multi-turn", [(0, "scbench_kv", 1.0)], 1),
+    ]
+    cells = lambda scoring: {(line[0], line[1]): line[2] for line in table(rows, scoring)[1]}
+    original, fixed = cells("original"), cells("fixed")
+    assert original["scbench_summary_with_needles/scbench_summary", "multi-turn"].startswith("25.0")  # (.4 + .1) / 2
+    assert original["scbench_summary_with_needles/scbench_passkey", "multi-turn"].startswith("50.0")  # (0 + 1) / 2
+    assert fixed["scbench_summary_with_needles/scbench_summary", "multi-turn"] == "30.0 (3)"
+    assert fixed["scbench_summary_with_needles/scbench_passkey", "multi-turn"] == "100.0 (1)"
+    assert original["scbench_repoqa_and_kv/scbench_kv", "multi-request"].startswith("0.0")
+    assert fixed["scbench_repoqa_and_kv/scbench_kv", "multi-request"] == "100.0 (1)"
+    assert original["scbench_kv", "multi-turn"].startswith("33.3")  # turn means 1, 0, 0
+    assert fixed["scbench_kv", "multi-turn"] == "50.0 (4)"
+    with pytest.raises(ValueError, match="scoring must be"):
+        table(rows, "exact")

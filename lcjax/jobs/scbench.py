@@ -2,14 +2,16 @@
 `python -m experiments.scbench` (installed: `lcjax-scbench`).
 
 With no flags: the built-in SmolLM2-135M on CPU, two synthetic tasks (passkey needles, variable tracing) at 3K
-tokens, dense against StreamingLLM, SnapKV and Quest keeping 512 tokens, in both modes, with the model's chat
-template (as SCBench's published scripts run); about six minutes on two cores. SCBench's own flags work
-(`--task`, `--attn_type`, `--kv_type`, `--hyper_param`, `--max_seq_length`, `--max_turns`,
-`--num_eval_examples`, `--output_dir`, `--data_dir`, `--use_chat_template`), with comma lists for tasks, modes
+tokens, dense against StreamingLLM, SnapKV and Quest with SCBench's own budgets (which cover most of a 3K input;
+`make demo` adds `--kv_budget 512`), in both modes, with the model's chat template (as SCBench's published
+scripts run); about ten minutes on two cores. SCBench's own flags work (`--task`, `--attn_type`, `--kv_type`,
+`--hyper_param`, `--max_seq_length`, `--max_turns`, `--num_eval_examples`, `--output_dir`, `--data_dir`,
+`--use_chat_template`, `--disable_golden_context`), with comma lists for tasks, modes
 and methods (or `--methods a_shape,snapkv,minference+quest`) so one run fills a comparison table. Every
 finished example is appended to `<output_dir>/results.jsonl` at once; a rerun skips what is done (and refuses
 an output directory made with other settings). At the end: `scores.md`, `scores.csv`, `score_by_turn.png`
-and `score_by_method.png` in the output directory.
+and `score_by_method.png` in the output directory, scored as `--scoring` says (default: as SCBench's
+`compute_scores.py` scores).
 """
 
 from __future__ import annotations
@@ -21,13 +23,21 @@ import time
 from tqdm import tqdm
 
 import lcjax
-from lcjax.methods import ATTENTION_METHODS, CACHE_METHODS, attention_method, cache_method, check_attention_fields
+from lcjax.methods import (
+    ATTENTION_METHODS,
+    BUDGET_FIELDS,
+    CACHE_METHODS,
+    attention_method,
+    cache_method,
+    check_attention_fields,
+)
 from lcjax.scbench import prompts
 from lcjax.scbench.data import TASKS, MissingDataError, load_task
 from lcjax.scbench.generators import GENERATED_SUB_TASKS
-from lcjax.scbench.report import plot_by_method, plot_by_turn, write_tables
+from lcjax.scbench.report import SCORINGS, plot_by_method, plot_by_turn, write_tables
 from lcjax.scbench.results import ResultLog
 from lcjax.scbench.runner import MODES, run_example, token_pieces
+from lcjax.scbench.scoring import repoqa_needles
 
 
 def parse_args(argv=None):
@@ -70,9 +80,23 @@ def parse_args(argv=None):
         "--kv_budget",
         "--kv-budget",
         type=int,
-        default=512,
-        help="tokens a cache method keeps or reads (presses' capacity, Quest's token_budget, "
-        "RetrievalAttention's top_k); SCBench: 4096 of 128K; the default is a sixth of the default 3K context",
+        default=None,
+        help="tokens every cache method keeps or reads (presses' capacity, Quest's token_budget, "
+        "RetrievalAttention's top_k); default: each method's SCBench default (presses 4096, Quest 1024, "
+        "retr_attn 2000)",
+    )
+    p.add_argument(
+        "--scoring",
+        default="original",
+        choices=SCORINGS,
+        help="original: compute_scores.py's numbers exactly (its per-character and per-turn quirks); fixed: "
+        "lcjax's scorers, every turn pooled (docs/scbench.md lists the differences)",
+    )
+    p.add_argument(
+        "--disable_golden_context",
+        "--disable-golden-context",
+        action="store_true",
+        help="multi-turn: the model's own answers stay in the cache instead of the gold ones",
     )
     p.add_argument(
         "--hyper_param",
@@ -141,7 +165,7 @@ def check_flags(a) -> None:
         raise ValueError(f"--task: unknown task(s) {', '.join(unknown)}; SCBench's tasks: {', '.join(TASKS)}.")
     for flag, value, least in (("--max_turns", a.max_turns, 1), ("--max_seq_length", a.max_seq_length, 1),
                                ("--kv_budget", a.kv_budget, 1)):  # fmt: skip
-        if value < least:
+        if value is not None and value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}.")
     if a.num_eval_examples < 1 and a.num_eval_examples != -1:
         raise ValueError(f"--num_eval_examples must be >= 1 (or -1: every example), got {a.num_eval_examples}.")
@@ -160,8 +184,8 @@ def check_flags(a) -> None:
         try:
             cache_method(kv, budget=a.kv_budget, **a.hyper_param.get(kv, {}))
         except (TypeError, ValueError) as e:
-            where = f"--hyper_param for {kv} (with --kv_budget {a.kv_budget})" if kv in a.hyper_param else (
-                f"--kv_budget {a.kv_budget} for {kv}")  # fmt: skip
+            budget = "" if a.kv_budget is None else f" (with --kv_budget {a.kv_budget})"
+            where = f"--hyper_param for {kv}{budget}" if kv in a.hyper_param else f"--kv_budget {a.kv_budget} for {kv}"
             raise ValueError(f"{where}: {e}") from None
 
 
@@ -207,6 +231,7 @@ SETTINGS = (
     "use_chat_template",
     "kv_budget",
     "hyper_param",
+    "disable_golden_context",
     "max_new_tokens_cap",
     "seed",
     "data_dir",
@@ -233,6 +258,18 @@ def check_settings(rows: list[dict], settings: dict, path, unknown: tuple[str, .
                 f"{path} holds results made with other settings ({detail}); pass another "
                 f"--output_dir or the same flags."
             )
+
+
+def note_whole_budgets(a) -> None:
+    """Says which cache methods keep or read at least the whole input (--max_seq_length): they equal dense there
+    (SCBench's defaults are sized for 100K+ contexts)."""
+    for kv in dict.fromkeys(kv for _, kv in a.method_pairs):
+        if kv not in BUDGET_FIELDS:
+            continue
+        kept = getattr(cache_method(kv, budget=a.kv_budget, **a.hyper_param.get(kv, {})), BUDGET_FIELDS[kv])
+        if kept is not None and kept >= a.max_seq_length:
+            print(f"note: {kv} keeps {kept} tokens, at least --max_seq_length {a.max_seq_length}: it equals dense "
+                  "here; a smaller --kv_budget makes it compress")  # fmt: skip
 
 
 def build_method(model, attn: str, kv: str, a):
@@ -346,6 +383,11 @@ def run(a, log: ResultLog) -> None:
     work = load_work(a, tok)
     todo = [w for w in work if {"task": w[0], "method": f"{w[2]}+{w[3]}", "mode": w[4], "id": w[1]["id"]} not in log]
     print(f"{len(work)} (example, method, mode) runs, {len(work) - len(todo)} already in {log.path}")
+    evaluated = {}  # repoqa's candidates: the functions of every evaluated row of the same repository
+    for task, row, *_ in work:
+        evaluated.setdefault(task, {})[row["id"]] = row
+    needles = {task: repoqa_needles(rows.values()) for task, rows in evaluated.items() if "repoqa" in task}
+    note_whole_budgets(a)
     model, tok = lcjax.load_model(a.model, dtype=a.dtype, layer_layout=a.layer_layout)
     built = {}
     for task, row, attn, kv, mode in tqdm(todo, desc="scbench", unit="run"):
@@ -361,6 +403,8 @@ def run(a, log: ResultLog) -> None:
             max_new_tokens_cap=a.max_new_tokens_cap,
             max_seq_length=a.max_seq_length,
             use_chat_template=a.use_chat_template,
+            disable_golden_context=a.disable_golden_context,
+            needles=needles.get(task),
         )
         log.append(
             {
@@ -374,9 +418,9 @@ def run(a, log: ResultLog) -> None:
                 "turns": [t.__dict__ for t in turns],
             }
         )
-    md, csv_path = write_tables(log.rows, a.output_dir)
-    png = plot_by_turn(log.rows, f"{a.output_dir}/score_by_turn.png")
-    bars = plot_by_method(log.rows, f"{a.output_dir}/score_by_method.png")
+    md, csv_path = write_tables(log.rows, a.output_dir, a.scoring)
+    png = plot_by_turn(log.rows, f"{a.output_dir}/score_by_turn.png", a.scoring)
+    bars = plot_by_method(log.rows, f"{a.output_dir}/score_by_method.png", a.scoring)
     print("\n" + md.read_text())
     print(f"wrote {md}, {csv_path}, {png}, {bars}")
 

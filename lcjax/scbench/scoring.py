@@ -31,7 +31,8 @@ Per task (the original's function in brackets):
 - scbench_summary_with_needles, scbench_repoqa_and_kv: each turn carries its sub-task in ``turn["task"]``
   (scbench_summary / scbench_passkey, scbench_repoqa / scbench_kv) and is scored by that sub-task's scorer.
 
-Deliberate differences from the original:
+Deliberate differences from the original (``original_quirks=True`` undoes the first; how turns add up to a
+task's number, the original's way or pooled, is `lcjax.scbench.report`'s):
 
 - Answers given as plain strings are taken as one label. The original passes the raw string of the
   scbench_many_shot and scbench_qa_chn data (and would pass that of vt) to scorers that iterate over their

@@ -6,17 +6,19 @@ padding, the window always kept, top budget per KV head; StreamingLLM's sinks + 
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FIXTURES
 
 import lcjax
 from lcjax.cache import KVCache, Observation, observe_rows
 from lcjax.generate import generate
 from lcjax.methods import kv_press
-from lcjax.methods.pyramidkv import PyramidKVPress
+from lcjax.methods.pyramidkv import PyramidKVPress, kvpress_budgets
 from lcjax.methods.snapkv import SnapKVPress
 from lcjax.methods.streaming_llm import StreamingLLMPress
 
@@ -162,7 +164,7 @@ def pyramid_budgets_f64(average, n, window, beta, layers):
 def test_pyramidkv_budgets_and_sets():
     press = PyramidKVPress(capacity=4096, window_size=32, beta=20)
     n = jnp.asarray([100_000, 8100, 5000, 3000], jnp.int32)
-    got = np.asarray(press.budgets(32, n))
+    got = np.asarray(press.budgets(32, n, 100_000))
     for b, nb in enumerate(np.asarray(n)):
         assert got[:, b].tolist() == pyramid_budgets_f64(4096, int(nb), 32, 20, 32)
     assert abs(got[:, 0].mean() - 4096) < 0.02 * 4096  # about SnapKV's total: 4096 per layer
@@ -172,7 +174,7 @@ def test_pyramidkv_budgets_and_sets():
     cache, obs, _, (k, _, q, lengths) = planted_case(rng, True)
     press = PyramidKVPress(capacity=WINDOW + 12, window_size=WINDOW, beta=4)
     out = kv_press.compress(press, cache, obs, D**-0.5, new_capacity=64)
-    budgets = np.asarray(press.budgets(LAYERS, cache.lengths))
+    budgets = np.asarray(press.budgets(LAYERS, cache.lengths, cache.capacity))
     assert budgets[0, 0] > budgets[1, 0]
     for layer in range(LAYERS):
         ref_scores = snap_votes_f64(
@@ -257,3 +259,28 @@ def test_minference_prefill_composes_with_snapkv(llama):
     assert int(cache.lengths[0]) == 24 + 4 and int(cache.positions[0]) == 96 + 4
     toks2, cache = generate(both, prompt[:, :10], 3, cache=cache)
     assert len(toks2[0]) == 3 and int(cache.lengths[0]) == 24 + 3 and int(cache.positions[0]) == 96 + 4 + 10 + 3
+
+
+def test_kvpress_budgets_equal_kvpress_own_arithmetic():
+    """With kvpress's compression_ratio, the kept counts are kvpress 0.5.5's: `compute_n_kept` for the uniform
+    presses and PyramidKVPress's per-layer schedule (window inside each budget, uniform fallback), as its own code
+    computed them (tests/fixtures/kvpress, made by tools/make_fixtures.py), through the traced budgets too."""
+    cases = json.loads((FIXTURES / "kvpress" / "budgets.json").read_text())["cases"]
+    assert len(cases) > 400
+    for c in cases:
+        n, ratio, layers = c["n"], c["ratio"], c["layers"]
+        assert kv_press.ratio_kept(n, ratio)[n] == c["n_kept"], c
+        table = kvpress_budgets(n, layers, ratio, c["window"], c["beta"])
+        assert table[:, n].tolist() == c["pyramid"], c
+    # through the press (lengths traced, a batch of them at once) for one setting
+    chosen = [c for c in cases if (c["ratio"], c["window"], c["beta"], c["layers"]) == (0.4, 64, 20, 32)]
+    press = PyramidKVPress(compression_ratio=0.4, beta=20)
+    assert press.window_size == 64  # kvpress's default with a ratio (SCBench's 32 with a capacity)
+    lengths = jnp.asarray([c["n"] for c in chosen], jnp.int32)
+    got = np.asarray(press.budgets(32, lengths, 100_000))
+    want = np.minimum(np.asarray([c["pyramid"] for c in chosen]).T, np.asarray(lengths)[None, :])
+    np.testing.assert_array_equal(got, want)
+    snap = SnapKVPress(compression_ratio=0.4)
+    np.testing.assert_array_equal(
+        np.asarray(snap.budgets(1, lengths, 100_000))[0], np.minimum([c["n_kept"] for c in chosen], lengths)
+    )

@@ -21,6 +21,9 @@ Outputs (see tests/fixtures/README.md):
     tests/fixtures/smollm2/reference.npz, tokenizer_reference.json
     tests/fixtures/qwen25/...                                     only if /tmp/qwen/qwen2.5-coder-0.5b.gguf exists
     tests/fixtures/export/reference.json, reference.npz           transformers' view of lcjax's exports
+    tests/fixtures/kvpress/budgets.json                           kvpress 0.5.5's kept counts (step "kvpress": needs
+                                                                  kvpress==0.5.5 installed --no-deps, plus requests
+                                                                  cachetools fire pandas peft datasets accelerate)
 
 The export step runs lcjax itself in its Python 3.12 venv (`.venv/bin/python`, or $LCJAX_PYTHON), which writes the
 exports that this script then opens with transformers. Steps can be picked by name, e.g. only the export step:
@@ -31,6 +34,7 @@ exports that this script then opens with transformers. Steps can be picked by na
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -590,12 +594,42 @@ def make_qwen25() -> None:
         make_gguf(QWEN_GGUF, FIX / "qwen25", n_positions=40, n_new=24)
 
 
+KVPRESS_CASES = [  # (cached tokens, compression_ratio, window_size, beta, layers)
+    (n, ratio, window, beta, layers)
+    for n in (1, 5, 10, 63, 64, 65, 100, 128, 300, 1000, 4095, 4096, 32768, 100_000)
+    for ratio in (0.0, 0.1, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9, 0.95)
+    for window, beta, layers in ((64, 20, 32), (32, 20, 30), (8, 4, 2), (64, 20, 1))
+]
+
+
+def make_kvpress() -> None:
+    """kvpress 0.5.5's own budget arithmetic (`pip install --no-deps kvpress==0.5.5` into this venv): the kept
+    count of its uniform presses (`compute_n_kept`) and PyramidKVPress's per-layer budget for every case above."""
+    from types import SimpleNamespace
+
+    import kvpress
+    from kvpress.presses.pyramidkv_press import PyramidKVPress
+    from kvpress.utils import compute_n_kept
+
+    rows = []
+    for n, ratio, window, beta, layers in KVPRESS_CASES:
+        press = PyramidKVPress(compression_ratio=ratio, window_size=window, beta=beta)
+        config = SimpleNamespace(num_hidden_layers=layers)
+        pyramid = [press.get_layer_budget(SimpleNamespace(config=config, layer_idx=i), n) for i in range(layers)]
+        rows.append(dict(n=n, ratio=ratio, window=window, beta=beta, layers=layers, n_kept=compute_n_kept(n, ratio),
+                         pyramid=pyramid))  # fmt: skip
+    out = _fresh_dir(FIX / "kvpress")
+    version = getattr(kvpress, "__version__", None) or importlib.metadata.version("kvpress")
+    (out / "budgets.json").write_text(json.dumps({"kvpress": version, "cases": rows}))
+
+
 STEPS = {
     "hf": make_hf_models,
     "rope": make_rope,
     "smollm2": lambda: make_gguf(_smollm2_path(), FIX / "smollm2", n_positions=None, n_new=24),
     "qwen25": make_qwen25,
     "export": make_export,  # after "hf": the tiny export uses hf/llama's tokenizer
+    "kvpress": make_kvpress,
 }
 
 

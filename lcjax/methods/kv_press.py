@@ -27,6 +27,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcjax.cache import DenseStorage, KVCache, Observation
 from lcjax.numerics import masked_softmax
@@ -39,19 +40,27 @@ class KVPress(Protocol):
         self, keys: jax.Array, valid: jax.Array, observation: Observation | None, layer, scale: float
     ) -> jax.Array: ...
 
-    def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array: ...
+    def budgets(self, num_layers: int, n_valid: jax.Array, slots: int) -> jax.Array: ...
 
     def max_budget(self, num_layers: int, capacity: int) -> int: ...
 
 
-def kept_count(n_valid: jax.Array, capacity: int | None, compression_ratio: float | None) -> jax.Array:
-    """Tokens to keep from `n_valid: int32 [batch]`: `capacity` (SCBench's setting) or kvpress's
-    `int(n * (1 - compression_ratio))`, never more than there are."""
+def kept_count(n_valid: jax.Array, capacity: int | None, compression_ratio: float | None, slots: int) -> jax.Array:
+    """Tokens to keep from `n_valid: int32 [batch]` (at most `slots`): `capacity` (SCBench's setting) or
+    kvpress's `max(1, int(n * (1 - compression_ratio)))`, never more than there are."""
     if compression_ratio is not None:
-        keep = jnp.floor(n_valid.astype(jnp.float32) * (1.0 - compression_ratio)).astype(jnp.int32)
+        keep = jnp.asarray(ratio_kept(slots, compression_ratio))[jnp.clip(n_valid, 0, slots)]
     else:
         keep = jnp.full_like(n_valid, capacity)
     return jnp.minimum(keep, n_valid)
+
+
+def ratio_kept(slots: int, compression_ratio: float) -> np.ndarray:
+    """int32 `[slots + 1]`: kvpress's kept count for every length 0..slots, computed as kvpress computes it (a
+    float64 product truncated, at least 1), so a traced length reads the same integer by lookup (float32 on the
+    device would truncate 5 x 0.6 to 2)."""
+    n = np.arange(slots + 1, dtype=np.float64)
+    return np.maximum(1, (n * (1 - compression_ratio)).astype(np.int64)).astype(np.int32)
 
 
 def static_kept(capacity_slots: int, capacity: int | None, compression_ratio: float | None) -> int:
@@ -86,8 +95,8 @@ class UniformBudget(Press):
             object.__setattr__(self, "capacity", None)
         check_budget(name, self.capacity, self.compression_ratio)
 
-    def budgets(self, num_layers: int, n_valid: jax.Array) -> jax.Array:
-        keep = kept_count(n_valid, self.capacity, self.compression_ratio)
+    def budgets(self, num_layers: int, n_valid: jax.Array, slots: int) -> jax.Array:
+        keep = kept_count(n_valid, self.capacity, self.compression_ratio, slots)
         return jnp.broadcast_to(keep, (num_layers,) + keep.shape)
 
     def max_budget(self, num_layers: int, capacity: int) -> int:
@@ -144,7 +153,7 @@ def compress(
     if new_capacity < k_static:
         raise ValueError(f"compress: new_capacity {new_capacity} < the press's bound {k_static}.")
     slot = jnp.arange(capacity, dtype=jnp.int32)[None, :]
-    budgets = press.budgets(num_layers, cache.lengths - jnp.min(cache.first, axis=0))  # [layers, batch]
+    budgets = press.budgets(num_layers, cache.lengths - jnp.min(cache.first, axis=0), cache.capacity)  # [layers, b]
 
     def layer_slots(keys, first, budget, layer):
         valid = (slot >= first[:, None]) & (slot < cache.lengths[:, None])  # [batch, capacity]

@@ -18,9 +18,11 @@ import lcjax
 from lcjax.cache import KVCache, Observation, observe_rows
 from lcjax.generate import generate
 from lcjax.methods import kv_press
+from lcjax.methods.knorm import KnormPress
 from lcjax.methods.pyramidkv import PyramidKVPress, kvpress_budgets
 from lcjax.methods.snapkv import SnapKVPress
 from lcjax.methods.streaming_llm import StreamingLLMPress
+from lcjax.methods.tova import TOVAPress
 
 LAYERS, BATCH, CAP, KVH, HEADS, D, WINDOW = 2, 2, 96, 2, 4, 16, 4
 
@@ -284,3 +286,33 @@ def test_kvpress_budgets_equal_kvpress_own_arithmetic():
     np.testing.assert_array_equal(
         np.asarray(snap.budgets(1, lengths, 100_000))[0], np.minimum([c["n_kept"] for c in chosen], lengths)
     )
+
+
+def test_knorm_keeps_the_smallest_key_norms():
+    """KnormPress against float64 NumPy: per layer and KV head the `budget` keys of smallest L2 norm, in order."""
+    rng = np.random.default_rng(108)
+    cache, _, _, (k, _, _, lengths) = planted_case(rng, True)
+    out = kv_press.compress(KnormPress(capacity=20), cache, None, D**-0.5, new_capacity=24)
+    for layer in range(LAYERS):
+        norms = -np.linalg.norm(k[layer].astype(np.float64), axis=-1).transpose(0, 2, 1)  # [b, kvh, cap]
+        assert cache_sets(out, k, layer) == kept_slots_f64(norms, lengths, 0, 20)
+
+
+def test_tova_ranks_by_the_last_querys_attention_over_all_heads():
+    """TOVAPress against float64 NumPy: the last query's softmax attention averaged over every query head (one
+    ranking shared by the KV heads), the newest token always kept."""
+    rng = np.random.default_rng(109)
+    cache, obs, _, (k, _, q, lengths) = planted_case(rng, True)
+    last = Observation(obs.q[:, :, -1:], obs.slots[:, -1:], obs.valid[:, -1:])
+    press = TOVAPress(capacity=12)
+    assert press.window_size == 1
+    out = kv_press.compress(press, cache, last, D**-0.5, new_capacity=16)
+    for layer in range(LAYERS):
+        ref = np.zeros((BATCH, KVH, CAP))
+        for b in range(BATCH):
+            n = int(lengths[b])
+            for h in range(HEADS):
+                s = k[layer, b, :n, h // (HEADS // KVH)].astype(np.float64) @ q[layer, b, -1, h] * D**-0.5
+                p = np.exp(s - s.max())
+                ref[b, :, :n] += p / p.sum() / HEADS
+        assert cache_sets(out, k, layer) == kept_slots_f64(ref, lengths, 1, 12)

@@ -21,12 +21,14 @@ from lcjax.cache import CacheTransform
 from lcjax.config import ModelConfig
 from lcjax.methods.a_shape import AShape, TriShape
 from lcjax.methods.kivi import KIVI, KIVICache
+from lcjax.methods.knorm import KnormPress
 from lcjax.methods.minference import MInference, MInferenceConfig
 from lcjax.methods.pyramidkv import PyramidKVPress
 from lcjax.methods.quest import Quest, QuestCache
 from lcjax.methods.retrieval_attention import RetrievalAttention, RetrievalCache
 from lcjax.methods.snapkv import SnapKVPress
 from lcjax.methods.streaming_llm import StreamingLLMPress
+from lcjax.methods.tova import TOVAPress
 from lcjax.models.attention import AttentionFn, DenseAttention
 
 # `minference` with a pattern_config takes the patterns from the file, so only these apply beside it
@@ -83,6 +85,9 @@ CACHE_METHODS: dict[str, type | None] = {
     "kivi": KIVI,
     "quest": Quest,
     "retr_attn": RetrievalAttention,
+    # kvpress's presses beyond SCBench's, named in SCBench's style
+    "knorm": KnormPress,
+    "tova": TOVAPress,
 }
 
 # where SCBench's released code runs a method otherwise than its paper's defaults (the class's): its `retr_attn`
@@ -106,6 +111,8 @@ BUDGET_FIELDS = {
     "pyramidkv": "capacity",
     "quest": "token_budget",
     "retr_attn": "top_k",
+    "knorm": "capacity",
+    "tova": "capacity",
 }
 
 
@@ -169,6 +176,8 @@ __all__ = [
     "SCBENCH_SETTINGS",
     "SnapKVPress",
     "StreamingLLMPress",
+    "KnormPress",
+    "TOVAPress",
     "TriShape",
     "BUDGET_FIELDS",
     "attention_method",

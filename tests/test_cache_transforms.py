@@ -182,12 +182,12 @@ def test_kivi_and_a_press_do_not_combine_in_either_order(llama):
         m.prefill(prompt_of(llama, 10, (1, 20)))
 
 
-@pytest.mark.parametrize("method", ["dense", "kivi", "snapkv", "quest", "knorm", "tova"])
+@pytest.mark.parametrize("method", ["dense", "kivi", "snapkv", "quest", "tova"])
 def test_prefill_in_batch_chunks_equals_whole_batch(llama, method):
     """`prefill(batch_chunk=...)` runs groups of sequences and writes each group's cache into the batch's: the
     logits and every cache leaf equal one batched prefill (ragged rows, each cache kind)."""
     kw = dict(kivi=KIVI_SMALL, snapkv=dict(capacity=20, window_size=4), quest=dict(token_budget=32, chunk_size=8),
-              knorm=dict(capacity=20), tova=dict(capacity=20))  # fmt: skip
+              tova=dict(capacity=20))  # fmt: skip
     m = llama.with_transforms(cache_transform=lcjax.methods.cache_method(method, **kw.get(method, {})) or "dense")
     prompt, lengths = prompt_of(llama, 11, (3, 37)), np.array([37, 22, 30])
     whole_logits, whole = m.prefill(prompt, lengths, capacity=48, logits="last")

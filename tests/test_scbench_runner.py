@@ -158,10 +158,10 @@ def test_cli_two_tasks_two_methods_both_modes_then_resume(smollm2, tmp_path, cap
     snap = [r for r in rows if r["method"] == "dense+snapkv" and r["mode"] == "multi-turn"]
     assert all(t["cache_tokens"] == 64 for r in snap for t in r["turns"])
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    (tmp_path / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")  # as if killed after 5 examples
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:7]) + "\n")  # as if killed after 7 examples
     capsys.readouterr()
     scbench.main(argv)
-    assert "5 already in" in capsys.readouterr().out
+    assert "7 already in" in capsys.readouterr().out
     again = read_results(tmp_path / "results.jsonl")
     assert len(again) == 8 and {(r["task"], r["method"], r["mode"]) for r in again} == keys
     assert "| scbench_kv | multi-turn |" in (tmp_path / "scores.md").read_text()

@@ -57,21 +57,22 @@ def test_disabled_golden_context_keeps_the_models_answers(smollm2, kv_row):
     original never feeds back; an answer cut by its budget is followed by EOS) and equals a fresh run of that
     text."""
     model, tok = smollm2
-    for cap in (3, 40):  # the answer is cut by its budget, or ends on a stop token
-        res = run_example(
-            model, tok, "scbench_kv", kv_row, "multi-turn", max_new_tokens_cap=cap, disable_golden_context=True
-        )
-        prefix, turns = prompts.multi_turn_prompts("scbench_kv", kv_row)
-        first_ids = tok.encode(prefix) + tok.encode(turns[0].text, add_special_tokens=False)
-        answer = generate(model, first_ids, cap, stop_tokens=tok.eos_token_ids)[0][0]
-        cut = len(answer) == cap and answer[-1] not in tok.eos_token_ids
-        _, pieces, turns = token_pieces(tok, "scbench_kv", kv_row, "multi-turn", disable_golden_context=True)
-        assert turns[0].history == "" and pieces[1] == tok.encode(turns[1].text, add_special_tokens=False)
-        whole = pieces[0] + answer[:-1] + [tok.eos_token_id] * cut + pieces[1]
-        assert res[1].reused_tokens == len(pieces[0]) + len(answer) - 1
-        assert res[1].seen_tokens == len(whole)
-        fresh, _ = generate(model, whole, cap, stop_tokens=tok.eos_token_ids)
-        assert res[1].prediction == tok.decode(fresh[0]).strip()
+    _, pieces, plain = token_pieces(tok, "scbench_kv", kv_row, "multi-turn", disable_golden_context=True)
+    assert plain[0].history == "" and pieces[1] == tok.encode(plain[1].text, add_special_tokens=False)
+    answer = generate(model, pieces[0], 3, stop_tokens=tok.eos_token_ids)[0][0]
+    assert len(answer) == 3 and answer[-1] not in tok.eos_token_ids  # cut by the budget: EOS comes next
+    res = run_example(model, tok, "scbench_kv", kv_row, "multi-turn", max_new_tokens_cap=3, disable_golden_context=True)
+    whole = pieces[0] + answer[:-1] + [tok.eos_token_id] + pieces[1]
+    assert res[1].reused_tokens == len(pieces[0]) + 2 and res[1].seen_tokens == len(whole)
+    fresh, _ = generate(model, whole, 3, stop_tokens=tok.eos_token_ids)
+    assert res[1].prediction == tok.decode(fresh[0]).strip()
+    # an answer that ends on a stop token (here the answer's second token, made a stop): no EOS, the stop not kept
+    stopping = dataclasses.replace(tok, eos_token_ids=(answer[1],) + tok.eos_token_ids)
+    res = run_example(
+        model, stopping, "scbench_kv", kv_row, "multi-turn", max_new_tokens_cap=3, disable_golden_context=True
+    )
+    assert res[0].new_tokens == 2 and res[1].reused_tokens == len(pieces[0]) + 1
+    assert res[1].prefilled_tokens == len(pieces[1]) and res[1].seen_tokens == len(pieces[0]) + 1 + len(pieces[1])
 
 
 def test_multi_request_every_query_starts_from_the_shared_context(smollm2, kv_row):

@@ -18,6 +18,13 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
     # dots is TF32 (~5e-4 relative error), so ask for float32 as the CPU computes it
     jax.config.update("jax_default_matmul_precision", "highest")
 
+# one compilation cache for the xdist workers of a run (its uid names it): the workers compile many of the same
+# programs (the built-in model's prefill and decode loops), and a fresh machine starts it empty
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN and os.environ["JAX_PLATFORMS"] == "cpu":
+    jax.config.update("jax_compilation_cache_dir", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"lcjax-xla-{_RUN}"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

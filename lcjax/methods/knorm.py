@@ -19,9 +19,6 @@ class KnormPress(kv_press.UniformBudget):
     compression_ratio: float | None = None
     window_size: int = dataclasses.field(default=0, init=False)  # needs no queries
 
-    def __post_init__(self):
-        self._settle_budget(type(self).__name__)
-
     def scores(self, keys, valid, observation, layer, scale):
         """-||k|| per slot and KV head, float32 `[batch, kv_heads, capacity]`."""
         return -jnp.swapaxes(jnp.linalg.norm(keys.astype(jnp.float32), axis=-1), 1, 2)

@@ -88,6 +88,9 @@ class UniformBudget(Press):
     capacity: int | None
     compression_ratio: float | None
 
+    def __post_init__(self):
+        self._settle_budget(type(self).__name__)
+
     def _settle_budget(self, name: str) -> None:
         """For `__post_init__`: a ratio replaces the default capacity (4096, SCBench's); then exactly one of the
         two must remain, in range."""

@@ -19,9 +19,6 @@ class TOVAPress(kv_press.UniformBudget):
     compression_ratio: float | None = None
     window_size: int = dataclasses.field(default=1, init=False)  # the last query
 
-    def __post_init__(self):
-        self._settle_budget(type(self).__name__)
-
     def scores(self, keys, valid, observation, layer, scale):
         """The last query's softmax attention over the cache, averaged over all heads, broadcast to every KV head;
         +inf for the newest slot. float32 `[batch, kv_heads, capacity]`."""
